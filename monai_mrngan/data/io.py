@@ -1,0 +1,225 @@
+"""Image input/output: validated loading of NIfTI volumes and 2D slices, atomic writes.
+
+Every reader raises :class:`InputError` with a one-line message that names the file and the
+problem, so command-line tools can report bad input without a traceback. Inputs are only ever
+read; every writer goes through :func:`atomic_path` (temporary file in the target folder, then
+``os.replace``) so an interrupted run never leaves a half-written output under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PNG_SUFFIXES = (".png",)
+
+
+class InputError(ValueError):
+    """A bad input file; ``str(err)`` is a one-line message naming the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    """True when the file name ends in ``.nii`` or ``.nii.gz``."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_png(path: str | os.PathLike) -> bool:
+    """True when the file name ends in ``.png``."""
+    return str(path).lower().endswith(PNG_SUFFIXES)
+
+
+def strip_image_suffix(name: str) -> str:
+    """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
+    for suffix in (".nii.gz", ".nii", ".png"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # nibabel raises many types for a non-image file
+        raise InputError(path, f"not a readable NIfTI image ({type(err).__name__}: {err})".splitlines()[0]) from err
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # EOFError, zlib.error, OSError for truncated / corrupt data
+        raise InputError(path, f"unreadable or truncated image data ({type(err).__name__}: {err})".splitlines()[0]) from err
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def _check_values(path: Path, data: np.ndarray) -> np.ndarray:
+    if data.size == 0:
+        raise InputError(path, "empty image (no voxels)")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise InputError(path, f"unsupported voxel type {data.dtype}")
+    data = data.astype(np.float32, copy=False)
+    finite = np.isfinite(data)
+    if not finite.all():
+        n_bad = int((~finite).sum())
+        raise InputError(path, f"contains {n_bad} NaN or infinite values of {data.size}")
+    if float(data.max()) == float(data.min()):
+        raise InputError(path, f"empty volume: every voxel equals {float(data.min()):g}")
+    return data
+
+
+def load_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D NIfTI volume as ``(float32 array, 4x4 affine)``.
+
+    A 4D file with a single volume is accepted; 4D series, 2D images, non-images, truncated
+    files, NaNs and constant (empty) volumes raise :class:`InputError`.
+    """
+    path = Path(path)
+    data, affine = _read_nifti(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        raise InputError(path, f"4D series with {data.shape[3]} volumes (shape {tuple(data.shape)}); expected one 3D volume")
+    if data.ndim > 4:
+        raise InputError(path, f"{data.ndim}D image of shape {tuple(data.shape)}; expected a 3D volume")
+    if data.ndim < 3 or min(data.shape) == 1:
+        raise InputError(path, f"2D image of shape {tuple(data.shape)}; expected a 3D volume")
+    return _check_values(path, data), affine
+
+
+def load_slice(path: str | os.PathLike, slice_index: int | None = None) -> np.ndarray:
+    """Load one 2D slice as a float32 array (rows, cols), intensities as stored.
+
+    Accepts a grayscale PNG (8 or 16 bit; scaled to [0, 1]; in display orientation, see
+    :func:`slice_to_display`), a 2D NIfTI (or 3D with one
+    singleton axis), or one axial slice ``slice_index`` of a 3D NIfTI (array axis 2, as in
+    the prepared RAS volumes). Colour PNGs, 3D files without ``slice_index`` and bad values raise
+    :class:`InputError`.
+    """
+    path = Path(path)
+    if is_png(path):
+        data = display_to_slice(_read_png(path))
+    elif is_nifti(path):
+        data, _ = _read_nifti(path)
+        data = np.asarray(data)
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim == 3 and 1 in data.shape and slice_index is None:
+            data = np.squeeze(data, axis=data.shape.index(1))
+        if data.ndim == 3:
+            if slice_index is None:
+                raise InputError(path, f"3D volume of shape {tuple(data.shape)} where a 2D slice is expected; pass a slice index")
+            if not -data.shape[2] <= slice_index < data.shape[2]:
+                raise InputError(path, f"slice index {slice_index} outside the volume's {data.shape[2]} axial slices")
+            data = data[:, :, slice_index]
+        elif data.ndim != 2:
+            raise InputError(path, f"{data.ndim}D image of shape {tuple(data.shape)}; expected a 2D slice")
+    else:
+        raise InputError(path, "unsupported file type; expected .png, .nii or .nii.gz")
+    return _check_values(path, np.asarray(data))
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+                arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+                if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+                    raise InputError(path, f"colour PNG (mode {mode}); expected a grayscale slice")
+                return arr[..., 0] / 255.0
+            if mode == "LA":
+                return np.asarray(im, dtype=np.float32)[..., 0] / 255.0
+            arr = np.asarray(im)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InputError(path, f"unreadable or truncated PNG ({type(err).__name__}: {err})".splitlines()[0]) from err
+    scale = 65535.0 if arr.dtype == np.uint16 or mode.startswith("I;16") else (255.0 if arr.dtype == np.uint8 else 1.0)
+    if mode == "1":
+        scale = 1.0
+    return arr.astype(np.float32) / scale
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success rename it to ``final``, else delete it.
+
+    The temporary name keeps the final suffix (``.nii.gz``, ``.png`` ...) so writers that infer
+    the format from the name work.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}-", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a float32 NIfTI atomically (qform/sform set, units mm)."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def slice_to_display(axial: np.ndarray) -> np.ndarray:
+    """RAS axial slice (x = left->right, y = posterior->anterior) -> image rows/cols for a PNG.
+
+    Display orientation: anterior at the top, the patient's right on the image's right
+    (neurological convention). :func:`display_to_slice` inverts it exactly.
+    """
+    return np.flipud(np.asarray(axial).T)
+
+
+def display_to_slice(image: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`slice_to_display`."""
+    return np.ascontiguousarray(np.flipud(np.asarray(image)).T)
+
+
+def save_png(data: np.ndarray, path: str | os.PathLike, display: bool = True) -> Path:
+    """Write a 2D slice with values in [0, 1] as an 8-bit grayscale PNG, atomically.
+
+    With ``display`` (default) the RAS axial slice is turned to display orientation, so
+    :func:`load_slice` on the PNG gives the slice back (to 8-bit precision).
+    """
+    from PIL import Image
+
+    arr = np.clip(np.nan_to_num(np.asarray(data, dtype=np.float32)), 0.0, 1.0)
+    if display:
+        arr = slice_to_display(arr)
+    with atomic_path(path) as tmp:
+        Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), mode="L").save(tmp, format="PNG")
+    return Path(path)
+
+
+def save_json(obj: object, path: str | os.PathLike) -> Path:
+    """Write JSON (indented) atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    return Path(path)

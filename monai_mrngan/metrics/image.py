@@ -1,0 +1,68 @@
+"""Per-slice image quality, the one implementation every evaluation and baseline uses.
+
+All metrics take [0, 1] intensities, data range 1:
+- ``mse``, ``psnr`` (``10 log10(1 / mse)``), ``psnr_paper`` (the paper's convention,
+  ``20 log10(255 / sqrt(mse))`` on [0, 1] data, i.e. PSNR + 48.13 dB),
+- ``ssim``: MONAI's SSIM (Gaussian window 11, sigma 1.5) averaged over the whole slice,
+- ``ssim_head``: the same SSIM map averaged over head pixels only (true slice > ``HEAD_THRESHOLD``),
+  because background inflates whole-slice SSIM (an all-black guess scores about 0.54).
+
+MONAI's ``SSIMMetric`` only returns the whole-image mean, so the map comes from MONAI's
+``compute_ssim_and_cs`` and the head mask is applied here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.metrics.regression import compute_ssim_and_cs
+
+HEAD_THRESHOLD = 0.1
+SSIM_WIN = 11
+SSIM_SIGMA = 1.5
+PAPER_PSNR_OFFSET_DB = 20.0 * math.log10(255.0)
+METRIC_NAMES = ("ssim", "ssim_head", "psnr", "mse")
+
+
+def _as_batch(x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x, dtype=torch.float32)
+    if x.ndim == 2:
+        x = x[None, None]
+    elif x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise ValueError(f"expected slices shaped (H, W), (B, H, W) or (B, 1, H, W), got {tuple(x.shape)}")
+    return x
+
+
+@torch.no_grad()
+def slice_metrics(pred: torch.Tensor, target: torch.Tensor, head_threshold: float = HEAD_THRESHOLD) -> dict[str, torch.Tensor]:
+    """Per-slice ``mse``, ``psnr``, ``ssim``, ``ssim_head`` (each a (B,) tensor) for [0, 1] slices."""
+    pred, target = _as_batch(pred).clamp(0, 1), _as_batch(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    mse = ((pred - target) ** 2).flatten(1).mean(1)
+    psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    ssim_map, _ = compute_ssim_and_cs(
+        pred, target, spatial_dims=2, kernel_size=[SSIM_WIN] * 2, kernel_sigma=[SSIM_SIGMA] * 2, data_range=1.0
+    )
+    ssim = ssim_map.flatten(1).mean(1)
+    # the map is the 'valid' convolution: crop the head mask by half a window on each side to match
+    h0 = (target.shape[-2] - ssim_map.shape[-2]) // 2
+    w0 = (target.shape[-1] - ssim_map.shape[-1]) // 2
+    mask = (target[..., h0 : h0 + ssim_map.shape[-2], w0 : w0 + ssim_map.shape[-1]] > head_threshold).float()
+    head_px = mask.flatten(1).sum(1)
+    ssim_head = (ssim_map * mask).flatten(1).sum(1) / head_px.clamp_min(1.0)
+    ssim_head = torch.where(head_px > 0, ssim_head, torch.full_like(ssim_head, float("nan")))
+    return {"ssim": ssim, "ssim_head": ssim_head, "psnr": psnr, "mse": mse}
+
+
+def paper_psnr(mse: float) -> float:
+    """The paper's PSNR convention on [0, 1] data: ``20 log10(255 / sqrt(mse))``."""
+    return PAPER_PSNR_OFFSET_DB - 10.0 * math.log10(max(mse, 1e-20))
+
+
+def summarize(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean of each per-slice metric, ignoring NaNs (slices with no head pixels for ssim_head)."""
+    return {k: float(torch.nanmean(torch.as_tensor(v, dtype=torch.float64))) for k, v in values.items()}

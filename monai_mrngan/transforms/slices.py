@@ -1,0 +1,198 @@
+"""Slice sampling from cached 3D volumes, as MONAI dictionary transforms.
+
+Each transform takes a volume dictionary as produced by ``LoadImaged(ensure_channel_first=True)``
+on a datalist entry (``image``: (1, H, W, D) RAS volume, ``positions``: the ``p`` of each of
+the D axial indices) and returns a *list* of ``num_samples`` slice dictionaries, like MONAI's
+``RandSpatialCropSamplesd``, so ``CacheDataset`` caches the loaded volumes and only the cheap
+indexing runs per iteration. With ``num_samples=None`` they are deterministic and return every
+valid sample in index order (for validation and evaluation).
+
+Outputs are plain tensors (no MetaTensor metadata) so collation stays fast:
+- :class:`AxialSliced`:        ``image`` (1, H, W), ``position`` (1,), ``slice_index``
+- :class:`AdjacentSlicePaird`: ``image`` slice i, ``label`` slice i + direction, ``direction`` (1,)
+  in {+1, -1} (+1 = next array index, towards the vertex in RAS), ``position`` / ``target_position``
+- :class:`SliceRund`:           ``image`` (T, H, W) in generation order, ``positions`` (T,),
+  ``direction`` (1,), ``slice_index`` of the first slice of the run
+
+MONAI has crop samplers but none that carries a per-slice position or pairs slices along an
+axis with a direction flag, hence these small transforms.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable
+from monai.transforms.traits import MultiSampleTrait
+
+__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund"]
+
+_PASS_THROUGH = ("subject", "session")
+
+
+def _volume(data: Mapping, key: Hashable) -> torch.Tensor:
+    img = data[key]
+    img = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(np.asarray(img))
+    if img.ndim == 3:
+        img = img[None]
+    if img.ndim != 4:
+        raise ValueError(f"{key!r} must be a (C, H, W, D) volume, got shape {tuple(img.shape)}")
+    return img
+
+
+def _positions(data: Mapping, key: str, depth: int) -> torch.Tensor:
+    if key not in data:
+        raise KeyError(f"volume dictionary has no {key!r}; prepare the dataset with `python -m monai_mrngan prepare`")
+    pos = torch.as_tensor(np.asarray(data[key], dtype=np.float32))
+    if pos.numel() != depth:
+        raise ValueError(f"{key!r} has {pos.numel()} entries but the volume has {depth} axial slices")
+    return pos
+
+
+class _SliceSampler(Randomizable, MapTransform, MultiSampleTrait):
+    """Shared machinery: choose sample indices (random or all) and build output dictionaries."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        positions_key: str = "positions",
+        num_samples: int | None = 1,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 or None (all), got {num_samples}")
+        self.positions_key = positions_key
+        self.num_samples = num_samples
+
+    def _starts(self, num_valid: int) -> np.ndarray:
+        if num_valid <= 0:
+            raise ValueError("volume too short for this sampler")
+        if self.num_samples is None:
+            return np.arange(num_valid)
+        return self.R.randint(0, num_valid, size=self.num_samples)
+
+    def _directions(self, count: int, directions: Sequence[int]) -> np.ndarray:
+        if self.num_samples is None:
+            return np.asarray([directions[0]] * count)
+        return self.R.choice(np.asarray(directions), size=count)
+
+    def _base(self, data: Mapping) -> dict:
+        return {k: data[k] for k in _PASS_THROUGH if k in data}
+
+    def randomize(self, data=None) -> None:  # randomness is drawn inside __call__ via self.R
+        pass
+
+
+class AxialSliced(_SliceSampler):
+    """Sample axial slices with their anatomical position ``p``."""
+
+    def __call__(self, data: Mapping) -> list[dict]:
+        key = self.first_key(data)
+        vol = _volume(data, key)
+        pos = _positions(data, self.positions_key, vol.shape[-1])
+        out = []
+        for i in self._starts(vol.shape[-1]).tolist():
+            d = self._base(data)
+            for k in self.key_iterator(data):
+                d[k] = _volume(data, k)[..., i].contiguous()
+            d["position"] = pos[i : i + 1].clone()
+            d["slice_index"] = i
+            out.append(d)
+        return out
+
+
+class AdjacentSlicePaird(_SliceSampler):
+    """Sample neighbouring slice pairs (i -> i + step * direction) with a direction flag.
+
+    ``directions`` lists the allowed directions (+1, -1 or both); deterministic mode
+    (``num_samples=None``) uses the first one.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        label_key: str = "label",
+        positions_key: str = "positions",
+        num_samples: int | None = 1,
+        directions: Sequence[int] = (1, -1),
+        step: int = 1,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, positions_key, num_samples, allow_missing_keys)
+        if not directions or any(d not in (1, -1) for d in directions):
+            raise ValueError(f"directions must be a non-empty subset of (1, -1), got {directions}")
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        self.label_key = label_key
+        self.directions = tuple(int(d) for d in directions)
+        self.step = int(step)
+
+    def __call__(self, data: Mapping) -> list[dict]:
+        key = self.first_key(data)
+        vol = _volume(data, key)
+        pos = _positions(data, self.positions_key, vol.shape[-1])
+        lows = self._starts(vol.shape[-1] - self.step)
+        dirs = self._directions(len(lows), self.directions)
+        out = []
+        for low, direction in zip(lows.tolist(), dirs.tolist()):
+            src, dst = (low, low + self.step) if direction > 0 else (low + self.step, low)
+            d = self._base(data)
+            d[key] = vol[..., src].contiguous()
+            d[self.label_key] = vol[..., dst].contiguous()
+            d["direction"] = torch.tensor([float(direction)])
+            d["position"] = pos[src : src + 1].clone()
+            d["target_position"] = pos[dst : dst + 1].clone()
+            d["slice_index"] = src
+            out.append(d)
+        return out
+
+
+class SliceRund(_SliceSampler):
+    """Sample contiguous runs of ``run_length`` slices, in generation order, with positions.
+
+    A run in direction -1 starts at a higher index and walks down, so ``image[0]`` is always the
+    slice generation starts from.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        run_length: int = 8,
+        positions_key: str = "positions",
+        num_samples: int | None = 1,
+        directions: Sequence[int] = (1, -1),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, positions_key, num_samples, allow_missing_keys)
+        if run_length < 2:
+            raise ValueError(f"run_length must be >= 2, got {run_length}")
+        if not directions or any(d not in (1, -1) for d in directions):
+            raise ValueError(f"directions must be a non-empty subset of (1, -1), got {directions}")
+        self.run_length = int(run_length)
+        self.directions = tuple(int(d) for d in directions)
+
+    def __call__(self, data: Mapping) -> list[dict]:
+        key = self.first_key(data)
+        vol = _volume(data, key)
+        depth = vol.shape[-1]
+        pos = _positions(data, self.positions_key, depth)
+        if depth < self.run_length:
+            raise ValueError(f"volume has {depth} slices, fewer than run_length {self.run_length}")
+        lows = self._starts(depth - self.run_length + 1)
+        dirs = self._directions(len(lows), self.directions)
+        out = []
+        for low, direction in zip(lows.tolist(), dirs.tolist()):
+            idx = torch.arange(low, low + self.run_length)
+            if direction < 0:
+                idx = idx.flip(0)
+            d = self._base(data)
+            d[key] = vol[0][..., idx].permute(2, 0, 1).contiguous()
+            d["positions"] = pos[idx].clone()
+            d["direction"] = torch.tensor([float(direction)])
+            d["slice_index"] = int(idx[0])
+            out.append(d)
+        return out
