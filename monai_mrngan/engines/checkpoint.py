@@ -1,0 +1,148 @@
+"""Checkpoints every stage shares: resume after an interruption, and keep the best model.
+
+MONAI's ``CheckpointSaver`` writes with ``atomic=False`` and names files by epoch; an interrupted
+write could leave a corrupt file that resuming would then trip on. These two handlers write with
+``torch.save`` to a temporary file and ``os.replace`` it, and load with ``weights_only=True``:
+
+- :class:`ResumeCheckpoint` (attach to the trainer): saves networks, optimizers and the trainer's
+  own state to one fixed file (``last.pt``) every epoch (and every ``iteration_interval``
+  iterations), and when that file exists at start-up, restores it so ``trainer.run()`` continues
+  where the interrupted run stopped.
+- :class:`BestCheckpoint` (attach to the evaluator): saves one network's bare ``state_dict`` to
+  ``model.pt`` whenever the key metric improves (``ckpt_export`` / ``load_state_dict`` ready);
+  put it in the resume ``save_dict`` too, so the best value survives a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+from ..data.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
+    """``torch.load(..., weights_only=True)`` with a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here; train the stage first")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})".splitlines()[0]) from err
+
+
+def load_weights(module: torch.nn.Module, path: str | os.PathLike, key: str | None = None) -> torch.nn.Module:
+    """Load a ``state_dict`` (optionally under ``key`` of a checkpoint dict) into ``module``."""
+    state = load_state(path)
+    if key is not None and key in state:
+        state = state[key]
+    module.load_state_dict(state)
+    return module
+
+
+class ResumeCheckpoint:
+    """Save everything needed to resume to ``path``; restore it when a run starts.
+
+    Args:
+        path: the checkpoint file (e.g. ``models/last.pt``).
+        save_dict: objects with ``state_dict`` / ``load_state_dict``; include the trainer under
+            ``"trainer"`` so epoch and iteration counters resume too.
+        iteration_interval: also save every N iterations (0: only at epoch ends).
+        resume: restore from ``path`` when it exists.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        iteration_interval: int = 0,
+        resume: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.save_dict = dict(save_dict)
+        self.iteration_interval = int(iteration_interval)
+        self.resume = resume
+
+    def attach(self, engine: Engine) -> "ResumeCheckpoint":
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        if self.iteration_interval > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.iteration_interval), self.save)
+        return self
+
+    def load(self, engine: Engine) -> None:
+        if not self.path.is_file():
+            return
+        state = load_state(self.path)
+        max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=state)
+        if max_epochs is not None and engine.state.epoch > max_epochs:
+            raise ValueError(
+                f"{self.path}: checkpoint is at epoch {engine.state.epoch}, beyond max_epochs {max_epochs}; "
+                "raise max_epochs to train on"
+            )
+        engine.state.max_epochs = max_epochs
+        logger.info("resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration)
+
+    def save(self, engine: Engine) -> None:
+        atomic_torch_save({k: v.state_dict() for k, v in self.save_dict.items()}, self.path)
+
+
+class BestCheckpoint:
+    """Save ``network``'s ``state_dict`` to ``path`` whenever the evaluator's metric improves.
+
+    Args:
+        path: where the best weights go (e.g. ``models/model.pt``).
+        network: the module to save (a DDP wrapper is unwrapped).
+        metric_name: a key of ``engine.state.metrics``; default the evaluator's key metric.
+        mode: ``"max"`` or ``"min"``.
+    """
+
+    def __init__(self, path: str | os.PathLike, network: torch.nn.Module, metric_name: str | None = None, mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.path = Path(path)
+        self.network = network
+        self.metric_name = metric_name
+        self.mode = mode
+        self.best: float | None = None
+
+    def state_dict(self) -> dict[str, float | None]:
+        """The best value so far, so a :class:`ResumeCheckpoint` can carry it across a restart."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best = None if state.get("best") is None else float(state["best"])
+
+    def attach(self, engine: Engine) -> "BestCheckpoint":
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        return self
+
+    def __call__(self, engine: Engine) -> None:
+        name = self.metric_name or getattr(engine.state, "key_metric_name", None)
+        if name is None or name not in engine.state.metrics:
+            raise KeyError(f"metric {name!r} not computed by the evaluator; have {sorted(engine.state.metrics)}")
+        value = float(engine.state.metrics[name])
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best = value
+            net = getattr(self.network, "module", self.network)
+            atomic_torch_save(net.state_dict(), self.path)
+            logger.info("new best %s = %.6g, saved %s", name, value, self.path)
