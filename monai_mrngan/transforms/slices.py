@@ -81,7 +81,8 @@ class _SliceSampler(Randomizable, MapTransform, MultiSampleTrait):
         return self.R.choice(np.asarray(directions), size=count)
 
     def _base(self, data: Mapping) -> dict:
-        return {k: data[k] for k in _PASS_THROUGH if k in data}
+        # identifiers as strings ("" for a missing session) so batches always collate
+        return {k: "" if data[k] is None else str(data[k]) for k in _PASS_THROUGH if k in data}
 
     def randomize(self, data=None) -> None:  # randomness is drawn inside __call__ via self.R
         pass
