@@ -279,3 +279,13 @@ def test_prepare_real_ixi(ixi_dir, tmp_path):
         area = (data > prep.HEAD_THRESHOLD).sum(axis=(0, 1))
         mid = index_for_position(e["positions"], 0.5)
         assert area[-1] < 0.5 * area[mid]
+
+
+def test_phantom_cohort_prepares_like_real_data(tmp_path):
+    from monai_mrngan.data.phantoms import write_phantom_cohort
+
+    write_phantom_cohort(tmp_path / "bids", subjects=4, size=48, seed=1, progress=False)
+    report = prep.prepare_dataset(tmp_path / "bids", tmp_path / "dst", spacing=SPACING * 1.4, size=40, progress=False)
+    assert report["layout"] == "bids" and [r["status"] for r in report["inputs"]] == ["ok"] * 4
+    entry = load_split(tmp_path / "dst", "training")[0]
+    assert entry["subject"].startswith("sub-") and min(entry["positions"]) == 0.0
