@@ -168,6 +168,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     suffix = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}-", suffix=suffix, dir=final.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
