@@ -1,0 +1,140 @@
+"""Training pieces for the MRNGAN stage, used with MONAI's SupervisedTrainer / SupervisedEvaluator.
+
+A run of ``T`` true slices (from :class:`~monai_mrngan.transforms.SliceRund`, both directions)
+becomes one training sample: the first slice is the input, the other ``T - 1`` are the targets of
+the free-running unroll (the cell feeds on its own outputs, as at inference), and the loss is taken
+at every step. Nothing here is a new engine: :class:`RunBatch` is the ``prepare_batch``,
+:class:`RecurrentUnroll` the ``network`` (it closes over pix2pix and the prior) and
+:class:`WeightedL1L2Loss` the loss, so MONAI's trainer, evaluator and handlers work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..networks.recurrent import MRNGAN, NextFn
+
+__all__ = ["RunBatch", "RecurrentUnroll", "WeightedL1L2Loss", "ReseedSampler", "trainable_parameters", "run_strips", "pred_strips"]
+
+
+class RunBatch:
+    """``prepare_batch`` for runs: -> (start (B,1,H,W), targets (B,T-1,H,W), (), {positions, direction}).
+
+    ``position_noise``: std of one random offset added to all positions of a run (training only),
+    so the cell learns to live with the localizer's error.
+    """
+
+    def __init__(self, position_noise: float = 0.0) -> None:
+        self.position_noise = float(position_noise)
+
+    def __call__(self, batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any):
+        runs = torch.as_tensor(batchdata["image"]).float()
+        if runs.ndim == 5:  # (B,1,T,H,W) or (B,T,1,H,W) from other samplers
+            runs = runs.squeeze(1) if runs.shape[1] == 1 else runs.squeeze(2)
+        positions = torch.as_tensor(batchdata["positions"]).float().reshape(runs.shape[0], -1)
+        direction = torch.as_tensor(batchdata["direction"]).float().reshape(-1)
+        if self.position_noise > 0:
+            positions = positions + self.position_noise * torch.randn(positions.shape[0], 1)
+        runs = runs.to(device, non_blocking=non_blocking)
+        start, targets = runs[:, :1], runs[:, 1:]
+        return start, targets, (), {"positions": positions.to(device), "direction": direction.to(device)}
+
+
+class RecurrentUnroll(nn.Module):
+    """``forward(start, positions, direction) -> (B,T-1,H,W)``: the MRNGAN cell unrolled with pix2pix and the prior.
+
+    Only ``model`` (and ``generator`` when fine-tuned) are submodules, so ``train()`` / ``eval()``
+    never touch a frozen generator and this module's ``state_dict`` holds no frozen weights.
+
+    Args:
+        model: the :class:`~monai_mrngan.networks.recurrent.MRNGAN` cell (``network_def``).
+        next_fn: ``next_fn(slices, direction)`` (see :func:`~monai_mrngan.inference.reconstruct.next_fn_for`).
+        prior: object with ``slice_at(positions, reference, reference_position)``.
+        generator: the pix2pix module, registered only when ``finetune`` so it is trained/saved.
+        fit_prior: fit the prior to each run's first slice.
+    """
+
+    def __init__(self, model: MRNGAN, next_fn: NextFn, prior: Any, generator: nn.Module | None = None, finetune: bool = False, fit_prior: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.flow = generator if (finetune and generator is not None) else None
+        self.next_fn, self.prior, self.fit_prior = next_fn, prior, fit_prior
+
+    def train(self, mode: bool = True) -> "RecurrentUnroll":
+        super().train(mode)
+        if self.flow is not None:
+            self.flow.eval()  # fine-tune weights, keep normalisation statistics
+        return self
+
+    def forward(self, start: torch.Tensor, positions: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        from ..inference.reconstruct import prior_fn_for
+
+        prior_fn = prior_fn_for(self.prior, start if self.fit_prior else None, positions[:, 0])
+        return self.model.unroll(start, positions, direction, self.next_fn, prior_fn)
+
+
+class WeightedL1L2Loss(nn.Module):
+    """``l1_weight * L1 + l2_weight * MSE`` averaged over every step and pixel (more weight on L1)."""
+
+    def __init__(self, l1_weight: float = 1.0, l2_weight: float = 0.5) -> None:
+        super().__init__()
+        self.l1_weight, self.l2_weight = float(l1_weight), float(l2_weight)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        diff = pred - target
+        return self.l1_weight * diff.abs().mean() + self.l2_weight * (diff**2).mean()
+
+
+def trainable_parameters(model: nn.Module, generator: nn.Module | None = None, finetune: bool = False) -> list[nn.Parameter]:
+    """The cell's parameters, plus pix2pix's when fine-tuning."""
+    params = list(model.parameters())
+    if finetune and generator is not None:
+        params += list(generator.parameters())
+    return params
+
+
+def _strip(x: torch.Tensor) -> torch.Tensor:
+    """(T,H,W) -> (1,H,T*W): the slices of a run side by side."""
+    x = torch.as_tensor(x).detach().float().cpu()
+    if x.ndim == 4:
+        x = x[:, 0]
+    return torch.cat(list(x), dim=-1)[None]
+
+
+def run_strips(batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """TensorBoardImageHandler ``batch_transform``: (input slice repeated, true slices) per sample.
+
+    Accepts a collated batch (trainer) or a decollated list of samples (evaluator).
+    """
+    if isinstance(batch, Mapping):
+        runs = list(torch.as_tensor(batch["image"]))
+    else:
+        runs = [torch.as_tensor(b["image"]) for b in batch]
+    starts = [_strip(r[:1].expand(r.shape[0] - 1, -1, -1)) for r in runs]
+    return starts, [_strip(r[1:]) for r in runs]
+
+
+def pred_strips(output: Any) -> list[torch.Tensor]:
+    """TensorBoardImageHandler ``output_transform``: generated slices side by side, per sample."""
+    if isinstance(output, Mapping):
+        return [_strip(p) for p in output["pred"]]
+    return [_strip(o["pred"]) for o in output]
+
+
+
+class ReseedSampler:
+    """Evaluator handler: reseed a random sampler at every run, so validation sees the same runs each epoch.
+
+    (``CacheDataset`` re-applies random transforms on every pass; MONAI has no handler for this.)
+    """
+
+    def __init__(self, sampler: Any, seed: int = 0) -> None:
+        self.sampler, self.seed = sampler, int(seed)
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda _: self.sampler.set_random_state(self.seed))

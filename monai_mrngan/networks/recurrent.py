@@ -1,0 +1,180 @@
+"""The MRNGAN recurrent cell and the module that unrolls it along the axial axis.
+
+The paper's cell is ``s_t = tanh(U x_t + W s_{t-1})``, ``o_t = softmax(V s_t)``, with
+``x_t = cat(previous output, pix2pix(previous output), prior slice at p_t)``. Here ``U``, ``W`` and
+``V`` are convolutions (slices are images), and the output head reads the softmax literally as a
+per-pixel *blend* of the three candidate slices plus a small bounded correction, so the model starts
+as a sensible mixture, trains quickly on a CPU and, far from the input, can lean on the prior
+instead of compounding pix2pix errors. Two constant maps tell the cell where it is: ``p_t`` and the
+distance travelled from the input slice ``min(1, 5 |p_t - p_0|)`` (saturating at 40 mm, so runs
+far longer than the training runs look like the far end of those).
+
+- :class:`ConvRNNCell`: the paper's Elman cell, convolutional.
+- :class:`ConvGRUCell`: a convolutional GRU (selectable with ``cell="gru"``).
+- :class:`MRNGAN`: cell + output head; :meth:`MRNGAN.unroll` generates ``T`` slices from a start
+  slice given callables for the next-slice prediction (pix2pix) and the prior.
+
+MONAI has no convolutional recurrent cell, hence these small modules.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["ConvRNNCell", "ConvGRUCell", "MRNGAN", "NextFn", "PriorFn", "OUTPUT_MODES", "CELLS"]
+
+NextFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``next_fn(slices (B,1,H,W) [0,1], direction (B,) +-1) -> (B,1,H,W)`` (pix2pix's prediction)."""
+PriorFn = Callable[[torch.Tensor], torch.Tensor]
+"""``prior_fn(positions (B,T)) -> (B,T,1,H,W)``: prior slices (already fitted to each sample's head)."""
+
+OUTPUT_MODES = ("blend", "residual", "direct")
+CELLS = ("rnn", "gru")
+DIST_SCALE = 5.0  # distance map = min(1, 5 |p_t - p_0|): 1 from 40 mm away on
+
+
+def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
+
+
+class ConvRNNCell(nn.Module):
+    """``s_t = tanh(U * x_t + W * s_{t-1})`` with convolutions ``U``, ``W`` (kernel ``k``)."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.u = _conv(in_channels, hidden_channels, kernel_size)
+        self.w = _conv(hidden_channels, hidden_channels, kernel_size, bias=False)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.u(x) + self.w(s))
+
+
+class ConvGRUCell(nn.Module):
+    """Convolutional GRU: update gate ``z``, reset gate ``r``, candidate ``n``."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.gates = _conv(in_channels + hidden_channels, 2 * hidden_channels, kernel_size)
+        self.cand_x = _conv(in_channels, hidden_channels, kernel_size)
+        self.cand_s = _conv(hidden_channels, hidden_channels, kernel_size, bias=False)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        z, r = torch.sigmoid(self.gates(torch.cat([x, s], 1))).chunk(2, 1)
+        n = torch.tanh(self.cand_x(x) + r * self.cand_s(s))
+        return (1 - z) * n + z * s
+
+
+class MRNGAN(nn.Module):
+    """Recurrent cell over (previous output, pix2pix(previous), prior(p_t)) with an output head.
+
+    Args:
+        cell: ``"rnn"`` (the paper's tanh cell) or ``"gru"``.
+        hidden_channels: channels of the state ``s_t``.
+        features: channels of the small input encoder before ``U`` (0: none, ``x_t`` goes to ``U``).
+        kernel_size: convolution kernel of encoder, cell and head.
+        output: ``"blend"`` (softmax weights over the three candidates + bounded correction),
+            ``"residual"`` (previous output + bounded correction) or ``"direct"`` (sigmoid head).
+        max_correction: bound of the additive correction (``tanh`` scaled), in [0, 1] intensity.
+        init_weights: initial blend weights of (previous, pix2pix, prior) for ``"blend"``.
+    """
+
+    def __init__(
+        self,
+        cell: str = "rnn",
+        hidden_channels: int = 16,
+        features: int = 16,
+        kernel_size: int = 3,
+        output: str = "blend",
+        max_correction: float = 0.25,
+        init_weights: tuple[float, float, float] = (0.2, 0.6, 0.2),
+    ) -> None:
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+        if output not in OUTPUT_MODES:
+            raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
+        self.output, self.max_correction = output, float(max_correction)
+        in_ch = 5  # previous, pix2pix, prior, p_t map, distance map
+        if features > 0:
+            self.encoder: nn.Module = nn.Sequential(
+                _conv(in_ch, features, kernel_size), nn.LeakyReLU(0.1), _conv(features, features, kernel_size), nn.LeakyReLU(0.1)
+            )
+            cell_in = features
+        else:
+            self.encoder, cell_in = nn.Identity(), in_ch
+        self.cell = (ConvRNNCell if cell == "rnn" else ConvGRUCell)(cell_in, hidden_channels, kernel_size)
+        head_out = {"blend": 4, "residual": 1, "direct": 1}[output]
+        self.head = nn.Sequential(
+            _conv(hidden_channels + in_ch, hidden_channels, kernel_size), nn.LeakyReLU(0.1), _conv(hidden_channels, head_out, 1)
+        )
+        last = self.head[-1]
+        nn.init.zeros_(last.weight)  # start from the plain blend / identity: no correction yet
+        nn.init.zeros_(last.bias)
+        if output == "blend":
+            w = torch.tensor(init_weights, dtype=torch.float32).clamp_min(1e-3)
+            with torch.no_grad():
+                last.bias[:3] = torch.log(w / w.sum())
+
+    def init_state(self, x0: torch.Tensor) -> torch.Tensor:
+        """``s_0`` from the input step ``x_0`` (the start slice, itself, the prior at ``p_0``)."""
+        feat = self.encoder(x0)
+        return self.cell(feat, torch.zeros(x0.shape[0], self.cell.hidden_channels, *x0.shape[2:], device=x0.device, dtype=x0.dtype))
+
+    def step(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: ``x`` (B,5,H,W) = (previous, pix2pix, prior, p_t map, distance map) -> (slice (B,1,H,W), new state)."""
+        s = self.cell(self.encoder(x), s)
+        h = self.head(torch.cat([s, x], 1))
+        prev, pix, prior = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+        if self.output == "blend":
+            w = torch.softmax(h[:, :3], 1)
+            out = w[:, 0:1] * prev + w[:, 1:2] * pix + w[:, 2:3] * prior + self.max_correction * torch.tanh(h[:, 3:4])
+        elif self.output == "residual":
+            out = prev + self.max_correction * torch.tanh(h)
+        else:
+            out = torch.sigmoid(h + 4.0 * (prev - 0.5))  # starts close to the previous slice
+        return out.clamp(0.0, 1.0), s
+
+    @staticmethod
+    def _maps(x: torch.Tensor, p: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        b, _, hh, ww = x.shape
+        dist = (DIST_SCALE * dist).clamp(max=1.0)
+        return torch.cat([p.view(b, 1, 1, 1).expand(b, 1, hh, ww), dist.view(b, 1, 1, 1).expand(b, 1, hh, ww)], 1).to(x)
+
+    def unroll(
+        self,
+        start: torch.Tensor,
+        positions: torch.Tensor,
+        direction: torch.Tensor,
+        next_fn: NextFn,
+        prior_fn: PriorFn,
+    ) -> torch.Tensor:
+        """Generate slices 1..T-1 of a run from ``start`` (B,1,H,W) [0,1].
+
+        ``positions`` (B,T): ``p`` of the start slice and of each slice to generate; ``direction``
+        (B,) +-1 (array-index direction, handed to ``next_fn``). Returns (B,T-1,H,W) in [0,1].
+        """
+        if start.ndim != 4 or start.shape[1] != 1:
+            raise ValueError(f"start must be (B,1,H,W), got {tuple(start.shape)}")
+        positions = positions.to(start.device, start.dtype)
+        direction = direction.to(start.device).reshape(-1)
+        priors = prior_fn(positions).to(start)  # (B,T,1,H,W)
+        p0 = positions[:, 0]
+        x0 = torch.cat([start, start, priors[:, 0], self._maps(start, p0, torch.zeros_like(p0))], 1)
+        s = self.init_state(x0)
+        prev, outs = start, []
+        for t in range(1, positions.shape[1]):
+            pix = next_fn(prev, direction)
+            pt = positions[:, t]
+            x = torch.cat([prev, pix.to(start), priors[:, t], self._maps(start, pt, (pt - p0).abs())], 1)
+            prev, s = self.step(x, s)
+            outs.append(prev)
+        return torch.cat(outs, 1)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
