@@ -6,6 +6,7 @@ with status 2, without a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import warnings
@@ -62,7 +63,128 @@ def phantoms(dst: str, subjects: int = 24, size: int = 128, seed: int = 0, overw
     print(f"wrote {len(files)} phantom subjects to {dst}")
 
 
-COMMANDS = {"prepare": prepare, "phantoms": phantoms}
+def pipeline(
+    dataset_dir: str,
+    workdir: str,
+    preset: str = "demo",
+    stages: str | Sequence[str] | None = None,
+    time_budget_s: float | None = None,
+    force: bool = False,
+) -> None:
+    """Train and evaluate the four bundles in order under WORKDIR (resumes; skips finished stages).
+
+    Args:
+        dataset_dir: a prepared dataset.
+        workdir: weights, TensorBoard logs and evaluations of every stage go here.
+        preset: demo (phantoms, 64 px, <= 15 CPU minutes), ixi2mm (2 mm / 128 px), paper (256 px, GPU).
+        stages: only these stages (comma-separated names).
+        time_budget_s: training time limit per stage in seconds (replaces the preset's).
+        force: re-run finished stages.
+    """
+    from .pipeline import run_pipeline
+
+    names = stages.split(",") if isinstance(stages, str) else stages
+    results = run_pipeline(dataset_dir, workdir, preset=preset, stages=names, time_budget_s=time_budget_s, force=force)
+    print(f"pipeline finished: {', '.join(results)} under {workdir}")
+
+
+def _components(workdir: str):
+    from .inference.reconstruct import components_from_bundles
+    from .pipeline import BUNDLES_DIR
+
+    return components_from_bundles(BUNDLES_DIR, workdir)
+
+
+def _dataset_of(workdir: str, dataset_dir: str | None) -> str:
+    if dataset_dir:
+        return dataset_dir
+    from .pipeline import read_run_info
+
+    return read_run_info(workdir)["dataset_dir"]
+
+
+def reconstruct(
+    workdir: str,
+    input: str | Sequence[str],
+    out: str,
+    slice_index: int | None = None,
+    positions: float | Sequence[float] | None = None,
+    dataset_dir: str | None = None,
+    method: str = "mrngan",
+) -> None:
+    """Reconstruct a whole volume from one 2D slice or a few, with the stages trained in WORKDIR.
+
+    Args:
+        workdir: a pipeline work folder (trained stages).
+        input: one or more slices: PNG, 2D NIfTI, or a 3D NIfTI with --slice-index.
+        out: output volume (.nii.gz); a PNG montage and the positions (JSON) are written beside it.
+        slice_index: axial index to take from a 3D NIfTI input.
+        positions: the anatomical position p of each input slice; localized when omitted.
+        dataset_dir: prepared dataset that fixes the output grid (default: the pipeline's).
+        method: mrngan, pix2pix_iterative, prior, copy (one slice) or linear (several).
+    """
+    from .inference.reconstruct import reconstruct_files, reference_grid
+
+    inputs = [input] if isinstance(input, str) else list(input)
+    pos = None if positions is None else ([float(positions)] if isinstance(positions, (int, float)) else [float(p) for p in positions])
+    ref = reference_grid(_dataset_of(workdir, dataset_dir))
+    result = reconstruct_files(
+        inputs, out, _components(workdir), slice_index=slice_index, positions=pos, method=method,
+        expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"],
+        reference_positions=ref["positions"],
+    )
+    for path, p in zip(inputs, result["input_positions"]):
+        print(f"{path}: position p = {p:.3f} ({p * 200:.0f} mm below the vertex)")
+    print(f"volume:    {result['volume']}\nmontage:   {result['montage']}\npositions: {result['positions']}")
+
+
+def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limit: int | None = None) -> None:
+    """Evaluate MRNGAN against copy, prior, pix2pix_iterative and linear on held-out subjects.
+
+    Writes OUT/report.json, OUT/per_distance.csv and PNG plots of each metric against distance.
+    """
+    from .inference.reconstruct_eval import evaluate_reconstruction
+
+    report = evaluate_reconstruction(dataset_dir, out, _components(workdir), split=split, limit=limit)
+    for name, m in report["single_slice"]["methods"].items():
+        print(f"{name:<20} SSIM {m['ssim']:.3f}  head-only SSIM {m['ssim_head']:.3f}  PSNR {m['psnr']:.2f} dB")
+    print(f"report: {out}/report.json")
+
+
+COMMANDS = {
+    "prepare": prepare,
+    "phantoms": phantoms,
+    "pipeline": pipeline,
+    "reconstruct": reconstruct,
+    "evaluate": evaluate,
+}
+LIST_FLAGS = ("--input", "--positions")
+
+
+def _gather_lists(argv: list[str]) -> list[str]:
+    """``--input a b c`` -> ``--input '["a", "b", "c"]'`` (fire takes one value per flag)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in LIST_FLAGS:
+            values = []
+            i += 1
+            while i < len(argv) and not (argv[i].startswith("--") and not _is_number(argv[i])):
+                values.append(argv[i])
+                i += 1
+            out += [arg, json.dumps(values) if len(values) != 1 else values[0]]
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -71,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        fire.Fire(COMMANDS, command=list(argv) if argv is not None else None, name="python -m monai_mrngan")
+        args = _gather_lists(list(sys.argv[1:] if argv is None else argv))
+        fire.Fire(COMMANDS, command=args, name="python -m monai_mrngan")
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
