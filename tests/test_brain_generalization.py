@@ -1,0 +1,261 @@
+"""Brain generalization stage: mean brain + patient fit, GAN networks and trainer, the bundle end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from monai_mrngan.data.datalist import load_split
+from monai_mrngan.data.io import InputError, load_volume
+from monai_mrngan.inference.prior import (
+    BrainPrior,
+    FitConfig,
+    build_mean_prior,
+    load_prior,
+    mean_brain,
+    resample_to_positions,
+)
+from monai_mrngan.metrics.image import slice_metrics
+from monai_mrngan.networks.gan import (
+    DCGANSet,
+    GeneralBrain,
+    build_generator_from_checkpoint,
+    export_generator,
+    make_discriminator,
+    make_generator,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_generalization"
+FAST_FIT = {"work_size": 32, "affine_iters": 20, "deform_iters": 20, "grid_points": 6}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------- mean brain
+def test_resample_to_positions_interpolates_and_marks_outside():
+    vol = np.stack([np.full((4, 4), float(i)) for i in range(5)], -1).astype(np.float32)  # value = index
+    positions = [0.8, 0.6, 0.4, 0.2, 0.0]  # RAS: p falls as the index rises
+    out = resample_to_positions(vol, positions, [1.0, 0.7, 0.5, 0.0])
+    assert out.shape == (4, 4, 4)
+    assert np.isnan(out[0]).all()  # p = 1 is below the volume's lowest slice
+    assert np.allclose(out[1], 0.5) and np.allclose(out[2], 1.5) and np.allclose(out[3], 4.0)
+    bank = np.stack([out, out + 1])
+    m = mean_brain(bank)
+    assert np.allclose(m[0], 0.0) and np.allclose(m[1], 1.0)
+
+
+def test_build_mean_prior_roundtrip(tiny_dataset, tmp_path):
+    out = build_mean_prior(tiny_dataset, tmp_path / "mean.nii.gz", num_positions=24, bank_path=tmp_path / "bank.pt", max_atlases=3)
+    prior = load_prior(out)
+    assert prior.bank.shape == (1, 24, 32, 32)
+    assert json.loads((tmp_path / "mean.positions.json").read_text())["positions"][0] == 1.0
+    bank = load_prior(tmp_path / "bank.pt")
+    assert bank.bank.shape == (3, 24, 32, 32)
+    # the mean brain at each slice's p is the mean of the training volumes' slices there (up to re-interpolation)
+    entries = load_split(tiny_dataset, "training")
+    expected = np.mean([load_volume(e["image"])[0] for e in entries], 0)
+    got = np.moveaxis(prior.volume(entries[0]["positions"]).numpy(), 0, -1)
+    assert np.abs(got - expected).mean() < 0.01
+    assert np.abs(got - expected[..., ::-1]).mean() > 0.05  # orientation along p matters
+
+
+# ---------------------------------------------------------------------------- patient fit
+def _shifted_head(vol: np.ndarray, shift: int, gain: float) -> np.ndarray:
+    return np.clip(np.roll(vol, shift, axis=0) * gain, 0, 1)
+
+
+@pytest.mark.parametrize("mode", ["affine", "deformable"])
+def test_fit_from_one_slice_moves_the_head(tiny_dataset, mode):
+    """A patient whose head is shifted and brighter: the prior fitted from ONE slice beats the plain prior on the others."""
+    entries = load_split(tiny_dataset, "training")
+    vols = [load_volume(e["image"])[0] for e in entries]
+    grid = np.asarray(entries[0]["positions"])
+    bank = np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]])
+    patient = _shifted_head(vols[-1], 5, 1.2)
+    prior = BrainPrior(bank, grid, FitConfig(mode=mode, top_k=2, **FAST_FIT))
+    i = 10
+    ref = torch.from_numpy(patient[..., i])[None, None]
+    others = [j for j in range(len(grid)) if j != i and patient[..., j].max() > 0.2]
+    truth = torch.from_numpy(np.moveaxis(patient[..., others], -1, 0))[:, None]
+    pos = torch.from_numpy(grid[others])
+    plain = slice_metrics(prior.slice_at(pos), truth)
+    fitted = slice_metrics(prior.slice_at(pos, ref, float(grid[i])), truth)
+    assert fitted["psnr"].mean() > plain["psnr"].mean() + 1.0
+    assert torch.nanmean(fitted["ssim_head"]) > torch.nanmean(plain["ssim_head"]) + 0.02
+    fit = prior.last_fit
+    assert fit is not None and len(fit.atlas_index) == 2
+    assert float(fit.theta[0, 1, 2].abs()) > 0.15  # moved the head along array axis 0 (5 px of 32 = 0.31 normalised units)
+
+
+def test_slice_at_contract_and_bad_inputs(tiny_dataset, tmp_path):
+    prior = load_prior(build_mean_prior(tiny_dataset, tmp_path / "m.nii.gz", num_positions=12), FAST_FIT)
+    out = prior.slice_at(torch.tensor([0.0, 0.33, 1.0]))
+    assert out.shape == (3, 1, 32, 32) and out.min() >= 0 and out.max() <= 1
+    ref = prior.slice_at(torch.tensor([0.5]))
+    fitted = prior.slice_at(torch.tensor([0.2, 0.8]), ref, 0.5)
+    assert fitted.shape == (2, 1, 32, 32) and 0 <= float(fitted.min()) and float(fitted.max()) <= 1
+    assert prior.slice_at(torch.tensor([0.2, 0.8]), ref, 0.5) is not fitted  # cached fit, fresh slices
+    with pytest.raises(ValueError, match="reference slice must be"):
+        prior.slice_at(torch.tensor([0.5]), torch.zeros(1, 1, 16, 16), 0.5)
+    with pytest.raises(ValueError, match="reference_position"):
+        prior.slice_at(torch.tensor([0.5]), ref, None)
+    with pytest.raises(ValueError, match="finite"):
+        prior.slice_at(torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match="fit mode"):
+        FitConfig(mode="elastic")
+
+
+def test_load_prior_bad_files(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        load_prior(tmp_path / "missing.nii.gz")
+    bad = tmp_path / "prior.txt"
+    bad.write_text("hello")
+    with pytest.raises(InputError, match="unsupported prior file"):
+        load_prior(bad)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="junk.pt"):
+        load_prior(junk)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "nokind.pt")
+    with pytest.raises(InputError, match="no 'kind'"):
+        load_prior(tmp_path / "nokind.pt")
+    trunc = tmp_path / "t.nii.gz"
+    trunc.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(InputError, match="t.nii.gz"):
+        load_prior(trunc)
+
+
+# ---------------------------------------------------------------------------- GAN networks + trainer
+@pytest.mark.parametrize("route", ["cgan", "dcgan", "dcgan_set"])
+def test_generators_shapes_range_and_export(route, tmp_path):
+    g, d = make_generator(route, 32, 100, 16, num_bins=3), make_discriminator(route, 32, 8, num_bins=3)
+    z, p = torch.randn(5, 100), torch.rand(5)
+    x = g.generate(z, p)
+    assert x.shape == (5, 1, 32, 32) and x.abs().max() <= 1.0
+    logits = d(x, p) if route != "dcgan" else d(x)
+    assert logits.shape == ((5, 2) if route == "cgan" else (5, 1))  # cgan: AC-GAN [real/fake, position] logits
+    if route == "cgan":
+        assert make_discriminator(route, 32, 8, aux_position=False)(x, p).shape == (5, 1)
+    path = tmp_path / "g.pt"
+    torch.save(export_generator(g), path)
+    g2, kind, _ = build_generator_from_checkpoint(torch.load(path, weights_only=True))
+    assert kind == route
+    g.eval(), g2.eval()
+    assert torch.allclose(g.generate(z, p), g2.generate(z, p), atol=1e-6)
+    brain = GeneralBrain(g, num_samples=3)
+    out = brain(torch.tensor([0.1, 0.9]))
+    assert out.shape == (2, 1, 32, 32) and 0 <= float(out.min()) and float(out.max()) <= 1
+    prior = load_prior(path, num_positions=6, num_samples=2)
+    assert prior.bank.shape == (1, 6, 32, 32)
+
+
+def test_cgan_generator_depends_on_position():
+    from monai_mrngan.networks.gan import ConditionalGenerator
+
+    torch.manual_seed(0)
+    g = ConditionalGenerator(32, 100, 16, output_bias=0.0).eval()
+    z = torch.randn(1, 100).expand(2, -1)
+    x = g(z, torch.tensor([0.1, 0.9]))
+    assert (x[0] - x[1]).abs().max() > 0.01 * x.abs().max() > 0
+
+
+def test_dcgan_set_activation_copies_neighbour():
+    s = make_generator("dcgan_set", 16, 8, 8, num_bins=3)
+    assert s.active.tolist() == [False, True, False] and s.route(0) == 1
+    assert s.activate(2) and not s.activate(2)
+    for a, b in zip(s.members[2].parameters(), s.members[1].parameters()):
+        assert torch.equal(a, b)
+    assert s.route(0) == 1 and s.route(2) == 2
+
+
+@pytest.mark.parametrize("aux", [True, False])
+def test_trainer_updates_discriminator_once_per_three_generator_steps(aux):
+    from monai_mrngan.engines.cgan import ConditionalGanTrainer
+
+    g, d = make_generator("cgan", 16, 8, 8), make_discriminator("cgan", 16, 4, aux_position=aux)
+    go, do = torch.optim.Adam(g.parameters(), 2e-4, betas=(0.5, 0.999)), torch.optim.Adam(d.parameters(), 2e-4, betas=(0.5, 0.999))
+    counts = {"g": 0, "d": 0}
+    go.register_step_post_hook(lambda *a: counts.__setitem__("g", counts["g"] + 1))
+    do.register_step_post_hook(lambda *a: counts.__setitem__("d", counts["d"] + 1))
+    data = [{"image": torch.rand(4, 1, 16, 16) * 2 - 1, "position": torch.rand(4, 1)} for _ in range(6)]
+    trainer = ConditionalGanTrainer("cpu", 1, data, g, go, d, do, latent_size=8, g_steps_per_d=3)
+    trainer.run()
+    assert counts == {"g": 6, "d": 2}
+    out = trainer.state.output
+    assert math.isfinite(out["g_loss"]) and math.isfinite(out["d_loss"]) and out["fakes"].shape == (4, 1, 16, 16)
+    with pytest.raises(ValueError, match="g_steps_per_d"):
+        ConditionalGanTrainer("cpu", 1, data, g, go, d, do, g_steps_per_d=0)
+
+
+# ---------------------------------------------------------------------------- bundle end to end
+def _workflow(config_files, workflow_type, **override):
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(BUNDLE / "configs" / f) for f in config_files]
+    wf = ConfigWorkflow(
+        workflow_type=workflow_type, config_file=files if len(files) > 1 else files[0],
+        logging_file=str(BUNDLE / "configs" / "logging.conf"), meta_file=str(BUNDLE / "configs" / "metadata.json"), **override,
+    )
+    wf.initialize()
+    if workflow_type:
+        assert wf.check_properties() == []
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+TINY = {"image_size": 32, "g_channels": 16, "d_channels": 4, "samples_per_volume": 4, "val_volumes": 1, "val_latents": 2}
+
+
+def test_bundle_train_infer_evaluate(tiny_dataset, tmp_path):
+    common = {"bundle_root": str(BUNDLE), "dataset_dir": str(tiny_dataset), "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval")}
+    wf = _workflow(["train.json"], "train", **common, **TINY, epochs=1)
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 1
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "last.pt").is_file()
+    assert list((tmp_path / "eval" / "train_img").glob("events.*"))
+    # resume: a second run with epochs=2 continues from epoch 1
+    wf = _workflow(["train.json"], "train", **common, **TINY, epochs=2)
+    assert wf.parser.get_parsed_content("train#trainer").state.iteration == 2 * 2  # 6 volumes / 4 per batch = 2 iterations per epoch
+    _workflow(["inference.json"], "infer", **common, image_size=32, g_channels=16, num_positions=12, num_samples=2)
+    brain = tmp_path / "eval" / "general_brain_cgan.nii.gz"
+    assert load_volume(brain)[0].shape == (32, 32, 12)
+    assert load_prior(tmp_path / "models" / "generator_cgan.pt", num_positions=5, num_samples=1).bank.shape == (1, 5, 32, 32)
+    _workflow(["mean_brain.json"], None, bundle_root=str(BUNDLE), dataset_dir=str(tiny_dataset), ckpt_dir=str(tmp_path / "models"), num_positions=24, max_atlases=4)
+    fit = {"mode": "affine", "top_k": 2, "work_size": 32, "affine_iters": 10}
+    _workflow(["train.json", "evaluate.json"], "train", **common, **TINY, **{"evaluate#fit": fit, "evaluate#reference_positions": [0.5]})
+    res = json.loads((tmp_path / "eval" / "prior_eval" / "metrics.json").read_text())
+    assert {"mean_brain", "atlas_bank", "cgan"} <= set(res)
+    assert res["atlas_bank"]["fitted"]["overall"]["psnr"] > res["atlas_bank"]["plain"]["overall"]["psnr"]
+    assert "bin 4" in (tmp_path / "eval" / "prior_eval" / "metrics.md").read_text()
+    # no localizer weights: position consistency falls back to template matching on the mean brain
+    assert res["mean_brain"]["position_consistency_template"]["mae"] < 0.05
+    assert 0 <= res["cgan"]["position_consistency_template"]["mae"] <= 1
+    assert (tmp_path / "eval" / "prior_eval" / "samples.png").stat().st_size > 1000
+
+
+def test_bundle_dcgan_set_route(tiny_dataset, tmp_path):
+    common = {"bundle_root": str(BUNDLE), "dataset_dir": str(tiny_dataset), "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval")}
+    wf = _workflow(["train.json"], "train", **common, **TINY, epochs=2, route="dcgan_set", num_bins=3, epochs_per_bin=1)
+    g = wf.parser.get_parsed_content("gnetwork")
+    assert isinstance(g, DCGANSet) and g.active.tolist() == [False, True, True]
+
+
+def test_bundle_configs_complete():
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"] and "network_data_format" in meta
+    for name in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "mean_brain.json", "logging.conf"):
+        assert (BUNDLE / "configs" / name).is_file(), name
+    assert (BUNDLE / "docs" / "README.md").is_file() and (BUNDLE / "LICENSE").is_file()
