@@ -1,0 +1,268 @@
+"""Where in the head is this slice? Localizer inference on tensors and on files.
+
+- :func:`localize` (the cross-stage contract): (B, 1, H, W) [0, 1] slices at the prepared size ->
+  (B,) positions ``p`` in [0, 1]; eval mode, no grad, batched.
+- :func:`slice_items`: files -> one dictionary per axial slice, prepared as the training data was:
+  * a prepared 3D volume (in-plane ``spatial_size``, values in [0, 1]) is used as is;
+  * any other 3D volume goes through :func:`monai_mrngan.data.prepare.prepare_volume` (RAS,
+    isotropic spacing, percentile scaling, vertex/neck trimming, crop on the head's centre);
+    its heuristic position comes along as ``reference_p``;
+  * a 2D slice (PNG, 2D NIfTI) of the prepared size with values in [0, 1] is used as is; a 2D slice
+    of another size is resampled to the prepared spacing (pixel size from the NIfTI header, or
+    ``pixel_mm`` for a PNG), scaled like ``prepare`` when outside [0, 1], and cropped / padded
+    around its intensity centre of mass. A PNG of the wrong size without ``pixel_mm`` is refused
+    with a message saying so: its pixel size is unknown and a blind resize would be garbage.
+- :class:`PositionCSVWriter`: evaluator handler writing ``source, slice_index, p, depth_mm, bin,
+  reference_p`` rows to a CSV (used by the bundle's ``inference.json``).
+- :func:`localize_files`: the same without a bundle, for scripts and the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from scipy import ndimage
+
+from ..data.io import InputError, atomic_path, is_nifti, is_png, load_slice
+from ..data.positions import HEAD_HEIGHT_MM, position_bins
+
+logger = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("source", "slice_index", "p", "depth_mm", "bin", "reference_p")
+
+
+@torch.no_grad()
+def localize(network: torch.nn.Module, slices: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Positions ``p`` (B,) of (B, 1, H, W) [0, 1] slices at the prepared size (eval mode, no grad)."""
+    slices = torch.as_tensor(slices)
+    if slices.ndim != 4 or slices.shape[1] != 1:
+        raise ValueError(f"localize expects slices shaped (B, 1, H, W), got {tuple(slices.shape)}")
+    was_training = network.training
+    network.eval()
+    try:
+        param = next(network.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        out = [
+            network(slices[i : i + batch_size].to(device=device, dtype=torch.float32)).reshape(-1).float().cpu()
+            for i in range(0, slices.shape[0], batch_size)
+        ]
+    finally:
+        network.train(was_training)
+    return torch.cat(out).clamp(0.0, 1.0) if out else torch.zeros(0)
+
+
+def _pair(size: Sequence[int] | int) -> tuple[int, int]:
+    return (int(size),) * 2 if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _scale_like_prepare(img: np.ndarray) -> np.ndarray:
+    """Values already in [0, 1] stay; others are divided by the 99.5th percentile of positive values."""
+    if img.min() >= 0.0 and img.max() <= 1.0:
+        return img
+    from ..data.prepare import UPPER_PERCENTILE
+
+    pos = img[img > 0]
+    top = float(np.percentile(pos, UPPER_PERCENTILE)) if pos.size else 0.0
+    return np.clip(img / top, 0.0, 1.0) if top > 0 else np.zeros_like(img)
+
+
+def _crop_pad_centre(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Crop / zero-pad to ``size`` centred on the intensity centre of mass (as ``prepare`` does)."""
+    cx, cy = ndimage.center_of_mass(img) if img.sum() > 0 else ((img.shape[0] - 1) / 2, (img.shape[1] - 1) / 2)
+    x0, y0 = int(round(cx)) - size[0] // 2, int(round(cy)) - size[1] // 2
+    out = np.zeros(size, dtype=np.float32)
+    sx0, sy0 = max(x0, 0), max(y0, 0)
+    sx1, sy1 = min(x0 + size[0], img.shape[0]), min(y0 + size[1], img.shape[1])
+    out[sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0] = img[sx0:sx1, sy0:sy1]
+    return out
+
+
+def prepare_slice(
+    img: np.ndarray,
+    spatial_size: Sequence[int] | int,
+    pixel_mm: Sequence[float] | float | None = None,
+    spacing_mm: float = 2.0,
+    source: str | os.PathLike = "<array>",
+) -> np.ndarray:
+    """A 2D RAS slice -> the prepared size, spacing and intensity range (see the module docstring)."""
+    size = _pair(spatial_size)
+    img = np.asarray(img, dtype=np.float32)
+    if img.shape == size:
+        return _scale_like_prepare(img).astype(np.float32)
+    if pixel_mm is None:
+        raise InputError(
+            source,
+            f"slice is {img.shape[0]}x{img.shape[1]} px but the localizer was trained on {size[0]}x{size[1]} px at "
+            f"{spacing_mm:g} mm; its pixel size is unknown, so pass pixel_mm (e.g. --pixel_mm 1.0) to resample it",
+        )
+    px = np.broadcast_to(np.asarray(pixel_mm, dtype=np.float64), (2,))
+    if (px <= 0).any() or not np.isfinite(px).all():
+        raise InputError(source, f"invalid pixel size {px.tolist()} mm")
+    zoom = px / float(spacing_mm)
+    img = ndimage.zoom(_scale_like_prepare(img), zoom, order=1, prefilter=False) if not np.allclose(zoom, 1) else img
+    return _crop_pad_centre(_scale_like_prepare(img), size)
+
+
+def _nifti_ndim_and_zooms(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    try:
+        img = nib.load(str(path))
+    except Exception as err:
+        raise InputError(path, f"not a readable NIfTI image ({type(err).__name__})") from err
+    return tuple(int(s) for s in img.shape), tuple(float(z) for z in img.header.get_zooms())
+
+
+def _item(image: np.ndarray, source: str, index: int, reference_p: float | None) -> dict:
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+        "source": source,
+        "slice_index": int(index),
+        "reference_p": float("nan") if reference_p is None else float(reference_p),
+    }
+
+
+def _volume_items(path: Path, size: tuple[int, int], spacing_mm: float) -> list[dict]:
+    from ..data.io import load_volume
+    from ..data.prepare import SkipScan, prepare_volume
+
+    data, _ = load_volume(path)
+    if data.shape[:2] == size and data.min() >= 0.0 and data.max() <= 1.0:
+        return [_item(data[:, :, k], str(path), k, None) for k in range(data.shape[2])]
+    if size[0] != size[1]:
+        raise InputError(path, f"raw volumes are prepared to square slices; the localizer expects {size}")
+    try:
+        vol = prepare_volume(path, spacing=spacing_mm, size=size[0])
+    except SkipScan as err:
+        raise InputError(path, f"cannot be prepared like the training data: {err}") from err
+    first = int(vol.steps["kept_slices"][0])
+    logger.info("%s: prepared like the training data, kept resampled RAS slices %s", path, vol.steps["kept_slices"])
+    return [_item(vol.data[:, :, k], str(path), first + k, vol.positions[k]) for k in range(vol.data.shape[2])]
+
+
+def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Files from a file, a folder (its .png / .nii / .nii.gz files), a glob pattern, or a list of those."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and (is_nifti(f) or is_png(f)))
+            if not found:
+                raise InputError(p, "folder holds no .png, .nii or .nii.gz files")
+            files += found
+        elif any(c in str(item) for c in "*?["):
+            found = sorted(Path(f) for f in glob.glob(str(item)))
+            if not found:
+                raise InputError(item, "pattern matches no files")
+            files += found
+        else:
+            if not p.is_file():
+                raise InputError(p, "no such file")
+            files.append(p)
+    return files
+
+
+def slice_items(
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    spatial_size: Sequence[int] | int = (128, 128),
+    spacing_mm: float = 2.0,
+    pixel_mm: float | None = None,
+) -> list[dict]:
+    """One ``{"image": (1, H, W), "source", "slice_index", "reference_p"}`` per slice of the inputs."""
+    size = _pair(spatial_size)
+    items: list[dict] = []
+    for path in expand_inputs(inputs):
+        if is_png(path):
+            items.append(_item(prepare_slice(load_slice(path), size, pixel_mm, spacing_mm, path), str(path), 0, None))
+        elif is_nifti(path):
+            shape, zooms = _nifti_ndim_and_zooms(path)
+            spatial = [s for s in shape if s > 1]
+            if len(spatial) >= 3:
+                items += _volume_items(path, size, spacing_mm)
+            else:
+                px = pixel_mm if pixel_mm is not None else [z for s, z in zip(shape, zooms) if s > 1][:2]
+                items.append(_item(prepare_slice(load_slice(path), size, px, spacing_mm, path), str(path), 0, None))
+        else:
+            raise InputError(path, "unsupported file type; expected .png, .nii or .nii.gz")
+    if not items:
+        raise InputError(str(inputs), "no slices found in the inputs")
+    return items
+
+
+def _rows(sources: Sequence[str], indices: Sequence[int], p: Sequence[float], ref: Sequence[float]) -> list[list]:
+    bins = position_bins(np.asarray(p, dtype=np.float64))
+    return [
+        [s, int(i), f"{v:.6f}", f"{v * HEAD_HEIGHT_MM:.1f}", int(b), "" if not np.isfinite(r) else f"{r:.6f}"]
+        for s, i, v, b, r in zip(sources, indices, p, bins, ref)
+    ]
+
+
+def write_csv(rows: Sequence[Sequence[Any]], path: str | os.PathLike) -> Path:
+    """Write the positions CSV atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        w.writerows(rows)
+    return Path(path)
+
+
+class PositionCSVWriter:
+    """Evaluator handler: collect each slice's predicted ``p`` and write them to ``output_file`` at the end.
+
+    ``p`` is clamped to [0, 1]; ``depth_mm`` = ``p`` x 200 mm below the vertex; ``bin`` = five-class bin.
+    """
+
+    def __init__(self, output_file: str | os.PathLike, output_transform: Callable | None = None) -> None:
+        self.output_file = Path(output_file)
+        self.output_transform = output_transform
+        self.rows: list[list] = []
+
+    def attach(self, engine: Engine) -> "PositionCSVWriter":
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+        return self
+
+    def _collect(self, engine: Engine) -> None:
+        output, batch = engine.state.output, engine.state.batch
+        if self.output_transform is not None:
+            preds = self.output_transform(output)
+        else:
+            preds = [o["pred"] for o in output] if isinstance(output, list) else list(output["pred"])
+        p = [float(torch.as_tensor(v).reshape(-1)[0].clamp(0, 1)) for v in preds]
+        if isinstance(batch, list):
+            src = [b["source"] for b in batch]
+            idx = [int(torch.as_tensor(b["slice_index"]).reshape(-1)[0]) for b in batch]
+            ref = [float(torch.as_tensor(b.get("reference_p", float("nan"))).reshape(-1)[0]) for b in batch]
+        else:
+            src, idx = list(batch["source"]), torch.as_tensor(batch["slice_index"]).reshape(-1).tolist()
+            ref = torch.as_tensor(batch.get("reference_p", [float("nan")] * len(p))).reshape(-1).tolist()
+        self.rows += _rows(src, idx, p, ref)
+
+    def _write(self, engine: Engine) -> None:
+        write_csv(self.rows, self.output_file)
+        logger.info("wrote %d slice positions to %s", len(self.rows), self.output_file)
+
+
+def localize_files(
+    network: torch.nn.Module,
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    output_file: str | os.PathLike,
+    spatial_size: Sequence[int] | int = (128, 128),
+    spacing_mm: float = 2.0,
+    pixel_mm: float | None = None,
+    batch_size: int = 64,
+) -> Path:
+    """Predict every slice's ``p`` in the inputs (see :func:`slice_items`) and write the CSV."""
+    items = slice_items(inputs, spatial_size, spacing_mm, pixel_mm)
+    p = localize(network, torch.stack([it["image"] for it in items]), batch_size=batch_size).tolist()
+    rows = _rows([it["source"] for it in items], [it["slice_index"] for it in items], p, [it["reference_p"] for it in items])
+    return write_csv(rows, output_file)
