@@ -90,9 +90,12 @@ def pipeline(
 
 def _components(workdir: str):
     from .inference.reconstruct import components_from_bundles
-    from .pipeline import BUNDLES_DIR
+    from .pipeline import BUNDLES_DIR, read_run_info
 
-    return components_from_bundles(BUNDLES_DIR, workdir)
+    fixed = read_run_info(workdir).get("stage_overrides", {})
+    names = {"localizer": "slice_localization", "flow": "flow_generation", "mrngan": "mrngan"}
+    overrides = {k: {i: v for i, v in fixed.get(stage, {}).items() if not i.endswith("_overrides")} for k, stage in names.items()}
+    return components_from_bundles(BUNDLES_DIR, workdir, overrides=overrides)
 
 
 def _dataset_of(workdir: str, dataset_dir: str | None) -> str:

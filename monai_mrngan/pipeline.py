@@ -42,34 +42,47 @@ def read_run_info(workdir: str | os.PathLike) -> dict:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One bundle of the chain: its folder name and the config files of its two steps."""
+class Step:
+    """One ``monai.bundle run`` of a stage: a name and the config files it combines.
+
+    ``tuned``: the step reads the preset's training overrides (epochs, time limit, lr ...);
+    ``links``: (workdir, per-stage fixed overrides) -> overrides that point the step at earlier
+    stages' outputs (and at how those stages were built).
+    """
 
     name: str
-    train: tuple[str, ...] = ("train.json",)
-    evaluate: tuple[str, ...] = ("train.json", "evaluate.json")
-    # overrides that wire in earlier stages' outputs: (workdir) -> {id: value}
-    links: Callable[[Path], dict] = field(default=lambda w: {})
+    configs: tuple[str, ...]
+    tuned: bool = True
+    links: Callable[[Path, dict], dict] = field(default=lambda w, fixed: {})
 
 
-def _mrngan_links(w: Path) -> dict:
+def _weights(w: Path, stage: str, name: str = "model.pt") -> str:
+    return str(w / stage / "models" / name)
+
+
+def _mrngan_links(w: Path, fixed: dict) -> dict:
     return {
-        "flow_ckpt": str(w / "flow_generation" / "models" / "model.pt"),
-        "prior_path": str(w / "brain_generalization" / "models" / "atlas_bank.pt"),
-        "localizer_ckpt": str(w / "slice_localization" / "models" / "model.pt"),
+        "flow_ckpt": _weights(w, "flow_generation"),
+        "prior_path": _weights(w, "brain_generalization", "atlas_bank.pt"),
+        "localizer_ckpt": _weights(w, "slice_localization"),
     }
 
 
-def _prior_links(w: Path) -> dict:
-    return {"localizer_ckpt": str(w / "slice_localization" / "models" / "model.pt")}
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("slice_localization"),
-    Stage("brain_generalization", links=_prior_links),
-    Stage("flow_generation"),
-    Stage("mrngan", links=_mrngan_links),
-)
+TRAIN, EVALUATE = ("train.json",), ("train.json", "evaluate.json")
+STAGES: dict[str, tuple[Step, ...]] = {
+    "slice_localization": (Step("train", TRAIN), Step("evaluate", EVALUATE)),
+    "brain_generalization": (
+        Step("mean_brain", ("mean_brain.json",), tuned=False),
+        Step("train", TRAIN),
+        Step("inference", ("inference.json",), tuned=False),
+        Step("evaluate", EVALUATE, links=lambda w, fixed: {
+            "evaluate#localizer_weights": _weights(w, "slice_localization"),
+            "evaluate#localizer_overrides": fixed.get("slice_localization", {}),
+        }),
+    ),
+    "flow_generation": (Step("train", TRAIN), Step("evaluate", EVALUATE)),
+    "mrngan": (Step("train", TRAIN, links=_mrngan_links), Step("evaluate", EVALUATE, links=_mrngan_links)),
+}
 
 # Per preset and stage: config overrides (ids of the stage's train.json). `demo` fits in 15 CPU
 # minutes on the 64 px phantoms; `ixi2mm` in 75 CPU minutes at 2 mm / 128 px; `paper` is 256 px
@@ -96,6 +109,26 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
+def size_overrides(dataset_dir: str | os.PathLike) -> dict[str, dict]:
+    """Per stage, the ids that must follow the prepared in-plane size (networks with dense layers).
+
+    Applied to every step of the stage (training, inference, evaluation) and recorded in the
+    work folder so ``reconstruct`` builds the same networks.
+    """
+    import nibabel as nib
+
+    from .data.datalist import load_split
+
+    entries = load_split(dataset_dir, "training", 1) or load_split(dataset_dir, "test", 1)
+    if not entries:
+        raise ValueError(f"{dataset_dir}: the prepared dataset lists no volumes")
+    h, w = (int(n) for n in nib.load(entries[0]["image"]).shape[:2])
+    return {
+        "slice_localization": {"spatial_size": [h, w]},
+        "brain_generalization": {"image_size": h},
+    }
+
+
 def _override_args(overrides: dict) -> list[str]:
     args = []
     for key, value in overrides.items():
@@ -103,19 +136,23 @@ def _override_args(overrides: dict) -> list[str]:
     return args
 
 
-def bundle_command(stage: Stage, step: str, dataset_dir: Path, workdir: Path, overrides: dict,
-                   bundles_dir: Path = BUNDLES_DIR) -> list[str]:
-    """The ``python -m monai.bundle run`` command line of one stage's step (``train``/``evaluate``)."""
-    root = bundles_dir / stage.name
-    configs = [str(root / "configs" / c) for c in (stage.train if step == "train" else stage.evaluate)]
+def bundle_command(stage: str, step: Step, dataset_dir: Path, workdir: Path, overrides: dict,
+                   bundles_dir: Path = BUNDLES_DIR, fixed: dict | None = None) -> list[str]:
+    """The ``python -m monai.bundle run`` command line of one step of a stage.
+
+    ``fixed``: per-stage overrides that hold for every step (network sizes); this stage's apply.
+    """
+    root = bundles_dir / stage
+    configs = [str(root / "configs" / c) for c in step.configs]
     base = {
         "bundle_root": str(root),
         "dataset_dir": str(dataset_dir),
-        "ckpt_dir": str(workdir / stage.name / "models"),
-        "output_dir": str(workdir / stage.name / "eval"),
+        "ckpt_dir": str(workdir / stage / "models"),
+        "output_dir": str(workdir / stage / "eval"),
     }
+    tuned = overrides if step.tuned else {}
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
-            *_override_args({**base, **stage.links(workdir), **overrides})]
+            *_override_args({**base, **(fixed or {}).get(stage, {}), **step.links(workdir, fixed or {}), **tuned})]
 
 
 def _run_logged(cmd: Sequence[str], log: Path) -> None:
@@ -140,6 +177,7 @@ def run_pipeline(
     time_budget_s: float | None = None,
     force: bool = False,
     bundles_dir: str | os.PathLike = BUNDLES_DIR,
+    stage_overrides: dict[str, dict] | None = None,
 ) -> dict:
     """Train and evaluate every stage in order; returns ``{stage: done record}``.
 
@@ -150,36 +188,53 @@ def run_pipeline(
         stages: run only these stages (default all, in order).
         time_budget_s: training time limit per stage, replacing the preset's.
         force: re-run stages already finished.
+        stage_overrides: per stage, extra overrides for every step (e.g. a smaller network);
+            recorded in the work folder so ``reconstruct`` rebuilds the same networks.
     """
     dataset_dir, workdir, bundles_dir = Path(dataset_dir), Path(workdir), Path(bundles_dir)
     if not datalist_path(dataset_dir).is_file():
         raise FileNotFoundError(f"{datalist_path(dataset_dir)}: no prepared dataset; run `python -m monai_mrngan prepare`")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    names = [s.name for s in STAGES]
+    names = list(STAGES)
     unknown = set(stages or []) - set(names)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {names}")
-    save_json({"dataset_dir": str(dataset_dir.resolve()), "preset": preset}, workdir / RUN_INFO_NAME)
+    if stage_overrides is None and (workdir / RUN_INFO_NAME).is_file():
+        stage_overrides = read_run_info(workdir).get("extra_overrides")  # a resumed run builds the same networks
+    sizes = size_overrides(dataset_dir)
+    for stage, extra in (stage_overrides or {}).items():
+        sizes[stage] = {**sizes.get(stage, {}), **extra}
+    # the top-level bundle rebuilds the stage networks exactly as they were trained
+    sizes["mrngan"] = {
+        "localizer_overrides": sizes.get("slice_localization", {}),
+        "flow_overrides": sizes.get("flow_generation", {}),
+        **sizes.get("mrngan", {}),
+    }
+    save_json({"dataset_dir": str(dataset_dir.resolve()), "preset": preset, "extra_overrides": stage_overrides,
+               "stage_overrides": sizes}, workdir / RUN_INFO_NAME)
     results = {}
-    for stage in STAGES:
-        if stages and stage.name not in stages:
+    for stage, steps in STAGES.items():
+        if stages and stage not in stages:
             continue
-        done = workdir / stage.name / DONE_NAME
+        done = workdir / stage / DONE_NAME
         if done.is_file() and not force:
-            print(f"pipeline: {stage.name} already finished ({done}); skipping", flush=True)
-            results[stage.name] = json.loads(done.read_text())
+            print(f"pipeline: {stage} already finished ({done}); skipping", flush=True)
+            results[stage] = json.loads(done.read_text())
             continue
-        overrides = dict(PRESETS[preset].get(stage.name, {}))
+        overrides = dict(PRESETS[preset].get(stage, {}))
+        skip = set(overrides.pop("skip_steps", []))
         if time_budget_s is not None:
             overrides["time_limit_s"] = float(time_budget_s)
-        record = {"preset": preset, "dataset_dir": str(dataset_dir), "overrides": overrides}
-        for step in ("train", "evaluate"):
-            print(f"pipeline: {stage.name}: {step}", flush=True)
+        record = {"preset": preset, "dataset_dir": str(dataset_dir), "overrides": overrides, "seconds": {}}
+        for step in steps:
+            if step.name in skip:
+                continue
+            print(f"pipeline: {stage}: {step.name}", flush=True)
             t0 = time.time()
-            _run_logged(bundle_command(stage, step, dataset_dir, workdir, overrides, bundles_dir),
-                        workdir / stage.name / f"{step}.log")
-            record[f"{step}_seconds"] = round(time.time() - t0, 1)
+            _run_logged(bundle_command(stage, step, dataset_dir, workdir, overrides, bundles_dir, sizes),
+                        workdir / stage / f"{step.name}.log")
+            record["seconds"][step.name] = round(time.time() - t0, 1)
         save_json(record, done)
-        results[stage.name] = record
+        results[stage] = record
     return results

@@ -85,19 +85,17 @@ def evaluate_prior(
     return out
 
 
-def load_localizer(config_file: str | os.PathLike | None, weights: str | os.PathLike | None) -> torch.nn.Module | None:
-    """The slice localization network from its bundle config (``network_def``) and weights; None when absent."""
+def load_localizer(
+    config_file: str | os.PathLike | None, weights: str | os.PathLike | None, overrides: Mapping | None = None
+) -> torch.nn.Module | None:
+    """The slice localization network from its bundle config (``network_def``, with the ``overrides``
+    it was trained with) and weights; None when absent."""
     if not config_file or not weights or not Path(config_file).is_file() or not Path(weights).is_file():
         logger.info("no localizer given (or files absent): position consistency skipped")
         return None
-    from monai.bundle import ConfigParser
+    from .reconstruct import load_bundle_network
 
-    from ..engines.checkpoint import load_weights
-
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    net = parser.get_parsed_content("network_def")
-    return load_weights(net, weights, key="model").eval()
+    return load_bundle_network(config_file, weights, overrides=overrides).eval()
 
 
 class TemplateLocalizer(torch.nn.Module):
@@ -219,6 +217,7 @@ def run_evaluation(
     num_bins: int = 5,
     localizer_config: str | None = None,
     localizer_weights: str | None = None,
+    localizer_overrides: Mapping | None = None,
     grid_positions: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     limit: int | None = None,
 ) -> dict:
@@ -243,7 +242,7 @@ def run_evaluation(
     results: dict = {}
     for name, prior in loaded.items():
         results[name] = evaluate_prior(prior, entries, reference_positions, num_bins)
-    localizer = load_localizer(localizer_config, localizer_weights)
+    localizer = load_localizer(localizer_config, localizer_weights, localizer_overrides)
     grid = np.linspace(0.05, 0.95, 19)
     key = "position_consistency"
     if localizer is None and "mean_brain" in loaded:

@@ -195,11 +195,18 @@ def make_runner(
 
 
 # ---------------------------------------------------------------- placement and blending
-def volume_grid(positions: Sequence[float], step_p: float, extent: tuple[float, float] = (0.0, 1.0)) -> tuple[np.ndarray, list[int]]:
+def volume_grid(
+    positions: Sequence[float],
+    step_p: float,
+    extent: tuple[float, float] = (0.0, 1.0),
+    reference: Sequence[float] | None = None,
+) -> tuple[np.ndarray, list[int]]:
     """Grid positions (D,) covering ``extent`` in ``p`` and the index of each input slice.
 
-    The grid is anchored on the first input; the others snap to the nearest index. Raises when
-    two inputs land on the same index.
+    With ``reference`` (a prepared volume's ``p`` per index) the grid is that volume's, so the
+    output has the prepared data's shape and affine, and each input snaps to its nearest index.
+    Otherwise the grid is anchored on the first input and the others snap to the nearest index.
+    Raises when two inputs land on the same index.
     """
     if step_p >= 0:
         raise ValueError(f"step_p must be negative (p decreases with the RAS index), got {step_p}")
@@ -207,6 +214,12 @@ def volume_grid(positions: Sequence[float], step_p: float, extent: tuple[float, 
     if pos.size == 0:
         raise ValueError("no input positions")
     step = -float(step_p)
+    if reference is not None:
+        grid = np.asarray(reference, dtype=np.float64)
+        indices = [int(np.argmin(np.abs(grid - p))) for p in pos]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"input slices at positions {pos.round(4).tolist()} fall on the same grid slice (step {step:.4f} in p)")
+        return grid, indices
     p_a = float(pos[0])
     below = max(0, int(math.floor((extent[1] - p_a) / step + 1e-3)))  # tolerance: positions are rounded
     above = max(0, int(math.floor((p_a - extent[0]) / step + 1e-3)))
@@ -309,6 +322,7 @@ def reconstruct_volume(
     input_indices: Sequence[int] | None = None,
     fit_prior: bool = True,
     extent: tuple[float, float] = (0.0, 1.0),
+    reference_positions: Sequence[float] | None = None,
     device: str | torch.device = "cpu",
 ) -> Reconstruction:
     """One (or a few) [0,1] axial slices -> a whole volume.
@@ -322,6 +336,7 @@ def reconstruct_volume(
             default: a grid from ``p = 0`` to ``p = 1`` anchored on the first input.
         fit_prior: fit the prior to the input slice (the nearest input, for each run).
         extent: the range of ``p`` to fill when no grid is given.
+        reference_positions: a prepared volume's ``p`` per index: the output takes that grid.
     """
     device = torch.device(device)
     x = _as_slices(slices)
@@ -343,7 +358,7 @@ def reconstruct_volume(
             raise ValueError("input_indices needs num_slices")
         grid = pos[0].item() + (np.arange(num_slices) - idx[0]) * step_p
     else:
-        grid, idx = volume_grid(pos.tolist(), step_p, extent)
+        grid, idx = volume_grid(pos.tolist(), step_p, extent, reference_positions)
         num_slices = len(grid)
     run = make_runner(method, model=model, next_fn=next_fn, prior=prior, fit_prior=fit_prior)
 
@@ -593,7 +608,7 @@ def reconstruct_files(
         prior=components.prior,
         localizer=components.localizer,
         spacing_mm=spacing_mm,
-        extent=(0.0, 1.0) if reference_positions is None else (float(min(reference_positions)), float(max(reference_positions))),
+        reference_positions=reference_positions,
         device=components.device,
     )
     affine = None
@@ -615,7 +630,8 @@ def load_stage_prior(path: str | os.PathLike, fit: Mapping[str, Any] | None = No
 
 
 def reference_grid(dataset_dir: str | os.PathLike, split: str = "training") -> dict[str, Any]:
-    """Affine, ``p`` per index, in-plane shape and axial spacing of a prepared split's first volume.
+    """Affine, ``p`` per index, in-plane shape and axial spacing of the prepared split's volume
+    with the most slices (the fullest extent from the vertex down).
 
     :func:`reconstruct_files` uses it so its output matches the prepared data.
     """
@@ -623,11 +639,12 @@ def reference_grid(dataset_dir: str | os.PathLike, split: str = "training") -> d
 
     from ..data.datalist import load_split
 
-    entries = load_split(dataset_dir, split, 1) or load_split(dataset_dir, "test", 1)
+    entries = load_split(dataset_dir, split) or load_split(dataset_dir, "test")
     if not entries:
         raise ValueError(f"{dataset_dir}: no prepared volumes to take the grid from")
-    img = nib.load(entries[0]["image"])
-    positions = [float(p) for p in entries[0]["positions"]]
+    entry = max(entries, key=lambda e: len(e["positions"]))
+    img = nib.load(entry["image"])
+    positions = [float(p) for p in entry["positions"]]
     spacing = float(np.asarray(img.header.get_zooms()[:3])[2])
     return {
         "affine": np.asarray(img.affine, dtype=np.float64),
