@@ -89,16 +89,16 @@ STAGES: dict[str, tuple[Step, ...]] = {
 # with the paper's epochs, meant for a GPU.
 PRESETS: dict[str, dict[str, dict]] = {
     "demo": {
-        "slice_localization": {"epochs": 3, "time_limit_s": 120},
-        "brain_generalization": {"epochs": 2, "time_limit_s": 120},
-        "flow_generation": {"epochs": 3, "time_limit_s": 180},
-        "mrngan": {"epochs": 2, "time_limit_s": 180},
+        "slice_localization": {"epochs": 100, "time_limit_s": 150},
+        "brain_generalization": {"epochs": 100, "time_limit_s": 60},
+        "flow_generation": {"epochs": 100, "time_limit_s": 150, "lr": 0.001},
+        "mrngan": {"epochs": 100, "time_limit_s": 150, "lr": 0.001},
     },
     "ixi2mm": {
-        "slice_localization": {"epochs": 30, "time_limit_s": 900},
-        "brain_generalization": {"epochs": 5, "time_limit_s": 600},
-        "flow_generation": {"epochs": 50, "time_limit_s": 1500, "lr": 0.001},
-        "mrngan": {"epochs": 30, "time_limit_s": 1200},
+        "slice_localization": {"epochs": 100, "time_limit_s": 900},
+        "brain_generalization": {"epochs": 100, "time_limit_s": 300},
+        "flow_generation": {"epochs": 100, "time_limit_s": 1500, "lr": 0.001},
+        "mrngan": {"epochs": 100, "time_limit_s": 1200, "lr": 0.001, "run_length": 12},
     },
     "paper": {
         "slice_localization": {"epochs": 10},

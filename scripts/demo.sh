@@ -20,5 +20,24 @@ if [ ! -f "$WORK/prepared/datalist.json" ]; then
 fi
 echo "== 3. slice-sampling throughput"
 "$MRNGAN_PY" scripts/benchmark_slices.py --dataset_dir "$WORK/prepared" --seconds 2
+
+echo "== 4. pipeline: train and evaluate the four bundles (resumes, skips finished stages)"
+"$MRNGAN_PY" -m monai_mrngan pipeline --dataset_dir "$WORK/prepared" --workdir "$WORK/run" --preset demo
+
+echo "== 5. reconstruct a whole volume from one held-out slice"
+read -r VOL IDX < <("$MRNGAN_PY" - "$WORK/prepared" <<'PY'
+import sys
+from monai_mrngan.data.datalist import load_split
+from monai_mrngan.data.positions import index_for_position
+entry = load_split(sys.argv[1], "test")[0]
+print(entry["image"], index_for_position(entry["positions"], 0.5))
+PY
+)
+"$MRNGAN_PY" -m monai_mrngan reconstruct --workdir "$WORK/run" --input "$VOL" --slice-index "$IDX" \
+  --out "$WORK/reconstruction/recon.nii.gz"
+
 echo
-echo "prepared dataset: $WORK/prepared (datalist.json, prepare_report.json, volumes/)"
+echo "prepared dataset:     $WORK/prepared (datalist.json, prepare_report.json, volumes/)"
+echo "trained stages:       $WORK/run/<stage>/models, TensorBoard: tensorboard --logdir $WORK/run"
+echo "evaluation report:    $(ls "$WORK"/run/mrngan/eval/*/report.json "$WORK"/run/mrngan/eval/report.json 2>/dev/null | head -1)"
+echo "reconstructed volume: $WORK/reconstruction/recon.nii.gz (montage: recon_montage.png)"
