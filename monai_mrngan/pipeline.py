@@ -1,13 +1,14 @@
 """Train and evaluate the four bundles in order, through ``monai.bundle``, under one work folder.
 
-``run_pipeline(dataset_dir, workdir, preset)`` runs, for each stage in :data:`STAGES`,
+``run_pipeline(dataset_dir, workdir, preset)`` runs each step of each stage in :data:`STAGES`
+(training, for the prior also building the mean brain / atlas bank, then evaluation on the test
+split) as
 
-    python -m monai.bundle run --config_file [<stage configs>] --bundle_root bundles/<stage>
+    python -m monai.bundle run --config_file [<step configs>] --bundle_root bundles/<stage>
         --dataset_dir DATASET --ckpt_dir WORKDIR/<stage>/models --output_dir WORKDIR/<stage>/eval
-        <preset overrides>
+        <network sizes> <links to earlier stages> <preset overrides>
 
-first training, then evaluation on the test split. Each stage's console output is also kept in
-``WORKDIR/<stage>/{train,evaluate}.log``. A stage whose ``WORKDIR/<stage>/done.json`` exists is
+and keeps each step's console output in ``WORKDIR/<stage>/<step>.log``. A stage whose ``WORKDIR/<stage>/done.json`` exists is
 skipped; an interrupted stage resumes from its last checkpoint (``models/last.pt``), because the
 bundles restore it on start. Later stages find earlier stages' weights through overrides that
 point into WORKDIR, so the top-level bundle refers to, and never copies, the stage weights.
