@@ -91,7 +91,7 @@ STAGES: dict[str, tuple[Step, ...]] = {
 # with the paper's epochs, meant for a GPU.
 PRESETS: dict[str, dict[str, dict]] = {
     "demo": {
-        "slice_localization": {"epochs": 100, "time_limit_s": 150},
+        "slice_localization": {"epochs": 100, "time_limit_s": 240},
         "brain_generalization": {"epochs": 100, "time_limit_s": 60},
         "flow_generation": {"epochs": 100, "time_limit_s": 150, "lr": 0.001},
         "mrngan": {"epochs": 100, "time_limit_s": 150, "lr": 0.001},
