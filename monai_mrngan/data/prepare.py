@@ -75,16 +75,32 @@ def _to_ras_isotropic(data: np.ndarray, affine: np.ndarray, spacing: float) -> M
     return Spacing(pixdim=(spacing,) * 3, mode="bilinear", padding_mode="zeros")(img)
 
 
-def _scale(vol: np.ndarray) -> tuple[np.ndarray, float]:
-    # Percentile over nonzero voxels only: MONAI's ScaleIntensityRangePercentiles counts the
-    # (majority) background zeros too, which shifts the percentile with the field of view.
-    nonzero = vol[vol > 0]
-    if nonzero.size == 0:
-        raise SkipScan("no positive intensities")
-    top = float(np.percentile(nonzero, UPPER_PERCENTILE))
+def scale_intensity(img: np.ndarray) -> tuple[np.ndarray, float]:
+    """Divide by the 99.5th percentile of the positive values and clip to [0, 1].
+
+    Returns ``(scaled, top)``; ``top`` is 0 (and ``scaled`` all zeros) when nothing is positive.
+    Percentile over positive voxels only: MONAI's ScaleIntensityRangePercentiles counts the
+    (majority) background zeros too, which shifts the percentile with the field of view.
+    """
+    positive = img[img > 0]
+    top = float(np.percentile(positive, UPPER_PERCENTILE)) if positive.size else 0.0
     if top <= 0:
-        raise SkipScan("intensity percentile is zero")
-    return np.clip(vol / top, 0.0, 1.0).astype(np.float32), top
+        return np.zeros_like(img, dtype=np.float32), top
+    return np.clip(img / top, 0.0, 1.0).astype(np.float32), top
+
+
+def to_unit_range(img: np.ndarray) -> np.ndarray:
+    """Values already in [0, 1] stay; others are scaled as ``prepare`` scales volumes."""
+    if img.min() >= 0.0 and img.max() <= 1.0:
+        return img
+    return scale_intensity(img)[0]
+
+
+def _scale(vol: np.ndarray) -> tuple[np.ndarray, float]:
+    scaled, top = scale_intensity(vol)
+    if top <= 0:
+        raise SkipScan("no positive intensities" if not (vol > 0).any() else "intensity percentile is zero")
+    return scaled, top
 
 
 def _slice_stats(vol: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:

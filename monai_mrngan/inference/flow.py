@@ -63,6 +63,20 @@ def _directions(direction: torch.Tensor | int, batch: int) -> torch.Tensor:
     return d
 
 
+def generator_step(generator: torch.nn.Module, slices: torch.Tensor, direction: torch.Tensor | int) -> torch.Tensor:
+    """The generator's neighbour prediction on [0, 1] slices, with gradients (for fine-tuning).
+
+    The one home of the stage's boundary: [0, 1] -> [-1, 1], a direction input when the
+    generator takes one, back to [0, 1]. The result is on the input's device.
+    """
+    x = _as_slices(slices)
+    d = _directions(direction, x.shape[0])
+    dev = _device(generator)
+    xin = x.to(dev) * 2.0 - 1.0
+    out = generator(xin, d.to(dev)) if _takes_direction(generator) else generator(xin)
+    return ((out.float() + 1.0) * 0.5).clamp(0.0, 1.0).to(torch.as_tensor(slices).device)
+
+
 @torch.no_grad()
 def predict_next(generator: torch.nn.Module, slices: torch.Tensor, direction: torch.Tensor | int) -> torch.Tensor:
     """Predicted neighbours (B, 1, H, W) in [0, 1] of ``slices`` (B, 1, H, W) in [0, 1].
@@ -70,13 +84,8 @@ def predict_next(generator: torch.nn.Module, slices: torch.Tensor, direction: to
     ``direction``: +1 (next array index, towards the vertex) or -1, one int or one per sample.
     The generator is put in eval mode; the result is on the input's device.
     """
-    x = _as_slices(slices)
-    d = _directions(direction, x.shape[0])
-    dev = _device(generator)
     generator.eval()
-    xin = x.to(dev) * 2.0 - 1.0
-    out = generator(xin, d.to(dev)) if _takes_direction(generator) else generator(xin)
-    return ((out.float() + 1.0) * 0.5).clamp(0.0, 1.0).to(torch.as_tensor(slices).device)
+    return generator_step(generator, slices, direction)
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from scipy import ndimage
 
 from ..data.io import InputError, atomic_path, is_nifti, is_png, load_slice
 from ..data.positions import HEAD_HEIGHT_MM, position_bins
+from ..data.prepare import to_unit_range
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +65,6 @@ def _pair(size: Sequence[int] | int) -> tuple[int, int]:
     return (int(size),) * 2 if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _scale_like_prepare(img: np.ndarray) -> np.ndarray:
-    """Values already in [0, 1] stay; others are divided by the 99.5th percentile of positive values."""
-    if img.min() >= 0.0 and img.max() <= 1.0:
-        return img
-    from ..data.prepare import UPPER_PERCENTILE
-
-    pos = img[img > 0]
-    top = float(np.percentile(pos, UPPER_PERCENTILE)) if pos.size else 0.0
-    return np.clip(img / top, 0.0, 1.0) if top > 0 else np.zeros_like(img)
-
-
 def _crop_pad_centre(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Crop / zero-pad to ``size`` centred on the intensity centre of mass (as ``prepare`` does)."""
     cx, cy = ndimage.center_of_mass(img) if img.sum() > 0 else ((img.shape[0] - 1) / 2, (img.shape[1] - 1) / 2)
@@ -97,7 +87,7 @@ def prepare_slice(
     size = _pair(spatial_size)
     img = np.asarray(img, dtype=np.float32)
     if img.shape == size:
-        return _scale_like_prepare(img).astype(np.float32)
+        return to_unit_range(img).astype(np.float32)
     if pixel_mm is None:
         raise InputError(
             source,
@@ -108,8 +98,8 @@ def prepare_slice(
     if (px <= 0).any() or not np.isfinite(px).all():
         raise InputError(source, f"invalid pixel size {px.tolist()} mm")
     zoom = px / float(spacing_mm)
-    img = ndimage.zoom(_scale_like_prepare(img), zoom, order=1, prefilter=False) if not np.allclose(zoom, 1) else img
-    return _crop_pad_centre(_scale_like_prepare(img), size)
+    img = ndimage.zoom(to_unit_range(img), zoom, order=1, prefilter=False) if not np.allclose(zoom, 1) else img
+    return _crop_pad_centre(to_unit_range(img), size)
 
 
 def _nifti_ndim_and_zooms(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:

@@ -33,6 +33,7 @@ import torch
 
 from ..data.io import InputError, load_slice, save_json, save_nifti, save_png, slice_to_display
 from ..data.positions import HEAD_HEIGHT_MM
+from ..data.prepare import to_unit_range
 from ..networks.recurrent import MRNGAN, NextFn, PriorFn
 
 logger = logging.getLogger(__name__)
@@ -75,23 +76,10 @@ def flow_predict_next(generator: torch.nn.Module, slices: torch.Tensor, directio
 
 
 def _differentiable_predict(generator: torch.nn.Module, slices: torch.Tensor, direction: torch.Tensor | int) -> torch.Tensor:
-    """pix2pix's next slice with gradients, for fine-tuning.
+    """pix2pix's next slice with gradients, for fine-tuning (the flow stage's ``generator_step``)."""
+    from .flow import generator_step
 
-    The flow stage's ``predict_next`` runs under ``no_grad``, so fine-tuning needs this copy of its
-    boundary: [0,1] -> [-1,1], a direction input when ``forward`` takes one, back to [0,1].
-    """
-    import inspect
-
-    d = torch.as_tensor(direction, dtype=torch.float32, device=slices.device).reshape(-1)
-    if d.numel() == 1:
-        d = d.expand(slices.shape[0])
-    try:
-        takes_direction = len(inspect.signature(generator.forward).parameters) >= 2
-    except (TypeError, ValueError):
-        takes_direction = True
-    x = slices * 2.0 - 1.0
-    out = generator(x, d) if takes_direction else generator(x)
-    return ((out + 1.0) * 0.5).clamp(0.0, 1.0)
+    return generator_step(generator, slices, direction)
 
 
 def next_fn_for(generator: Any, trainable: bool = False, predict: Callable | None = None) -> NextFn:
@@ -559,16 +547,6 @@ def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.
     return {"volume": str(out), "montage": str(mont), "positions": str(meta)}
 
 
-def _to_unit_range(arr: np.ndarray) -> np.ndarray:
-    """Slices already in [0,1] pass; others are scaled like prepared data (99.5th percentile of nonzero)."""
-    if arr.min() >= 0.0 and arr.max() <= 1.0:
-        return arr
-    arr = arr - min(0.0, float(arr.min()))
-    nz = arr[arr > 0]
-    scale = float(np.percentile(nz, 99.5)) if nz.size else 1.0
-    return np.clip(arr / max(scale, 1e-8), 0.0, 1.0)
-
-
 def reconstruct_files(
     inputs: Sequence[str],
     out: str,
@@ -596,7 +574,7 @@ def reconstruct_files(
         arr = load_slice(path, slice_index)
         if expected_shape is not None and tuple(arr.shape) != tuple(expected_shape):
             raise InputError(path, f"slice is {arr.shape[0]}x{arr.shape[1]} px; the models expect {expected_shape[0]}x{expected_shape[1]} (prepared size)")
-        arrs.append(_to_unit_range(arr))
+        arrs.append(to_unit_range(arr))
     if positions is not None and len(positions) != len(inputs):
         raise ValueError(f"{len(inputs)} input slices but {len(positions)} positions")
     rec = reconstruct_volume(
