@@ -141,6 +141,45 @@ def reconstruct(
     print(f"volume:    {result['volume']}\nmontage:   {result['montage']}\npositions: {result['positions']}")
 
 
+def complete(
+    src: str,
+    dst: str,
+    workdir: str,
+    method: str = "mrngan",
+    missing: str | float = "empty",
+    dataset_dir: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Complete a folder of incomplete scans: fill missing axial slices, keep real ones bit-exact.
+
+    SRC holds 3D NIfTI volumes with missing slices (on the prepared grid; optional sidecar
+    ``<name>.json`` with ``positions`` or ``first_position``, else the localizer places them) and/or
+    stacks of a few slices with a sidecar ``{"positions": [...]}``. DST gets ``<name>.nii.gz``,
+    ``<name>.json`` (generated_slices, real_slices, positions, method, models) per file and
+    ``complete_report.json``. Bad files are reported on stderr and skipped.
+
+    Args:
+        src: folder of incomplete scans (read only; searched recursively).
+        dst: output folder; not inside SRC; must be empty unless ``--overwrite``.
+        workdir: a pipeline work folder (trained stages).
+        method: mrngan, pix2pix_iterative, prior, copy or linear (no trained model needed).
+        missing: what a missing axial slice holds: empty (every voxel 0 or NaN), zero, nan, or a number.
+        dataset_dir: prepared dataset that fixes the grid (default: the pipeline's).
+        overwrite: write into a non-empty DST, replacing a previous completion.
+    """
+    from .inference.complete import complete_dataset, model_files
+    from .inference.reconstruct import reference_grid
+
+    data = _dataset_of(workdir, dataset_dir)
+    report = complete_dataset(
+        src, dst, _components(workdir), reference_grid(data), method=method, missing=missing, overwrite=overwrite,
+        models=model_files(workdir), options={"workdir": str(workdir), "dataset_dir": str(data)},
+    )
+    generated = sum(v["generated"] for v in report["volumes"])
+    print(f"completed {len(report['volumes'])} of {len(report['volumes']) + len(report['skipped'])} files into {dst} "
+          f"({generated} slices generated, {len(report['skipped'])} skipped); report: {dst}/complete_report.json")
+
+
 def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limit: int | None = None) -> None:
     """Evaluate MRNGAN against copy, prior, pix2pix_iterative and linear on held-out subjects.
 
@@ -160,6 +199,7 @@ COMMANDS = {
     "pipeline": pipeline,
     "reconstruct": reconstruct,
     "evaluate": evaluate,
+    "complete": complete,
 }
 LIST_FLAGS = ("--input", "--positions")
 

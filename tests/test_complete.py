@@ -1,0 +1,290 @@
+"""Dataset completion (``python -m monai_mrngan complete``): volumes with missing slices and stacks
+of a few slices with known positions, completed with every real slice kept bit-exact.
+
+The work folder holds every stage with small, randomly initialised networks built from the real
+bundle configs (and the tiny dataset's atlas bank as the prior), so the whole MRNGAN path runs in
+seconds; the quality of the generated slices is not what is tested here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_mrngan import cli
+from monai_mrngan.data.datalist import load_split
+from monai_mrngan.data.io import InputError, save_json, save_nifti
+from monai_mrngan.inference.complete import REPORT_NAME, complete_dataset, complete_file
+from monai_mrngan.inference.reconstruct import Components, load_bundle_network, reference_grid
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+STAGE_OVERRIDES = {
+    "slice_localization": {"network_def": {"_target_": "monai_mrngan.networks.localizers.LocalizerCNN", "spatial_size": [32, 32],
+                                           "filters": [8, 8, 4, 1], "hidden": 16}},
+    "flow_generation": {"unet_channels": [8, 16, 32]},
+    "mrngan": {"network_def#hidden_channels": 4, "network_def#features": 4},
+}
+ZEROED = [3, 4, 5, 10, 20]  # slices blanked in the float volume
+EMPTY = [22, 23]  # the tiny test volume's own all-zero slices (above the head): empty counts as missing
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_dataset, tmp_path_factory) -> Path:
+    """A pipeline work folder: every stage's weights (random init, small networks) and pipeline.json."""
+    from monai_mrngan.inference.prior import build_mean_prior
+
+    wd = tmp_path_factory.mktemp("complete_workdir")
+    torch.manual_seed(0)
+    for stage in ("slice_localization", "flow_generation", "mrngan"):
+        net = load_bundle_network(BUNDLES / stage / "configs" / "inference.json", None, overrides=STAGE_OVERRIDES[stage])
+        (wd / stage / "models").mkdir(parents=True)
+        torch.save(net.state_dict(), wd / stage / "models" / "model.pt")
+    models = wd / "brain_generalization" / "models"
+    build_mean_prior(tiny_dataset, models / "mean_brain.nii.gz", num_positions=24, bank_path=models / "atlas_bank.pt", max_atlases=4)
+    save_json({"dataset_dir": str(tiny_dataset), "preset": "test", "extra_overrides": STAGE_OVERRIDES,
+               "stage_overrides": STAGE_OVERRIDES}, wd / "pipeline.json")
+    return wd
+
+
+@pytest.fixture(scope="module")
+def scan(tiny_dataset):
+    entry = load_split(tiny_dataset, "test")[0]
+    img = nib.load(entry["image"])
+    return np.asanyarray(img.dataobj), img.affine, [float(p) for p in entry["positions"]]
+
+
+def _hash_tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _loaded(path: Path) -> np.ndarray:
+    return np.asanyarray(nib.load(str(path)).dataobj)
+
+
+def _good_inputs(src: Path, scan) -> dict:
+    """A float volume (localizer positions), an int16 volume (sidecar first_position), an int16 stack."""
+    vol, affine, positions = scan
+    v = vol.copy()
+    v[:, :, ZEROED] = 0
+    save_nifti(v, affine, src / "vol_float.nii.gz")
+    raw = np.rint(vol * 800).astype(np.int16)
+    raw[:, :, 7:12] = 0
+    (src / "sub").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(raw, affine), str(src / "sub" / "vol_int.nii"))
+    save_json({"first_position": positions[0]}, src / "sub" / "vol_int.json")
+    picks = [4, 12, 20]
+    stack = np.rint(vol[:, :, picks] * 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(stack, np.eye(4)), str(src / "stack.nii.gz"))
+    save_json({"positions": [positions[i] for i in picks]}, src / "stack.json")
+    return {"picks": picks}
+
+
+def _bad_inputs(src: Path, scan) -> dict[str, str]:
+    """Bad files and the text their one-line reason must contain."""
+    vol, affine, positions = scan
+    save_nifti(np.stack([vol] * 3, axis=3), affine, src / "series4d.nii.gz")
+    save_nifti(np.full(vol.shape, np.nan, np.float32), affine, src / "allnan.nii.gz")
+    big = np.zeros((40, 40, 24), np.float32)
+    big[10:30, 10:30, :20] = 0.5
+    save_nifti(big, affine, src / "big.nii.gz")
+    save_nifti(vol[:, :, [4, 12, 20]], np.eye(4), src / "stack_nopos.nii.gz")
+    save_nifti(vol[:, :, [4, 12, 20]], np.eye(4), src / "stack_count.nii.gz")
+    save_json({"positions": [0.3, 0.5]}, src / "stack_count.json")
+    coarse = vol.copy()
+    coarse[:, :, 5] = 0
+    save_nifti(coarse, np.diag([1.0, 1.0, 1.0, 1.0]), src / "coarse.nii.gz")
+    (src / "corrupt.nii.gz").write_bytes(b"not an image at all")
+    return {
+        "series4d.nii.gz": "4D series",
+        "allnan.nii.gz": "every one of its 24 axial slices is missing",
+        "big.nii.gz": "in-plane size 40x40 px; the models expect 32x32",
+        "stack_nopos.nii.gz": "needs their positions",
+        "stack_count.json": "2 positions for a stack of 3 slices",
+        "coarse.nii.gz": "voxel size 1 x 1 x 1 mm",
+        "corrupt.nii.gz": "not a readable NIfTI",
+    }
+
+
+def _check_good_outputs(src: Path, dst: Path, scan, picks, tiny_dataset) -> None:
+    vol, affine, positions = scan
+    # (a) float volume: blanked + empty slices generated, every other slice bit-exact, same grid
+    side = json.loads((dst / "vol_float.json").read_text())
+    generated = sorted(ZEROED + EMPTY)
+    assert side["input_kind"] == "volume" and side["generated_slices"] == generated
+    assert side["real_slices"] == [i for i in range(24) if i not in generated]
+    assert side["positions_from"] == "localizer" and len(side["positions"]) == 24 and side["method"] == "mrngan"
+    assert set(side["models"]) == {"mrngan", "flow_generation", "brain_generalization", "slice_localization"}
+    assert all(len(m["sha256"]) == 64 for m in side["models"].values())
+    inp, out = _loaded(src / "vol_float.nii.gz"), _loaded(dst / "vol_float.nii.gz")
+    assert out.dtype == inp.dtype and out.shape == inp.shape
+    assert np.array_equal(out[:, :, side["real_slices"]], inp[:, :, side["real_slices"]])
+    assert np.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+    assert all(out[:, :, i].any() for i in ZEROED)  # filled from both neighbours
+    np.testing.assert_array_equal(nib.load(str(dst / "vol_float.nii.gz")).affine, nib.load(str(src / "vol_float.nii.gz")).affine)
+
+    # (a) int16 volume with a sidecar: positions from it, values back on the input's scale, int16 kept
+    side = json.loads((dst / "sub" / "vol_int.json").read_text())
+    assert side["generated_slices"] == [7, 8, 9, 10, 11] + EMPTY and side["positions_from"] == "sidecar first_position"
+    np.testing.assert_allclose(side["positions"], positions, atol=1e-5)
+    assert "slice_localization" not in side["models"] and side["intensity"]["scale"] > 1
+    inp, out = _loaded(src / "sub" / "vol_int.nii"), _loaded(dst / "sub" / "vol_int.nii.gz")
+    assert out.dtype == np.int16 and np.array_equal(out[:, :, side["real_slices"]], inp[:, :, side["real_slices"]])
+    assert 0 <= out.min() and out.max() <= side["intensity"]["scale"] + 1 and out[:, :, 9].any()
+
+    # (b) stack: the whole prepared grid, the three slices at their grid slices, stored values unchanged
+    side = json.loads((dst / "stack.json").read_text())
+    ref = reference_grid(tiny_dataset)
+    assert side["input_kind"] == "stack" and side["real_slices"] == picks
+    assert side["generated_slices"] == [i for i in range(24) if i not in picks]
+    assert [p["index"] for p in side["placement"]] == picks
+    np.testing.assert_allclose(side["positions"], ref["positions"], atol=1e-6)
+    inp, img = _loaded(src / "stack.nii.gz"), nib.load(str(dst / "stack.nii.gz"))
+    out = np.asanyarray(img.dataobj)
+    assert out.dtype == np.int16 and out.shape == (32, 32, 24)
+    for j, i in enumerate(picks):
+        assert np.array_equal(out[:, :, i], inp[:, :, j])
+    np.testing.assert_allclose(img.affine, ref["affine"], atol=1e-6)
+
+
+def test_complete_cli_end_to_end(workdir, scan, tiny_dataset, tmp_path):
+    """Both kinds and every kind of bad file in one folder, through `python -m monai_mrngan complete`."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    good = _good_inputs(src, scan)
+    bad = _bad_inputs(src, scan)
+    (src / "notes.txt").write_text("not an image")
+    before = _hash_tree(src)
+    proc = subprocess.run([sys.executable, "-m", "monai_mrngan", "complete", "--src", src, "--dst", dst, "--workdir", workdir],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _hash_tree(src) == before  # SRC untouched
+    assert "completed 3 of 10 files" in proc.stdout
+    skipped_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("complete: skipped ")]
+    assert len(skipped_lines) == len(bad)
+    for name, text in bad.items():
+        line = next(ln for ln in skipped_lines if name.split(".")[0] + "." in ln)
+        assert text in line, line
+    assert any("complete: 10/10" in ln for ln in proc.stderr.splitlines())  # progress
+
+    report = json.loads((dst / REPORT_NAME).read_text())
+    assert sorted(v["output"] for v in report["volumes"]) == ["stack.nii.gz", "sub/vol_int.nii.gz", "vol_float.nii.gz"]
+    assert len(report["skipped"]) == len(bad) and all(s["reason"] for s in report["skipped"])
+    assert report["ignored_files"] == [str(src / "notes.txt")]
+    assert report["options"]["method"] == "mrngan" and report["options"]["workdir"] == str(workdir)
+    assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted(
+        ["complete_report.json", "stack.json", "stack.nii.gz", "vol_float.json", "vol_float.nii.gz", "vol_int.json", "vol_int.nii.gz"])
+    _check_good_outputs(src, dst, scan, good["picks"], tiny_dataset)
+
+
+def _main(*args) -> int:
+    try:
+        cli.main([str(a) for a in args])
+    except SystemExit as err:
+        return int(err.code or 0)
+    return 0
+
+
+def test_dst_rules_and_nothing_usable(workdir, scan, tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    vol, affine, _ = scan
+    v = vol.copy()
+    v[:, :, 8] = 0
+    save_nifti(v, affine, src / "a.nii.gz")
+    base = ["complete", "--src", src, "--workdir", workdir, "--method", "linear"]
+
+    assert _main(*base, "--dst", src / "out") == 2
+    assert "inside the source folder" in capsys.readouterr().err
+    assert _main(*base, "--dst", dst) == 0
+    first = _loaded(dst / "a.nii.gz")
+    capsys.readouterr()
+    assert _main(*base, "--dst", dst) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "not empty" in err[-1] and "--overwrite" in err[-1]
+    (src / "a.nii.gz").rename(src / "b.nii.gz")
+    (dst / "keep.txt").write_text("user file")
+    assert _main(*base, "--dst", dst, "--overwrite") == 0  # the previous run's outputs are replaced
+    assert sorted(p.name for p in dst.iterdir()) == ["b.json", "b.nii.gz", "complete_report.json", "keep.txt"]
+    assert np.array_equal(_loaded(dst / "b.nii.gz"), first)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_nifti(np.full(vol.shape, np.nan, np.float32), affine, bad / "nan.nii.gz")
+    capsys.readouterr()
+    assert _main("complete", "--src", bad, "--dst", tmp_path / "bad_out", "--workdir", workdir) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("nan.nii.gz" in ln and "missing" in ln for ln in err)
+    assert err[-1].startswith("error:") and "nothing usable" in err[-1]
+    report = json.loads((tmp_path / "bad_out" / REPORT_NAME).read_text())
+    assert report["volumes"] == [] and "nan.nii.gz" in report["skipped"][0]["source"]
+
+
+def test_orientation_missing_rules_and_positions(scan, tiny_dataset, tmp_path):
+    """A flipped (LPI) volume completes like its RAS twin; --missing nan / a number; no positions."""
+    vol, affine, positions = scan
+    ref = reference_grid(tiny_dataset)
+    nothing = Components()  # linear needs no model and, without a localizer, no positions
+
+    v = vol.astype(np.float32).copy()
+    v[:, :, [6, 7, 15]] = np.nan
+    save_nifti(v, affine, tmp_path / "ras.nii.gz")
+    flip = np.diag([-1.0, -1.0, -1.0, 1.0])
+    flip[:3, 3] = np.array(v.shape) - 1
+    save_nifti(v[::-1, ::-1, ::-1], affine @ flip, tmp_path / "lpi.nii.gz")  # the same voxels in world space
+    ras = complete_file(tmp_path / "ras.nii.gz", nothing, ref, method="linear", missing="nan")
+    lpi = complete_file(tmp_path / "lpi.nii.gz", nothing, ref, method="linear", missing="nan")
+    assert ras.meta["generated_slices"] == [6, 7, 15] and ras.meta["positions"] is None
+    assert lpi.meta["generated_slices"] == [23 - 15, 23 - 7, 23 - 6] and lpi.meta["axial_axis"] == 2
+    np.testing.assert_array_equal(lpi.data, ras.data[::-1, ::-1, ::-1])
+    swap = np.zeros((4, 4))
+    swap[0, 1] = swap[1, 2] = swap[2, 0] = swap[3, 3] = 1  # stored with the axial axis first
+    save_nifti(np.transpose(v, (2, 0, 1)), affine @ swap, tmp_path / "zxy.nii.gz")
+    zxy = complete_file(tmp_path / "zxy.nii.gz", nothing, ref, method="linear", missing="nan")
+    assert zxy.meta["axial_axis"] == 0 and zxy.meta["generated_slices"] == [6, 7, 15]
+    np.testing.assert_array_equal(zxy.data, np.transpose(ras.data, (2, 0, 1)))
+    np.testing.assert_allclose(ras.data[:, :, 7], (v[:, :, 5] + 2 * v[:, :, 8]) / 3, atol=1e-6)  # linear across the gap
+    assert np.array_equal(ras.data[:, :, 22], np.zeros((32, 32), np.float32))  # zero slices stay real under --missing nan
+
+    w = vol.astype(np.float32).copy()
+    w[:, :, 9] = -1.0
+    save_nifti(w, affine, tmp_path / "fill.nii.gz")
+    out = complete_file(tmp_path / "fill.nii.gz", nothing, ref, method="linear", missing=-1)
+    assert out.meta["generated_slices"] == [9] and out.meta["intensity"]["unit_range"]  # the fill value is not data
+    assert out.data[:, :, 9].min() >= 0 and np.array_equal(np.delete(out.data, 9, axis=2), np.delete(w, 9, axis=2))
+
+    save_json({"positions": [0.5] * 24}, tmp_path / "ras.json")
+    with pytest.raises(InputError, match="do not follow the slice spacing"):
+        complete_file(tmp_path / "ras.nii.gz", nothing, ref, method="linear", missing="nan")
+    save_json({"positions": positions}, tmp_path / "ras.json")
+    assert complete_file(tmp_path / "ras.nii.gz", nothing, ref, method="linear", missing="nan").meta["positions_from"] == "sidecar"
+    (tmp_path / "ras.json").unlink()
+    prior_only = Components(prior=object())
+    with pytest.raises(InputError, match="slice positions unknown") as err:
+        complete_file(tmp_path / "ras.nii.gz", prior_only, ref, method="prior", missing="nan")
+    assert "ras.nii.gz" in str(err.value) and "\n" not in str(err.value)
+
+    save_nifti(vol[:, :, [4, 5]], np.eye(4), tmp_path / "close.nii.gz")
+    save_json({"positions": [positions[4], positions[4] + 0.001]}, tmp_path / "close.json")
+    with pytest.raises(InputError, match="same grid slice"):
+        complete_file(tmp_path / "close.nii.gz", nothing, ref, method="linear")
+    with pytest.raises(ValueError, match="needs model"):
+        complete_dataset(tmp_path, tmp_path / "never", nothing, ref, method="mrngan")
+    with pytest.raises(ValueError, match="--missing"):
+        complete_file(tmp_path / "ras.nii.gz", nothing, ref, method="linear", missing="sometimes")
