@@ -28,6 +28,8 @@ from ..data.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
+_WRAPPERS = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through a temporary file and a rename."""
@@ -102,7 +104,10 @@ class ResumeCheckpoint:
         logger.info("resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration)
 
     def save(self, engine: Engine) -> None:
-        atomic_torch_save({k: v.state_dict() for k, v in self.save_dict.items()}, self.path)
+        # DDP / DataParallel wrappers are unwrapped (no "module." prefix): ignite's load_objects loads
+        # into ``.module``, and the file stays interchangeable between single- and multi-GPU runs
+        state = {k: (v.module if isinstance(v, _WRAPPERS) else v).state_dict() for k, v in self.save_dict.items()}
+        atomic_torch_save(state, self.path)
 
 
 class BestCheckpoint:
