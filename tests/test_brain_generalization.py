@@ -259,3 +259,43 @@ def test_bundle_configs_complete():
     for name in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "mean_brain.json", "logging.conf"):
         assert (BUNDLE / "configs" / name).is_file(), name
     assert (BUNDLE / "docs" / "README.md").is_file() and (BUNDLE / "LICENSE").is_file()
+
+
+# ---------------------------------------------------------------------------- position search
+def _moving_square_volume(offset: float, n: int = 41, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(P, H, W) head discs with a bright square whose column moves with ``p + offset``; and the grid ``p``."""
+    grid = np.linspace(1.0, 0.0, n)
+    yy, xx = np.mgrid[:size, :size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.4) ** 2).astype(np.float32) * 0.4
+    vols = []
+    for p in grid:
+        s = disc.copy()
+        c = int(round(size / 2 + 20 * (p + offset - 0.5)))
+        s[size // 2 - 3 : size // 2 + 3, max(0, c - 3) : c + 3] = 1.0
+        vols.append(s)
+    return np.stack(vols), grid
+
+
+def test_locate_and_position_search_correct_a_wrong_position():
+    from monai_mrngan.inference.reconstruct import refine_positions
+
+    atlases = [_moving_square_volume(o)[0] for o in (-0.01, 0.0, 0.01, 0.02)]
+    _, grid = _moving_square_volume(0.0)
+    fit = dict(mode="affine", top_k=2, **FAST_FIT)
+    prior = BrainPrior(np.stack(atlases), grid, FitConfig(**fit, position_search=0.0))
+    patient, _ = _moving_square_volume(0.06)  # this head's anatomy sits 0.06 in p away from the atlases'
+    i = 20  # p = 0.5; its square is where the atlases have it at p = 0.56
+    ref = torch.from_numpy(patient[i])[None, None]
+    located = prior.locate(ref, 0.45, window=0.15)
+    assert abs(located - 0.56) < 0.04  # from 0.11 off; squares move 0.2 px per 0.01 in p, so 0.03 is pixel-level
+    assert abs(float(refine_positions(prior, ref, [0.45], 0.15)[0]) - located) < 1e-6
+    assert float(refine_positions(prior, ref, [0.45], 0.0)[0]) == pytest.approx(0.45)  # window 0: unchanged
+    one = BrainPrior(atlases[0], grid)
+    assert float(refine_positions(one, ref, [0.45], 0.15)[0]) == pytest.approx(0.45)  # one volume: nothing to vote
+    # per-atlas position search: the fitted prior follows the patient's anatomy along p
+    truth = torch.from_numpy(patient)[:, None]
+    plain_fit = slice_metrics(prior.slice_at(torch.from_numpy(grid), ref, 0.5), truth)
+    searched = prior.with_fit(FitConfig(**fit, position_search=0.1))
+    search_fit = slice_metrics(searched.slice_at(torch.from_numpy(grid), ref, 0.5), truth)
+    assert search_fit["psnr"].mean() > plain_fit["psnr"].mean() + 1.0
+    assert all(abs(s - 0.06) < 0.04 for s in searched.last_fit.config["shifts"])

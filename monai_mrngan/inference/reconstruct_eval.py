@@ -30,7 +30,7 @@ from ..data.datalist import load_split
 from ..data.io import atomic_path, load_volume, save_json
 from ..data.positions import index_for_position, position_step
 from ..metrics import METRIC_NAMES, slice_metrics, summarize
-from .reconstruct import Components, make_runner, reconstruct_volume
+from .reconstruct import Components, make_runner, reconstruct_volume, refine_positions
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def evaluate_reconstruction(
     few_slice_k: Sequence[int] = (4, 8),
     few_slice_methods: Sequence[str] = FEW_METHODS,
     localize_inputs: bool = True,
+    refine_window: float = 0.12,
     fit_prior: bool = True,
     few_slice_fit_prior: bool = False,
     limit: int | None = None,
@@ -81,6 +82,8 @@ def evaluate_reconstruction(
         components: trained stages; a method whose components are missing is skipped (logged).
         localize_inputs: single-slice inputs get their position from ``components.localizer``
             (when there is one); otherwise the true position is used.
+        refine_window: localized positions are refined by the prior's atlas matching within this
+            window in ``p`` (:func:`~.reconstruct.refine_positions`; 0: the localizer's alone).
         fit_prior: fit the prior to the input slice (``prior`` baseline and MRNGAN alike).
         few_slice_fit_prior: also fit it to every given slice in the few-slice experiment (one
             fit per given slice and direction: slow with a deformable fit, hence off by default).
@@ -98,7 +101,7 @@ def evaluate_reconstruction(
     use_loc = localize_inputs and comp.localizer is not None
     by_d: dict[str, dict[int, list[dict[str, torch.Tensor]]]] = {m: {} for m in single}
     few_rows: dict[int, dict[str, list]] = {k: {m: [] for m in few} for k in few_slice_k}
-    loc_err, spacing = [], None
+    loc_err, raw_err, spacing = [], [], None
     t0 = time.time()
     for n, entry in enumerate(entries, 1):
         vol, _ = load_volume(entry["image"])
@@ -116,6 +119,8 @@ def evaluate_reconstruction(
                 from .localize import localize
 
                 p0 = float(localize(comp.localizer, x.to(comp.device)).reshape(-1)[0])
+                raw_err.append(abs(p0 - float(pos[i0])))
+                p0 = float(refine_positions(comp.prior, x, [p0], refine_window)[0])
                 loc_err.append(abs(p0 - float(pos[i0])))
             d = torch.as_tensor(np.abs(np.arange(depth) - i0))
             keep = d > 0
@@ -160,6 +165,8 @@ def evaluate_reconstruction(
             "few_slice_k": list(few_slice_k),
             "localized_inputs": use_loc,
             "localization_abs_error_mean": float(np.mean(loc_err)) if loc_err else None,
+            "localizer_abs_error_mean": float(np.mean(raw_err)) if raw_err else None,
+            "refine_window": refine_window if use_loc else None,
             "fit_prior": fit_prior,
             "few_slice_fit_prior": few_slice_fit_prior,
             "slice_spacing_mm": spacing,
