@@ -299,3 +299,21 @@ def test_locate_and_position_search_correct_a_wrong_position():
     search_fit = slice_metrics(searched.slice_at(torch.from_numpy(grid), ref, 0.5), truth)
     assert search_fit["psnr"].mean() > plain_fit["psnr"].mean() + 1.0
     assert all(abs(s - 0.06) < 0.04 for s in searched.last_fit.config["shifts"])
+
+
+def test_fit_leaves_the_subject_out_of_the_bank(tiny_dataset, tmp_path):
+    """Training fits the prior with the run's own subject excluded: its atlas must never be chosen."""
+    build_mean_prior(tiny_dataset, tmp_path / "mean.nii.gz", num_positions=24, bank_path=tmp_path / "bank.pt", max_atlases=4)
+    prior = load_prior(tmp_path / "bank.pt", FitConfig(mode="affine", top_k=2, **FAST_FIT))
+    entries = load_split(tiny_dataset, "training")
+    assert prior.subjects == [e["subject"] for e in entries[:4]]
+    own, _ = load_volume(entries[0]["image"])
+    i = own.shape[2] // 2
+    ref = torch.from_numpy(own[..., i])[None, None]
+    p = float(entries[0]["positions"][i])
+    prior.fit(ref, p)
+    assert 0 in prior.last_fit.atlas_index.tolist()  # its own scan matches best
+    prior.fit(ref, p, exclude=entries[0]["subject"])
+    assert 0 not in prior.last_fit.atlas_index.tolist() and len(prior.last_fit.atlas_index) == 2
+    with pytest.raises(ValueError, match="atlases"):
+        BrainPrior(prior.bank, prior.positions, subjects=["a"])

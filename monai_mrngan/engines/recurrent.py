@@ -35,12 +35,13 @@ class RunBatch:
         if runs.ndim == 5:  # (B,1,T,H,W) or (B,T,1,H,W) from other samplers
             runs = runs.squeeze(1) if runs.shape[1] == 1 else runs.squeeze(2)
         positions = torch.as_tensor(batchdata["positions"]).float().reshape(runs.shape[0], -1)
+        extra = {"subject": list(batchdata["subject"])} if "subject" in batchdata else {}
         direction = torch.as_tensor(batchdata["direction"]).float().reshape(-1)
         if self.position_noise > 0:
             positions = positions + self.position_noise * torch.randn(positions.shape[0], 1)
         runs = runs.to(device, non_blocking=non_blocking)
         start, targets = runs[:, :1], runs[:, 1:]
-        return start, targets, (), {"positions": positions.to(device), "direction": direction.to(device)}
+        return start, targets, (), {"positions": positions.to(device), "direction": direction.to(device), **extra}
 
 
 class RecurrentUnroll(nn.Module):
@@ -54,7 +55,8 @@ class RecurrentUnroll(nn.Module):
         next_fn: ``next_fn(slices, direction)`` (see :func:`~monai_mrngan.inference.reconstruct.next_fn_for`).
         prior: object with ``slice_at(positions, reference, reference_position)``.
         generator: the pix2pix module, registered only when ``finetune`` so it is trained/saved.
-        fit_prior: fit the prior to each run's first slice.
+        fit_prior: fit the prior to each run's first slice, leaving the run's own subject out of
+            the atlases (``subject`` from the batch), as a new patient's fit would.
     """
 
     def __init__(self, model: MRNGAN, next_fn: NextFn, prior: Any, generator: nn.Module | None = None, finetune: bool = False, fit_prior: bool = True) -> None:
@@ -69,10 +71,10 @@ class RecurrentUnroll(nn.Module):
             self.flow.eval()  # fine-tune weights, keep normalisation statistics
         return self
 
-    def forward(self, start: torch.Tensor, positions: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    def forward(self, start: torch.Tensor, positions: torch.Tensor, direction: torch.Tensor, subject: list[str] | None = None) -> torch.Tensor:
         from ..inference.reconstruct import prior_fn_for
 
-        prior_fn = prior_fn_for(self.prior, start if self.fit_prior else None, positions[:, 0])
+        prior_fn = prior_fn_for(self.prior, start if self.fit_prior else None, positions[:, 0], subject)
         return self.model.unroll(start, positions, direction, self.next_fn, prior_fn)
 
 

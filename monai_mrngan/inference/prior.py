@@ -116,13 +116,14 @@ def save_prior_volume(volume_phw: np.ndarray, grid: Sequence[float], path: str |
     return path
 
 
-def save_bank(bank: np.ndarray, grid: Sequence[float], path: str | os.PathLike) -> Path:
-    """Write an atlas bank (K, P, H, W) compactly (uint8) with its grid, for ``load_prior``."""
+def save_bank(bank: np.ndarray, grid: Sequence[float], path: str | os.PathLike, subjects: Sequence[str] | None = None) -> Path:
+    """Write an atlas bank (K, P, H, W) compactly (uint8) with its grid (and each volume's subject), for ``load_prior``."""
     from ..engines.checkpoint import atomic_torch_save
 
     q = np.clip(np.nan_to_num(bank, nan=0.0), 0, 1) * 255.0 + 0.5
     return atomic_torch_save(
-        {"kind": "atlas_bank", "bank": torch.from_numpy(q.astype(np.uint8)), "positions": torch.as_tensor(np.asarray(grid, np.float64))},
+        {"kind": "atlas_bank", "bank": torch.from_numpy(q.astype(np.uint8)), "positions": torch.as_tensor(np.asarray(grid, np.float64)),
+         "subjects": [str(s) for s in subjects] if subjects is not None else None},
         path,
     )
 
@@ -150,7 +151,8 @@ def build_mean_prior(
     spacing = float(entries[0].get("spacing", [2.0])[0]) if entries else 2.0
     out = save_prior_volume(mean_brain(bank), grid, output, spacing_mm=spacing)
     if bank_path:
-        save_bank(bank[: max_atlases or None], grid, bank_path)
+        subjects = [str(e.get("subject") or e["image"]) for e in entries]
+        save_bank(bank[: max_atlases or None], grid, bank_path, subjects[: max_atlases or None])
     logger.info("mean brain of %d volumes over %d positions written to %s", len(bank), len(grid), out)
     return out
 
@@ -350,9 +352,11 @@ class BrainPrior:
         positions: ``p`` of each of the P grid slices (any monotonic order).
         fit: a :class:`FitConfig` or dict of its fields.
         name: a label for reports.
+        subjects: the subject of each bank volume (atlas banks record them), for ``fit(exclude=...)``.
     """
 
-    def __init__(self, bank: torch.Tensor | np.ndarray, positions: Sequence[float] | torch.Tensor, fit: FitConfig | dict | None = None, name: str = "prior"):
+    def __init__(self, bank: torch.Tensor | np.ndarray, positions: Sequence[float] | torch.Tensor, fit: FitConfig | dict | None = None, name: str = "prior",
+                 subjects: Sequence[str] | None = None):
         bank = torch.as_tensor(np.nan_to_num(np.asarray(bank, dtype=np.float32), nan=0.0) if not torch.is_tensor(bank) else bank.float().nan_to_num(0.0))
         if bank.ndim == 3:
             bank = bank[None]
@@ -368,6 +372,9 @@ class BrainPrior:
         self.mean = sum(v.float() for v in self.bank) / self.bank.shape[0]
         self.config = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
         self.name = name
+        self.subjects = [str(s) for s in subjects] if subjects is not None else None
+        if self.subjects is not None and len(self.subjects) != self.bank.shape[0]:
+            raise ValueError(f"{len(self.subjects)} subjects for {self.bank.shape[0]} atlases")
         self._cache_key: tuple | None = None
         self._fitted: torch.Tensor | None = None
         self.last_fit: SliceFit | None = None
@@ -383,7 +390,8 @@ class BrainPrior:
 
     def subset(self, indices: Sequence[int]) -> "BrainPrior":
         """A prior over some of the bank's volumes."""
-        return BrainPrior(self.bank[list(indices)], self.positions, self.config, self.name)
+        subjects = [self.subjects[i] for i in indices] if self.subjects is not None else None
+        return BrainPrior(self.bank[list(indices)], self.positions, self.config, self.name, subjects)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -447,11 +455,21 @@ class BrainPrior:
         k = min(int(top_k or self.config.top_k), score.shape[0])
         return float(cands[score.topk(k, dim=0).values.mean(0).argmax()])
 
-    def fit(self, reference: torch.Tensor, reference_position: float) -> torch.Tensor:
-        """Fit the prior to the input slice; returns and caches the fitted (P, H, W) volume on the grid."""
+    def fit(self, reference: torch.Tensor, reference_position: float, exclude: str | None = None) -> torch.Tensor:
+        """Fit the prior to the input slice; returns and caches the fitted (P, H, W) volume on the grid.
+
+        ``exclude``: a subject whose own volume is in the bank (a training subject) is left out, so
+        training sees the prior a new patient would get, not the subject's own scan.
+        """
         ref = self._check_reference(reference, reference_position)
         p0 = float(reference_position)
-        key = (p0, float(ref.sum()), float((ref * ref).sum()), float((ref * torch.linspace(0, 1, ref.numel()).view_as(ref)).sum()))
+        if exclude and self.subjects is None and not getattr(self, "_warned_subjects", False):
+            logger.warning("%s records no subjects: cannot leave %s out of its atlases (rebuild the bank)", self.name, exclude)
+            self._warned_subjects = True
+        allowed = torch.as_tensor([j for j, s in enumerate(self.subjects) if s != exclude] if exclude and self.subjects else range(self.bank.shape[0]), dtype=torch.long)
+        if len(allowed) == 0:
+            raise ValueError(f"no atlas left after excluding {exclude!r}")
+        key = (p0, len(allowed), int(allowed.sum()), float(ref.sum()), float((ref * ref).sum()), float((ref * torch.linspace(0, 1, ref.numel()).view_as(ref)).sum()))
         if key == self._cache_key and self._fitted is not None:
             return self._fitted
         cfg = self.config
@@ -464,7 +482,7 @@ class BrainPrior:
         if cfg.position_search > 0:
             cands, score = self.scan(ref, p0, cfg.position_search, cfg.position_step)
             shift = cands[score.argmax(1)] - p0
-        moving = torch.stack([self._interp(v, p0 + shift[j : j + 1]).float() for j, v in enumerate(self.bank)])[:, 0]  # (K, 1, H, W)
+        moving = torch.stack([self._interp(self.bank[j], p0 + shift[j : j + 1]).float() for j in allowed.tolist()])[:, 0]  # (K, 1, H, W)
         m = cfg.preselect * cfg.top_k
         if cfg.mode == "deformable" and len(moving) > m:
             aff = register_slices(moving, ref, replace(cfg, mode="affine"))
@@ -480,6 +498,8 @@ class BrainPrior:
         with torch.no_grad():
             fit.reference_position, fit.config = p0, asdict(cfg)
             warped0 = _warp(moving[keep], fit.grid(self.shape))
+            keep = allowed[keep]  # bank indices
+            fit.atlas_index = keep
             if cfg.intensity == "linear":
                 fit.gain, fit.offset = _intensity_map(warped0, ref)
             out = torch.zeros_like(self.mean)
@@ -501,12 +521,12 @@ class BrainPrior:
         return torch.stack([self._interp(v, positions).float() for v in self.bank])  # (K, B, 1, H, W)
 
     @torch.no_grad()
-    def slice_at(self, positions: torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None) -> torch.Tensor:
-        """Prior slices (B, 1, H, W) in [0, 1] at ``positions`` (B,); fitted when ``reference`` is given."""
+    def slice_at(self, positions: torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None, exclude: str | None = None) -> torch.Tensor:
+        """Prior slices (B, 1, H, W) in [0, 1] at ``positions`` (B,); fitted when ``reference`` is given (``exclude``: see :meth:`fit`)."""
         positions = torch.as_tensor(positions, dtype=torch.float64).reshape(-1)
         if reference is None:
             return self.plain(positions)
-        return self._interp(self.fit(reference, reference_position), positions).clamp(0, 1)
+        return self._interp(self.fit(reference, reference_position, exclude), positions).clamp(0, 1)
 
     @torch.no_grad()
     def volume(self, positions: Sequence[float] | torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None) -> torch.Tensor:
@@ -573,7 +593,7 @@ def load_prior(path: str | os.PathLike, fit: FitConfig | dict | None = None, num
     if not isinstance(state, dict) or "kind" not in state:
         raise InputError(path, "not a brain generalization checkpoint (no 'kind' entry)")
     if state["kind"] == "atlas_bank":
-        return BrainPrior(state["bank"].float() / 255.0, state["positions"], fit, name=path.name)
+        return BrainPrior(state["bank"].float() / 255.0, state["positions"], fit, name=path.name, subjects=state.get("subjects"))
     grid = position_grid(num_positions)
     return BrainPrior(gan_general_brain(state, grid, num_samples), grid, fit, name=path.name)
 

@@ -114,11 +114,13 @@ def next_fn_for(generator: Any, trainable: bool = False, predict: Callable | Non
     return frozen_next_fn
 
 
-def prior_fn_for(prior: Any, reference: torch.Tensor | None = None, reference_positions: torch.Tensor | None = None) -> PriorFn:
+def prior_fn_for(prior: Any, reference: torch.Tensor | None = None, reference_positions: torch.Tensor | None = None,
+                 exclude: Sequence[str] | None = None) -> PriorFn:
     """``prior_fn(positions (B,T)) -> (B,T,1,H,W)`` from a prior object with ``slice_at``.
 
     With ``reference`` (B,1,H,W) and ``reference_positions`` (B,), sample b's slices are fitted to
-    its own reference slice (the prior's contract takes one reference at a time).
+    its own reference slice (the prior's contract takes one reference at a time); ``exclude`` (B,)
+    names each sample's subject, left out of the prior's atlases (training on bank subjects).
     """
 
     def prior_fn(positions: torch.Tensor) -> torch.Tensor:
@@ -128,6 +130,8 @@ def prior_fn_for(prior: Any, reference: torch.Tensor | None = None, reference_po
                 kw = {}
                 if reference is not None:
                     kw = {"reference": reference[b : b + 1].detach(), "reference_position": float(reference_positions[b])}
+                    if exclude is not None and getattr(prior, "subjects", None) is not None:  # banks that know their subjects
+                        kw["exclude"] = str(exclude[b])
                 out.append(torch.as_tensor(prior.slice_at(positions[b].detach().float().cpu(), **kw)).float())
         res = torch.stack(out, 0)
         if res.ndim == 4:  # (B,T,H,W) -> (B,T,1,H,W)
