@@ -13,7 +13,9 @@
 Every generator has ``latent_size``, ``kind``, ``config`` (its constructor arguments) and
 ``generate(z, p)``, so :func:`export_generator` / :func:`build_generator_from_checkpoint` can save
 and rebuild any of them, and :class:`GeneralBrain` (the average over several latents at a
-position, in [0, 1]) works for all.
+position, in [0, 1]) works for all. The position-conditioned generator (and a generator set) also
+accept ONE tensor ``(B, latent_size + 1)`` (or ``(B, latent_size + 1, 1, 1)``) whose last channel is
+``p`` (:func:`split_latent_position`): the single-input form MONAI's ``verify_net_in_out`` checks.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 __all__ = [
     "DCGANGenerator", "DCGANDiscriminator", "ConditionalGenerator", "ConditionalDiscriminator", "DCGANSet",
-    "GeneralBrain", "make_generator", "make_discriminator", "export_generator", "build_generator_from_checkpoint",
+    "GeneralBrain", "make_generator", "split_latent_position", "make_discriminator", "export_generator", "build_generator_from_checkpoint",
 ]
 
 
@@ -120,7 +122,11 @@ class ConditionalGenerator(DCGANGenerator):
     def _in_size(self) -> int:
         return self.latent_size + self.embed_dim
 
-    def forward(self, z: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, z: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """``G(z, p)``; or ``G(x)`` with ONE tensor ``x`` (B, latent_size + 1) or (B, latent_size + 1, 1, 1)
+        whose last channel is ``p`` (the single-input form MONAI's ``verify_net_in_out`` / export use)."""
+        if positions is None:
+            z, positions = split_latent_position(z, self.latent_size)
         return torch.tanh(self.net(torch.cat([z, self.embed(positions)], 1)))
 
     def generate(self, z: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,7 +212,11 @@ class DCGANSet(nn.Module):
         self.active[b] = True
         return True
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:  # a generator set called with one (B, latent_size + 1) tensor: p is the last channel
+            if self.latent_size is None or x.ndim not in (2, 4):
+                raise ValueError("the DCGAN set needs the positions p to pick a bin")
+            x, positions = split_latent_position(x, self.latent_size)
         bins = self.bins(positions)
         out = None
         for b in bins.unique().tolist():
@@ -221,6 +231,17 @@ class DCGANSet(nn.Module):
         if positions is None:
             raise ValueError("the DCGAN set needs the positions p to pick a bin")
         return self(z, positions)
+
+
+def split_latent_position(x: torch.Tensor, latent_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, latent_size + 1) or (B, latent_size + 1, 1, 1) -> latent (B, latent_size), positions (B,) (the last channel)."""
+    if x.ndim == 4 and x.shape[2:] == (1, 1):
+        x = x.flatten(1)
+    if x.ndim != 2 or x.shape[1] != latent_size + 1:
+        raise ValueError(
+            f"expected one tensor (B, {latent_size + 1}) or (B, {latent_size + 1}, 1, 1) = latent + position p, got {tuple(x.shape)}"
+        )
+    return x[:, :latent_size], x[:, latent_size]
 
 
 def _dcgan_init(m: nn.Module) -> None:

@@ -12,7 +12,8 @@ far longer than the training runs look like the far end of those).
 - :class:`ConvRNNCell`: the paper's Elman cell, convolutional.
 - :class:`ConvGRUCell`: a convolutional GRU (selectable with ``cell="gru"``).
 - :class:`MRNGAN`: cell + output head; :meth:`MRNGAN.unroll` generates ``T`` slices from a start
-  slice given callables for the next-slice prediction (pix2pix) and the prior.
+  slice given callables for the next-slice prediction (pix2pix) and the prior; ``MRNGAN(x_t)``
+  (``forward``) is one step from a zero state, for single-tensor tools (``verify_net_in_out``).
 
 MONAI has no convolutional recurrent cell, hence these small modules.
 """
@@ -138,6 +139,19 @@ class MRNGAN(nn.Module):
         else:
             out = torch.sigmoid(h + 4.0 * (prev - 0.5))  # starts close to the previous slice
         return out.clamp(0.0, 1.0), s
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """ONE recurrent step as a plain module call: ``x`` (B,5,H,W) -> the output slice (B,1,H,W) in [0,1].
+
+        ``x`` is the step input ``x_t`` exactly as :meth:`unroll` stacks it (channels: previous output,
+        pix2pix prediction from it, prior slice at ``p_t``, ``p_t`` map, distance map
+        ``min(1, 5 |p_t - p_0|)``; slices in [0, 1]); ``state`` is ``s_{t-1}`` (B,hidden,H,W), zeros when
+        None. Equals ``self.step(x, state)[0]``; this is the single-tensor entry point MONAI's
+        ``verify_net_in_out`` and exporters call. Generating a volume needs :meth:`unroll` (it carries the state).
+        """
+        if state is None:
+            state = x.new_zeros(x.shape[0], self.cell.hidden_channels, *x.shape[2:])
+        return self.step(x, state)[0]
 
     @staticmethod
     def _maps(x: torch.Tensor, p: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
