@@ -317,3 +317,21 @@ def test_fit_leaves_the_subject_out_of_the_bank(tiny_dataset, tmp_path):
     assert 0 not in prior.last_fit.atlas_index.tolist() and len(prior.last_fit.atlas_index) == 2
     with pytest.raises(ValueError, match="atlases"):
         BrainPrior(prior.bank, prior.positions, subjects=["a"])
+
+
+def test_fit_cache_keeps_several_inputs(tiny_dataset, monkeypatch):
+    """A few-slice reconstruction alternates between inputs: each is fitted once, not once per run."""
+    entries = load_split(tiny_dataset, "training")
+    vols = [load_volume(e["image"])[0] for e in entries]
+    grid = np.asarray(entries[0]["positions"])
+    prior = BrainPrior(np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]]), grid, FitConfig(mode="affine", top_k=2, **FAST_FIT))
+    import monai_mrngan.inference.prior as prior_module
+
+    calls = []
+    real = prior_module.register_slices
+    monkeypatch.setattr(prior_module, "register_slices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    refs = [(torch.from_numpy(vols[-1][..., i])[None, None], float(grid[i])) for i in (8, 12, 16)]
+    first = [prior.fit(r, p).clone() for r, p in refs]
+    again = [prior.fit(r, p) for r, p in refs[::-1]][::-1]
+    assert len(calls) == 3
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

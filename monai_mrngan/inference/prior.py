@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 HEAD_THRESHOLD = 0.1
 PRIOR_SIDECAR_SUFFIX = ".positions.json"
+FIT_CACHE_SIZE = 32  # fitted volumes kept per prior (128 px, 101 positions: 6.6 MB each)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,8 +393,9 @@ class BrainPrior:
         self.subjects = [str(s) for s in subjects] if subjects is not None else None
         if self.subjects is not None and len(self.subjects) != self.bank.shape[0]:
             raise ValueError(f"{len(self.subjects)} subjects for {self.bank.shape[0]} atlases")
-        self._cache_key: tuple | None = None
-        self._fitted: torch.Tensor | None = None
+        # fitted volumes by input slice, most recent last: a few-slice reconstruction alternates
+        # between its inputs (runs up and down from each), so one entry would refit every time
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.last_fit: SliceFit | None = None
 
     def with_fit(self, fit: FitConfig | dict | None, name: str | None = None) -> "BrainPrior":
@@ -401,7 +404,7 @@ class BrainPrior:
         new.__dict__.update(self.__dict__)
         new.config = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
         new.name = name or self.name
-        new._cache_key, new._fitted, new.last_fit = None, None, None
+        new._cache, new.last_fit = OrderedDict(), None
         return new
 
     def subset(self, indices: Sequence[int]) -> "BrainPrior":
@@ -491,11 +494,11 @@ class BrainPrior:
         if len(allowed) == 0:
             raise ValueError(f"no atlas left after excluding {exclude!r}")
         key = (p0, len(allowed), int(allowed.sum()), float(ref.sum()), float((ref * ref).sum()), float((ref * torch.linspace(0, 1, ref.numel()).view_as(ref)).sum()))
-        if key == self._cache_key and self._fitted is not None:
-            return self._fitted
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
         cfg = self.config
         if cfg.mode == "none" and cfg.intensity == "none":
-            self._fitted, self._cache_key = self.mean, key
             return self.mean
         # atlas slices at p0 (the mean brain itself when the bank has one volume), or each atlas
         # at its own best-matching position near p0 (``shift``: that position minus p0)
@@ -535,7 +538,9 @@ class BrainPrior:
                 out += w[:, 0].clamp(0, 1)
             out /= len(keep)
         fit.config["shifts"] = shift[keep].tolist()
-        self.last_fit, self._fitted, self._cache_key = fit, out, key
+        self.last_fit, self._cache[key] = fit, out
+        while len(self._cache) > FIT_CACHE_SIZE:
+            self._cache.popitem(last=False)
         return out
 
     def _interp_bank(self, positions: torch.Tensor) -> torch.Tensor:
