@@ -79,3 +79,14 @@ def write_tiny_dataset(dst: Path, subjects: int = 8, size: int = 32, depth: int 
 def tiny_dataset(tmp_path_factory) -> Path:
     """A prepared dataset of 8 subjects, 32 x 32 px, 24 axial slices (6 train / 1 val / 1 test)."""
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny_dataset"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one torch thread is far faster than two on a shared, busy 2-core CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -36,14 +36,6 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_generalization
 FAST_FIT = {"work_size": 32, "affine_iters": 20, "deform_iters": 20, "grid_points": 6}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------- mean brain
 def test_resample_to_positions_interpolates_and_marks_outside():
     vol = np.stack([np.full((4, 4), float(i)) for i in range(5)], -1).astype(np.float32)  # value = index

@@ -37,14 +37,6 @@ ZEROED = [3, 4, 5, 10, 20]  # slices blanked in the float volume
 EMPTY = [22, 23]  # the tiny test volume's own all-zero slices (above the head): empty counts as missing
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def workdir(tiny_dataset, tmp_path_factory) -> Path:
     """A pipeline work folder: every stage's weights (random init, small networks) and pipeline.json."""

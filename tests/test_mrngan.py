@@ -71,15 +71,6 @@ class ConstPrior:
         return torch.full((len(positions), 1, self.size, self.size), self.value)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions: one thread is far faster than two on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prior(tiny_dataset) -> MeanBrainPrior:
     return MeanBrainPrior.from_dataset(tiny_dataset, "training")
