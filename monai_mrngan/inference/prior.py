@@ -397,6 +397,7 @@ class BrainPrior:
         # between its inputs (runs up and down from each), so one entry would refit every time
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.last_fit: SliceFit | None = None
+        self._warned_subjects = False
 
     def with_fit(self, fit: FitConfig | dict | None, name: str | None = None) -> "BrainPrior":
         """The same bank with another fitting configuration (shares the tensors)."""
@@ -487,13 +488,15 @@ class BrainPrior:
     def _fit(self, reference: torch.Tensor, reference_position: float, exclude: str | None = None) -> torch.Tensor:
         ref = self._check_reference(reference, reference_position)
         p0 = float(reference_position)
-        if exclude and self.subjects is None and not getattr(self, "_warned_subjects", False):
+        if exclude and self.subjects is None and not self._warned_subjects:
             logger.warning("%s records no subjects: cannot leave %s out of its atlases (rebuild the bank)", self.name, exclude)
             self._warned_subjects = True
-        allowed = torch.as_tensor([j for j, s in enumerate(self.subjects) if s != exclude] if exclude and self.subjects else range(self.bank.shape[0]), dtype=torch.long)
+        if not (exclude and self.subjects and exclude in self.subjects):
+            exclude = None  # nothing to leave out
+        allowed = torch.as_tensor([j for j, s in enumerate(self.subjects) if s != exclude] if exclude else range(self.bank.shape[0]), dtype=torch.long)
         if len(allowed) == 0:
             raise ValueError(f"no atlas left after excluding {exclude!r}")
-        key = (p0, len(allowed), int(allowed.sum()), float(ref.sum()), float((ref * ref).sum()), float((ref * torch.linspace(0, 1, ref.numel()).view_as(ref)).sum()))
+        key = (p0, exclude, float(ref.sum()), float((ref * ref).sum()), float((ref * torch.linspace(0, 1, ref.numel()).view_as(ref)).sum()))
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -542,9 +545,6 @@ class BrainPrior:
         while len(self._cache) > FIT_CACHE_SIZE:
             self._cache.popitem(last=False)
         return out
-
-    def _interp_bank(self, positions: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self._interp(v, positions).float() for v in self.bank])  # (K, B, 1, H, W)
 
     @torch.no_grad()
     def slice_at(self, positions: torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None, exclude: str | None = None) -> torch.Tensor:

@@ -378,7 +378,7 @@ def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor |
     atlases to vote). The localizer's estimate bounds the search to ``+- window``.
     """
     pos = torch.as_tensor(positions, dtype=torch.float32).reshape(-1).clone()
-    if window <= 0 or prior is None or not hasattr(prior, "locate") or getattr(prior, "bank", torch.zeros(1)).shape[0] < 2:
+    if window <= 0 or not hasattr(prior, "locate") or len(prior.bank) < 2:
         return pos
     x = _as_slices(slices)
     for i in range(len(pos)):
