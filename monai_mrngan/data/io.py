@@ -63,6 +63,38 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
+def read_image(path: Path, expected: str = "one 3D volume") -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI's voxels as stored (a 4D file with one volume becomes 3D) and its affine.
+
+    Unreadable or truncated files, 4D series and images of more than 4 dimensions raise
+    :class:`InputError`; ``expected`` names what the caller wanted, for the message.
+    """
+    data, affine = _read_nifti(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        raise InputError(path, f"4D series with {data.shape[3]} volumes (shape {tuple(data.shape)}); expected {expected}")
+    if data.ndim > 4:
+        raise InputError(path, f"{data.ndim}D image of shape {tuple(data.shape)}; expected {expected}")
+    return data, affine
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool, what: str) -> bool:
+    """Refuse a ``dst`` that is or lies inside ``src``, and a non-empty ``dst`` without ``overwrite``.
+
+    Returns True when ``dst`` holds files of an earlier run for the caller to remove (``what``
+    names that earlier output in the message).
+    """
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if dst_r == src_r or src_r in dst_r.parents:
+        raise ValueError(f"{dst}: destination lies inside the source folder {src}; nothing is ever written inside SRC")
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{dst}: destination is not empty; pass --overwrite to replace {what}")
+        return True
+    return False
+
+
 def _check_values(path: Path, data: np.ndarray) -> np.ndarray:
     if data.size == 0:
         raise InputError(path, "empty image (no voxels)")
@@ -85,13 +117,7 @@ def load_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     files, NaNs and constant (empty) volumes raise :class:`InputError`.
     """
     path = Path(path)
-    data, affine = _read_nifti(path)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim == 4:
-        raise InputError(path, f"4D series with {data.shape[3]} volumes (shape {tuple(data.shape)}); expected one 3D volume")
-    if data.ndim > 4:
-        raise InputError(path, f"{data.ndim}D image of shape {tuple(data.shape)}; expected a 3D volume")
+    data, affine = read_image(path, "one 3D volume")
     if data.ndim < 3 or min(data.shape) == 1:
         raise InputError(path, f"2D image of shape {tuple(data.shape)}; expected a 3D volume")
     return _check_values(path, data), affine

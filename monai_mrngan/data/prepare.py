@@ -39,7 +39,7 @@ from scipy import ndimage
 
 from .datalist import DATALIST_NAME, SPLITS
 from .discovery import Scan, find_scans, is_bids
-from .io import InputError, load_volume, save_json, save_nifti
+from .io import InputError, check_destination, load_volume, save_json, save_nifti
 from .positions import HEAD_HEIGHT_MM, VERTEX_MIN_AREA_MM2, slice_positions
 
 logger = logging.getLogger(__name__)
@@ -212,12 +212,7 @@ def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
 
 
 def _check_folders(src: Path, dst: Path, overwrite: bool) -> None:
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or src_r in dst_r.parents:
-        raise ValueError(f"{dst}: destination lies inside the source folder {src}; nothing is ever written inside SRC")
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{dst}: destination is not empty; pass --overwrite to replace a prepared dataset")
+    if check_destination(src, dst, overwrite, "a prepared dataset"):
         for name in (DATALIST_NAME, REPORT_NAME):
             (dst / name).unlink(missing_ok=True)
         shutil.rmtree(dst / "volumes", ignore_errors=True)

@@ -57,7 +57,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..data.io import InputError, _read_nifti, atomic_path, is_nifti, save_json, strip_image_suffix
+from ..data.io import InputError, atomic_path, check_destination, read_image, is_nifti, save_json, strip_image_suffix
 from ..data.positions import HEAD_HEIGHT_MM
 from ..data.prepare import scale_intensity
 from .reconstruct import METHODS, Components, make_runner, reconstruct_volume, volume_affine
@@ -191,13 +191,9 @@ def _float_list(value: Any, side: Path, key: str) -> np.ndarray:
 
 def _load(path: Path) -> tuple[np.ndarray, Any]:
     """The voxel values as nibabel loads them (a private copy) and the image (header, affine)."""
-    data, _ = _read_nifti(path)
+    data, _ = read_image(path, "one 3D volume or a stack of slices")
     data = np.array(data)  # never a memory map of the source
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim == 4:
-        raise InputError(path, f"4D series with {data.shape[3]} volumes (shape {tuple(data.shape)}); expected one 3D volume or a stack of slices")
-    if data.ndim > 4 or data.ndim < 2:
+    if data.ndim < 2:
         raise InputError(path, f"{data.ndim}D image of shape {tuple(data.shape)}; expected a 3D volume or a stack of slices")
     if data.size == 0:
         raise InputError(path, "empty image (no voxels)")
@@ -497,15 +493,11 @@ def _check_folders(src: Path, dst: Path, overwrite: bool) -> None:
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder")
     src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or src_r in dst_r.parents:
-        raise ValueError(f"{dst}: destination lies inside the source folder {src}; nothing is ever written inside SRC")
     if dst_r in src_r.parents:
         raise ValueError(f"{dst}: destination contains the source folder {src}; pick a folder beside it")
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst}: exists and is not a folder")
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{dst}: destination is not empty; pass --overwrite to replace a completed dataset")
+    if check_destination(src, dst, overwrite, "a completed dataset"):
         old = dst / REPORT_NAME
         if old.is_file():  # remove what the previous run wrote (and nothing else)
             try:
