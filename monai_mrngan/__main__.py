@@ -1,6 +1,6 @@
-"""``python -m monai_mrngan``: see :mod:`monai_mrngan.cli`."""
+"""``python -m monai_mrngan``: see :mod:`monai_mrngan.apps.cli`."""
 
-from .cli import main
+from .apps.cli import main
 
 if __name__ == "__main__":
     main()

@@ -272,8 +272,8 @@ def atlas_bank(dataset_dir: Path, atlases: int, path: Path) -> tuple[Path, dict]
     from monai.bundle import ConfigParser
 
     from monai_mrngan.data.datalist import load_split
-    from monai_mrngan.engines.checkpoint import atomic_torch_save
-    from monai_mrngan.inference.prior import build_bank, save_bank
+    from monai_mrngan.atlas.bank import build_bank, save_bank
+    from monai_mrngan.data.io import atomic_torch_save
 
     mean_cfg = ConfigParser.load_config_file(str(BUNDLES / "brain_generalization" / "configs" / "mean_brain.json"))
     entries = load_split(dataset_dir, "training")
@@ -293,7 +293,7 @@ def bundle_parser(stage: str, config: str, dataset_dir: Path, device: str, work:
     """A stage's config through ``monai.bundle.ConfigParser`` with the benchmark's overrides."""
     from monai.bundle import ConfigParser
 
-    from monai_mrngan.pipeline import size_overrides
+    from monai_mrngan.apps.pipeline import size_overrides
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / stage / "configs" / config))
@@ -426,9 +426,11 @@ def bench_reconstruction(dataset_dir: Path, device: str, work: Path, bank: Path,
     from monai_mrngan.data.datalist import load_split
     from monai_mrngan.data.io import load_volume
     from monai_mrngan.inference.localize import localize
-    from monai_mrngan.inference.reconstruct import load_bundle_network, load_stage_prior, next_fn_for, reconstruct_volume
+    from monai_mrngan.inference.components import load_bundle_network, load_stage_prior
+    from monai_mrngan.inference.reconstruct import reconstruct_volume
+    from monai_mrngan.networks.contracts import next_fn_for
 
-    from monai_mrngan.pipeline import size_overrides
+    from monai_mrngan.apps.pipeline import size_overrides
 
     def net(stage: str) -> torch.nn.Module:
         """The stage's inference.json network_def, built by the loader the mrngan bundle uses, random init."""

@@ -12,14 +12,8 @@ import torch
 
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import InputError, load_volume
-from monai_mrngan.inference.prior import (
-    BrainPrior,
-    FitConfig,
-    build_mean_prior,
-    load_prior,
-    mean_brain,
-    resample_to_positions,
-)
+from monai_mrngan.atlas.bank import build_mean_prior, mean_brain, resample_to_positions
+from monai_mrngan.atlas.prior import BrainPrior, FitConfig, load_prior
 from monai_mrngan.metrics.image import slice_metrics
 from monai_mrngan.networks.gan import (
     DCGANSet,
@@ -317,7 +311,7 @@ def test_fit_cache_keeps_several_inputs(tiny_dataset, monkeypatch):
     vols = [load_volume(e["image"])[0] for e in entries]
     grid = np.asarray(entries[0]["positions"])
     prior = BrainPrior(np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]]), grid, FitConfig(mode="affine", top_k=2, **FAST_FIT))
-    import monai_mrngan.inference.prior as prior_module
+    import monai_mrngan.atlas.prior as prior_module
 
     calls = []
     real = prior_module.register_slices

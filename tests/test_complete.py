@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from monai_mrngan import cli
+from monai_mrngan.apps import cli
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import InputError, save_json, save_nifti
-from monai_mrngan.inference.complete import REPORT_NAME, complete_dataset, complete_file
-from monai_mrngan.inference.reconstruct import Components, load_bundle_network, reference_grid
+from monai_mrngan.apps.complete import REPORT_NAME, complete_dataset, complete_file
+from monai_mrngan.inference.components import Components, load_bundle_network, reference_grid
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -40,7 +40,7 @@ EMPTY = [22, 23]  # the tiny test volume's own all-zero slices (above the head):
 @pytest.fixture(scope="module")
 def workdir(tiny_dataset, tmp_path_factory) -> Path:
     """A pipeline work folder: every stage's weights (random init, small networks) and pipeline.json."""
-    from monai_mrngan.inference.prior import build_mean_prior
+    from monai_mrngan.atlas.bank import build_mean_prior
 
     wd = tmp_path_factory.mktemp("complete_workdir")
     torch.manual_seed(0)

@@ -131,7 +131,7 @@ def assert_plain_checkpoint(path: Path, nets: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def flow_weights(tmp_path_factory) -> tuple[Path, dict]:
     """Initialised (random, non-trivial) pix2pix weights for the mrngan stage, read through flow_generation's config."""
-    from monai_mrngan.inference.reconstruct import load_bundle_network
+    from monai_mrngan.inference.components import load_bundle_network
 
     overrides = {"unet_channels": [4, 8]}
     gen = load_bundle_network(BUNDLES / "flow_generation" / "configs" / "inference.json", None, overrides=overrides)
@@ -176,7 +176,7 @@ def _equivalence_case(bundle: str, flow_weights: tuple[Path, dict]) -> tuple[dic
         return {
             "flow_ckpt": str(path),
             "flow_overrides": overrides,
-            "prior": "$monai_mrngan.inference.baselines.MeanBrainPrior.from_dataset(@dataset_dir, 'training')",
+            "prior": "$monai_mrngan.atlas.prior.mean_prior(@dataset_dir, 'training')",
             "run_length": 4,
             "runs_per_volume": None,  # all 21 runs of 4 slices of each volume (direction +1)
             "position_noise": 0.0,

@@ -17,7 +17,7 @@ from monai.networks.nets import PatchDiscriminator
 from monai_mrngan.data.io import InputError, save_nifti, save_png
 from monai_mrngan.engines.pix2pix import Pix2PixTrainer
 from monai_mrngan.inference.flow import load_generator, predict_file, predict_next, rollout, rollout_batch, rollout_both
-from monai_mrngan.inference.flow_eval import evaluate_flow
+from monai_mrngan.evaluation.flow import evaluate_flow
 from monai_mrngan.networks.pix2pix import Pix2PixGenerator
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "flow_generation"

@@ -9,8 +9,6 @@ plain mean-brain prior of the training split.
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -23,19 +21,12 @@ from PIL import Image
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import InputError, load_volume, save_nifti, save_png
 from monai_mrngan.engines.recurrent import RecurrentUnroll, RunBatch, WeightedL1L2Loss, trainable_parameters
-from monai_mrngan.inference.baselines import MeanBrainPrior, linear_fill
-from monai_mrngan.inference.prior import BrainPrior
-from monai_mrngan.inference.reconstruct import (
-    Components,
-    fill_volume,
-    load_bundle_network,
-    next_fn_for,
-    reconstruct_files,
-    reconstruct_volume,
-    reference_grid,
-    volume_grid,
-)
-from monai_mrngan.inference.reconstruct_eval import evaluate_reconstruction
+from monai_mrngan.atlas.prior import BrainPrior, mean_prior
+from monai_mrngan.evaluation.reconstruction import evaluate_reconstruction
+from monai_mrngan.inference.components import Components, load_bundle_network, reference_grid
+from monai_mrngan.inference.reconstruct import reconstruct_files, reconstruct_volume
+from monai_mrngan.inference.volume import fill_volume, linear_fill, volume_grid
+from monai_mrngan.networks.contracts import next_fn_for
 from monai_mrngan.networks.recurrent import MRNGAN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,8 +63,8 @@ class ConstPrior:
 
 
 @pytest.fixture(scope="module")
-def prior(tiny_dataset) -> MeanBrainPrior:
-    return MeanBrainPrior.from_dataset(tiny_dataset, "training")
+def prior(tiny_dataset) -> BrainPrior:
+    return mean_prior(tiny_dataset, "training")
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +235,7 @@ def test_reconstruct_localizes_when_no_position_given(test_volume, monkeypatch):
         calls.append(tuple(slices.shape))
         return torch.full((slices.shape[0],), 0.25)
 
-    monkeypatch.setitem(sys.modules, "monai_mrngan.inference.localize", types.SimpleNamespace(localize=localize))
+    monkeypatch.setattr("monai_mrngan.inference.reconstruct.localize", localize)
     rec = reconstruct_volume(vol[:, :, 10], None, method="copy", localizer=torch.nn.Identity(), spacing_mm=SPACING)
     assert calls == [(1, 1, 32, 32)] and rec.input_positions == [0.25]
     assert rec.positions[rec.input_indices[0]] == pytest.approx(0.25)
@@ -298,7 +289,7 @@ def _overrides(tiny_dataset, tmp_path) -> dict:
         "output_dir": str(tmp_path / "eval"),
         "generator": {"_target_": f"{__name__}.TinyNext"},
         "predict_next": {"_target_": f"{__name__}.stand_in_predict_next", "_mode_": "callable"},
-        "prior": "$monai_mrngan.inference.baselines.MeanBrainPrior.from_dataset(@dataset_dir, 'training')",
+        "prior": "$monai_mrngan.atlas.prior.mean_prior(@dataset_dir, 'training')",
     }
 
 
@@ -413,7 +404,7 @@ def test_reconstruct_files_few_slices_and_bad_inputs(tiny_dataset, tmp_path, pri
 
 
 def test_components_from_bundles_loads_what_exists(tmp_path):
-    from monai_mrngan.inference.reconstruct import components_from_bundles
+    from monai_mrngan.inference.components import components_from_bundles
 
     model = MRNGAN()  # inference.json's network_def defaults
     with torch.no_grad():

@@ -176,7 +176,7 @@ def test_atomic_writes_leave_no_temporaries(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(phantoms.nib, "save", broken_save)
+    monkeypatch.setattr(nib, "save", broken_save)  # the one NIfTI writer (data.io.save_nifti) calls nibabel.save
     bad = tmp_path / "bad"
     with pytest.raises(OSError, match="disk full"):
         write_phantom_cohort(bad, subjects=1, size=32, progress=False)

@@ -16,7 +16,7 @@ import pytest
 
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import save_png
-from monai_mrngan.pipeline import PRESETS, STAGES, read_run_info, run_pipeline
+from monai_mrngan.apps.pipeline import PRESETS, STAGES, read_run_info, run_pipeline
 
 TINY = {
     "slice_localization": {

@@ -1,4 +1,5 @@
-"""Image input/output: validated loading of NIfTI volumes and 2D slices, atomic writes.
+"""File input/output: validated loading of NIfTI volumes and 2D slices, atomic writes of every
+output kind (NIfTI, PNG, JSON, figures, torch checkpoints) and ``weights_only`` checkpoint loading.
 
 Every reader raises :class:`InputError` with a one-line message that names the file and the
 problem, so command-line tools can report bad input without a traceback. Inputs are only ever
@@ -13,10 +14,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import nibabel as nib
 import numpy as np
+import torch
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PNG_SUFFIXES = (".png",)
@@ -206,12 +208,23 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a float32 NIfTI atomically (qform/sform set, units mm)."""
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    img.header.set_xyzt_units("mm")
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype: Any = np.float32,
+               header: Any = None, image_class: type = nib.Nifti1Image) -> Path:
+    """Write a NIfTI atomically: the one NIfTI writer.
+
+    ``data`` is stored as ``dtype`` (default float32; ``None`` keeps the array's own type, with no
+    scale factor). Without ``header`` the qform and sform are set from ``affine`` and units are mm;
+    with one (a source image's header) its geometry codes are kept.
+    """
+    arr = np.asarray(data) if dtype is None else np.asarray(data, dtype=dtype)
+    img = image_class(arr, np.asarray(affine, dtype=np.float64), header=header)
+    img.set_data_dtype(arr.dtype)
+    if header is None:
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+        img.header.set_xyzt_units("mm")
+        if np.issubdtype(arr.dtype, np.integer):
+            img.header.set_slope_inter(1.0, 0.0)  # integer voxels stored as they are
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
@@ -252,3 +265,53 @@ def save_json(obj: object, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
     return Path(path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it (the one figure saver)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------- torch checkpoints
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
+    """``torch.load(..., weights_only=True)`` with a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here; train the stage first")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})".splitlines()[0]) from err
+
+
+def load_weights(module: torch.nn.Module, path: str | os.PathLike, key: str | None = None) -> torch.nn.Module:
+    """Load a ``state_dict`` (optionally under ``key`` of a checkpoint dict) into ``module``."""
+    state = load_state(path)
+    if key is not None and key in state:
+        state = state[key]
+    module.load_state_dict(state)
+    return module

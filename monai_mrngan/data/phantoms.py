@@ -20,16 +20,14 @@ template grid and resampled once into the subject's pose.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from monai_mrngan.data.io import atomic_path
+from .io import atomic_path, save_json, save_nifti
 
 __all__ = ["make_phantom", "phantom_affine", "write_phantom_cohort"]
 
@@ -414,14 +412,7 @@ def _bias_field(rng: np.random.Generator, size: int, spacing: float) -> np.ndarr
 
 
 def _save_t1w(volume: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    data = np.clip(np.rint(volume), 0, np.iinfo(np.int16).max).astype(np.int16)
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units(xyz="mm")
-    img.header.set_slope_inter(1.0, 0.0)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+    save_nifti(np.clip(np.rint(volume), 0, np.iinfo(np.int16).max), affine, path, dtype=np.int16)
 
 
 def write_phantom_cohort(
@@ -461,8 +452,7 @@ def write_phantom_cohort(
         written.append(path)
         if progress:
             print(f"phantoms: {i}/{subjects} {sub}", file=sys.stderr, flush=True)
-    with atomic_path(dst / "dataset_description.json") as tmp:
-        tmp.write_text(json.dumps(description, indent=2) + "\n")
+    save_json(description, dst / "dataset_description.json")
     with atomic_path(dst / "participants.tsv") as tmp:
         tmp.write_text("\n".join(rows) + "\n")
     return written

@@ -19,6 +19,9 @@ import numpy as np
 HEAD_HEIGHT_MM = 200.0
 """Depth below the vertex that maps to ``p = 1``."""
 
+HEAD_THRESHOLD = 0.1
+"""Intensity (prepared [0, 1] scale) above which a voxel counts as head: for trimming, metrics and the prior."""
+
 VERTEX_MIN_AREA_MM2 = 1000.0
 """Head cross-section (mm^2) that marks the first slice of the head below the air above it."""
 

@@ -40,12 +40,10 @@ from scipy import ndimage
 from .datalist import DATALIST_NAME, SPLITS
 from .discovery import Scan, find_scans, is_bids
 from .io import InputError, check_destination, load_volume, save_json, save_nifti
-from .positions import HEAD_HEIGHT_MM, VERTEX_MIN_AREA_MM2, slice_positions
+from .positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, VERTEX_MIN_AREA_MM2, slice_positions
 
 logger = logging.getLogger(__name__)
 
-HEAD_THRESHOLD = 0.1
-"""Intensity (after scaling to [0, 1]) above which a voxel counts as head."""
 UPPER_PERCENTILE = 99.5
 NOISY_FRACTION = 0.05
 """A slice is noisy when more than this share of its non-head pixels are above threshold."""
@@ -89,11 +87,20 @@ def scale_intensity(img: np.ndarray) -> tuple[np.ndarray, float]:
     return np.clip(img / top, 0.0, 1.0).astype(np.float32), top
 
 
+def unit_range_and_scale(img: np.ndarray) -> tuple[np.ndarray, float]:
+    """Values already in [0, 1] stay (scale 1); others are scaled as ``prepare`` scales volumes.
+
+    Returns ``(scaled, scale)``: ``scaled * scale`` gives the input's intensities back (inside the
+    clipping); ``scale`` is 0 when nothing is positive.
+    """
+    if img.min() >= 0.0 and img.max() <= 1.0:
+        return img, 1.0
+    return scale_intensity(img)
+
+
 def to_unit_range(img: np.ndarray) -> np.ndarray:
     """Values already in [0, 1] stay; others are scaled as ``prepare`` scales volumes."""
-    if img.min() >= 0.0 and img.max() <= 1.0:
-        return img
-    return scale_intensity(img)[0]
+    return unit_range_and_scale(img)[0]
 
 
 def _scale(vol: np.ndarray) -> tuple[np.ndarray, float]:
@@ -101,6 +108,21 @@ def _scale(vol: np.ndarray) -> tuple[np.ndarray, float]:
     if top <= 0:
         raise SkipScan("no positive intensities" if not (vol > 0).any() else "intensity percentile is zero")
     return scaled, top
+
+
+def crop_inplane(img: torch.Tensor, centre: Sequence[float], size: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    """Crop / zero-pad a channel-first (1, X, Y[, Z]) image in-plane to ``size`` around ``centre`` (voxels).
+
+    The one in-plane crop of the project (``prepare`` and slices from elsewhere); a ``MetaTensor``
+    keeps its affine. Returns the image and the padding added (x before, x after, y before, y after).
+    """
+    x0, y0 = int(round(centre[0])) - int(size[0]) // 2, int(round(centre[1])) - int(size[1]) // 2
+    pads = [max(0, -x0), max(0, x0 + int(size[0]) - img.shape[1]), max(0, -y0), max(0, y0 + int(size[1]) - img.shape[2])]
+    extra = [0, 0] * (img.ndim - 3)
+    img = BorderPad(spatial_border=pads + extra)(img) if any(pads) else img
+    start = [x0 + pads[0], y0 + pads[2]] + [0] * (img.ndim - 3)
+    end = [start[0] + int(size[0]), start[1] + int(size[1])] + list(img.shape[3:])
+    return SpatialCrop(roi_start=start, roi_end=end)(img), pads
 
 
 def _slice_stats(vol: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
@@ -157,12 +179,9 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256) -> P
     slab = vol[:, :, keep]
     weights = slab.sum(axis=2)
     cx, cy = (float(c) for c in ndimage.center_of_mass(weights))
-    x0, y0 = int(round(cx)) - size // 2, int(round(cy)) - size // 2
-    pads = [max(0, -x0), max(0, x0 + size - vol.shape[0]), max(0, -y0), max(0, y0 + size - vol.shape[1]), 0, 0]
     scaled = MetaTensor(torch.from_numpy(vol)[None], affine=img.affine)
-    scaled = BorderPad(spatial_border=pads)(scaled) if any(pads) else scaled
-    start = [x0 + pads[0], y0 + pads[2], int(keep[0])]
-    out = SpatialCrop(roi_start=start, roi_end=[start[0] + size, start[1] + size, int(keep[-1]) + 1])(scaled)
+    scaled = SpatialCrop(roi_start=[0, 0, int(keep[0])], roi_end=[vol.shape[0], vol.shape[1], int(keep[-1]) + 1])(scaled)
+    out, pads = crop_inplane(scaled, (cx, cy), (size, size))
 
     positions = slice_positions(depth, vertex, spacing)[keep]
     steps = {
@@ -179,7 +198,7 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256) -> P
         },
         "noisy_slices_inside": int(noisy.sum()),
         "inplane_center_voxel": [round(cx, 1), round(cy, 1)],
-        "inplane_padding": pads[:4],
+        "inplane_padding": pads,
     }
     return PreparedVolume(out[0].numpy().astype(np.float32), out.affine.numpy(), positions, steps)
 

@@ -2,15 +2,20 @@
 
 MONAI's ``CheckpointSaver`` writes with ``atomic=False`` and names files by epoch; an interrupted
 write could leave a corrupt file that resuming would then trip on. These two handlers write with
-``torch.save`` to a temporary file and ``os.replace`` it, and load with ``weights_only=True``:
+``torch.save`` to a temporary file and ``os.replace`` it:
 
 - :class:`ResumeCheckpoint` (attach to the trainer): saves networks, optimizers and the trainer's
   own state to one fixed file (``last.pt``) every epoch (and every ``iteration_interval``
-  iterations), and when that file exists at start-up, restores it so ``trainer.run()`` continues
-  where the interrupted run stopped.
+  iterations). The bundle configs restore that file with MONAI's ``CheckpointLoader``
+  (``weights_only``; ``resume_loader``, disabled while no ``last.pt`` exists), so ``trainer.run()``
+  continues where the interrupted run stopped; ``resume=True`` restores it here instead, for use
+  without a config.
 - :class:`BestCheckpoint` (attach to the evaluator): saves one network's bare ``state_dict`` to
   ``model.pt`` whenever the key metric improves (``ckpt_export`` / ``load_state_dict`` ready);
   put it in the resume ``save_dict`` too, so the best value survives a restart.
+
+The file helpers (``atomic_torch_save``, ``load_state``, ``load_weights``) live in
+:mod:`monai_mrngan.data.io` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,38 +29,13 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from ..data.io import atomic_path
+from ..data.io import atomic_torch_save, load_state, load_weights
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["ResumeCheckpoint", "BestCheckpoint", "atomic_torch_save", "load_state", "load_weights"]
+
 _WRAPPERS = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through a temporary file and a rename."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
-
-
-def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
-    """``torch.load(..., weights_only=True)`` with a one-line error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint here; train the stage first")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})".splitlines()[0]) from err
-
-
-def load_weights(module: torch.nn.Module, path: str | os.PathLike, key: str | None = None) -> torch.nn.Module:
-    """Load a ``state_dict`` (optionally under ``key`` of a checkpoint dict) into ``module``."""
-    state = load_state(path)
-    if key is not None and key in state:
-        state = state[key]
-    module.load_state_dict(state)
-    return module
 
 
 class ResumeCheckpoint:

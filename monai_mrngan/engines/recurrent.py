@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..networks.contracts import prior_fn_for
 from ..networks.recurrent import MRNGAN, NextFn
 
 __all__ = ["RunBatch", "RecurrentUnroll", "WeightedL1L2Loss", "ReseedSampler", "trainable_parameters", "run_strips", "pred_strips"]
@@ -52,7 +53,7 @@ class RecurrentUnroll(nn.Module):
 
     Args:
         model: the :class:`~monai_mrngan.networks.recurrent.MRNGAN` cell (``network_def``).
-        next_fn: ``next_fn(slices, direction)`` (see :func:`~monai_mrngan.inference.reconstruct.next_fn_for`).
+        next_fn: ``next_fn(slices, direction)`` (see :func:`~monai_mrngan.networks.contracts.next_fn_for`).
         prior: object with ``slice_at(positions, reference, reference_position)``.
         generator: the pix2pix module, registered only when ``finetune`` so it is trained/saved.
         fit_prior: fit the prior to each run's first slice, leaving the run's own subject out of
@@ -72,8 +73,6 @@ class RecurrentUnroll(nn.Module):
         return self
 
     def forward(self, start: torch.Tensor, positions: torch.Tensor, direction: torch.Tensor, subject: list[str] | None = None) -> torch.Tensor:
-        from ..inference.reconstruct import prior_fn_for
-
         prior_fn = prior_fn_for(self.prior, start if self.fit_prior else None, positions[:, 0], subject)
         return self.model.unroll(start, positions, direction, self.next_fn, prior_fn)
 

@@ -1,12 +1,13 @@
 """Next-slice prediction with a trained pix2pix generator, on [0, 1] slices.
 
-- :func:`predict_next`: one step for a batch, each sample in its own direction;
+- :func:`predict_next`: one step for a batch, each sample in its own direction (defined with the
+  stages' other contracts in :mod:`monai_mrngan.networks.contracts`);
 - :func:`rollout` / :func:`rollout_batch`: ``steps`` steps, feeding the model its own output
   (many starts and both directions advance together, one batched call per step);
 - :func:`predict_file`: the inference entry point: a slice (PNG, 2D NIfTI, or a slice index of a
   3D NIfTI) -> K predicted slices in either direction (or both), written as NIfTI and PNG;
-- :func:`load_generator`: the generator of a flow_generation bundle, built from its
-  ``inference.json`` through ``monai.bundle`` with its weights (``weights_only``) loaded.
+- :func:`load_generator`: the generator of a flow_generation bundle, through
+  :func:`~monai_mrngan.inference.components.load_bundle_network`.
 
 The [-1, 1] scaling and whether the model takes a direction input or is a pair of models stay
 inside: callers see (B, 1, H, W) [0, 1] slices and +1 (next array index, towards the vertex) / -1.
@@ -14,7 +15,6 @@ inside: callers see (B, 1, H, W) [0, 1] slices and +1 (next array index, towards
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -23,69 +23,13 @@ import numpy as np
 import torch
 
 from ..data.io import InputError, is_nifti, load_slice, save_json, save_nifti, save_png, strip_image_suffix
+from ..networks.contracts import generator_step, predict_next
+from ..transforms.shapes import as_slice_batch
+from .components import load_bundle_network
 
-__all__ = ["predict_next", "rollout", "rollout_batch", "rollout_both", "predict_file", "load_generator"]
+__all__ = ["generator_step", "predict_next", "rollout", "rollout_batch", "rollout_both", "predict_file", "load_generator"]
 
 logger = logging.getLogger(__name__)
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _takes_direction(generator: torch.nn.Module) -> bool:
-    try:
-        return len(inspect.signature(generator.forward).parameters) >= 2
-    except (TypeError, ValueError):
-        return True
-
-
-def _as_slices(slices: torch.Tensor) -> torch.Tensor:
-    s = torch.as_tensor(slices, dtype=torch.float32)
-    if s.ndim == 2:
-        s = s[None, None]
-    elif s.ndim == 3:
-        s = s[:, None] if s.shape[0] != 1 else s[None]
-    if s.ndim != 4 or s.shape[1] != 1:
-        raise ValueError(f"expected slices shaped (B, 1, H, W), got {tuple(torch.as_tensor(slices).shape)}")
-    return s
-
-
-def _directions(direction: torch.Tensor | int, batch: int) -> torch.Tensor:
-    d = torch.as_tensor(direction, dtype=torch.float32).reshape(-1)
-    if d.numel() == 1:
-        d = d.expand(batch).clone()
-    if d.numel() != batch:
-        raise ValueError(f"got {d.numel()} directions for {batch} slices")
-    if not bool(torch.all((d == 1) | (d == -1))):
-        raise ValueError(f"direction must be +1 or -1, got {sorted(set(d.tolist()))}")
-    return d
-
-
-def generator_step(generator: torch.nn.Module, slices: torch.Tensor, direction: torch.Tensor | int) -> torch.Tensor:
-    """The generator's neighbour prediction on [0, 1] slices, with gradients (for fine-tuning).
-
-    The one home of the stage's boundary: [0, 1] -> [-1, 1], a direction input when the
-    generator takes one, back to [0, 1]. The result is on the input's device.
-    """
-    x = _as_slices(slices)
-    d = _directions(direction, x.shape[0])
-    dev = _device(generator)
-    xin = x.to(dev) * 2.0 - 1.0
-    out = generator(xin, d.to(dev)) if _takes_direction(generator) else generator(xin)
-    return ((out.float() + 1.0) * 0.5).clamp(0.0, 1.0).to(torch.as_tensor(slices).device)
-
-
-@torch.no_grad()
-def predict_next(generator: torch.nn.Module, slices: torch.Tensor, direction: torch.Tensor | int) -> torch.Tensor:
-    """Predicted neighbours (B, 1, H, W) in [0, 1] of ``slices`` (B, 1, H, W) in [0, 1].
-
-    ``direction``: +1 (next array index, towards the vertex) or -1, one int or one per sample.
-    The generator is put in eval mode; the result is on the input's device.
-    """
-    generator.eval()
-    return generator_step(generator, slices, direction)
 
 
 @torch.no_grad()
@@ -93,11 +37,10 @@ def rollout_batch(generator: torch.nn.Module, slices: torch.Tensor, direction: t
     """Roll ``B`` starts out together: (B, 1, H, W) [0, 1] -> (B, steps, 1, H, W), step k at [:, k-1]."""
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    x = _as_slices(slices)
-    d = _directions(direction, x.shape[0])
+    x = as_slice_batch(slices)
     outs = []
     for _ in range(int(steps)):
-        x = predict_next(generator, x, d)
+        x = predict_next(generator, x, direction)
         outs.append(x)
     return torch.stack(outs, dim=1)
 
@@ -106,7 +49,7 @@ def rollout_batch(generator: torch.nn.Module, slices: torch.Tensor, direction: t
 def rollout(generator: torch.nn.Module, slice: torch.Tensor, direction: torch.Tensor | int, steps: int) -> torch.Tensor:
     """``steps`` slices (steps, 1, H, W) in [0, 1] generated from one slice (H, W) / (1, H, W) / (1, 1, H, W),
     each step fed the previous prediction; ``direction`` +1 or -1."""
-    x = _as_slices(slice)
+    x = as_slice_batch(slice)
     if x.shape[0] != 1:
         raise ValueError(f"rollout takes one slice, got a batch of {x.shape[0]}; use rollout_batch")
     return rollout_batch(generator, x, direction, steps)[0]
@@ -115,7 +58,7 @@ def rollout(generator: torch.nn.Module, slice: torch.Tensor, direction: torch.Te
 @torch.no_grad()
 def rollout_both(generator: torch.nn.Module, slice: torch.Tensor, steps_up: int, steps_down: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Both directions from one slice in one batch: (steps_up, 1, H, W) towards +1, (steps_down, 1, H, W) towards -1."""
-    x = _as_slices(slice)
+    x = as_slice_batch(slice)
     n = max(int(steps_up), int(steps_down))
     if n < 1:
         return x[:0], x[:0]
@@ -131,19 +74,9 @@ def load_generator(
     ``overrides`` set config ids first (e.g. ``unet_channels=[16, 32, 64, 128]``) to match a model
     trained with overridden network settings; ``ckpt`` defaults to ``<bundle_root>/models/model.pt``.
     """
-    from monai.bundle import ConfigParser
-
-    from ..engines.checkpoint import load_weights
-
     bundle_root = Path(bundle_root)
-    parser = ConfigParser()
-    parser.read_config(str(bundle_root / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle_root)
-    for key, value in overrides.items():
-        parser[key] = value
-    net = parser.get_parsed_content("network_def")
-    load_weights(net, ckpt if ckpt is not None else bundle_root / "models" / "model.pt")
-    return net.to(device).eval()
+    weights = ckpt if ckpt is not None else bundle_root / "models" / "model.pt"
+    return load_bundle_network(bundle_root / "configs" / "inference.json", weights, overrides=overrides, device=device)
 
 
 def _input_affine(path: Path, slice_index: int | None) -> np.ndarray:

@@ -12,34 +12,29 @@
     ``pixel_mm`` for a PNG), scaled like ``prepare`` when outside [0, 1], and cropped / padded
     around its intensity centre of mass. A PNG of the wrong size without ``pixel_mm`` is refused
     with a message saying so: its pixel size is unknown and a blind resize would be garbage.
-- :class:`PositionCSVWriter`: evaluator handler writing ``source, slice_index, p, depth_mm, bin,
-  reference_p`` rows to a CSV (used by the bundle's ``inference.json``).
+
+The bundle's ``inference.json`` writes the CSV with :class:`monai_mrngan.engines.handlers.PositionCSVWriter`.
 - :func:`localize_files`: the same without a bundle, for scripts and the CLI.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 from scipy import ndimage
 
-from ..data.io import InputError, atomic_path, is_nifti, is_png, load_slice
-from ..data.positions import HEAD_HEIGHT_MM, position_bins
-from ..data.prepare import to_unit_range
+from ..data.io import InputError, is_nifti, is_png, load_slice, load_volume
+from ..data.prepare import SkipScan, crop_inplane, prepare_volume, to_unit_range
+from ..engines.handlers import position_rows, write_positions_csv
 
 logger = logging.getLogger(__name__)
-
-CSV_COLUMNS = ("source", "slice_index", "p", "depth_mm", "bin", "reference_p")
-
 
 @torch.no_grad()
 def localize(network: torch.nn.Module, slices: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -65,17 +60,6 @@ def _pair(size: Sequence[int] | int) -> tuple[int, int]:
     return (int(size),) * 2 if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _crop_pad_centre(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Crop / zero-pad to ``size`` centred on the intensity centre of mass (as ``prepare`` does)."""
-    cx, cy = ndimage.center_of_mass(img) if img.sum() > 0 else ((img.shape[0] - 1) / 2, (img.shape[1] - 1) / 2)
-    x0, y0 = int(round(cx)) - size[0] // 2, int(round(cy)) - size[1] // 2
-    out = np.zeros(size, dtype=np.float32)
-    sx0, sy0 = max(x0, 0), max(y0, 0)
-    sx1, sy1 = min(x0 + size[0], img.shape[0]), min(y0 + size[1], img.shape[1])
-    out[sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0] = img[sx0:sx1, sy0:sy1]
-    return out
-
-
 def prepare_slice(
     img: np.ndarray,
     spatial_size: Sequence[int] | int,
@@ -99,7 +83,9 @@ def prepare_slice(
         raise InputError(source, f"invalid pixel size {px.tolist()} mm")
     zoom = px / float(spacing_mm)
     img = ndimage.zoom(to_unit_range(img), zoom, order=1, prefilter=False) if not np.allclose(zoom, 1) else img
-    return _crop_pad_centre(to_unit_range(img), size)
+    img = to_unit_range(img)
+    centre = ndimage.center_of_mass(img) if img.sum() > 0 else ((img.shape[0] - 1) / 2, (img.shape[1] - 1) / 2)
+    return np.asarray(crop_inplane(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None], centre, size)[0][0])
 
 
 def _nifti_ndim_and_zooms(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -120,9 +106,6 @@ def _item(image: np.ndarray, source: str, index: int, reference_p: float | None)
 
 
 def _volume_items(path: Path, size: tuple[int, int], spacing_mm: float) -> list[dict]:
-    from ..data.io import load_volume
-    from ..data.prepare import SkipScan, prepare_volume
-
     data, _ = load_volume(path)
     if data.shape[:2] == size and data.min() >= 0.0 and data.max() <= 1.0:
         return [_item(data[:, :, k], str(path), k, None) for k in range(data.shape[2])]
@@ -187,61 +170,6 @@ def slice_items(
     return items
 
 
-def _rows(sources: Sequence[str], indices: Sequence[int], p: Sequence[float], ref: Sequence[float]) -> list[list]:
-    bins = position_bins(np.asarray(p, dtype=np.float64))
-    return [
-        [s, int(i), f"{v:.6f}", f"{v * HEAD_HEIGHT_MM:.1f}", int(b), "" if not np.isfinite(r) else f"{r:.6f}"]
-        for s, i, v, b, r in zip(sources, indices, p, bins, ref)
-    ]
-
-
-def write_csv(rows: Sequence[Sequence[Any]], path: str | os.PathLike) -> Path:
-    """Write the positions CSV atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
-        w.writerows(rows)
-    return Path(path)
-
-
-class PositionCSVWriter:
-    """Evaluator handler: collect each slice's predicted ``p`` and write them to ``output_file`` at the end.
-
-    ``p`` is clamped to [0, 1]; ``depth_mm`` = ``p`` x 200 mm below the vertex; ``bin`` = five-class bin.
-    """
-
-    def __init__(self, output_file: str | os.PathLike, output_transform: Callable | None = None) -> None:
-        self.output_file = Path(output_file)
-        self.output_transform = output_transform
-        self.rows: list[list] = []
-
-    def attach(self, engine: Engine) -> "PositionCSVWriter":
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-        return self
-
-    def _collect(self, engine: Engine) -> None:
-        output, batch = engine.state.output, engine.state.batch
-        if self.output_transform is not None:
-            preds = self.output_transform(output)
-        else:
-            preds = [o["pred"] for o in output] if isinstance(output, list) else list(output["pred"])
-        p = [float(torch.as_tensor(v).reshape(-1)[0].clamp(0, 1)) for v in preds]
-        if isinstance(batch, list):
-            src = [b["source"] for b in batch]
-            idx = [int(torch.as_tensor(b["slice_index"]).reshape(-1)[0]) for b in batch]
-            ref = [float(torch.as_tensor(b.get("reference_p", float("nan"))).reshape(-1)[0]) for b in batch]
-        else:
-            src, idx = list(batch["source"]), torch.as_tensor(batch["slice_index"]).reshape(-1).tolist()
-            ref = torch.as_tensor(batch.get("reference_p", [float("nan")] * len(p))).reshape(-1).tolist()
-        self.rows += _rows(src, idx, p, ref)
-
-    def _write(self, engine: Engine) -> None:
-        write_csv(self.rows, self.output_file)
-        logger.info("wrote %d slice positions to %s", len(self.rows), self.output_file)
-
-
 def localize_files(
     network: torch.nn.Module,
     inputs: str | os.PathLike | Iterable[str | os.PathLike],
@@ -254,5 +182,5 @@ def localize_files(
     """Predict every slice's ``p`` in the inputs (see :func:`slice_items`) and write the CSV."""
     items = slice_items(inputs, spatial_size, spacing_mm, pixel_mm)
     p = localize(network, torch.stack([it["image"] for it in items]), batch_size=batch_size).tolist()
-    rows = _rows([it["source"] for it in items], [it["slice_index"] for it in items], p, [it["reference_p"] for it in items])
-    return write_csv(rows, output_file)
+    rows = position_rows([it["source"] for it in items], [it["slice_index"] for it in items], p, [it["reference_p"] for it in items])
+    return write_positions_csv(rows, output_file)

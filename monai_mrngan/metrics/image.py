@@ -18,28 +18,19 @@ import math
 import torch
 from monai.metrics.regression import compute_ssim_and_cs
 
-HEAD_THRESHOLD = 0.1
+from ..data.positions import HEAD_THRESHOLD
+from ..transforms.shapes import as_slice_batch
+
 SSIM_WIN = 11
 SSIM_SIGMA = 1.5
 PAPER_PSNR_OFFSET_DB = 20.0 * math.log10(255.0)
 METRIC_NAMES = ("ssim", "ssim_head", "psnr", "mse")
 
 
-def _as_batch(x: torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(x, dtype=torch.float32)
-    if x.ndim == 2:
-        x = x[None, None]
-    elif x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise ValueError(f"expected slices shaped (H, W), (B, H, W) or (B, 1, H, W), got {tuple(x.shape)}")
-    return x
-
-
 @torch.no_grad()
 def slice_metrics(pred: torch.Tensor, target: torch.Tensor, head_threshold: float = HEAD_THRESHOLD) -> dict[str, torch.Tensor]:
     """Per-slice ``mse``, ``psnr``, ``ssim``, ``ssim_head`` (each a (B,) tensor) for [0, 1] slices."""
-    pred, target = _as_batch(pred).clamp(0, 1), _as_batch(target)
+    pred, target = as_slice_batch(pred).clamp(0, 1), as_slice_batch(target)
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     mse = ((pred - target) ** 2).flatten(1).mean(1)

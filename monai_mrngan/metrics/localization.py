@@ -1,4 +1,4 @@
-"""Slice-localization metrics, the evaluation report and a TensorBoard figure of positions.
+"""Slice-localization metrics and the evaluation report.
 
 - :func:`localization_metrics`: MSE of ``p``, mean absolute error in ``p``, mm and slices, and the
   paper's five-class setting (``p`` binned by :func:`monai_mrngan.data.positions.position_bins`;
@@ -7,8 +7,8 @@
   ``SupervisedEvaluator``; gathers across DDP ranks).
 - :class:`LocalizationReport`: evaluator handler writing ``metrics.json``, ``metrics.md`` (a table
   laid out like the paper's Table 1, model beside the training-mean baseline) and ``predictions.csv``.
-- :class:`PositionFigureHandler`: a grid of sample slices titled with true / predicted ``p`` in
-  TensorBoard (MONAI's ``TensorBoardImageHandler`` cannot show the two numbers).
+
+The TensorBoard figure of true / predicted ``p`` is :class:`monai_mrngan.engines.handlers.PositionFigureHandler`.
 
 MAE in mm is exact for any spacing: ``p`` is depth below the vertex / ``HEAD_HEIGHT_MM``.
 """
@@ -246,67 +246,3 @@ def format_table(columns: Mapping[str, Mapping[str, Any]], extra_rows: Mapping[s
     for label, cells in (extra_rows or {}).items():
         lines.append(f"| {label} | " + " | ".join(cells.get(n, "") for n in names) + " |")
     return "\n".join(lines)
-
-
-class PositionFigureHandler:
-    """Log a grid of slices titled "true p / predicted p" to TensorBoard at each epoch end.
-
-    Takes the first ``max_images`` slices of the last batch, spread along the batch when
-    ``spread`` (validation batches are whole volumes in slice order, so this spans the head).
-
-    Args:
-        summary_writer: a ``SummaryWriter``; or ``log_dir`` to create one.
-        tag: TensorBoard figure tag.
-        max_images: slices in the grid.
-        output_transform: engine output -> (images, preds, labels) as tensors or per-sample lists.
-    """
-
-    def __init__(
-        self,
-        log_dir: str | os.PathLike | None = None,
-        tag: str = "positions",
-        max_images: int = 8,
-        output_transform: Callable | None = None,
-        summary_writer: Any = None,
-    ) -> None:
-        if summary_writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            summary_writer = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
-        self.writer = summary_writer
-        self.tag = tag
-        self.max_images = int(max_images)
-        self.output_transform = output_transform or _image_pred_label
-
-    def attach(self, engine: Engine) -> "PositionFigureHandler":
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-        return self
-
-    def __call__(self, engine: Engine) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        images, preds, labels = self.output_transform(engine.state.output)
-        n = len(preds)
-        if n == 0:
-            return
-        pick = np.unique(np.linspace(0, n - 1, min(n, self.max_images)).round().astype(int))
-        fig, axes = plt.subplots(1, len(pick), figsize=(2.2 * len(pick), 2.6), squeeze=False)
-        for ax, i in zip(axes[0], pick):
-            img = torch.as_tensor(images[i]).detach().cpu().float().reshape(-1, *images[i].shape[-2:])[0]
-            ax.imshow(np.flipud(img.numpy().T), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"true {float(labels[i]):.3f}\npred {float(preds[i]):.3f}", fontsize=8)
-            ax.axis("off")
-        fig.tight_layout()
-        # a MONAI evaluator run by ValidationHandler carries the trainer's epoch
-        self.writer.add_figure(self.tag, fig, global_step=engine.state.epoch)
-        self.writer.flush()
-        plt.close(fig)
-
-
-def _image_pred_label(output: Any) -> tuple[list, list, list]:
-    if isinstance(output, list):
-        return [o["image"] for o in output], [o["pred"] for o in output], [o["label"] for o in output]
-    return list(output["image"]), list(output["pred"]), list(output["label"])

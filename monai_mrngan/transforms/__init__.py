@@ -1,5 +1,6 @@
 """MONAI dictionary transforms of the project (slice sampling with anatomical positions)."""
 
+from .shapes import as_slice_batch
 from .slices import AdjacentSlicePaird, AxialSliced, SliceRund
 
-__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund"]
+__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund", "as_slice_batch"]

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .data.datalist import datalist_path
-from .data.io import save_json
+from ..data.datalist import datalist_path
+from ..data.io import save_json
 
-BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
 DONE_NAME = "done.json"
 RUN_INFO_NAME = "pipeline.json"
 
@@ -120,7 +120,7 @@ def size_overrides(dataset_dir: str | os.PathLike) -> dict[str, dict]:
     """
     import nibabel as nib
 
-    from .data.datalist import load_split
+    from ..data.datalist import load_split
 
     entries = load_split(dataset_dir, "training", 1) or load_split(dataset_dir, "test", 1)
     if not entries:

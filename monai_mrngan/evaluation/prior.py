@@ -20,10 +20,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..data.io import atomic_path, load_volume, save_json
+from ..atlas.prior import BrainPrior, FitConfig, TemplateLocalizer, load_prior
+from ..data.datalist import load_split
+from ..data.io import atomic_path, load_volume, pyplot, save_figure, save_json, slice_to_display
 from ..data.positions import index_for_position, position_bins
+from ..inference.components import load_bundle_network
+from ..inference.localize import localize
 from ..metrics.image import METRIC_NAMES, slice_metrics
-from .prior import BrainPrior, FitConfig, load_prior
 
 logger = logging.getLogger(__name__)
 
@@ -93,42 +96,12 @@ def load_localizer(
     if not config_file or not weights or not Path(config_file).is_file() or not Path(weights).is_file():
         logger.info("no localizer given (or files absent): position consistency skipped")
         return None
-    from .reconstruct import load_bundle_network
-
     return load_bundle_network(config_file, weights, overrides=overrides).eval()
-
-
-class TemplateLocalizer(torch.nn.Module):
-    """Stand-in localizer when no slice localization weights exist: ``p`` of the mean-brain slice that
-    correlates best (normalised cross-correlation, after blurring) with each input slice.
-
-    Crude (no alignment), so its own error on real slices is reported beside what it measures.
-    """
-
-    def __init__(self, prior: BrainPrior, num_positions: int = 101):
-        super().__init__()
-        self.grid = torch.linspace(0, 1, num_positions, dtype=torch.float64)
-        t = prior.plain(self.grid).float()
-        self.register_buffer("templates", self._norm(t))
-
-    @staticmethod
-    def _norm(x: torch.Tensor) -> torch.Tensor:
-        from .prior import _gauss_blur
-
-        x = _gauss_blur(torch.nn.functional.interpolate(x.float(), size=(64, 64), mode="area"), 1.5).flatten(1)
-        x = x - x.mean(1, keepdim=True)
-        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
-
-    def forward(self, slices: torch.Tensor) -> torch.Tensor:
-        ncc = self._norm(slices) @ self.templates.T
-        return self.grid[ncc.argmax(1)].float()
 
 
 @torch.no_grad()
 def position_consistency(localizer: torch.nn.Module, prior: BrainPrior, positions: Sequence[float]) -> dict:
     """MAE (and share within 5 %) between the localizer's ``p`` for the prior's slices and the ``p`` they were drawn for."""
-    from .localize import localize
-
     p = torch.as_tensor(np.asarray(positions, dtype=np.float64))
     pred = localize(localizer, prior.slice_at(p).float()).double().reshape(-1)
     err = (pred - p).abs()
@@ -137,8 +110,6 @@ def position_consistency(localizer: torch.nn.Module, prior: BrainPrior, position
 
 @torch.no_grad()
 def _real_slice_mae(localizer: torch.nn.Module, entries: Sequence[Mapping]) -> dict:
-    from .localize import localize
-
     errs = []
     for e in entries:
         vol, _ = load_volume(e["image"])
@@ -152,13 +123,7 @@ def _real_slice_mae(localizer: torch.nn.Module, entries: Sequence[Mapping]) -> d
 
 def sample_grid(priors: Mapping[str, BrainPrior], positions: Sequence[float], path: str | os.PathLike, reference: tuple[torch.Tensor, float] | None = None, truth: torch.Tensor | None = None) -> Path:
     """PNG grid: one row per prior (plus fitted rows when ``reference`` is given, and the truth), one column per ``p``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..data.io import slice_to_display
-
+    plt = pyplot()
     rows: list[tuple[str, torch.Tensor]] = []
     p = torch.as_tensor(np.asarray(positions, dtype=np.float64))
     if truth is not None:
@@ -179,10 +144,7 @@ def sample_grid(priors: Mapping[str, BrainPrior], positions: Sequence[float], pa
             if c == 0:
                 ax.set_ylabel(name, fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=80)
 
 
 def markdown_table(results: Mapping[str, dict], num_bins: int = 5) -> str:
@@ -225,8 +187,6 @@ def run_evaluation(
 
     Writes ``metrics.json``, ``metrics.md`` and ``samples.png`` to ``output_dir``; returns the metrics.
     """
-    from ..data.datalist import load_split
-
     entries = load_split(dataset_dir, split, limit)
     if not entries:
         raise ValueError(f"{dataset_dir}: split {split!r} is empty")

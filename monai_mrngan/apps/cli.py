@@ -14,7 +14,7 @@ from typing import Sequence
 
 import fire
 
-from .data.io import InputError
+from ..data.io import InputError
 
 USER_ERRORS = (InputError, FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError)
 
@@ -39,7 +39,7 @@ def prepare(
         split: training,validation,test fractions by subject; ``0,0,1`` puts a whole cohort in test.
         overwrite: replace a prepared dataset already in DST.
     """
-    from .data.prepare import prepare_dataset
+    from ..data.prepare import prepare_dataset
 
     report = prepare_dataset(src, dst, spacing=spacing, size=size, seed=seed, split=split, overwrite=overwrite)
     ok = sum(r["status"] == "ok" for r in report["inputs"])
@@ -57,7 +57,7 @@ def phantoms(dst: str, subjects: int = 24, size: int = 128, seed: int = 0, overw
         seed: cohort seed; subject i is the same whatever the cohort size.
         overwrite: write into a non-empty DST.
     """
-    from .data.phantoms import write_phantom_cohort
+    from ..data.phantoms import write_phantom_cohort
 
     files = write_phantom_cohort(dst, subjects=subjects, size=size, seed=seed, overwrite=overwrite)
     print(f"wrote {len(files)} phantom subjects to {dst}")
@@ -89,7 +89,7 @@ def pipeline(
 
 
 def _components(workdir: str):
-    from .inference.reconstruct import components_from_bundles
+    from ..inference.components import components_from_bundles
     from .pipeline import BUNDLES_DIR, read_run_info
 
     fixed = read_run_info(workdir).get("stage_overrides", {})
@@ -126,7 +126,8 @@ def reconstruct(
         dataset_dir: prepared dataset that fixes the output grid (default: the pipeline's).
         method: mrngan, pix2pix_iterative, prior, copy (one slice) or linear (several).
     """
-    from .inference.reconstruct import reconstruct_files, reference_grid
+    from ..inference.components import reference_grid
+    from ..inference.reconstruct import reconstruct_files
 
     inputs = [input] if isinstance(input, str) else list(input)
     pos = None if positions is None else ([float(positions)] if isinstance(positions, (int, float)) else [float(p) for p in positions])
@@ -167,8 +168,8 @@ def complete(
         dataset_dir: prepared dataset that fixes the grid (default: the pipeline's).
         overwrite: write into a non-empty DST, replacing a previous completion.
     """
-    from .inference.complete import complete_dataset, model_files
-    from .inference.reconstruct import reference_grid
+    from .complete import complete_dataset, model_files
+    from ..inference.components import reference_grid
 
     data = _dataset_of(workdir, dataset_dir)
     report = complete_dataset(
@@ -185,7 +186,7 @@ def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limi
 
     Writes OUT/report.json, OUT/per_distance.csv and PNG plots of each metric against distance.
     """
-    from .inference.reconstruct_eval import evaluate_reconstruction
+    from ..evaluation.reconstruction import evaluate_reconstruction
 
     report = evaluate_reconstruction(dataset_dir, out, _components(workdir), split=split, limit=limit)
     for name, m in report["single_slice"]["methods"].items():

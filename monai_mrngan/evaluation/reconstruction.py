@@ -27,10 +27,13 @@ import numpy as np
 import torch
 
 from ..data.datalist import load_split
-from ..data.io import atomic_path, load_volume, save_json
-from ..data.positions import index_for_position, position_step
+from ..data.io import atomic_path, load_volume, pyplot, save_figure, save_json
+from ..data.positions import HEAD_HEIGHT_MM, index_for_position, position_step
+from ..inference.components import Components
+from ..inference.localize import localize
+from ..inference.reconstruct import reconstruct_volume, refine_positions
+from ..inference.runners import make_runner
 from ..metrics import METRIC_NAMES, slice_metrics, summarize
-from .reconstruct import Components, make_runner, reconstruct_volume, refine_positions
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def evaluate_reconstruction(
         localize_inputs: single-slice inputs get their position from ``components.localizer``
             (when there is one); otherwise the true position is used.
         refine_window: localized positions are refined by the prior's atlas matching within this
-            window in ``p`` (:func:`~.reconstruct.refine_positions`; 0: the localizer's alone).
+            window in ``p`` (:func:`~monai_mrngan.inference.reconstruct.refine_positions`; 0: the localizer's alone).
         fit_prior: fit the prior to the input slice (``prior`` baseline and MRNGAN alike).
         few_slice_fit_prior: also fit it to every given slice in the few-slice experiment (one
             fit per given slice and direction: slow with a deformable fit, hence off by default).
@@ -107,7 +110,7 @@ def evaluate_reconstruction(
         vol, _ = load_volume(entry["image"])
         pos = np.asarray(entry["positions"], dtype=np.float64)
         step_p = position_step(pos)
-        spacing = spacing or abs(step_p) * 200.0
+        spacing = spacing or abs(step_p) * HEAD_HEIGHT_MM
         depth = vol.shape[2]
         target = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, 2, 0)))[:, None]  # (D,1,H,W)
         kw = dict(model=comp.model, next_fn=comp.next_fn, prior=comp.prior, step_p=step_p, num_slices=depth, device=comp.device)
@@ -116,8 +119,6 @@ def evaluate_reconstruction(
             x = target[i0 : i0 + 1]
             p0 = float(pos[i0])
             if use_loc:
-                from .localize import localize
-
                 p0 = float(localize(comp.localizer, x.to(comp.device)).reshape(-1)[0])
                 raw_err.append(abs(p0 - float(pos[i0])))
                 p0 = float(refine_positions(comp.prior, x, [p0], refine_window)[0])
@@ -191,11 +192,7 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _plot(report: dict, out_dir: Path, spacing: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     methods = report["single_slice"]["methods"]
     for metric in METRIC_NAMES:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -208,9 +205,7 @@ def _plot(report: dict, out_dir: Path, spacing: float | None) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        with atomic_path(out_dir / f"distance_{metric}.png") as tmp:
-            fig.savefig(tmp, dpi=100)
-        plt.close(fig)
+        save_figure(fig, out_dir / f"distance_{metric}.png", dpi=100)
 
 
 def _tensorboard(report: dict, out_dir: Path) -> None:

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from ..data.datalist import load_split
-from ..data.io import atomic_path, load_volume, save_json
+from ..data.io import atomic_path, load_volume, pyplot, save_figure, save_json
 from ..metrics import METRIC_NAMES, paper_psnr, slice_metrics
 from ..metrics.image import PAPER_PSNR_OFFSET_DB
-from .flow import load_generator, predict_next
+from ..inference.flow import load_generator, predict_next
 
 __all__ = ["evaluate_flow", "evaluate_bundle", "MEAN_BRAIN_LEVELS", "table2"]
 
@@ -88,11 +88,7 @@ def _start_indices(positions: Sequence[float], starts: Sequence[float]) -> list[
 
 
 def _plot(rows: list[dict], levels: dict[str, float] | None, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     k = [r["k"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, name, label in zip(axes, ("psnr", "ssim", "ssim_head"), ("PSNR dB (range 1)", "SSIM", "head-only SSIM")):
@@ -105,9 +101,7 @@ def _plot(rows: list[dict], levels: dict[str, float] | None, path: Path) -> None
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 @torch.no_grad()

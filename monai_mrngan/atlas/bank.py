@@ -1,0 +1,161 @@
+"""Atlas banks: training volumes resampled onto one grid of positions ``p``, and general brains.
+
+A *bank* is ``(K, P, H, W)`` in [0, 1]: ``K`` brain volumes sampled on a common grid of ``P``
+positions. ``K = 1`` is the population mean brain (:func:`mean_brain`) or a GAN's general brain
+(:func:`gan_general_brain`); ``K > 1`` keeps (a subset of) the training volumes themselves as
+atlases (:func:`save_bank`). :mod:`monai_mrngan.atlas.prior` turns a bank into a prior that fits
+one patient.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..data.datalist import load_split
+from ..data.io import InputError, atomic_torch_save, load_volume, save_json, save_nifti
+from ..data.positions import HEAD_HEIGHT_MM
+from ..networks.gan import build_generator_from_checkpoint
+
+logger = logging.getLogger(__name__)
+
+PRIOR_SIDECAR_SUFFIX = ".positions.json"
+
+__all__ = ["position_grid", "resample_to_positions", "build_bank", "mean_brain", "save_prior_volume", "save_bank", "sidecar_path",
+           "build_mean_prior", "gan_general_brain", "position_items", "PRIOR_SIDECAR_SUFFIX"]
+
+
+def position_grid(num_positions: int) -> np.ndarray:
+    """The common grid of positions in array-index order: ``p`` from 1 down to 0 (RAS: index grows to the vertex)."""
+    if num_positions < 2:
+        raise ValueError(f"need at least 2 positions, got {num_positions}")
+    return np.linspace(1.0, 0.0, int(num_positions))
+
+
+def resample_to_positions(volume: np.ndarray, positions: Sequence[float], grid: Sequence[float]) -> np.ndarray:
+    """Resample a (H, W, D) volume whose axial index ``i`` lies at ``positions[i]`` onto ``grid``.
+
+    Returns (len(grid), H, W); linear interpolation along ``p``, NaN where ``grid`` leaves the
+    volume's range of positions (so averages can ignore it).
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    pos = np.asarray(positions, dtype=np.float64)
+    grid = np.asarray(grid, dtype=np.float64)
+    if vol.ndim != 3 or pos.size != vol.shape[2]:
+        raise ValueError(f"volume {vol.shape} and {pos.size} positions do not match")
+    order = np.argsort(pos)
+    pos, vol = pos[order], vol[..., order]
+    x = np.interp(grid, pos, np.arange(pos.size))  # fractional index of each grid position
+    lo = np.clip(np.floor(x).astype(int), 0, pos.size - 1)
+    hi = np.clip(lo + 1, 0, pos.size - 1)
+    w = (x - lo).astype(np.float32)
+    out = vol[..., lo] * (1 - w) + vol[..., hi] * w
+    outside = (grid < pos[0] - 1e-6) | (grid > pos[-1] + 1e-6)
+    out[..., outside] = np.nan
+    return np.ascontiguousarray(np.moveaxis(out, -1, 0))
+
+
+def build_bank(entries: Sequence[dict], num_positions: int = 101, max_volumes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Training volumes resampled onto the common position grid: ``(K, P, H, W)`` float32 with NaNs, and the grid."""
+    grid = position_grid(num_positions)
+    entries = list(entries)[: max_volumes or None]
+    if not entries:
+        raise ValueError("no training volumes to build the prior from")
+    vols = []
+    for i, e in enumerate(entries):
+        vol, _ = load_volume(e["image"])
+        if "positions" not in e:
+            raise InputError(e["image"], "datalist entry has no 'positions'; prepare the dataset with `python -m monai_mrngan prepare`")
+        vols.append(resample_to_positions(vol, e["positions"], grid))
+        if (i + 1) % 20 == 0:
+            logger.info("resampled %d/%d training volumes", i + 1, len(entries))
+    shapes = {v.shape for v in vols}
+    if len(shapes) != 1:
+        raise ValueError(f"training volumes differ in shape after resampling: {sorted(shapes)}")
+    return np.stack(vols), grid
+
+
+def mean_brain(bank: np.ndarray) -> np.ndarray:
+    """Mean over subjects of a ``(K, P, H, W)`` bank, ignoring NaNs (0 where no subject reaches)."""
+    with np.errstate(invalid="ignore"):
+        counts = np.isfinite(bank).sum(0)
+        total = np.nansum(bank, 0)
+    return np.where(counts > 0, total / np.maximum(counts, 1), 0.0).astype(np.float32)
+
+
+def save_prior_volume(volume_phw: np.ndarray, grid: Sequence[float], path: str | os.PathLike, spacing_mm: float = 2.0) -> Path:
+    """Write a (P, H, W) prior as a RAS NIfTI (H, W, P) plus a ``.positions.json`` sidecar with each index's ``p``."""
+    grid = np.asarray(grid, dtype=np.float64)
+    step_mm = abs(float(grid[0] - grid[-1])) / max(len(grid) - 1, 1) * HEAD_HEIGHT_MM
+    affine = np.diag([spacing_mm, spacing_mm, step_mm or spacing_mm, 1.0])
+    vol = np.clip(np.nan_to_num(np.moveaxis(np.asarray(volume_phw, dtype=np.float32), 0, -1)), 0, 1)
+    path = Path(path)
+    save_nifti(vol, affine, path)
+    save_json({"positions": [round(float(p), 6) for p in grid]}, sidecar_path(path))
+    return path
+
+
+def save_bank(bank: np.ndarray, grid: Sequence[float], path: str | os.PathLike, subjects: Sequence[str] | None = None) -> Path:
+    """Write an atlas bank (K, P, H, W) compactly (uint8) with its grid (and each volume's subject), for ``load_prior``."""
+    q = np.clip(np.nan_to_num(bank, nan=0.0), 0, 1) * 255.0 + 0.5
+    return atomic_torch_save(
+        {"kind": "atlas_bank", "bank": torch.from_numpy(q.astype(np.uint8)), "positions": torch.as_tensor(np.asarray(grid, np.float64)),
+         "subjects": [str(s) for s in subjects] if subjects is not None else None},
+        path,
+    )
+
+
+def sidecar_path(path: Path) -> Path:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return path.with_name(name + PRIOR_SIDECAR_SUFFIX)
+
+
+def build_mean_prior(
+    dataset_dir: str | os.PathLike, output: str | os.PathLike, num_positions: int = 101, split: str = "training",
+    bank_path: str | os.PathLike | None = None, max_atlases: int | None = 40,
+) -> Path:
+    """Build the population mean brain from a prepared dataset's ``split`` and write it (NIfTI over ``p``).
+
+    With ``bank_path`` also writes the first ``max_atlases`` resampled training volumes as an atlas bank.
+    """
+    entries = load_split(dataset_dir, split)
+    bank, grid = build_bank(entries, num_positions)
+    spacing = float(entries[0].get("spacing", [2.0])[0]) if entries else 2.0
+    out = save_prior_volume(mean_brain(bank), grid, output, spacing_mm=spacing)
+    if bank_path:
+        subjects = [str(e.get("subject") or e["image"]) for e in entries]
+        save_bank(bank[: max_atlases or None], grid, bank_path, subjects[: max_atlases or None])
+    logger.info("mean brain of %d volumes over %d positions written to %s", len(bank), len(grid), out)
+    return out
+
+
+@torch.no_grad()
+def gan_general_brain(checkpoint: dict, positions: Sequence[float], num_samples: int = 8, seed: int = 0) -> np.ndarray:
+    """Average ``num_samples`` generated slices per position for a cGAN or DCGAN-set checkpoint -> (N, H, W) in [0, 1]."""
+    gen, kind, extra = build_generator_from_checkpoint(checkpoint)
+    gen.eval()
+    g = torch.Generator().manual_seed(seed)
+    p = torch.as_tensor(np.asarray(positions, dtype=np.float32))
+    out = []
+    for start in range(0, len(p), 32):
+        pb = p[start : start + 32]
+        acc = 0.0
+        for _ in range(num_samples):
+            z = torch.randn(len(pb), gen.latent_size, generator=g)
+            acc = acc + gen.generate(z, pb)
+        out.append(((acc / num_samples) + 1.0) / 2.0)
+    return torch.cat(out)[:, 0].clamp(0, 1).numpy()
+
+
+def position_items(num_positions: int) -> list[dict]:
+    """Dataset items ``{"position": (1,) tensor, "index": i}`` over the common grid (inference input)."""
+    return [{"position": torch.tensor([float(p)]), "index": i} for i, p in enumerate(position_grid(num_positions))]
+

@@ -1,0 +1,219 @@
+"""Registration of one 2D slice to many (the atlas fit), batched over the moving slices.
+
+Each moving (atlas) slice is aligned to the fixed (patient) slice by an affine transform,
+initialised from the head masks' moments and refined by maximising the normalised
+cross-correlation (NCC) of blurred images at ``work_size``, then (``mode="deformable"``) by a smooth
+displacement on a coarse control grid upsampled bicubically (a B-spline-like free-form
+deformation optimised with torch, with a smoothness penalty). MONAI's registration networks learn
+a deformation; nothing in MONAI optimises one pair at a time, hence this small engine.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..data.positions import HEAD_THRESHOLD
+
+__all__ = ["FitConfig", "SliceFit", "register_slices", "gauss_blur", "ncc", "warp", "intensity_map", "torch_threads"]
+
+
+@dataclass
+class FitConfig:
+    """How :meth:`BrainPrior.fit` adapts the prior to one input slice.
+
+    mode: ``"none"`` (plain prior), ``"affine"``, or ``"deformable"`` (affine + smooth displacement).
+    top_k: atlases kept (by correlation after alignment); only for banks with several volumes.
+    preselect: with ``mode="deformable"``, only the ``preselect * top_k`` atlases that correlate
+        best after the affine step are deformed (saves time on large banks).
+    intensity: ``"linear"`` (least-squares gain per atlas on the input slice's head; air stays black) or ``"none"``.
+    decay: the displacement is scaled by ``exp(-|p - p0| / decay)``; ``0`` applies it everywhere.
+    position_search: half-width in ``p`` of a search, per atlas, for the atlas slice that best
+        matches the input (``0``: every atlas is taken at the input's ``p``). Heads differ in
+        where their anatomy sits along the axis, and the input's ``p`` is itself an estimate, so
+        each atlas is shifted along ``p`` to its best match (NCC after centroid/size alignment,
+        on a grid of ``position_step``) before the in-plane fit. On IXI test subjects (localized
+        inputs) 0.04 (the mrngan bundle's setting) lifts the fitted prior from 0.269 to 0.275 head SSIM and 19.93 to 20.03 dB;
+        on near-uniform phantoms, whose slices look alike after size alignment, it can pick wrong shifts.
+    num_threads: torch threads while fitting (0: leave as is). The fit is hundreds of small
+        operations; with two threads on a busy 2-core machine one fit took 30 s instead of 2.3 s.
+    """
+
+    mode: str = "deformable"
+    top_k: int = 10
+    preselect: int = 2
+    intensity: str = "linear"
+    work_size: int = 64
+    affine_iters: int = 60
+    deform_iters: int = 80
+    grid_points: int = 10
+    smooth_weight: float = 0.05
+    lr_affine: float = 0.01
+    lr_deform: float = 0.05
+    decay: float = 0.1
+    blur_sigma: float = 1.0
+    position_search: float = 0.0
+    position_step: float = 0.01
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none", "affine", "deformable"):
+            raise ValueError(f"fit mode must be 'none', 'affine' or 'deformable', got {self.mode!r}")
+        if self.intensity not in ("none", "linear"):
+            raise ValueError(f"intensity must be 'none' or 'linear', got {self.intensity!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.position_search < 0 or self.position_step <= 0:
+            raise ValueError(f"position_search must be >= 0 and position_step > 0, got {self.position_search}, {self.position_step}")
+
+
+@contextmanager
+def torch_threads(n: int):
+    """At most ``n`` torch threads inside the block (0: unchanged)."""
+    old = torch.get_num_threads()
+    if 0 < int(n) < old:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    if sigma <= 0:
+        return x
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def _moments(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroid (B, 2) in normalised (x, y) coordinates and sqrt(head area) (B,) of head masks."""
+    b, _, h, w = img.shape
+    mask = (img > HEAD_THRESHOLD).float()[:, 0]
+    ys = torch.linspace(-1, 1, h).view(1, h, 1)
+    xs = torch.linspace(-1, 1, w).view(1, 1, w)
+    area = mask.sum((1, 2)).clamp_min(1.0)
+    cx = (mask * xs).sum((1, 2)) / area
+    cy = (mask * ys).sum((1, 2)) / area
+    return torch.stack([cx, cy], 1), area.sqrt()
+
+
+def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
+    b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
+
+
+def warp(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@dataclass
+class SliceFit:
+    """Per-atlas transforms mapping fixed (patient) coordinates to atlas coordinates."""
+
+    theta: torch.Tensor  # (K, 2, 3) affine
+    disp: torch.Tensor  # (K, 2, g, g) coarse displacement (normalised units), zeros for affine mode
+    gain: torch.Tensor  # (K,)
+    offset: torch.Tensor  # (K,)
+    atlas_index: torch.Tensor  # (K,) indices into the bank
+    score: torch.Tensor  # (K,) NCC after alignment
+    reference_position: float = 0.0
+    config: dict = field(default_factory=dict)
+
+    def grid(self, size: tuple[int, int], scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """Sampling grid (K, H, W, 2) at ``size``; ``scale`` (K,) or scalar multiplies the displacement."""
+        k = self.theta.shape[0]
+        base = F.affine_grid(self.theta, [k, 1, *size], align_corners=False)
+        if self.disp.abs().sum() == 0:
+            return base
+        d = F.interpolate(self.disp, size=size, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        scale = torch.as_tensor(scale, dtype=d.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(scale) else scale
+        return base + d * scale
+
+
+def register_slices(moving: torch.Tensor, fixed: torch.Tensor, cfg: FitConfig, theta_init: torch.Tensor | None = None) -> SliceFit:
+    """Align each of ``moving`` (K, 1, H, W) to ``fixed`` (1, 1, H, W); returns transforms (not applied).
+
+    Affine initialised by the head masks' centroids and sizes, refined by NCC of blurred images at
+    ``work_size``; then (``mode="deformable"``) a displacement on a ``grid_points``^2 control grid,
+    upsampled bicubically, maximising NCC with a first-difference smoothness penalty.
+    ``theta_init`` (K, 2, 3) replaces the moment initialisation.
+    """
+    k = moving.shape[0]
+    s = int(cfg.work_size)
+    with torch.no_grad():
+        mv = gauss_blur(F.interpolate(moving.float(), size=(s, s), mode="area"), cfg.blur_sigma)
+        fx = gauss_blur(F.interpolate(fixed.float(), size=(s, s), mode="area"), cfg.blur_sigma).expand(k, -1, -1, -1)
+        cm, sm = _moments(F.interpolate(moving.float(), size=(s, s), mode="area"))
+        cf, sf = _moments(F.interpolate(fixed.float(), size=(s, s), mode="area"))
+        ratio = (sm / sf.clamp_min(1.0)).clamp(0.5, 2.0)  # fixed coords -> moving coords scale
+    theta0 = torch.zeros(k, 2, 3)
+    if cfg.mode == "none":
+        ratio, cm, cf = torch.ones(k), torch.zeros(k, 2), torch.zeros(1, 2)
+    theta0[:, 0, 0] = ratio
+    theta0[:, 1, 1] = ratio
+    theta0[:, :, 2] = cm - ratio[:, None] * cf  # x_m = r * x_f + t maps the fixed centroid onto the moving one
+    if theta_init is not None:
+        theta0 = theta_init.clone().float()
+    theta = theta0.clone()
+    disp = torch.zeros(k, 2, cfg.grid_points, cfg.grid_points)
+    if cfg.mode != "none":
+        return _optimise(mv, fx, theta0, disp, cfg)
+    with torch.no_grad():
+        fit = SliceFit(theta, disp, torch.ones(k), torch.zeros(k), torch.arange(k), torch.zeros(k))
+        fit.score = ncc(warp(mv, fit.grid((s, s))), fx)
+    return fit
+
+
+@torch.enable_grad()
+def _optimise(mv: torch.Tensor, fx: torch.Tensor, theta0: torch.Tensor, disp: torch.Tensor, cfg: FitConfig) -> SliceFit:
+    """Affine refinement (``affine_iters``), then the smooth displacement (``mode="deformable"``), by Adam on NCC."""
+    k, s = mv.shape[0], mv.shape[-1]
+    theta = theta0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=cfg.lr_affine)
+    for _ in range(cfg.affine_iters):
+        opt.zero_grad()
+        g = F.affine_grid(theta, [k, 1, s, s], align_corners=False)
+        loss = (1 - ncc(warp(mv, g), fx)).sum()
+        loss.backward()
+        opt.step()
+    theta = theta.detach()
+    if cfg.mode == "deformable":
+        base = F.affine_grid(theta, [k, 1, s, s], align_corners=False)
+        disp = disp.requires_grad_(True)
+        opt = torch.optim.Adam([disp], lr=cfg.lr_deform / cfg.grid_points)
+        for _ in range(cfg.deform_iters):
+            opt.zero_grad()
+            d = F.interpolate(disp, size=(s, s), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+            sim = 1 - ncc(warp(mv, base + d), fx)
+            smooth = (disp[:, :, 1:] - disp[:, :, :-1]).pow(2).mean((1, 2, 3)) + (disp[..., 1:] - disp[..., :-1]).pow(2).mean((1, 2, 3))
+            loss = (sim + cfg.smooth_weight * smooth * cfg.grid_points**2).sum()
+            loss.backward()
+            opt.step()
+        disp = disp.detach()
+    with torch.no_grad():
+        fit = SliceFit(theta, disp, torch.ones(k), torch.zeros(k), torch.arange(k), torch.zeros(k))
+        warped = warp(mv, fit.grid((s, s)))
+        fit.score = ncc(warped, fx)
+    return fit
+
+
+def intensity_map(warped: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares gain per atlas (through the origin, so air stays black) mapping ``warped`` (K,1,H,W) onto ``fixed``.
+
+    Fitted over the union of both head masks; returned with a zero offset.
+    """
+    fx = fixed.expand_as(warped)
+    m = ((fx > HEAD_THRESHOLD) | (warped > HEAD_THRESHOLD)).float()
+    gain = ((warped * fx * m).flatten(1).sum(1) / (warped * warped * m).flatten(1).sum(1).clamp_min(1e-8)).clamp(0.5, 2.0)
+    return gain, torch.zeros_like(gain)
+

@@ -1,0 +1,106 @@
+"""Every reconstruction method as a *runner*, so placement, blending, saving and evaluation are shared.
+
+``run(starts (N,1,H,W), start_positions (N,), directions (N,), steps, step_p) -> (N,steps,1,H,W)``:
+from each start slice, ``steps`` slices in its direction (+1 towards the vertex, -1 towards the
+neck), position ``p_t = p_0 + t * direction * step_p``.
+
+- ``mrngan``: the trained cell unrolled with pix2pix and the prior (:func:`mrngan_runner`);
+- ``copy``: the input slice repeated (:func:`copy_runner`);
+- ``prior``: the general brain at each position, fitted to the input slice (:func:`prior_runner`);
+- ``pix2pix_iterative``: pix2pix rolled out on its own outputs, both ways (:func:`pix2pix_runner`);
+- ``linear``: for few-slice input, copy runs from both sides of a gap blended with linear weights
+  by distance (:func:`~monai_mrngan.inference.volume.fill_volume`), which is exactly linear
+  interpolation between the two given slices (and nearest copy beyond the outermost ones).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..networks.contracts import prior_fn_for
+from ..networks.recurrent import MRNGAN, NextFn
+
+__all__ = ["Runner", "METHODS", "run_positions", "mrngan_runner", "copy_runner", "prior_runner", "pix2pix_runner", "make_runner"]
+
+Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+METHODS = ("mrngan", "pix2pix_iterative", "prior", "copy", "linear")
+
+
+def run_positions(start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
+    """(N, steps+1) positions of runs: ``p_t = p_0 + t * direction * step_p``."""
+    t = torch.arange(steps + 1, dtype=torch.float32, device=start_positions.device)
+    return start_positions.float().view(-1, 1) + t.view(1, -1) * directions.float().view(-1, 1) * float(step_p)
+
+
+def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = True) -> Runner:
+    """Runner that unrolls the trained MRNGAN cell (eval mode, no grad)."""
+
+    @torch.no_grad()
+    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
+        model.eval()
+        pos = run_positions(start_positions, directions, steps, step_p)
+        prior_fn = prior_fn_for(prior, starts if fit_prior else None, start_positions)
+        out = model.unroll(starts, pos, directions, next_fn, prior_fn)
+        return out[:, :, None]
+
+    return run
+
+
+def copy_runner() -> Runner:
+    """Every generated slice is the start slice."""
+
+    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
+        return starts[:, None].expand(-1, steps, -1, -1, -1).clone()
+
+    return run
+
+
+def prior_runner(prior: Any, fit: bool = True) -> Runner:
+    """The prior slice at each position of the run (fitted to the start slice when ``fit``)."""
+
+    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
+        pos = run_positions(start_positions, directions, steps, step_p)[:, 1:]
+        fn = prior_fn_for(prior, starts if fit else None, start_positions)
+        return fn(pos).to(starts).clamp(0, 1)
+
+    return run
+
+
+def pix2pix_runner(next_fn: NextFn) -> Runner:
+    """pix2pix fed its own outputs (``next_fn`` as from :func:`~monai_mrngan.networks.contracts.next_fn_for`)."""
+
+    @torch.no_grad()
+    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
+        prev, outs = starts, []
+        for _ in range(steps):
+            prev = next_fn(prev, directions).clamp(0, 1)
+            outs.append(prev)
+        return torch.stack(outs, 1)
+
+    return run
+
+
+def make_runner(
+    method: str,
+    model: MRNGAN | None = None,
+    next_fn: NextFn | None = None,
+    prior: Any = None,
+    fit_prior: bool = True,
+) -> Runner:
+    """The runner of one method of :data:`METHODS` (raises when a component it needs is missing)."""
+    need = {"mrngan": ("model", "next_fn", "prior"), "pix2pix_iterative": ("next_fn",), "prior": ("prior",)}.get(method, ())
+    given = {"model": model, "next_fn": next_fn, "prior": prior}
+    missing = [n for n in need if given[n] is None]
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if missing:
+        raise ValueError(f"method {method!r} needs {', '.join(missing)}")
+    if method == "mrngan":
+        return mrngan_runner(model, next_fn, prior, fit_prior)
+    if method == "pix2pix_iterative":
+        return pix2pix_runner(next_fn)
+    if method == "prior":
+        return prior_runner(prior, fit_prior)
+    return copy_runner()  # copy; linear = copy runs blended across gaps
