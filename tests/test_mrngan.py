@@ -382,9 +382,9 @@ def test_reconstruct_files_few_slices_and_bad_inputs(tiny_dataset, tmp_path, pri
     assert out.shape == vol.shape and res["input_indices"] == [4, 12, 20]
     np.testing.assert_allclose(out.get_fdata()[:, :, 8], 0.5 * vol[:, :, 4] + 0.5 * vol[:, :, 12], atol=1e-5)
 
-    big = np.zeros((40, 40), np.float32)
-    big[10:20, 10:20] = 0.5
-    save_nifti(big, affine, tmp_path / "big.nii.gz")
+    coronal = np.zeros((vol.shape[0], 1, vol.shape[2]), np.float32)
+    coronal[:, 0] = vol[:, 16, :]
+    save_nifti(coronal, affine, tmp_path / "coronal.nii.gz")  # a coronal plane: its normal runs along y
     rgb = np.zeros((32, 32, 3), np.uint8)
     rgb[..., 0] = 200
     Image.fromarray(rgb, "RGB").save(tmp_path / "colour.png")
@@ -392,7 +392,7 @@ def test_reconstruct_files_few_slices_and_bad_inputs(tiny_dataset, tmp_path, pri
     nan[3, 3] = np.nan
     save_nifti(nan, affine, tmp_path / "nan.nii.gz")
     bad = [
-        (tmp_path / "big.nii.gz", "expect 32x32"),
+        (tmp_path / "coronal.nii.gz", "slice stored along another axis"),
         (tmp_path / "colour.png", "colour PNG"),
         (Path(entry["image"]), "pass a slice index"),
         (tmp_path / "nan.nii.gz", "NaN"),

@@ -114,17 +114,25 @@ def reconstruct(
     positions: float | Sequence[float] | None = None,
     dataset_dir: str | None = None,
     method: str = "mrngan",
+    stack: bool = False,
+    pixel_mm: float | None = None,
 ) -> None:
     """Reconstruct a whole volume from one 2D slice or a few, with the stages trained in WORKDIR.
 
     Args:
         workdir: a pipeline work folder (trained stages).
-        input: one or more slices: PNG, 2D NIfTI, or a 3D NIfTI with --slice-index.
-        out: output volume (.nii.gz); a PNG montage and the positions (JSON) are written beside it.
-        slice_index: axial index to take from a 3D NIfTI input.
-        positions: the anatomical position p of each input slice; localized when omitted.
-        dataset_dir: prepared dataset that fixes the output grid (default: the pipeline's).
+        input: one or more slices: a DICOM series folder (with --slice-index or --stack) or one axial
+            DICOM file, a NIfTI (2D, or 3D with --slice-index or --stack; any size, spacing and
+            orientation), or a PNG (at the model size, or any size with --pixel_mm).
+        out: output volume (.nii.gz), in the input's space when the input has a geometry (DICOM,
+            NIfTI); beside it: OUT_model_grid.nii.gz (the model grid), OUT_provenance.nii.gz (0 on
+            real slices, else mm to the nearest one), OUT_montage.png and OUT_positions.json.
+        slice_index: axial index of a 3D input, counted from the bottom of the volume reoriented to RAS.
+        positions: the anatomical position p of each input slice (of the first one with --stack); localized when omitted.
+        dataset_dir: prepared dataset that fixes the model grid (default: the pipeline's).
         method: mrngan, pix2pix_iterative, prior, copy (one slice) or linear (several).
+        stack: use every axial slice of one input (a thick-slice stack), placed by its geometry.
+        pixel_mm: in-plane pixel size of a PNG input that is not at the model size.
     """
     from ..inference.components import reference_grid
     from ..inference.reconstruct import reconstruct_files
@@ -135,11 +143,12 @@ def reconstruct(
     result = reconstruct_files(
         inputs, out, _components(workdir), slice_index=slice_index, positions=pos, method=method,
         expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"],
-        reference_positions=ref["positions"],
+        reference_positions=ref["positions"], stack=bool(stack), pixel_mm=pixel_mm,
     )
-    for path, p in zip(inputs, result["input_positions"]):
-        print(f"{path}: position p = {p:.3f} ({p * 200:.0f} mm below the vertex)")
-    print(f"volume:    {result['volume']}\nmontage:   {result['montage']}\npositions: {result['positions']}")
+    for source, p in zip(result["sources"], result["input_positions"]):
+        print(f"{source}: position p = {p:.3f} ({p * 200:.0f} mm below the vertex)")
+    grid = f"\nmodel grid: {result['model_grid_volume']}" if "model_grid_volume" in result else ""
+    print(f"volume:    {result['volume']}{grid}\nprovenance: {result['provenance']}\nmontage:   {result['montage']}\npositions: {result['positions']}")
 
 
 def complete(

@@ -97,7 +97,8 @@ def check_destination(src: Path, dst: Path, overwrite: bool, what: str) -> bool:
     return False
 
 
-def _check_values(path: Path, data: np.ndarray) -> np.ndarray:
+def check_values(path: Path, data: np.ndarray) -> np.ndarray:
+    """``data`` as float32, or :class:`InputError` for no voxels, a non-numeric type, NaN / inf or a constant image."""
     if data.size == 0:
         raise InputError(path, "empty image (no voxels)")
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
@@ -122,7 +123,7 @@ def load_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     data, affine = read_image(path, "one 3D volume")
     if data.ndim < 3 or min(data.shape) == 1:
         raise InputError(path, f"2D image of shape {tuple(data.shape)}; expected a 3D volume")
-    return _check_values(path, data), affine
+    return check_values(path, data), affine
 
 
 def load_slice(path: str | os.PathLike, slice_index: int | None = None) -> np.ndarray:
@@ -154,7 +155,7 @@ def load_slice(path: str | os.PathLike, slice_index: int | None = None) -> np.nd
             raise InputError(path, f"{data.ndim}D image of shape {tuple(data.shape)}; expected a 2D slice")
     else:
         raise InputError(path, "unsupported file type; expected .png, .nii or .nii.gz")
-    return _check_values(path, np.asarray(data))
+    return check_values(path, np.asarray(data))
 
 
 def _read_png(path: Path) -> np.ndarray:

@@ -67,10 +67,13 @@ class SkipScan(Exception):
     """A readable scan that the heuristics reject; the message is the reason."""
 
 
+def _to_ras(data: np.ndarray, affine: np.ndarray) -> MetaTensor:
+    img = MetaTensor(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+    return Orientation(axcodes="RAS", labels=None)(img)
+
+
 def _to_ras_isotropic(data: np.ndarray, affine: np.ndarray, spacing: float) -> MetaTensor:
-    img = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.as_tensor(affine))
-    img = Orientation(axcodes="RAS", labels=None)(img)
-    return Spacing(pixdim=(spacing,) * 3, mode="bilinear", padding_mode="zeros")(img)
+    return Spacing(pixdim=(spacing,) * 3, mode="bilinear", padding_mode="zeros")(_to_ras(data, affine))
 
 
 def scale_intensity(img: np.ndarray) -> tuple[np.ndarray, float]:
@@ -123,6 +126,55 @@ def crop_inplane(img: torch.Tensor, centre: Sequence[float], size: Sequence[int]
     start = [x0 + pads[0], y0 + pads[2]] + [0] * (img.ndim - 3)
     end = [start[0] + int(size[0]), start[1] + int(size[1])] + list(img.shape[3:])
     return SpatialCrop(roi_start=start, roi_end=end)(img), pads
+
+
+@dataclass
+class PreparedSlices:
+    """Axial slices of any input on the model grid, and where that grid lies in the input's world.
+
+    ``slices`` (K, size, size) float32 in [0, 1]; ``indices`` the selected slices along the
+    RAS-reoriented axis 2; ``affine`` maps (i, j, k) to the input's world (RAS mm): model-grid
+    pixel (i, j) of the input slice at RAS index ``indices[0] + k`` (so its third column is the
+    input's own slice step, ``step_mm`` long); ``scale``: what was divided out (``slices * scale``
+    are the input's intensities, inside the clipping).
+    """
+
+    slices: np.ndarray
+    affine: np.ndarray
+    step_mm: float
+    indices: list[int]
+    scale: float
+
+
+def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: int, indices: Sequence[int] | None = None,
+                   source: str | Path = "<array>") -> PreparedSlices:
+    """Axial slices of any volume (or a one-slice volume) prepared as :func:`prepare_volume` prepares scans.
+
+    Reoriented to RAS (``indices`` count along that axis 2, negative from the top; default: all),
+    scaled by the whole input's 99.5th percentile, resampled in-plane to ``spacing`` mm (each slice
+    stays where it was acquired: thick-slice stacks keep their gaps), and cropped / padded to
+    ``size`` around the selected slices' intensity centre of mass. Raises :class:`InputError` for
+    an index outside the volume or an input with nothing positive.
+    """
+    img = _to_ras(np.asarray(data, dtype=np.float32), affine)
+    depth = img.shape[3]
+    picked = list(range(depth)) if indices is None else [int(i) for i in indices]
+    bad = [i for i in picked if not -depth <= i < depth]
+    if bad:
+        raise InputError(source, f"slice index {bad[0]} outside the volume's {depth} axial slices (counted in RAS orientation)")
+    picked = [i % depth for i in picked]
+    scaled, top = scale_intensity(img[0].numpy())
+    if top <= 0:
+        raise InputError(source, "no positive intensities; nothing to scale for the models")
+    scaled_img = MetaTensor(torch.from_numpy(scaled)[None], affine=img.affine)
+    resample = Spacing(pixdim=(spacing, spacing, -1), mode="bilinear", padding_mode="zeros")  # in-plane only
+    planes = [resample(SpatialCrop(roi_start=[0, 0, i], roi_end=[img.shape[1], img.shape[2], i + 1])(scaled_img)) for i in picked]
+    weights = sum(pl[0, :, :, 0].numpy() for pl in planes)
+    centre = ndimage.center_of_mass(weights) if weights.sum() > 0 else ((weights.shape[0] - 1) / 2, (weights.shape[1] - 1) / 2)
+    cropped = [crop_inplane(pl, centre, (size, size))[0] for pl in planes]
+    slices = np.stack([np.clip(c[0, :, :, 0].numpy(), 0.0, 1.0) for c in cropped]).astype(np.float32)
+    out_affine = np.asarray(cropped[0].affine, dtype=np.float64)
+    return PreparedSlices(slices, out_affine, float(np.linalg.norm(out_affine[:3, 2])), picked, float(top))
 
 
 def _slice_stats(vol: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:

@@ -16,9 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data.io import InputError, load_slice
+from ..data.inputs import InputSlices, read_inputs
 from ..data.positions import HEAD_HEIGHT_MM
-from ..data.prepare import to_unit_range
 from ..networks.recurrent import MRNGAN, NextFn
 from ..transforms.shapes import as_slice_batch
 from .components import Components
@@ -116,6 +115,31 @@ def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor |
     return pos
 
 
+def _stack_positions(components: Components, slices: np.ndarray, offsets_mm: Sequence[float], given: Sequence[float] | None) -> list[float]:
+    """Positions of a stack's slices from their relative geometry and ONE offset: the given position of
+    the first slice, or the median over its slices of (localized p + the slice's offset in p)."""
+    rel = -np.asarray(offsets_mm, dtype=np.float64) / HEAD_HEIGHT_MM  # higher slices lie closer to the vertex
+    if given is not None:
+        if len(given) not in (1, len(rel)):
+            raise ValueError(f"a stack of {len(rel)} slices takes one position (its first slice) or {len(rel)}, got {len(given)}")
+        return [float(p) for p in given] if len(given) == len(rel) else [float(given[0] + r) for r in rel]
+    if components.localizer is None:
+        raise ValueError("no positions given and no localizer to find them")
+    found = localize(components.localizer, torch.from_numpy(slices)[:, None].to(components.device)).cpu().numpy().astype(np.float64)
+    p0 = float(np.median(found - rel))
+    return [p0 + float(r) for r in rel]
+
+
+def _input_space_affine(inputs: InputSlices, first_index: int, spacing_mm: float) -> np.ndarray:
+    """Affine placing the output grid in the input's world: the model grid's in-plane transform undone,
+    axial steps of ``spacing_mm`` along the input's axial axis, the first input slice where it was acquired."""
+    aff = np.asarray(inputs.affine, dtype=np.float64).copy()
+    axial = aff[:3, 2] / max(float(np.linalg.norm(aff[:3, 2])), 1e-12) * spacing_mm
+    aff[:3, 2] = axial
+    aff[:3, 3] = aff[:3, 3] - first_index * axial
+    return aff
+
+
 def reconstruct_files(
     inputs: Sequence[str],
     out: str,
@@ -128,27 +152,34 @@ def reconstruct_files(
     reference_affine: np.ndarray | None = None,
     reference_positions: Sequence[float] | None = None,
     refine_window: float = 0.12,
+    stack: bool = False,
+    pixel_mm: float | Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Files in (PNG, 2D NIfTI, or a slice of a 3D NIfTI with ``slice_index``), volume files out.
+    """Files in (DICOM series or file, NIfTI, PNG; see :func:`~monai_mrngan.data.inputs.read_inputs`), volume files out.
 
-    ``expected_shape``: the prepared in-plane size the models were trained on (a wrong-size input
-    raises :class:`InputError`). With ``reference_affine`` / ``reference_positions`` (one prepared
-    volume's affine and ``p`` per index) the output covers that volume's extent in ``p`` and its
-    affine matches the prepared data's orientation, spacing and anatomy; otherwise ``0 <= p <= 1`` and a RAS diagonal affine with ``spacing_mm``. Returns the written
-    paths and the positions used for each input.
+    ``expected_shape``: the prepared in-plane size the models were trained on (default: the
+    prior's); inputs of other sizes and spacings are resampled and cropped to it as ``prepare``
+    does (a PNG needs ``pixel_mm``). ``stack``: every axial slice of one volume is an input, at
+    positions relative to each other from its geometry, with one offset localized. With
+    ``reference_affine`` / ``reference_positions`` (one prepared volume's affine and ``p`` per
+    index) the model-grid output covers that volume's extent in ``p`` with the prepared data's
+    orientation and spacing; otherwise ``0 <= p <= 1`` and a RAS diagonal affine with ``spacing_mm``.
+    When the input has a geometry (DICOM, NIfTI) ``out`` is placed in the input's world so that it
+    overlays the input in a viewer, and the model-grid volume is written beside it
+    (``<out>_model_grid.nii.gz``). Returns the written paths and the positions of the inputs.
     """
     if not inputs:
         raise ValueError("no input slices given")
-    arrs = []
-    for path in inputs:
-        arr = load_slice(path, slice_index)
-        if expected_shape is not None and tuple(arr.shape) != tuple(expected_shape):
-            raise InputError(path, f"slice is {arr.shape[0]}x{arr.shape[1]} px; the models expect {expected_shape[0]}x{expected_shape[1]} (prepared size)")
-        arrs.append(to_unit_range(arr))
-    if positions is not None and len(positions) != len(inputs):
-        raise ValueError(f"{len(inputs)} input slices but {len(positions)} positions")
+    size = expected_shape[0] if expected_shape is not None else (components.prior.shape[0] if components.prior is not None else None)
+    if size is None:
+        raise ValueError("the model grid's size is unknown: pass expected_shape")
+    got = read_inputs(inputs, int(size), spacing_mm, slice_index=slice_index, stack=stack, pixel_mm=pixel_mm)
+    if stack:
+        positions = _stack_positions(components, got.slices, got.offsets_mm, positions)
+    elif positions is not None and len(positions) != len(got.slices):
+        raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
     rec = reconstruct_volume(
-        np.stack(arrs),
+        got.slices,
         positions,
         method=method,
         model=components.model,
@@ -160,9 +191,10 @@ def reconstruct_files(
         refine_window=refine_window,
         device=components.device,
     )
-    affine = None
+    grid_affine = None
     if reference_affine is not None and reference_positions is not None:
-        affine = volume_affine(reference_affine, reference_positions, rec.positions)
-    paths = save_reconstruction(rec, out, affine, spacing_mm)
+        grid_affine = volume_affine(reference_affine, reference_positions, rec.positions)
+    input_affine = _input_space_affine(got, rec.input_indices[0], spacing_mm) if got.has_geometry else None
+    paths = save_reconstruction(rec, out, grid_affine, spacing_mm, input_affine=input_affine, sources=got.sources)
     logger.info("wrote %s (%s slices); input positions %s", paths["volume"], rec.volume.shape[2], rec.input_positions)
-    return {**paths, "input_positions": rec.input_positions, "input_indices": rec.input_indices}
+    return {**paths, "input_positions": rec.input_positions, "input_indices": rec.input_indices, "sources": got.sources}

@@ -1,0 +1,169 @@
+"""DICOM input: a series folder as one 3D volume, or one file as one slice, with its scanner geometry.
+
+Read with pydicom (the maintained DICOM reader of the Python ecosystem; nibabel does not read
+DICOM, and MONAI's ``PydicomReader`` gives no one-line diagnosis of a bad series). The geometry
+comes from ImagePositionPatient / ImageOrientationPatient / PixelSpacing, so a series acquired in
+any orientation (a sagittal MPRAGE too) becomes a volume with a correct RAS affine, like a NIfTI:
+
+- array axis 0 runs along a row of the image (the "row" direction cosine, column index),
+  axis 1 down the columns (row index), axis 2 across the slices (sorted along the slice normal);
+- the affine maps (i, j, k) to RAS millimetres (DICOM's LPS with x and y negated).
+
+Every problem is an :class:`~monai_mrngan.data.io.InputError` naming the file or folder: not
+DICOM, a multi-frame file, a compressed transfer syntax that cannot be decoded here, several
+series in one folder, slices that differ in orientation or size, missing geometry.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import InputError
+
+__all__ = ["is_dicom", "read_dicom", "read_dicom_file", "read_dicom_series", "slice_normal_angle"]
+
+_GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """True for a folder holding DICOM files, or a file with the DICOM preamble (``DICM`` at byte 128)."""
+    path = Path(path)
+    if path.is_dir():
+        return any(_has_preamble(f) for f in sorted(path.iterdir())[:50] if f.is_file())
+    return path.is_file() and (path.suffix.lower() == ".dcm" or _has_preamble(path))
+
+
+def _has_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _dataset(path: Path, pixels: bool = True) -> Any:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels)
+    except InvalidDicomError as err:
+        raise InputError(path, "not a DICOM file") from err
+    except Exception as err:  # truncated or corrupt files raise many types
+        raise InputError(path, f"unreadable DICOM file ({type(err).__name__}: {err})".splitlines()[0]) from err
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise InputError(path, f"multi-frame DICOM ({frames} frames in one file); export the series as one file per slice")
+    missing = [t for t in _GEOMETRY_TAGS if t not in ds]
+    if missing:
+        raise InputError(path, f"DICOM file without {', '.join(missing)}; its position in the scanner is unknown")
+    return ds
+
+
+def _pixels(ds: Any, path: Path) -> np.ndarray:
+    """The stored values with RescaleSlope / RescaleIntercept applied, as float32 (rows, cols)."""
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # no decoder for a compressed transfer syntax, or broken pixel data
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise InputError(path, f"cannot decode the pixel data (transfer syntax {name}; {type(err).__name__}); "
+                               "convert the series to uncompressed DICOM or NIfTI (e.g. dcm2niix)") from err
+    if arr.ndim != 2:
+        raise InputError(path, f"pixel data of shape {tuple(arr.shape)}; expected one grayscale 2D image")
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    return (arr.astype(np.float32) * slope + intercept).astype(np.float32)
+
+
+def _orientation(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    return row, col, normal / max(np.linalg.norm(normal), 1e-12)
+
+
+def _affine(ds: Any, slice_step: np.ndarray) -> np.ndarray:
+    """RAS affine of a slice stack whose first slice is ``ds`` and whose slices step by ``slice_step`` (LPS mm)."""
+    row, col, _ = _orientation(ds)
+    dr, dc = (float(v) for v in ds.PixelSpacing)  # between rows (along col), between columns (along row)
+    lps = np.eye(4)
+    lps[:3, 0] = row * dc
+    lps[:3, 1] = col * dr
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
+    return _LPS_TO_RAS @ lps
+
+
+def slice_normal_angle(affine: np.ndarray) -> float:
+    """Degrees between the slice normal (array axis 2) of an RAS affine and the head-foot axis."""
+    n = np.asarray(affine, dtype=np.float64)[:3, 2]
+    n = n / max(np.linalg.norm(n), 1e-12)
+    return float(np.degrees(np.arccos(min(1.0, abs(n[2])))))
+
+
+def read_dicom_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """One DICOM file as a one-slice volume ``(X, Y, 1)`` and its RAS affine (slice thickness as the step)."""
+    path = Path(path)
+    ds = _dataset(path)
+    _, _, normal = _orientation(ds)
+    thickness = float(getattr(ds, "SliceThickness", 0) or 0) or float(ds.PixelSpacing[0])
+    return _pixels(ds, path).T[:, :, None], _affine(ds, normal * thickness)
+
+
+def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Every DICOM file of ``folder`` (one series) as a volume ``(X, Y, Z)`` and its RAS affine.
+
+    Slices are sorted along the slice normal by ImagePositionPatient; gaps between slices must be
+    even (within 10 % of the median step). Non-DICOM files (e.g. a DICOMDIR index) are skipped.
+    """
+    folder = Path(folder)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR")
+    headers = []
+    for f in files:
+        if not _has_preamble(f) and f.suffix.lower() != ".dcm":
+            continue
+        headers.append((f, _dataset(f, pixels=False)))
+    if not headers:
+        raise InputError(folder, "no DICOM files in this folder")
+    series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
+    if len(series) > 1:
+        raise InputError(folder, f"mixed DICOM series in one folder ({len(series)} SeriesInstanceUIDs); put each series in its own folder")
+    row0, col0, normal = _orientation(headers[0][1])
+    shape0 = (int(headers[0][1].Rows), int(headers[0][1].Columns))
+    for f, ds in headers:
+        row, col, _ = _orientation(ds)
+        if not (np.allclose(row, row0, atol=1e-3) and np.allclose(col, col0, atol=1e-3)):
+            raise InputError(f, "slice orientation differs from the rest of the series")
+        if (int(ds.Rows), int(ds.Columns)) != shape0:
+            raise InputError(f, f"image size {int(ds.Rows)}x{int(ds.Columns)} differs from the series' {shape0[0]}x{shape0[1]}")
+    depth = np.array([float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for _, ds in headers])
+    order = np.argsort(depth, kind="stable")
+    depth = depth[order]
+    if len(depth) > 1:
+        steps = np.diff(depth)
+        if (steps <= 1e-6).any():
+            raise InputError(folder, "two slices at the same position; the folder holds duplicates or several acquisitions")
+        med = float(np.median(steps))
+        if (np.abs(steps - med) > 0.1 * med).any():
+            raise InputError(folder, f"uneven slice spacing ({steps.min():.3g} to {steps.max():.3g} mm); expected one evenly spaced series")
+    else:
+        med = float(getattr(headers[0][1], "SliceThickness", 0) or 0) or float(headers[0][1].PixelSpacing[0])
+    first_path, _ = headers[order[0]]
+    first = _dataset(first_path)
+    vol = np.stack([_pixels(_dataset(headers[i][0]), headers[i][0]).T for i in order], axis=2)
+    return vol, _affine(first, normal * med)
+
+
+def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM series folder or a single DICOM file -> (volume (X, Y, Z), RAS affine)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    return read_dicom_series(path) if path.is_dir() else read_dicom_file(path)

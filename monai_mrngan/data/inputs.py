@@ -1,0 +1,153 @@
+"""User inputs for ``reconstruct`` / ``complete``: any file a physician or researcher holds, on the model grid.
+
+One home for reading what does not come from ``prepare``:
+
+- a DICOM series folder (any acquisition orientation) or a single DICOM file (:mod:`.dicom`);
+- a NIfTI: 2D, or 3D with a slice index or as a stack, any size, spacing and orientation;
+- a PNG: at the model size as is, any other size with ``pixel_mm`` (a PNG has no geometry).
+
+Everything with a geometry goes through :func:`~monai_mrngan.data.prepare.prepare_slices` (the same
+reorientation, scaling, resampling and crop as ``prepare``), which also says where the model grid
+lies in the input's world, so outputs can overlay the input. ``slice_index`` counts along the
+volume's axial axis after reorientation to RAS (0 = lowest slice), for DICOM and NIfTI alike.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+from .dicom import is_dicom, read_dicom, slice_normal_angle
+from .io import InputError, check_values, is_nifti, is_png, load_slice, read_image
+from .prepare import PreparedSlices, prepare_slices, to_unit_range
+
+__all__ = ["InputSlices", "read_inputs", "MAX_TILT_DEGREES"]
+
+MAX_TILT_DEGREES = 10.0
+"""A single slice must be axial within this angle: the models only know axial slices."""
+
+
+@dataclass
+class InputSlices:
+    """Input slices on the model grid (``slices`` (K, H, W) in [0, 1]) and what is known of their place.
+
+    ``affine``: (i, j, k) -> the input's world (RAS mm) for the model-grid pixel (i, j) of the
+    first slice moved ``k`` input slice steps along its axial axis (None for a PNG: no geometry);
+    ``offsets_mm``: each slice's distance above the first along that axis (a stack's geometry);
+    ``sources``: a label per slice; ``scale``: the intensity divided out.
+    """
+
+    slices: np.ndarray
+    sources: list[str]
+    affine: np.ndarray | None = None
+    step_mm: float | None = None
+    offsets_mm: list[float] = field(default_factory=list)
+    scale: float = 1.0
+
+    @property
+    def has_geometry(self) -> bool:
+        return self.affine is not None
+
+
+def _volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels and RAS affine of a DICOM series / file or a NIfTI (2D images become one-slice volumes)."""
+    if is_dicom(path):
+        data, affine = read_dicom(path)
+    else:
+        data, affine = read_image(path, "one 2D slice or one 3D volume")
+    data = check_values(path, np.asarray(data))
+    if data.ndim == 2:
+        data = data[:, :, None]
+    elif data.ndim == 3 and data.shape[2] > 1 and 1 in data.shape[:2]:
+        raise InputError(path, f"a slice stored along another axis (shape {tuple(data.shape)}); expected an axial slice or a volume")
+    return data, affine
+
+
+def _already_prepared(data: np.ndarray, affine: np.ndarray, spacing: float, size: int, indices: Sequence[int] | None,
+                      path: Path) -> PreparedSlices | None:
+    """A slice of a prepared volume (RAS, ``size`` px at ``spacing`` mm, values in [0, 1]) is used as it is."""
+    zooms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :2], axis=0)
+    if (data.shape[:2] != (size, size) or nib.aff2axcodes(affine) != ("R", "A", "S") or not np.allclose(zooms, spacing, rtol=0.02)
+            or data.min() < 0.0 or data.max() > 1.0):
+        return None
+    depth = data.shape[2]
+    picked = list(range(depth)) if indices is None else [int(i) for i in indices]
+    if any(not -depth <= i < depth for i in picked):
+        raise InputError(path, f"slice index {picked[0]} outside the volume's {depth} axial slices")
+    picked = [i % depth for i in picked]
+    moved = np.asarray(affine, dtype=np.float64).copy()
+    moved[:3, 3] += moved[:3, 2] * picked[0]
+    return PreparedSlices(np.moveaxis(data[:, :, picked], 2, 0).astype(np.float32), moved, float(np.linalg.norm(moved[:3, 2])), picked, 1.0)
+
+
+def _one_with_geometry(path: Path, size: int, spacing: float, slice_index: int | None, stack: bool) -> InputSlices:
+    data, affine = _volume(path)
+    depth = data.shape[2]
+    if depth == 1:
+        angle = slice_normal_angle(affine)
+        if angle > MAX_TILT_DEGREES:
+            raise InputError(path, f"slice is {angle:.0f} degrees from axial (coronal or sagittal?); only an axial slice (within "
+                                   f"{MAX_TILT_DEGREES:g} degrees) can be placed in the head")
+        indices: Sequence[int] | None = [0]
+    elif stack:
+        indices = None
+    elif slice_index is None:
+        raise InputError(path, f"3D volume of {depth} axial slices where one slice is expected; pass a slice index (--slice-index N, "
+                               "counted from the bottom in RAS orientation) or --stack to use every axial slice")
+    else:
+        indices = [int(slice_index)]
+    prepared = _already_prepared(data, affine, spacing, size, indices, path) or prepare_slices(data, affine, spacing, size, indices, source=path)
+    offsets = [float((i - prepared.indices[0]) * prepared.step_mm) for i in prepared.indices]
+    label = str(path) if len(prepared.indices) == 1 and depth == 1 else None
+    sources = [label or f"{path}#{i}" for i in prepared.indices]
+    return InputSlices(prepared.slices, sources, prepared.affine, prepared.step_mm, offsets, prepared.scale)
+
+
+def _png(path: Path, size: int, spacing: float, pixel_mm: float | Sequence[float] | None) -> InputSlices:
+    arr = load_slice(path)
+    if arr.shape == (size, size):
+        return InputSlices(to_unit_range(arr)[None].astype(np.float32), [str(path)])
+    if pixel_mm is None:
+        raise InputError(path, f"slice is {arr.shape[0]}x{arr.shape[1]} px but the models work on {size}x{size} px at {spacing:g} mm; "
+                               "a PNG has no pixel size, so pass --pixel_mm (e.g. --pixel_mm 0.9) to resample it")
+    px = np.broadcast_to(np.asarray(pixel_mm, dtype=np.float64), (2,))
+    if (px <= 0).any() or not np.isfinite(px).all():
+        raise InputError(path, f"invalid pixel size {px.tolist()} mm")
+    prepared = prepare_slices(arr[:, :, None], np.diag([px[0], px[1], spacing, 1.0]), spacing, size, [0], source=path)
+    return InputSlices(prepared.slices, [str(path)], scale=prepared.scale)
+
+
+def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, slice_index: int | None = None,
+                stack: bool = False, pixel_mm: float | Sequence[float] | None = None) -> InputSlices:
+    """Every input file (or DICOM folder) -> slices on the model grid (``size`` px at ``spacing`` mm).
+
+    ``stack``: one input whose axial slices are all used, with their relative positions from its
+    geometry (a thick-slice acquisition). Otherwise each input is one slice; the geometry kept is
+    the first input's when there is a single input.
+    """
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("no input slices given")
+    for p in paths:
+        if not p.exists():
+            raise InputError(p, "no such file or folder")
+    if stack and len(paths) != 1:
+        raise ValueError(f"--stack takes one input (a volume or a DICOM series), got {len(paths)}")
+    parts = []
+    for p in paths:
+        if is_png(p):
+            if stack or slice_index is not None:
+                raise InputError(p, "a PNG is one slice; --stack and --slice-index apply to volumes")
+            parts.append(_png(p, size, spacing, pixel_mm))
+        elif is_nifti(p) or is_dicom(p):
+            parts.append(_one_with_geometry(p, size, spacing, slice_index, stack))
+        else:
+            raise InputError(p, "unsupported input; expected a DICOM series folder or file, .nii / .nii.gz, or .png")
+    if len(parts) == 1:
+        return parts[0]
+    return InputSlices(np.concatenate([q.slices for q in parts]), [s for q in parts for s in q.sources])

@@ -1,0 +1,90 @@
+"""DICOM input: series in any orientation read with their scanner geometry; bad series refused in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+
+from dicom_series import write_series  # noqa: E402  (tests/ helper)
+
+from monai_mrngan.data.dicom import is_dicom, read_dicom, read_dicom_file, slice_normal_angle  # noqa: E402
+from monai_mrngan.data.io import InputError  # noqa: E402
+
+
+def _volume(shape=(12, 10, 8)):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 1000, size=shape).astype(np.float32)
+
+
+def _affine():
+    # 1.5 x 1.2 x 2 mm voxels, a small rotation about z, an offset origin (RAS)
+    c, s = np.cos(0.1), np.sin(0.1)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([1.5, 1.2, 2.0])
+    aff[:3, 3] = [-10.0, 20.0, -30.0]
+    return aff
+
+
+def _world(vol_shape, affine):
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in vol_shape], indexing="ij"), -1).reshape(-1, 3)
+    return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+@pytest.mark.parametrize("slice_axis", [2, 0, 1])
+def test_series_in_any_orientation_keeps_voxels_and_world_positions(tmp_path, slice_axis):
+    vol, aff = _volume(), _affine()
+    write_series(vol, aff, tmp_path / "series", slice_axis=slice_axis)
+    assert is_dicom(tmp_path / "series")
+    data, affine = read_dicom(tmp_path / "series")
+    # the same voxels at the same world coordinates, whatever the acquisition axis
+    got = dict(zip(map(tuple, np.round(_world(data.shape, affine), 3)), data.reshape(-1)))
+    want = dict(zip(map(tuple, np.round(_world(vol.shape, aff), 3)), vol.reshape(-1)))
+    assert got.keys() == want.keys()
+    assert all(got[k] == want[k] for k in want)
+
+
+def test_single_file_is_one_slice_and_its_tilt_is_known(tmp_path):
+    vol, aff = _volume(), _affine()
+    axial = write_series(vol, aff, tmp_path / "ax", slice_axis=2)
+    sag = write_series(vol, aff, tmp_path / "sag", slice_axis=0)
+    data, affine = read_dicom_file(axial[3])
+    assert data.shape == (12, 10, 1) and np.array_equal(data[..., 0], vol[:, :, 3])
+    assert slice_normal_angle(affine) < 1.0
+    _, affine_sag = read_dicom_file(sag[0])
+    assert slice_normal_angle(affine_sag) > 80.0
+
+
+def test_bad_series_get_one_line_errors(tmp_path):
+    vol, aff = _volume(), _affine()
+    mixed = tmp_path / "mixed"
+    write_series(vol[..., :3], aff, mixed, series_uid="1.2.3")
+    write_series(vol[..., :3], aff, mixed / "x", series_uid="1.2.4")
+    for f in (mixed / "x").iterdir():
+        f.rename(mixed / f"b_{f.name}")
+    with pytest.raises(InputError, match="mixed DICOM series"):
+        read_dicom(mixed)
+
+    one = write_series(vol[..., :2], aff, tmp_path / "mf")[0]
+    ds = pydicom.dcmread(str(one))
+    ds.NumberOfFrames = 4
+    ds.save_as(str(one))
+    with pytest.raises(InputError, match="multi-frame"):
+        read_dicom(one)
+
+    comp = write_series(vol[..., :1], aff, tmp_path / "jp2")[0]
+    ds = pydicom.dcmread(str(comp))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x01garbage"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(str(comp), enforce_file_format=True)
+    with pytest.raises(InputError, match="cannot decode the pixel data") as err:
+        read_dicom(comp)
+    assert str(comp) in str(err.value) and "\n" not in str(err.value)
+
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 20)
+    with pytest.raises(InputError, match=str(junk.name)):
+        read_dicom(junk)

@@ -1,0 +1,143 @@
+"""Clinical inputs: DICOM, NIfTI and PNG of any geometry onto the model grid, outputs that overlay the input."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from monai_mrngan.atlas.prior import mean_prior
+from monai_mrngan.data.datalist import load_split
+from monai_mrngan.data.inputs import read_inputs
+from monai_mrngan.data.io import InputError, load_volume, save_nifti, save_png
+from monai_mrngan.inference.components import Components, reference_grid
+from monai_mrngan.inference.reconstruct import reconstruct_files
+
+pydicom = pytest.importorskip("pydicom")
+from dicom_series import write_series  # noqa: E402  (tests/ helper)
+
+
+@pytest.fixture(scope="module")
+def scan(tiny_dataset, tmp_path_factory):
+    """A test volume as a scanner would store it: twice the in-plane resolution, LPS-like axes
+    (x and y flipped, axes permuted to P, S, L order), raw intensities, an offset origin."""
+    entry = load_split(tiny_dataset, "test")[0]
+    vol, affine = load_volume(entry["image"])
+    fine = ndimage.zoom(vol, (2, 2, 1), order=1)
+    aff = affine.copy()
+    aff[:3, :2] /= 2.0
+    aff[:3, 3] += [17.0, -9.0, 4.0]
+    # RAS (x, y, z) -> stored as (y flipped, z, x flipped): axes P, S, L
+    data = np.transpose(fine[::-1, ::-1, :], (1, 2, 0)) * 800.0
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[0, 3], flip[1, 3] = fine.shape[0] - 1, fine.shape[1] - 1
+    ras_from_stored = aff @ flip @ np.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])
+    path = tmp_path_factory.mktemp("scan") / "scan.nii.gz"
+    save_nifti(data, ras_from_stored, path)
+    return path, vol, affine, entry
+
+
+def _world_samples(volume_path, world_points):
+    img = nib.load(str(volume_path))
+    ijk = (np.linalg.inv(img.affine) @ np.c_[world_points, np.ones(len(world_points))].T)[:3]
+    return ndimage.map_coordinates(img.get_fdata(), ijk, order=1, mode="nearest")
+
+
+def test_nifti_of_any_geometry_reaches_the_model_grid(scan, tiny_dataset):
+    path, vol, affine, entry = scan
+    ref = reference_grid(tiny_dataset)
+    got = read_inputs([path], ref["shape"][0], ref["spacing_mm"], slice_index=12)
+    assert got.slices.shape == (1, 32, 32) and got.has_geometry and 0 <= got.slices.min() and got.slices.max() <= 1
+    # the model-grid pixels sit at the right world coordinates: sampling the source there gives them back
+    ii, jj = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    world = (got.affine @ np.c_[ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)].T)[:3].T
+    src = _world_samples(path, world).reshape(32, 32) / got.scale
+    head = got.slices[0] > 0.1
+    assert np.corrcoef(src[head], got.slices[0][head])[0, 1] > 0.99
+    with pytest.raises(InputError, match="pass a slice index"):
+        read_inputs([path], 32, ref["spacing_mm"])
+    with pytest.raises(InputError, match="outside the volume"):
+        read_inputs([path], 32, ref["spacing_mm"], slice_index=99)
+
+
+def test_dicom_series_any_orientation_and_single_files(scan, tiny_dataset, tmp_path):
+    path, vol, affine, entry = scan
+    spacing = reference_grid(tiny_dataset)["spacing_mm"]
+    img = nib.load(str(path))
+    write_series(np.asanyarray(img.dataobj), img.affine, tmp_path / "sag", slice_axis=0)  # stored axis 0 is P: coronal files
+    write_series(np.asanyarray(img.dataobj), img.affine, tmp_path / "ax", slice_axis=1)  # stored axis 1 is S: axial files
+    nifti = read_inputs([path], 32, spacing, slice_index=10)
+    for folder in ("sag", "ax"):
+        dcm = read_inputs([tmp_path / folder], 32, spacing, slice_index=10)
+        np.testing.assert_allclose(dcm.slices, nifti.slices, atol=2e-3)  # 16-bit rounding of the stored values
+        np.testing.assert_allclose(dcm.affine, nifti.affine, atol=1e-3)
+    axial_file = sorted((tmp_path / "ax").iterdir())[10]
+    assert read_inputs([axial_file], 32, spacing).slices.shape == (1, 32, 32)
+    with pytest.raises(InputError, match="degrees from axial") as err:
+        read_inputs([sorted((tmp_path / "sag").iterdir())[20]], 32, spacing)
+    assert "sag" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_png_needs_a_pixel_size_unless_at_model_size(scan, tmp_path):
+    _, vol, _, _ = scan
+    big = save_png(ndimage.zoom(vol[:, :, 12], 3, order=1), tmp_path / "big.png")
+    with pytest.raises(InputError, match="pass --pixel_mm"):
+        read_inputs([big], 32, 8.0)
+    got = read_inputs([big], 32, 8.0, pixel_mm=8.0 / 3)
+    assert got.slices.shape == (1, 32, 32) and not got.has_geometry
+    small = save_png(vol[:, :, 12], tmp_path / "small.png")
+    np.testing.assert_allclose(read_inputs([small], 32, 8.0).slices[0], vol[:, :, 12], atol=1 / 255)
+
+
+def test_output_overlays_the_input_and_says_what_is_real(scan, tiny_dataset, tmp_path):
+    path, vol, affine, entry = scan
+    ref = reference_grid(tiny_dataset)
+    comp = Components(prior=mean_prior(tiny_dataset, "training"))
+    kw = dict(expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"], reference_positions=ref["positions"])
+    res = reconstruct_files([str(path)], str(tmp_path / "rec.nii.gz"), comp, slice_index=12, positions=[entry["positions"][12]],
+                            method="prior", **kw)
+    out = nib.load(res["volume"])
+    grid = nib.load(res["model_grid_volume"])
+    assert np.array_equal(out.get_fdata(), grid.get_fdata()) and np.allclose(grid.affine, ref["affine"], atol=1e-4)
+    # sampling OUT at the input slice's world coordinates gives the input slice back (over the head)
+    stored = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+    ras = nib.as_closest_canonical(nib.load(str(path)))
+    plane = np.asanyarray(ras.dataobj)[:, :, 12].astype(np.float32)
+    ii, jj = np.meshgrid(np.arange(plane.shape[0]), np.arange(plane.shape[1]), indexing="ij")
+    world = (ras.affine @ np.c_[ii.ravel(), jj.ravel(), np.full(ii.size, 12), np.ones(ii.size)].T)[:3].T
+    sampled = _world_samples(res["volume"], world).reshape(plane.shape)
+    head = plane > 0.1 * stored.max()
+    assert np.corrcoef(sampled[head], plane[head])[0, 1] >= 0.9
+    meta = json.loads((tmp_path / "rec_positions.json").read_text())
+    k = meta["input_indices"][0]
+    assert meta["volume"]["space"] == "input" and meta["slices"][k]["real"] and meta["slices"][k]["distance_mm"] == 0
+    assert not meta["slices"][k + 2]["real"] and meta["slices"][k + 2]["distance_mm"] == pytest.approx(2 * ref["spacing_mm"], rel=1e-3)
+    prov = nib.load(res["provenance"]).get_fdata()
+    assert prov.shape == out.shape and (prov[:, :, k] == 0).all() and prov[0, 0, k + 3] == pytest.approx(3 * ref["spacing_mm"], rel=1e-3)
+    assert nib.load(res["provenance"]).affine.tolist() == out.affine.tolist()
+    from PIL import Image
+
+    assert min(Image.open(res["montage"]).size) >= 128
+
+
+def test_thick_slice_stack_uses_every_slice_at_its_place(scan, tiny_dataset, tmp_path):
+    path, vol, affine, entry = scan
+    ref = reference_grid(tiny_dataset)
+    thick = vol[:, :, ::3]  # every 3rd slice: a thick-slice acquisition
+    aff = affine.copy()
+    aff[:3, 2] *= 3
+    save_nifti(thick, aff, tmp_path / "thick.nii.gz")  # on the model grid in-plane: used as it is
+    got = read_inputs([tmp_path / "thick.nii.gz"], 32, ref["spacing_mm"], stack=True)
+    assert got.slices.shape[0] == thick.shape[2]
+    np.testing.assert_allclose(got.offsets_mm, np.arange(thick.shape[2]) * 3 * ref["spacing_mm"], rtol=1e-5)
+    comp = Components(prior=mean_prior(tiny_dataset, "training"))
+    res = reconstruct_files([str(tmp_path / "thick.nii.gz")], str(tmp_path / "stack.nii.gz"), comp, stack=True,
+                            positions=[entry["positions"][0]], method="linear", expected_shape=ref["shape"],
+                            spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"], reference_positions=ref["positions"])
+    assert res["input_indices"] == list(range(0, vol.shape[2], 3))
+    out = nib.load(res["volume"]).get_fdata()
+    np.testing.assert_allclose(out[:, :, 3], vol[:, :, 3], atol=2e-3)  # real slices where they were acquired
+    np.testing.assert_allclose(out[:, :, 4], (2 * vol[:, :, 3] + vol[:, :, 6]) / 3, atol=2e-3)
