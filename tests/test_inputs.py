@@ -84,7 +84,7 @@ def test_dicom_series_any_orientation_and_single_files(scan, tiny_dataset, tmp_p
 def test_png_needs_a_pixel_size_unless_at_model_size(scan, tmp_path):
     _, vol, _, _ = scan
     big = save_png(ndimage.zoom(vol[:, :, 12], 3, order=1), tmp_path / "big.png")
-    with pytest.raises(InputError, match="pass --pixel_mm"):
+    with pytest.raises(InputError, match="pass pixel_mm"):
         read_inputs([big], 32, 8.0)
     got = read_inputs([big], 32, 8.0, pixel_mm=8.0 / 3)
     assert got.slices.shape == (1, 32, 32) and not got.has_geometry

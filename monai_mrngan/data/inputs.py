@@ -26,7 +26,7 @@ from .dicom import is_dicom, read_dicom, slice_normal_angle
 from .io import InputError, check_values, is_nifti, is_png, load_slice, read_image
 from .prepare import PreparedSlices, prepare_slices, to_unit_range
 
-__all__ = ["InputSlices", "read_inputs", "MAX_TILT_DEGREES"]
+__all__ = ["InputSlices", "read_inputs", "slice_to_grid", "MAX_TILT_DEGREES"]
 
 MAX_TILT_DEGREES = 10.0
 """A single slice must be axial within this angle: the models only know axial slices."""
@@ -108,18 +108,25 @@ def _one_with_geometry(path: Path, size: int, spacing: float, slice_index: int |
     return InputSlices(prepared.slices, sources, prepared.affine, prepared.step_mm, offsets, prepared.scale)
 
 
-def _png(path: Path, size: int, spacing: float, pixel_mm: float | Sequence[float] | None) -> InputSlices:
-    arr = load_slice(path)
-    if arr.shape == (size, size):
-        return InputSlices(to_unit_range(arr)[None].astype(np.float32), [str(path)])
+def slice_to_grid(img: np.ndarray, size: int | Sequence[int], spacing: float, pixel_mm: float | Sequence[float] | None = None,
+                  source: str | os.PathLike = "<array>") -> np.ndarray:
+    """A 2D RAS slice without a geometry (a PNG, or an array) -> the model grid (``size`` px at ``spacing`` mm).
+
+    At the model size it is used as it is (scaled like ``prepare`` when outside [0, 1]); any other
+    size needs its pixel size ``pixel_mm`` and goes through :func:`~monai_mrngan.data.prepare.prepare_slices`.
+    """
+    size2 = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    img = np.asarray(img, dtype=np.float32)
+    if img.shape == size2:
+        return to_unit_range(img).astype(np.float32)
     if pixel_mm is None:
-        raise InputError(path, f"slice is {arr.shape[0]}x{arr.shape[1]} px but the models work on {size}x{size} px at {spacing:g} mm; "
-                               "a PNG has no pixel size, so pass --pixel_mm (e.g. --pixel_mm 0.9) to resample it")
+        raise InputError(source, f"slice is {img.shape[0]}x{img.shape[1]} px but the models work on {size2[0]}x{size2[1]} px at "
+                                 f"{spacing:g} mm; its pixel size is unknown, so pass pixel_mm (--pixel_mm on the command line, "
+                                 "e.g. --pixel_mm 1.0) to resample it")
     px = np.broadcast_to(np.asarray(pixel_mm, dtype=np.float64), (2,))
     if (px <= 0).any() or not np.isfinite(px).all():
-        raise InputError(path, f"invalid pixel size {px.tolist()} mm")
-    prepared = prepare_slices(arr[:, :, None], np.diag([px[0], px[1], spacing, 1.0]), spacing, size, [0], source=path)
-    return InputSlices(prepared.slices, [str(path)], scale=prepared.scale)
+        raise InputError(source, f"invalid pixel size {px.tolist()} mm")
+    return prepare_slices(img[:, :, None], np.diag([px[0], px[1], spacing, 1.0]), spacing, size2, [0], source=source).slices[0]
 
 
 def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, slice_index: int | None = None,
@@ -143,7 +150,7 @@ def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, 
         if is_png(p):
             if stack or slice_index is not None:
                 raise InputError(p, "a PNG is one slice; --stack and --slice-index apply to volumes")
-            parts.append(_png(p, size, spacing, pixel_mm))
+            parts.append(InputSlices(slice_to_grid(load_slice(p), size, spacing, pixel_mm, p)[None], [str(p)]))
         elif is_nifti(p) or is_dicom(p):
             parts.append(_one_with_geometry(p, size, spacing, slice_index, stack))
         else:

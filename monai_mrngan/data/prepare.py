@@ -146,12 +146,13 @@ class PreparedSlices:
     scale: float
 
 
-def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: int, indices: Sequence[int] | None = None,
+def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: int | Sequence[int], indices: Sequence[int] | None = None,
                    source: str | Path = "<array>") -> PreparedSlices:
     """Axial slices of any volume (or a one-slice volume) prepared as :func:`prepare_volume` prepares scans.
 
     Reoriented to RAS (``indices`` count along that axis 2, negative from the top; default: all),
-    scaled by the whole input's 99.5th percentile, resampled in-plane to ``spacing`` mm (each slice
+    scaled like ``prepare`` (by the whole input's 99.5th percentile; an input already in [0, 1] is
+    kept as it is), resampled in-plane to ``spacing`` mm (each slice
     stays where it was acquired: thick-slice stacks keep their gaps), and cropped / padded to
     ``size`` around the selected slices' intensity centre of mass. Raises :class:`InputError` for
     an index outside the volume or an input with nothing positive.
@@ -163,7 +164,7 @@ def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: i
     if bad:
         raise InputError(source, f"slice index {bad[0]} outside the volume's {depth} axial slices (counted in RAS orientation)")
     picked = [i % depth for i in picked]
-    scaled, top = scale_intensity(img[0].numpy())
+    scaled, top = unit_range_and_scale(img[0].numpy())
     if top <= 0:
         raise InputError(source, "no positive intensities; nothing to scale for the models")
     scaled_img = MetaTensor(torch.from_numpy(scaled)[None], affine=img.affine)
@@ -171,7 +172,8 @@ def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: i
     planes = [resample(SpatialCrop(roi_start=[0, 0, i], roi_end=[img.shape[1], img.shape[2], i + 1])(scaled_img)) for i in picked]
     weights = sum(pl[0, :, :, 0].numpy() for pl in planes)
     centre = ndimage.center_of_mass(weights) if weights.sum() > 0 else ((weights.shape[0] - 1) / 2, (weights.shape[1] - 1) / 2)
-    cropped = [crop_inplane(pl, centre, (size, size))[0] for pl in planes]
+    size2 = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    cropped = [crop_inplane(pl, centre, size2)[0] for pl in planes]
     slices = np.stack([np.clip(c[0, :, :, 0].numpy(), 0.0, 1.0) for c in cropped]).astype(np.float32)
     out_affine = np.asarray(cropped[0].affine, dtype=np.float64)
     return PreparedSlices(slices, out_affine, float(np.linalg.norm(out_affine[:3, 2])), picked, float(top))

@@ -28,10 +28,10 @@ from typing import Iterable, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ..data.io import InputError, is_nifti, is_png, load_slice, load_volume
-from ..data.prepare import SkipScan, crop_inplane, prepare_volume, to_unit_range
+from ..data.inputs import slice_to_grid
+from ..data.prepare import SkipScan, prepare_volume
 from ..engines.handlers import position_rows, write_positions_csv
 
 logger = logging.getLogger(__name__)
@@ -67,25 +67,8 @@ def prepare_slice(
     spacing_mm: float = 2.0,
     source: str | os.PathLike = "<array>",
 ) -> np.ndarray:
-    """A 2D RAS slice -> the prepared size, spacing and intensity range (see the module docstring)."""
-    size = _pair(spatial_size)
-    img = np.asarray(img, dtype=np.float32)
-    if img.shape == size:
-        return to_unit_range(img).astype(np.float32)
-    if pixel_mm is None:
-        raise InputError(
-            source,
-            f"slice is {img.shape[0]}x{img.shape[1]} px but the localizer was trained on {size[0]}x{size[1]} px at "
-            f"{spacing_mm:g} mm; its pixel size is unknown, so pass pixel_mm (e.g. --pixel_mm 1.0) to resample it",
-        )
-    px = np.broadcast_to(np.asarray(pixel_mm, dtype=np.float64), (2,))
-    if (px <= 0).any() or not np.isfinite(px).all():
-        raise InputError(source, f"invalid pixel size {px.tolist()} mm")
-    zoom = px / float(spacing_mm)
-    img = ndimage.zoom(to_unit_range(img), zoom, order=1, prefilter=False) if not np.allclose(zoom, 1) else img
-    img = to_unit_range(img)
-    centre = ndimage.center_of_mass(img) if img.sum() > 0 else ((img.shape[0] - 1) / 2, (img.shape[1] - 1) / 2)
-    return np.asarray(crop_inplane(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None], centre, size)[0][0])
+    """A 2D RAS slice -> the prepared size, spacing and intensity range (:func:`~monai_mrngan.data.inputs.slice_to_grid`)."""
+    return slice_to_grid(img, _pair(spatial_size), spacing_mm, pixel_mm, source)
 
 
 def _nifti_ndim_and_zooms(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
