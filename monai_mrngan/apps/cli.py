@@ -116,6 +116,7 @@ def reconstruct(
     method: str = "mrngan",
     stack: bool = False,
     pixel_mm: float | None = None,
+    force: bool = False,
 ) -> None:
     """Reconstruct a whole volume from one 2D slice or a few, with the stages trained in WORKDIR.
 
@@ -133,6 +134,7 @@ def reconstruct(
         method: mrngan, pix2pix_iterative, prior, copy (one slice) or linear (several).
         stack: use every axial slice of one input (a thick-slice stack), placed by its geometry.
         pixel_mm: in-plane pixel size of a PNG input that is not at the model size.
+        force: reconstruct an input that does not look like an axial head slice (refused otherwise).
     """
     from ..inference.components import reference_grid
     from ..inference.reconstruct import reconstruct_files
@@ -143,10 +145,13 @@ def reconstruct(
     result = reconstruct_files(
         inputs, out, _components(workdir), slice_index=slice_index, positions=pos, method=method,
         expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"],
-        reference_positions=ref["positions"], stack=bool(stack), pixel_mm=pixel_mm,
+        reference_positions=ref["positions"], stack=bool(stack), pixel_mm=pixel_mm, force=bool(force),
     )
+    checks = {c["source"]: c for c in result["input_check"]}
     for source, p in zip(result["sources"], result["input_positions"]):
-        print(f"{source}: position p = {p:.3f} ({p * 200:.0f} mm below the vertex)")
+        c = checks.get(source)
+        score = f"; axial-slice check {'passed' if c['passed'] else 'FAILED (forced)'}, atlas match {c['axial_match']:.2f}" if c else ""
+        print(f"{source}: position p = {p:.3f} ({p * 200:.0f} mm below the vertex){score}")
     grid = f"\nmodel grid: {result['model_grid_volume']}" if "model_grid_volume" in result else ""
     print(f"volume:    {result['volume']}{grid}\nprovenance: {result['provenance']}\nmontage:   {result['montage']}\npositions: {result['positions']}")
 

@@ -102,6 +102,7 @@ def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.
             "model_grid_volume": paths.get("model_grid_volume", str(out)),
             "provenance": str(prov),
             "sources": list(sources) if sources is not None else None,
+            "input_check": rec.extra.get("input_check"),
             "input_indices": rec.input_indices,
             "input_positions": rec.input_positions,
             "positions": [round(float(p), 6) for p in rec.positions],

@@ -16,7 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..atlas.input_check import InputChecker
 from ..data.inputs import InputSlices, read_inputs
+from ..data.io import InputError
 from ..data.positions import HEAD_HEIGHT_MM
 from ..networks.recurrent import MRNGAN, NextFn
 from ..transforms.shapes import as_slice_batch
@@ -28,7 +30,7 @@ from .volume import Reconstruction, fill_volume, volume_affine, volume_grid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Reconstruction", "reconstruct_volume", "refine_positions", "reconstruct_files"]
+__all__ = ["Reconstruction", "reconstruct_volume", "refine_positions", "check_inputs", "reconstruct_files"]
 
 
 def reconstruct_volume(
@@ -140,6 +142,25 @@ def _input_space_affine(inputs: InputSlices, first_index: int, spacing_mm: float
     return aff
 
 
+def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool = False) -> list[dict]:
+    """Score every input slice as an axial head slice (:class:`~monai_mrngan.atlas.input_check.InputChecker`).
+
+    A failing slice raises :class:`InputError` naming its file and score unless ``force``; a stack
+    is refused when its median slice fails (its end slices may lie beyond the head). Returns the
+    scores; nothing is checked without an atlas prior.
+    """
+    if prior is None or not hasattr(prior, "bank"):
+        return []
+    checker = InputChecker(prior)
+    results = [{"source": src, **checker.check(torch.from_numpy(sl)).as_dict()} for sl, src in zip(got.slices, got.sources)]
+    judged = [results[len(results) // 2]] if stack else results
+    for res in judged:
+        if not res["passed"] and not force:
+            source = res["source"].split("#")[0] if stack else res["source"]
+            raise InputError(source, f"{res['reason']}; pass --force to reconstruct it anyway")
+    return results
+
+
 def reconstruct_files(
     inputs: Sequence[str],
     out: str,
@@ -154,6 +175,7 @@ def reconstruct_files(
     refine_window: float = 0.12,
     stack: bool = False,
     pixel_mm: float | Sequence[float] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Files in (DICOM series or file, NIfTI, PNG; see :func:`~monai_mrngan.data.inputs.read_inputs`), volume files out.
 
@@ -166,7 +188,9 @@ def reconstruct_files(
     orientation and spacing; otherwise ``0 <= p <= 1`` and a RAS diagonal affine with ``spacing_mm``.
     When the input has a geometry (DICOM, NIfTI) ``out`` is placed in the input's world so that it
     overlays the input in a viewer, and the model-grid volume is written beside it
-    (``<out>_model_grid.nii.gz``). Returns the written paths and the positions of the inputs.
+    (``<out>_model_grid.nii.gz``). Every input is first checked to be an axial head slice
+    (:func:`check_inputs`; ``force`` reconstructs a failing one anyway, with its score recorded).
+    Returns the written paths and the positions of the inputs.
     """
     if not inputs:
         raise ValueError("no input slices given")
@@ -174,6 +198,7 @@ def reconstruct_files(
     if size is None:
         raise ValueError("the model grid's size is unknown: pass expected_shape")
     got = read_inputs(inputs, int(size), spacing_mm, slice_index=slice_index, stack=stack, pixel_mm=pixel_mm)
+    checks = check_inputs(components.prior, got, stack, force)
     if stack:
         positions = _stack_positions(components, got.slices, got.offsets_mm, positions)
     elif positions is not None and len(positions) != len(got.slices):
@@ -191,10 +216,11 @@ def reconstruct_files(
         refine_window=refine_window,
         device=components.device,
     )
+    rec.extra["input_check"] = checks
     grid_affine = None
     if reference_affine is not None and reference_positions is not None:
         grid_affine = volume_affine(reference_affine, reference_positions, rec.positions)
     input_affine = _input_space_affine(got, rec.input_indices[0], spacing_mm) if got.has_geometry else None
     paths = save_reconstruction(rec, out, grid_affine, spacing_mm, input_affine=input_affine, sources=got.sources)
     logger.info("wrote %s (%s slices); input positions %s", paths["volume"], rec.volume.shape[2], rec.input_positions)
-    return {**paths, "input_positions": rec.input_positions, "input_indices": rec.input_indices, "sources": got.sources}
+    return {**paths, "input_positions": rec.input_positions, "input_indices": rec.input_indices, "sources": got.sources, "input_check": checks}

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Measure the input check's scores on real held-out slices and on inputs it must refuse, as a table.
+
+    python scripts/calibrate_input_check.py --bank WORKDIR/brain_generalization/models/atlas_bank.pt \
+        --dataset_dir /data/ixi_2mm_128 [--subjects 15] [--json OUT]
+
+For every test subject, its axial slices at p = 0.15, 0.25, ..., 0.85, and for the first three
+subjects their coronal and sagittal planes at three depths plus noise, a grey gradient and an
+empty image, prints ``axial_match`` and ``plane_margin``
+(:class:`monai_mrngan.atlas.input_check.InputChecker`): the lowest real scores beside the highest
+scores of what must be refused, i.e. how much room the thresholds ``MIN_MATCH`` / ``MIN_MARGIN`` have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from monai_mrngan.atlas.input_check import MIN_MARGIN, MIN_MATCH, InputChecker
+from monai_mrngan.atlas.prior import load_prior
+from monai_mrngan.data.datalist import load_split
+from monai_mrngan.data.io import load_volume
+
+
+def _canvas(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    out = np.zeros(size, np.float32)
+    h, w = min(size[0], plane.shape[0]), min(size[1], plane.shape[1])
+    out[:h, :w] = plane[:h, :w]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bank", required=True, help="atlas bank (.pt) or mean brain (.nii.gz) of the brain generalization stage")
+    ap.add_argument("--dataset_dir", required=True, help="prepared dataset; its test split is scored")
+    ap.add_argument("--subjects", type=int, default=15)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    checker = InputChecker(load_prior(args.bank))
+    real, other = [], []
+    rng = np.random.default_rng(0)
+    for n, entry in enumerate(load_split(args.dataset_dir, "test")[: args.subjects]):
+        vol, _ = load_volume(entry["image"])
+        pos = np.asarray(entry["positions"])
+        for p in np.arange(0.15, 0.851, 0.1):
+            res = checker.check(vol[:, :, int(np.argmin(np.abs(pos - p)))])
+            real.append({"subject": entry.get("subject"), "p": round(float(p), 2), **res.as_dict()})
+        if n < 3:
+            for j in (0.35, 0.5, 0.65):
+                c, s = int(j * vol.shape[1]), int(j * vol.shape[0])
+                for name, plane in ((f"coronal {j:.2f}", vol[:, c, :]), (f"sagittal {j:.2f}", vol[s, :, :])):
+                    other.append({"input": name, **checker.check(_canvas(plane, vol.shape[:2])).as_dict()})
+    for name, image in (("noise", rng.random((128, 128))), ("gradient", np.tile(np.linspace(0, 1, 128), (128, 1))),
+                        ("empty", np.zeros((128, 128)))):
+        other.append({"input": name, **checker.check(image).as_dict()})
+    match = [r["axial_match"] for r in real]
+    margin = [r["plane_margin"] for r in real]
+    print(f"real axial slices: {len(real)}, accepted {sum(r['passed'] for r in real)}")
+    print(f"  axial_match  min {min(match):.3f}  1st pct {np.percentile(match, 1):.3f}  median {np.median(match):.3f}  (threshold {MIN_MATCH})")
+    print(f"  plane_margin min {min(margin):+.3f}  1st pct {np.percentile(margin, 1):+.3f}  median {np.median(margin):+.3f}  (threshold {MIN_MARGIN:+})")
+    print("must be refused:")
+    for r in other:
+        print(f"  {r['input']:<16} axial_match {r['axial_match']:.3f}  plane_margin {r['plane_margin']:+.3f}  {'REFUSED' if not r['passed'] else 'ACCEPTED'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"real": real, "other": other}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
