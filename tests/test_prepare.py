@@ -289,3 +289,39 @@ def test_phantom_cohort_prepares_like_real_data(tmp_path):
     assert report["layout"] == "bids" and [r["status"] for r in report["inputs"]] == ["ok"] * 4
     entry = load_split(tmp_path / "dst", "training")[0]
     assert entry["subject"].startswith("sub-") and min(entry["positions"]) == 0.0
+
+
+def test_any_cut_through_the_top_of_the_head_is_skipped(tmp_path):
+    """Losing even a few millimetres of the top of the head to the field of view is caught."""
+    vol = head(seed=5)
+    area = (vol > 0.1 * vol.max()).sum(axis=(0, 1))
+    vertex = int(np.nonzero(area)[0].max())
+    src = tmp_path / "src"
+    src.mkdir()
+    for cut in (2, 4, 8):
+        save(vol[:, :, : vertex + 1 - cut], src / f"cut{cut}.nii.gz")
+    reasons = {}
+    for f in sorted(src.iterdir()):
+        with pytest.raises(prep.SkipScan, match="cut at the top of the field of view") as err:
+            prep.prepare_volume(f, spacing=2.0, size=128)
+        reasons[f.name] = str(err.value)
+    assert len(reasons) == 3 and all("mm^2 of head" in r for r in reasons.values())
+
+
+@pytest.mark.ixi
+def test_ixi_scans_cut_10_to_30_mm_from_the_top_are_skipped(ixi_dir, tmp_path):
+    import nibabel as nib
+
+    for scan in sorted(ixi_dir.glob("*.nii*"))[:2]:
+        img = nib.as_closest_canonical(nib.load(str(scan)))
+        data = np.asanyarray(img.dataobj)
+        zoom = float(img.header.get_zooms()[2])
+        pv = prep.prepare_volume(scan, spacing=zoom, size=128)  # the uncut scan is accepted
+        top = pv.steps["vertex_index"]
+        for mm in (10, 20, 30):
+            keep = top + 1 - int(round(mm / zoom))
+            path = tmp_path / f"{scan.name.split('.')[0]}_cut{mm}.nii.gz"
+            nib.save(nib.Nifti1Image(data[:, :, :keep], img.affine), str(path))
+            with pytest.raises(prep.SkipScan, match="cut at the top"):
+                prep.prepare_volume(path, spacing=2.0, size=128)
+

@@ -13,8 +13,8 @@ For each scan (see :func:`prepare_volume`):
      every kept slice has an anatomical position ``0 <= p <= 1`` (:mod:`.positions`);
    - *noisy*: end slices whose stray-signal fraction exceeds ``NOISY_FRACTION``; a scan with more
      than ``MAX_NOISY_SHARE`` noisy slices inside the head is skipped as overly noisy;
-   - a scan whose top slice already shows a large head section (``CUT_VERTEX_SHARE`` of the
-     largest) lost its vertex to the field of view; positions would be wrong, so it is skipped;
+   - a scan whose top slice still shows a head section (``VERTEX_MIN_AREA_MM2`` or more) lost its
+     vertex to the field of view, by however little; positions would be wrong, so it is skipped;
 6. crop/pad in-plane to ``size`` x ``size`` centred on the head's intensity centre of mass
    (MONAI ``BorderPad`` + ``SpatialCrop`` keep the affine right);
 7. write ``volumes/<name>.nii.gz`` atomically and record ``positions`` in the datalist.
@@ -48,7 +48,6 @@ UPPER_PERCENTILE = 99.5
 NOISY_FRACTION = 0.05
 """A slice is noisy when more than this share of its non-head pixels are above threshold."""
 MAX_NOISY_SHARE = 0.2
-CUT_VERTEX_SHARE = 0.3
 MIN_SLICES = 8
 REPORT_NAME = "prepare_report.json"
 
@@ -212,8 +211,9 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256) -> P
     if inside.size == 0:
         raise SkipScan(f"no axial slice shows a head section of {VERTEX_MIN_AREA_MM2:g} mm^2")
     vertex = int(inside.max())
-    if vertex == depth - 1 and area[vertex] >= CUT_VERTEX_SHARE * area.max():
-        raise SkipScan("head cut at the top of the field of view (no vertex); anatomical positions undefined")
+    if vertex == depth - 1:  # the top slice still shows a head section: the vertex lies above the field of view
+        raise SkipScan(f"head cut at the top of the field of view (no vertex): its top slice still shows {area[vertex]:.0f} mm^2 of "
+                       "head, so positions counted from the vertex would be off by the missing top")
     bottom = max(0, vertex - int(math.floor(HEAD_HEIGHT_MM / spacing + 1e-6)))
     keep = np.arange(bottom, vertex + 1)
     noisy = stray[keep] > NOISY_FRACTION
