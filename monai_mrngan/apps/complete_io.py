@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from ..data.io import InputError, check_destination, is_nifti, read_image, save_nifti, strip_image_suffix
-from ..data.prepare import unit_range_and_scale
+from ..data.grid import unit_range_and_scale
 
 REPORT_NAME = "complete_report.json"
 MISSING_RULES = ("empty", "zero", "nan")

@@ -6,7 +6,7 @@ One home for reading what does not come from ``prepare``:
 - a NIfTI: 2D, or 3D with a slice index or as a stack, any size, spacing and orientation;
 - a PNG: at the model size as is, any other size with ``pixel_mm`` (a PNG has no geometry).
 
-Everything with a geometry goes through :func:`~monai_mrngan.data.prepare.prepare_slices` (the same
+Everything with a geometry goes through :func:`~monai_mrngan.data.grid.prepare_slices` (the same
 reorientation, scaling, resampling and crop as ``prepare``), which also says where the model grid
 lies in the input's world, so outputs can overlay the input. ``slice_index`` counts along the
 volume's axial axis after reorientation to RAS (0 = lowest slice), for DICOM and NIfTI alike.
@@ -24,7 +24,7 @@ import numpy as np
 
 from .dicom import is_dicom, read_dicom, slice_normal_angle
 from .io import InputError, check_values, is_nifti, is_png, load_slice, read_image
-from .prepare import PreparedSlices, prepare_slices, to_unit_range
+from .grid import PreparedSlices, prepare_slices, to_unit_range
 
 __all__ = ["InputSlices", "read_inputs", "slice_to_grid", "MAX_TILT_DEGREES"]
 
@@ -113,7 +113,7 @@ def slice_to_grid(img: np.ndarray, size: int | Sequence[int], spacing: float, pi
     """A 2D RAS slice without a geometry (a PNG, or an array) -> the model grid (``size`` px at ``spacing`` mm).
 
     At the model size it is used as it is (scaled like ``prepare`` when outside [0, 1]); any other
-    size needs its pixel size ``pixel_mm`` and goes through :func:`~monai_mrngan.data.prepare.prepare_slices`.
+    size needs its pixel size ``pixel_mm`` and goes through :func:`~monai_mrngan.data.grid.prepare_slices`.
     """
     size2 = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
     img = np.asarray(img, dtype=np.float32)

@@ -34,17 +34,17 @@ from typing import Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import BorderPad, Orientation, Spacing, SpatialCrop
+from monai.transforms import SpatialCrop
 from scipy import ndimage
 
 from .datalist import DATALIST_NAME, SPLITS
 from .discovery import Scan, find_scans, is_bids
 from .io import InputError, check_destination, load_volume, save_json, save_nifti
+from .grid import crop_inplane, scale_intensity, to_ras_isotropic
 from .positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, VERTEX_MIN_AREA_MM2, slice_positions
 
 logger = logging.getLogger(__name__)
 
-UPPER_PERCENTILE = 99.5
 NOISY_FRACTION = 0.05
 """A slice is noisy when more than this share of its non-head pixels are above threshold."""
 MAX_NOISY_SHARE = 0.2
@@ -66,116 +66,11 @@ class SkipScan(Exception):
     """A readable scan that the heuristics reject; the message is the reason."""
 
 
-def _to_ras(data: np.ndarray, affine: np.ndarray) -> MetaTensor:
-    img = MetaTensor(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None], affine=torch.as_tensor(affine, dtype=torch.float64))
-    return Orientation(axcodes="RAS", labels=None)(img)
-
-
-def _to_ras_isotropic(data: np.ndarray, affine: np.ndarray, spacing: float) -> MetaTensor:
-    return Spacing(pixdim=(spacing,) * 3, mode="bilinear", padding_mode="zeros")(_to_ras(data, affine))
-
-
-def scale_intensity(img: np.ndarray) -> tuple[np.ndarray, float]:
-    """Divide by the 99.5th percentile of the positive values and clip to [0, 1].
-
-    Returns ``(scaled, top)``; ``top`` is 0 (and ``scaled`` all zeros) when nothing is positive.
-    Percentile over positive voxels only: MONAI's ScaleIntensityRangePercentiles counts the
-    (majority) background zeros too, which shifts the percentile with the field of view.
-    """
-    positive = img[img > 0]
-    top = float(np.percentile(positive, UPPER_PERCENTILE)) if positive.size else 0.0
-    if top <= 0:
-        return np.zeros_like(img, dtype=np.float32), top
-    return np.clip(img / top, 0.0, 1.0).astype(np.float32), top
-
-
-def unit_range_and_scale(img: np.ndarray) -> tuple[np.ndarray, float]:
-    """Values already in [0, 1] stay (scale 1); others are scaled as ``prepare`` scales volumes.
-
-    Returns ``(scaled, scale)``: ``scaled * scale`` gives the input's intensities back (inside the
-    clipping); ``scale`` is 0 when nothing is positive.
-    """
-    if img.min() >= 0.0 and img.max() <= 1.0:
-        return img, 1.0
-    return scale_intensity(img)
-
-
-def to_unit_range(img: np.ndarray) -> np.ndarray:
-    """Values already in [0, 1] stay; others are scaled as ``prepare`` scales volumes."""
-    return unit_range_and_scale(img)[0]
-
-
 def _scale(vol: np.ndarray) -> tuple[np.ndarray, float]:
     scaled, top = scale_intensity(vol)
     if top <= 0:
         raise SkipScan("no positive intensities" if not (vol > 0).any() else "intensity percentile is zero")
     return scaled, top
-
-
-def crop_inplane(img: torch.Tensor, centre: Sequence[float], size: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
-    """Crop / zero-pad a channel-first (1, X, Y[, Z]) image in-plane to ``size`` around ``centre`` (voxels).
-
-    The one in-plane crop of the project (``prepare`` and slices from elsewhere); a ``MetaTensor``
-    keeps its affine. Returns the image and the padding added (x before, x after, y before, y after).
-    """
-    x0, y0 = int(round(centre[0])) - int(size[0]) // 2, int(round(centre[1])) - int(size[1]) // 2
-    pads = [max(0, -x0), max(0, x0 + int(size[0]) - img.shape[1]), max(0, -y0), max(0, y0 + int(size[1]) - img.shape[2])]
-    extra = [0, 0] * (img.ndim - 3)
-    img = BorderPad(spatial_border=pads + extra)(img) if any(pads) else img
-    start = [x0 + pads[0], y0 + pads[2]] + [0] * (img.ndim - 3)
-    end = [start[0] + int(size[0]), start[1] + int(size[1])] + list(img.shape[3:])
-    return SpatialCrop(roi_start=start, roi_end=end)(img), pads
-
-
-@dataclass
-class PreparedSlices:
-    """Axial slices of any input on the model grid, and where that grid lies in the input's world.
-
-    ``slices`` (K, size, size) float32 in [0, 1]; ``indices`` the selected slices along the
-    RAS-reoriented axis 2; ``affine`` maps (i, j, k) to the input's world (RAS mm): model-grid
-    pixel (i, j) of the input slice at RAS index ``indices[0] + k`` (so its third column is the
-    input's own slice step, ``step_mm`` long); ``scale``: what was divided out (``slices * scale``
-    are the input's intensities, inside the clipping).
-    """
-
-    slices: np.ndarray
-    affine: np.ndarray
-    step_mm: float
-    indices: list[int]
-    scale: float
-
-
-def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: int | Sequence[int], indices: Sequence[int] | None = None,
-                   source: str | Path = "<array>") -> PreparedSlices:
-    """Axial slices of any volume (or a one-slice volume) prepared as :func:`prepare_volume` prepares scans.
-
-    Reoriented to RAS (``indices`` count along that axis 2, negative from the top; default: all),
-    scaled like ``prepare`` (by the whole input's 99.5th percentile; an input already in [0, 1] is
-    kept as it is), resampled in-plane to ``spacing`` mm (each slice
-    stays where it was acquired: thick-slice stacks keep their gaps), and cropped / padded to
-    ``size`` around the selected slices' intensity centre of mass. Raises :class:`InputError` for
-    an index outside the volume or an input with nothing positive.
-    """
-    img = _to_ras(np.asarray(data, dtype=np.float32), affine)
-    depth = img.shape[3]
-    picked = list(range(depth)) if indices is None else [int(i) for i in indices]
-    bad = [i for i in picked if not -depth <= i < depth]
-    if bad:
-        raise InputError(source, f"slice index {bad[0]} outside the volume's {depth} axial slices (counted in RAS orientation)")
-    picked = [i % depth for i in picked]
-    scaled, top = unit_range_and_scale(img[0].numpy())
-    if top <= 0:
-        raise InputError(source, "no positive intensities; nothing to scale for the models")
-    scaled_img = MetaTensor(torch.from_numpy(scaled)[None], affine=img.affine)
-    resample = Spacing(pixdim=(spacing, spacing, -1), mode="bilinear", padding_mode="zeros")  # in-plane only
-    planes = [resample(SpatialCrop(roi_start=[0, 0, i], roi_end=[img.shape[1], img.shape[2], i + 1])(scaled_img)) for i in picked]
-    weights = sum(pl[0, :, :, 0].numpy() for pl in planes)
-    centre = ndimage.center_of_mass(weights) if weights.sum() > 0 else ((weights.shape[0] - 1) / 2, (weights.shape[1] - 1) / 2)
-    size2 = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
-    cropped = [crop_inplane(pl, centre, size2)[0] for pl in planes]
-    slices = np.stack([np.clip(c[0, :, :, 0].numpy(), 0.0, 1.0) for c in cropped]).astype(np.float32)
-    out_affine = np.asarray(cropped[0].affine, dtype=np.float64)
-    return PreparedSlices(slices, out_affine, float(np.linalg.norm(out_affine[:3, 2])), picked, float(top))
 
 
 def _slice_stats(vol: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +97,7 @@ def _slice_stats(vol: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarra
 def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256) -> PreparedVolume:
     """Prepare one scan (see the module docstring). Raises ``InputError`` or ``SkipScan``."""
     data, affine = load_volume(path)
-    img = _to_ras_isotropic(data, affine, spacing)
+    img = to_ras_isotropic(data, affine, spacing)
     vol, top = _scale(img[0].numpy())
     area, stray = _slice_stats(vol, spacing)
     depth = vol.shape[2]
