@@ -27,6 +27,7 @@ def prepare(
     seed: int = 0,
     split: str | Sequence[float] = "0.8,0.1,0.1",
     overwrite: bool = False,
+    place_with: str | None = None,
 ) -> None:
     """Prepare a BIDS tree or folder of NIfTI scans into DST (volumes/, datalist.json, report).
 
@@ -38,13 +39,33 @@ def prepare(
         seed: seed of the subject-level split.
         split: training,validation,test fractions by subject; ``0,0,1`` puts a whole cohort in test.
         overwrite: replace a prepared dataset already in DST.
+        place_with: a pipeline work folder with a trained slice localizer: scans whose field of view
+            cuts the top of the head are placed by it (every slice localized, one offset fitted along
+            their known spacing) instead of skipped; the report and datalist record how.
     """
+    import functools
+
     from ..data.prepare import prepare_dataset
 
-    report = prepare_dataset(src, dst, spacing=spacing, size=size, seed=seed, split=split, overwrite=overwrite)
+    place = None
+    if place_with:
+        from ..inference.localize import localize_with_offset
+
+        from ..inference.components import reference_grid
+
+        grid = reference_grid(_dataset_of(place_with, None))
+        if grid["shape"] != (size, size) or abs(grid["spacing_mm"] - spacing) > 1e-3:
+            raise ValueError(f"{place_with}: its stages work on {grid['shape'][0]} px at {grid['spacing_mm']:g} mm; "
+                             f"prepare with --size {grid['shape'][0]} --spacing {grid['spacing_mm']:g} to place with them")
+        localizer = _components(place_with).localizer
+        if localizer is None:
+            raise FileNotFoundError(f"{place_with}: no trained slice localizer here (slice_localization/models/model.pt)")
+        place = functools.partial(localize_with_offset, localizer)
+    report = prepare_dataset(src, dst, spacing=spacing, size=size, seed=seed, split=split, overwrite=overwrite, place=place)
     ok = sum(r["status"] == "ok" for r in report["inputs"])
+    placed = sum("placement" in r.get("steps", {}) for r in report["inputs"])
     splits = ", ".join(f"{k} {v['subjects']} subjects/{v['volumes']} volumes" for k, v in report["splits"].items())
-    print(f"prepared {ok} of {len(report['inputs'])} scans into {dst}: {splits}")
+    print(f"prepared {ok} of {len(report['inputs'])} scans into {dst}: {splits}" + (f"; {placed} cut scans placed by the localizer" if placed else ""))
 
 
 def phantoms(dst: str, subjects: int = 24, size: int = 128, seed: int = 0, overwrite: bool = False) -> None:

@@ -57,7 +57,7 @@ import torch
 from ..data.io import InputError, save_json, strip_image_suffix
 from ..data.positions import HEAD_HEIGHT_MM
 from ..inference.components import Components
-from ..inference.localize import localize
+from ..inference.localize import localize_with_offset
 from ..inference.reconstruct import reconstruct_volume
 from ..inference.runners import METHODS, make_runner
 from ..inference.volume import volume_affine
@@ -166,12 +166,10 @@ def _volume_positions(
 
 
 def _localize_positions(localizer: torch.nn.Module, scaled: np.ndarray, real_idx: np.ndarray, depth: int, step_p: float) -> tuple[np.ndarray, dict]:
-    """Localize every real slice and fit ``p = p0 + index * step_p`` (median offset)."""
-    found = localize(localizer, torch.from_numpy(np.ascontiguousarray(np.moveaxis(scaled, 2, 0)))[:, None]).numpy().astype(np.float64)
-    p0 = float(np.median(found - real_idx * step_p))
-    ras = p0 + np.arange(depth) * step_p
-    spread = float(np.mean(np.abs(found - ras[real_idx])))
-    return ras, {"localized_slices": int(len(found)), "mean_abs_deviation_from_fit": round(spread, 6)}
+    """Localize every real slice and fit ``p = p0 + index * step_p`` (:func:`~monai_mrngan.inference.localize.localize_with_offset`)."""
+    found, info = localize_with_offset(localizer, np.moveaxis(scaled, 2, 0), real_idx * step_p)
+    p0 = float(found[0] - real_idx[0] * step_p)
+    return p0 + np.arange(depth) * step_p, {k: info[k] for k in ("localized_slices", "mean_abs_deviation_from_fit")}
 
 
 def _complete_volume(

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -94,8 +94,19 @@ def _slice_stats(vol: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarra
     return area, stray
 
 
-def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256) -> PreparedVolume:
-    """Prepare one scan (see the module docstring). Raises ``InputError`` or ``SkipScan``."""
+Placer = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, dict]]
+"""``place(slices (K, H, W) on the model grid, offsets_p (K,)) -> (positions (K,), info)``: positions of
+slices whose places relative to each other are known, e.g. ``functools.partial(localize_with_offset, network)``
+(:func:`monai_mrngan.inference.localize.localize_with_offset`)."""
+
+
+def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256, place: Placer | None = None) -> PreparedVolume:
+    """Prepare one scan (see the module docstring). Raises ``InputError`` or ``SkipScan``.
+
+    ``place``: a scan whose field of view cuts the top of the head has no vertex to count positions
+    from; with a placer (trained stages) its slices are placed instead of skipped, and
+    ``steps["placement"]`` says how (method, the fitted offset and its spread).
+    """
     data, affine = load_volume(path)
     img = to_ras_isotropic(data, affine, spacing)
     vol, top = _scale(img[0].numpy())
@@ -106,10 +117,12 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256) -> P
     if inside.size == 0:
         raise SkipScan(f"no axial slice shows a head section of {VERTEX_MIN_AREA_MM2:g} mm^2")
     vertex = int(inside.max())
-    if vertex == depth - 1:  # the top slice still shows a head section: the vertex lies above the field of view
+    cut = vertex == depth - 1  # the top slice still shows a head section: the vertex lies above the field of view
+    if cut and place is None:
         raise SkipScan(f"head cut at the top of the field of view (no vertex): its top slice still shows {area[vertex]:.0f} mm^2 of "
-                       "head, so positions counted from the vertex would be off by the missing top")
-    bottom = max(0, vertex - int(math.floor(HEAD_HEIGHT_MM / spacing + 1e-6)))
+                       "head, so positions counted from the vertex would be off by the missing top (prepare --place-with "
+                       "WORKDIR places such scans with trained stages)")
+    bottom = max(0, vertex - int(math.floor(HEAD_HEIGHT_MM / spacing + 1e-6))) if not cut else int(inside.min())
     keep = np.arange(bottom, vertex + 1)
     noisy = stray[keep] > NOISY_FRACTION
     if noisy.mean() > MAX_NOISY_SHARE:
@@ -132,13 +145,25 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256) -> P
     scaled = SpatialCrop(roi_start=[0, 0, int(keep[0])], roi_end=[vol.shape[0], vol.shape[1], int(keep[-1]) + 1])(scaled)
     out, pads = crop_inplane(scaled, (cx, cy), (size, size))
 
-    positions = slice_positions(depth, vertex, spacing)[keep]
+    placement = None
+    if cut:
+        slices = np.moveaxis(out[0].numpy(), 2, 0)
+        found, placement = place(slices, (depth - 1 - keep) * spacing / HEAD_HEIGHT_MM)
+        inside_head = (found >= 0.0) & (found <= 1.0)
+        if inside_head.sum() < MIN_SLICES:
+            raise SkipScan(f"head cut at the top of the field of view; placed, only {int(inside_head.sum())} slices lie within 0 <= p <= 1")
+        first, last = (int(i) for i in np.nonzero(inside_head)[0][[0, -1]])
+        keep, out = keep[first : last + 1], SpatialCrop(roi_start=[0, 0, first], roi_end=[size, size, last + 1])(out)
+        positions = np.asarray(found[first : last + 1], dtype=np.float64)
+        placement = {"method": "localized slices, one offset (the top of the head is outside the field of view)", **placement}
+    else:
+        positions = slice_positions(depth, vertex, spacing)[keep]
     steps = {
         "shape_in": list(data.shape),
         "spacing_in_mm": [round(float(s), 4) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))],
         "resampled_shape": list(vol.shape),
         "intensity_p99_5": round(top, 4),
-        "vertex_index": vertex,
+        "vertex_index": None if cut else vertex,
         "kept_slices": [int(keep[0]), int(keep[-1])],
         "dropped_slices": {
             "empty_above_vertex": int(depth - 1 - vertex),
@@ -148,6 +173,7 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256) -> P
         "noisy_slices_inside": int(noisy.sum()),
         "inplane_center_voxel": [round(cx, 1), round(cy, 1)],
         "inplane_padding": pads,
+        **({"placement": placement} if placement is not None else {}),
     }
     return PreparedVolume(out[0].numpy().astype(np.float32), out.affine.numpy(), positions, steps)
 
@@ -195,8 +221,12 @@ def prepare_dataset(
     split: str | Sequence[float] = (0.8, 0.1, 0.1),
     overwrite: bool = False,
     progress: bool = True,
+    place: Placer | None = None,
 ) -> dict:
     """Prepare every scan under ``src`` into ``dst``; return the report (also written to DST).
+
+    ``place``: scans whose field of view cuts the top of the head are placed with it (see
+    :func:`prepare_volume`) instead of skipped; their datalist entries record the ``placement``.
 
     Bad or rejected inputs are reported (one line on stderr and in the report) and skipped.
     Raises ``RuntimeError`` when no usable scan was found.
@@ -229,7 +259,7 @@ def prepare_dataset(
     for i, scan in enumerate(scans, 1):
         record = {"source": str(scan.path), "subject": scan.subject, "session": scan.session}
         try:
-            vol = prepare_volume(scan.path, spacing, size)
+            vol = prepare_volume(scan.path, spacing, size, place)
         except (InputError, SkipScan) as err:
             reason = str(err) if isinstance(err, InputError) else f"{scan.path}: {err}"
             record.update(status="skipped", reason=reason)
@@ -274,4 +304,5 @@ def _entry(scan: Scan, rel: str, vol: PreparedVolume, spacing: float) -> dict:
         "source": str(scan.path.resolve()),
         "spacing": [float(spacing)] * 3,
         "positions": [round(float(p), 6) for p in vol.positions],
+        **({"placement": vol.steps["placement"]} if "placement" in vol.steps else {}),
     }

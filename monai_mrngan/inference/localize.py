@@ -31,6 +31,7 @@ import torch
 
 from ..data.io import InputError, is_nifti, is_png, load_slice, load_volume
 from ..data.inputs import slice_to_grid
+from ..data.positions import HEAD_HEIGHT_MM
 from ..data.prepare import SkipScan, prepare_volume
 from ..engines.handlers import position_rows, write_positions_csv
 
@@ -54,6 +55,26 @@ def localize(network: torch.nn.Module, slices: torch.Tensor, batch_size: int = 2
     finally:
         network.train(was_training)
     return torch.cat(out).clamp(0.0, 1.0) if out else torch.zeros(0)
+
+
+def localize_with_offset(network: torch.nn.Module, slices: torch.Tensor | np.ndarray, offsets_p: Sequence[float]) -> tuple[np.ndarray, dict]:
+    """Positions of slices whose places relative to each other are known: ``p_k = p0 + offsets_p[k]``.
+
+    Every slice is localized and the one unknown ``p0`` is the median of (localized ``p`` minus the
+    slice's offset), so one badly localized slice cannot move the rest. Returns the positions and
+    ``{"localized_slices", "offset_p", "mean_abs_deviation_from_fit", "spread_mm"}`` (the mean
+    distance, in p and in mm, between the localizer's answers and the fitted positions).
+    """
+    x = torch.as_tensor(np.asarray(slices), dtype=torch.float32)
+    x = x[:, None] if x.ndim == 3 else x
+    rel = np.asarray(offsets_p, dtype=np.float64)
+    found = localize(network, x).numpy().astype(np.float64)
+    p0 = float(np.median(found - rel))
+    positions = p0 + rel
+    dev = float(np.mean(np.abs(found - positions)))
+    info = {"localized_slices": int(len(found)), "offset_p": round(p0, 6), "mean_abs_deviation_from_fit": round(dev, 6),
+            "spread_mm": round(dev * HEAD_HEIGHT_MM, 2)}
+    return positions, info
 
 
 def _pair(size: Sequence[int] | int) -> tuple[int, int]:

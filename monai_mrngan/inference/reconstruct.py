@@ -23,7 +23,7 @@ from ..data.positions import HEAD_HEIGHT_MM
 from ..networks.recurrent import MRNGAN, NextFn
 from ..transforms.shapes import as_slice_batch
 from .components import Components
-from .localize import localize
+from .localize import localize, localize_with_offset
 from .output import save_reconstruction
 from .runners import make_runner
 from .volume import Reconstruction, fill_volume, volume_affine, volume_grid
@@ -119,7 +119,7 @@ def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor |
 
 def _stack_positions(components: Components, slices: np.ndarray, offsets_mm: Sequence[float], given: Sequence[float] | None) -> list[float]:
     """Positions of a stack's slices from their relative geometry and ONE offset: the given position of
-    the first slice, or the median over its slices of (localized p + the slice's offset in p)."""
+    the first slice, or the one fitted to all of them (:func:`~monai_mrngan.inference.localize.localize_with_offset`)."""
     rel = -np.asarray(offsets_mm, dtype=np.float64) / HEAD_HEIGHT_MM  # higher slices lie closer to the vertex
     if given is not None:
         if len(given) not in (1, len(rel)):
@@ -127,9 +127,9 @@ def _stack_positions(components: Components, slices: np.ndarray, offsets_mm: Seq
         return [float(p) for p in given] if len(given) == len(rel) else [float(given[0] + r) for r in rel]
     if components.localizer is None:
         raise ValueError("no positions given and no localizer to find them")
-    found = localize(components.localizer, torch.from_numpy(slices)[:, None].to(components.device)).cpu().numpy().astype(np.float64)
-    p0 = float(np.median(found - rel))
-    return [p0 + float(r) for r in rel]
+    positions, info = localize_with_offset(components.localizer.to(components.device), slices, rel)
+    logger.info("stack placed by one localized offset: %s", info)
+    return [float(p) for p in positions]
 
 
 def _input_space_affine(inputs: InputSlices, first_index: int, spacing_mm: float) -> np.ndarray:
