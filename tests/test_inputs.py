@@ -141,3 +141,19 @@ def test_thick_slice_stack_uses_every_slice_at_its_place(scan, tiny_dataset, tmp
     out = nib.load(res["volume"]).get_fdata()
     np.testing.assert_allclose(out[:, :, 3], vol[:, :, 3], atol=2e-3)  # real slices where they were acquired
     np.testing.assert_allclose(out[:, :, 4], (2 * vol[:, :, 3] + vol[:, :, 6]) / 3, atol=2e-3)
+
+
+def test_a_slice_of_a_volume_is_placed_by_the_whole_volume(scan, tiny_dataset, tmp_path):
+    """With the vertex in the field of view the position is counted from it, as prepare counts: no model needed."""
+    path, vol, affine, entry = scan
+    ref = reference_grid(tiny_dataset)
+    comp = Components(prior=mean_prior(tiny_dataset, "training"))  # no localizer at all
+    res = reconstruct_files([str(path)], str(tmp_path / "v.nii.gz"), comp, slice_index=12, method="prior", expected_shape=ref["shape"],
+                            spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"], reference_positions=ref["positions"])
+    meta = json.loads((tmp_path / "v_positions.json").read_text())
+    assert meta["placement"]["method"] == "vertex in the field of view"
+    grid = read_inputs([path], 32, ref["spacing_mm"], stack=True).slices  # the volume as the models see it
+    area = (grid > 0.1).sum(axis=(1, 2)) * ref["spacing_mm"] ** 2
+    vertex = int(np.nonzero(area >= 1000.0)[0].max())
+    assert vertex < len(area) - 1  # the top of the head is inside the field of view
+    assert res["input_positions"][0] == pytest.approx((vertex - 12) * ref["spacing_mm"] / 200.0, abs=0.01)

@@ -31,7 +31,7 @@ import torch
 
 from ..data.io import InputError, is_nifti, is_png, load_slice, load_volume
 from ..data.inputs import slice_to_grid
-from ..data.positions import HEAD_HEIGHT_MM
+from ..data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, VERTEX_MIN_AREA_MM2
 from ..data.prepare import SkipScan, prepare_volume
 from ..engines.handlers import position_rows, write_positions_csv
 
@@ -75,6 +75,28 @@ def localize_with_offset(network: torch.nn.Module, slices: torch.Tensor | np.nda
     info = {"localized_slices": int(len(found)), "offset_p": round(p0, 6), "mean_abs_deviation_from_fit": round(dev, 6),
             "spread_mm": round(dev * HEAD_HEIGHT_MM, 2)}
     return positions, info
+
+
+def place_slices(network: torch.nn.Module | None, slices: np.ndarray, offsets_mm: Sequence[float], spacing_mm: float) -> tuple[np.ndarray, dict]:
+    """Positions of a volume's axial slices (model grid, ``offsets_mm`` above the first) from the volume itself.
+
+    When the top of the head is inside the field of view (the top slice shows less than
+    ``VERTEX_MIN_AREA_MM2`` of head, as ``prepare`` defines the vertex), positions are counted from
+    the vertex exactly as ``prepare`` counts them: no model is needed. Otherwise (a cut field of
+    view, or a volume trimmed at the vertex) every slice is localized and one offset fitted
+    (:func:`localize_with_offset`). Returns the positions and how they were found.
+    """
+    offsets = np.asarray(offsets_mm, dtype=np.float64)
+    area = (np.asarray(slices) > HEAD_THRESHOLD).sum(axis=(1, 2)) * float(spacing_mm) ** 2
+    head = np.nonzero(area >= VERTEX_MIN_AREA_MM2)[0]
+    top = int(np.argmax(offsets))
+    if head.size and area[top] < VERTEX_MIN_AREA_MM2:
+        vertex_mm = float(offsets[head].max())
+        return (vertex_mm - offsets) / HEAD_HEIGHT_MM, {"method": "vertex in the field of view", "vertex_offset_mm": round(vertex_mm, 2)}
+    if network is None:
+        raise ValueError("the volume's top of the head is outside its field of view and no localizer is there to place it")
+    positions, info = localize_with_offset(network, slices, -offsets / HEAD_HEIGHT_MM)
+    return positions, {"method": "localized slices, one offset", **info}
 
 
 def _pair(size: Sequence[int] | int) -> tuple[int, int]:

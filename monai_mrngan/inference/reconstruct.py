@@ -23,7 +23,7 @@ from ..data.positions import HEAD_HEIGHT_MM
 from ..networks.recurrent import MRNGAN, NextFn
 from ..transforms.shapes import as_slice_batch
 from .components import Components
-from .localize import localize, localize_with_offset
+from .localize import localize, localize_with_offset, place_slices
 from .output import save_reconstruction
 from .runners import make_runner
 from .volume import Reconstruction, fill_volume, volume_affine, volume_grid
@@ -132,6 +132,23 @@ def _stack_positions(components: Components, slices: np.ndarray, offsets_mm: Seq
     return [float(p) for p in positions]
 
 
+def _volume_position(components: Components, path: str, got: InputSlices, size: int, spacing_mm: float) -> tuple[list[float] | None, dict | None]:
+    """The position of one slice of a 3D input, from the whole volume (:func:`~monai_mrngan.inference.localize.place_slices`):
+    counted from the vertex when the volume shows it, else one offset localized over all its slices."""
+    whole = read_inputs([path], size, spacing_mm, stack=True)
+    if len(whole.slices) < 8:
+        return None, None  # too few slices to place by: the slice is localized on its own
+    try:
+        positions, info = place_slices(components.localizer.to(components.device) if components.localizer is not None else None,
+                                       whole.slices, whole.offsets_mm, spacing_mm)
+    except ValueError:
+        return None, None
+    mine = float(np.dot(np.asarray(got.affine)[:3, 3] - np.asarray(whole.affine)[:3, 3], whole.affine[:3, 2]) / whole.step_mm**2)
+    p = float(np.interp(mine * whole.step_mm, whole.offsets_mm, positions))
+    logger.info("%s: placed from the whole volume (%s): p = %.3f", path, info["method"], p)
+    return [p], info
+
+
 def _input_space_affine(inputs: InputSlices, first_index: int, spacing_mm: float) -> np.ndarray:
     """Affine placing the output grid in the input's world: the model grid's in-plane transform undone,
     axial steps of ``spacing_mm`` along the input's axial axis, the first input slice where it was acquired."""
@@ -199,8 +216,11 @@ def reconstruct_files(
         raise ValueError("the model grid's size is unknown: pass expected_shape")
     got = read_inputs(inputs, int(size), spacing_mm, slice_index=slice_index, stack=stack, pixel_mm=pixel_mm)
     checks = check_inputs(components.prior, got, stack, force)
+    placement = None
     if stack:
         positions = _stack_positions(components, got.slices, got.offsets_mm, positions)
+    elif slice_index is not None and positions is None and len(inputs) == 1:
+        positions, placement = _volume_position(components, inputs[0], got, int(size), spacing_mm)
     elif positions is not None and len(positions) != len(got.slices):
         raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
     rec = reconstruct_volume(
@@ -217,6 +237,8 @@ def reconstruct_files(
         device=components.device,
     )
     rec.extra["input_check"] = checks
+    if placement is not None:
+        rec.extra["placement"] = placement
     grid_affine = None
     if reference_affine is not None and reference_positions is not None:
         grid_affine = volume_affine(reference_affine, reference_positions, rec.positions)
