@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import fire
@@ -216,13 +217,24 @@ def complete(
           f"({generated} slices generated, {len(report['skipped'])} skipped); report: {dst}/complete_report.json")
 
 
-def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limit: int | None = None) -> None:
+def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limit: int | None = None, shift: str | None = None) -> None:
     """Evaluate MRNGAN against copy, prior, pix2pix_iterative and linear on held-out subjects.
 
     Writes OUT/report.json, OUT/per_distance.csv and PNG plots of each metric against distance.
+    ``--shift all`` (or a comma-separated list of names of ``monai_mrngan.evaluation.shift.SHIFTS``)
+    runs the same evaluation on the original subjects and under each simulated scanner, and writes
+    the tables side by side (OUT/shift_report.md, OUT/shift_report.json).
     """
     from ..evaluation.reconstruction import evaluate_reconstruction
 
+    if shift:
+        from ..evaluation.shift import evaluate_shifted
+
+        names = None if shift == "all" else [n.strip() for n in str(shift).split(",")]
+        evaluate_shifted(dataset_dir, out, _components(workdir), shifts=names, split=split, limit=limit)
+        print((Path(out) / "shift_report.md").read_text())
+        print(f"report: {out}/shift_report.json")
+        return
     report = evaluate_reconstruction(dataset_dir, out, _components(workdir), split=split, limit=limit)
     for name, m in report["single_slice"]["methods"].items():
         print(f"{name:<20} SSIM {m['ssim']:.3f}  head-only SSIM {m['ssim_head']:.3f}  PSNR {m['psnr']:.2f} dB")
