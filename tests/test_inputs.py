@@ -157,3 +157,18 @@ def test_a_slice_of_a_volume_is_placed_by_the_whole_volume(scan, tiny_dataset, t
     vertex = int(np.nonzero(area >= 1000.0)[0].max())
     assert vertex < len(area) - 1  # the top of the head is inside the field of view
     assert res["input_positions"][0] == pytest.approx((vertex - 12) * ref["spacing_mm"] / 200.0, abs=0.01)
+
+
+def test_stack_slices_beyond_the_grid_are_left_out(scan, tiny_dataset, tmp_path):
+    path, vol, affine, entry = scan
+    ref = reference_grid(tiny_dataset)
+    aff = affine.copy()
+    aff[:3, 2] *= 3
+    save_nifti(vol[:, :, ::3], aff, tmp_path / "thick.nii.gz")
+    comp = Components(prior=mean_prior(tiny_dataset, "training"))
+    # the first slice placed at p = 0.3: the slices above it would lie above the vertex (p < 0)
+    res = reconstruct_files([str(tmp_path / "thick.nii.gz")], str(tmp_path / "s.nii.gz"), comp, stack=True, positions=[0.3],
+                            method="linear", expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"],
+                            reference_affine=ref["affine"], reference_positions=ref["positions"])
+    assert min(res["input_positions"]) >= -0.01 and len(res["input_positions"]) < vol[:, :, ::3].shape[2]
+    assert res["input_positions"][0] == pytest.approx(0.3)

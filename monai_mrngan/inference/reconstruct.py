@@ -23,7 +23,7 @@ from ..data.positions import HEAD_HEIGHT_MM
 from ..networks.recurrent import MRNGAN, NextFn
 from ..transforms.shapes import as_slice_batch
 from .components import Components
-from .localize import localize, localize_with_offset, place_slices
+from .localize import localize, place_slices
 from .output import save_reconstruction
 from .runners import make_runner
 from .volume import Reconstruction, fill_volume, volume_affine, volume_grid
@@ -117,19 +117,36 @@ def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor |
     return pos
 
 
-def _stack_positions(components: Components, slices: np.ndarray, offsets_mm: Sequence[float], given: Sequence[float] | None) -> list[float]:
+def _stack_positions(components: Components, got: InputSlices, given: Sequence[float] | None, spacing_mm: float) -> tuple[list[float], dict]:
     """Positions of a stack's slices from their relative geometry and ONE offset: the given position of
-    the first slice, or the one fitted to all of them (:func:`~monai_mrngan.inference.localize.localize_with_offset`)."""
-    rel = -np.asarray(offsets_mm, dtype=np.float64) / HEAD_HEIGHT_MM  # higher slices lie closer to the vertex
+    the first slice, else found from the stack itself (:func:`~monai_mrngan.inference.localize.place_slices`:
+    counted from the vertex when the stack shows it, else localized with one fitted offset)."""
+    rel = -np.asarray(got.offsets_mm, dtype=np.float64) / HEAD_HEIGHT_MM  # higher slices lie closer to the vertex
     if given is not None:
         if len(given) not in (1, len(rel)):
             raise ValueError(f"a stack of {len(rel)} slices takes one position (its first slice) or {len(rel)}, got {len(given)}")
-        return [float(p) for p in given] if len(given) == len(rel) else [float(given[0] + r) for r in rel]
-    if components.localizer is None:
-        raise ValueError("no positions given and no localizer to find them")
-    positions, info = localize_with_offset(components.localizer.to(components.device), slices, rel)
-    logger.info("stack placed by one localized offset: %s", info)
-    return [float(p) for p in positions]
+        positions = [float(p) for p in given] if len(given) == len(rel) else [float(given[0] + r) for r in rel]
+        return positions, {"method": "given"}
+    localizer = components.localizer.to(components.device) if components.localizer is not None else None
+    found, info = place_slices(localizer, got.slices, got.offsets_mm, spacing_mm)
+    logger.info("stack placed: %s", info)
+    return [float(p) for p in found], info
+
+
+def _inside(got: InputSlices, positions: list[float], lo: float, hi: float) -> tuple[InputSlices, list[float]]:
+    """The stack's slices whose positions lie on the output grid (``lo <= p <= hi``); the rest (air above
+    the head, neck below the grid) are dropped."""
+    keep = [k for k, p in enumerate(positions) if lo <= p <= hi]
+    if not keep:
+        raise ValueError(f"no slice of the stack lies within the grid's positions {lo:.3f} <= p <= {hi:.3f}")
+    if len(keep) < len(positions):
+        logger.info("stack: %d of %d slices lie outside %.3f <= p <= %.3f and are left out", len(positions) - len(keep), len(positions), lo, hi)
+    first = keep[0]
+    affine = np.asarray(got.affine, dtype=np.float64).copy()
+    affine[:3, 3] += affine[:3, 2] * (got.offsets_mm[first] / got.step_mm)
+    kept = InputSlices(got.slices[keep], [got.sources[k] for k in keep], affine, got.step_mm,
+                       [got.offsets_mm[k] - got.offsets_mm[first] for k in keep], got.scale)
+    return kept, [positions[k] for k in keep]
 
 
 def _volume_position(components: Components, path: str, got: InputSlices, size: int, spacing_mm: float) -> tuple[list[float] | None, dict | None]:
@@ -218,7 +235,10 @@ def reconstruct_files(
     checks = check_inputs(components.prior, got, stack, force)
     placement = None
     if stack:
-        positions = _stack_positions(components, got.slices, got.offsets_mm, positions)
+        positions, placement = _stack_positions(components, got, positions, spacing_mm)
+        grid = np.asarray(reference_positions if reference_positions is not None else (0.0, 1.0), dtype=np.float64)
+        half = abs(spacing_mm) / HEAD_HEIGHT_MM / 2
+        got, positions = _inside(got, positions, float(grid.min()) - half, float(grid.max()) + half)
     elif slice_index is not None and positions is None and len(inputs) == 1:
         positions, placement = _volume_position(components, inputs[0], got, int(size), spacing_mm)
     elif positions is not None and len(positions) != len(got.slices):
