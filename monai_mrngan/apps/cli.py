@@ -110,14 +110,25 @@ def pipeline(
     print(f"pipeline finished: {', '.join(results)} under {workdir}")
 
 
-def _components(workdir: str):
+def _device(device: str) -> str:
+    """``auto``: the GPU when torch sees one, else the CPU; anything else as given (``cpu``, ``cuda``, ``cuda:1``)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device here")
+    return str(device)
+
+
+def _components(workdir: str, device: str = "cpu"):
     from ..inference.components import components_from_bundles
     from .pipeline import BUNDLES_DIR, read_run_info
 
     fixed = read_run_info(workdir).get("stage_overrides", {})
     names = {"localizer": "slice_localization", "flow": "flow_generation", "mrngan": "mrngan"}
     overrides = {k: {i: v for i, v in fixed.get(stage, {}).items() if not i.endswith("_overrides")} for k, stage in names.items()}
-    return components_from_bundles(BUNDLES_DIR, workdir, overrides=overrides)
+    return components_from_bundles(BUNDLES_DIR, workdir, device=_device(device), overrides=overrides)
 
 
 def _dataset_of(workdir: str, dataset_dir: str | None) -> str:
@@ -139,6 +150,7 @@ def reconstruct(
     stack: bool = False,
     pixel_mm: float | None = None,
     force: bool = False,
+    device: str = "auto",
 ) -> None:
     """Reconstruct a whole volume from one 2D slice or a few, with the stages trained in WORKDIR.
 
@@ -157,6 +169,7 @@ def reconstruct(
         stack: use every axial slice of one input (a thick-slice stack), placed by its geometry.
         pixel_mm: in-plane pixel size of a PNG input that is not at the model size.
         force: reconstruct an input that does not look like an axial head slice (refused otherwise).
+        device: auto (a GPU when there is one), cpu or cuda[:N].
     """
     from ..inference.components import reference_grid
     from ..inference.reconstruct import reconstruct_files
@@ -165,7 +178,7 @@ def reconstruct(
     pos = None if positions is None else ([float(positions)] if isinstance(positions, (int, float)) else [float(p) for p in positions])
     ref = reference_grid(_dataset_of(workdir, dataset_dir))
     result = reconstruct_files(
-        inputs, out, _components(workdir), slice_index=slice_index, positions=pos, method=method,
+        inputs, out, _components(workdir, device), slice_index=slice_index, positions=pos, method=method,
         expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"],
         reference_positions=ref["positions"], stack=bool(stack), pixel_mm=pixel_mm, force=bool(force),
     )
@@ -186,6 +199,7 @@ def complete(
     missing: str | float = "empty",
     dataset_dir: str | None = None,
     overwrite: bool = False,
+    device: str = "auto",
 ) -> None:
     """Complete a folder of incomplete scans: fill missing axial slices, keep real ones bit-exact.
 
@@ -203,13 +217,14 @@ def complete(
         missing: what a missing axial slice holds: empty (every voxel 0 or NaN), zero, nan, or a number.
         dataset_dir: prepared dataset that fixes the grid (default: the pipeline's).
         overwrite: write into a non-empty DST, replacing a previous completion.
+        device: auto (a GPU when there is one), cpu or cuda[:N].
     """
     from .complete import complete_dataset, model_files
     from ..inference.components import reference_grid
 
     data = _dataset_of(workdir, dataset_dir)
     report = complete_dataset(
-        src, dst, _components(workdir), reference_grid(data), method=method, missing=missing, overwrite=overwrite,
+        src, dst, _components(workdir, device), reference_grid(data), method=method, missing=missing, overwrite=overwrite,
         models=model_files(workdir), options={"workdir": str(workdir), "dataset_dir": str(data)},
     )
     generated = sum(v["generated"] for v in report["volumes"])
@@ -217,13 +232,15 @@ def complete(
           f"({generated} slices generated, {len(report['skipped'])} skipped); report: {dst}/complete_report.json")
 
 
-def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limit: int | None = None, shift: str | None = None) -> None:
+def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limit: int | None = None, shift: str | None = None,
+             device: str = "auto") -> None:
     """Evaluate MRNGAN against copy, prior, pix2pix_iterative and linear on held-out subjects.
 
     Writes OUT/report.json, OUT/per_distance.csv and PNG plots of each metric against distance.
     ``--shift all`` (or a comma-separated list of names of ``monai_mrngan.evaluation.shift.SHIFTS``)
     runs the same evaluation on the original subjects and under each simulated scanner, and writes
-    the tables side by side (OUT/shift_report.md, OUT/shift_report.json).
+    the tables side by side (OUT/shift_report.md, OUT/shift_report.json). ``--device``: auto (a GPU
+    when there is one), cpu or cuda[:N].
     """
     from ..evaluation.reconstruction import evaluate_reconstruction
 
@@ -231,11 +248,11 @@ def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limi
         from ..evaluation.shift import evaluate_shifted
 
         names = None if shift == "all" else [n.strip() for n in str(shift).split(",")]
-        evaluate_shifted(dataset_dir, out, _components(workdir), shifts=names, split=split, limit=limit)
+        evaluate_shifted(dataset_dir, out, _components(workdir, device), shifts=names, split=split, limit=limit)
         print((Path(out) / "shift_report.md").read_text())
         print(f"report: {out}/shift_report.json")
         return
-    report = evaluate_reconstruction(dataset_dir, out, _components(workdir), split=split, limit=limit)
+    report = evaluate_reconstruction(dataset_dir, out, _components(workdir, device), split=split, limit=limit)
     for name, m in report["single_slice"]["methods"].items():
         print(f"{name:<20} SSIM {m['ssim']:.3f}  head-only SSIM {m['ssim_head']:.3f}  PSNR {m['psnr']:.2f} dB")
     print(f"report: {out}/report.json")
