@@ -124,7 +124,7 @@ def reconstruct(
         slice_index: axial index to take from a 3D NIfTI input.
         positions: the anatomical position p of each input slice; localized when omitted.
         dataset_dir: prepared dataset that fixes the output grid (default: the pipeline's).
-        method: mrngan, pix2pix_iterative, prior, copy (one slice) or linear (several).
+        method: mrngan, pix2pix_iterative, prior, copy (one slice), linear or cubic (several).
     """
     from ..inference.components import reference_grid
     from ..inference.reconstruct import reconstruct_files
@@ -163,7 +163,7 @@ def complete(
         src: folder of incomplete scans (read only; searched recursively).
         dst: output folder; not inside SRC; must be empty unless ``--overwrite``.
         workdir: a pipeline work folder (trained stages).
-        method: mrngan, pix2pix_iterative, prior, copy or linear (no trained model needed).
+        method: mrngan, pix2pix_iterative, prior, copy, linear or cubic (no trained model needed).
         missing: what a missing axial slice holds: empty (every voxel 0 or NaN), zero, nan, or a number.
         dataset_dir: prepared dataset that fixes the grid (default: the pipeline's).
         overwrite: write into a non-empty DST, replacing a previous completion.
@@ -182,7 +182,7 @@ def complete(
 
 
 def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limit: int | None = None) -> None:
-    """Evaluate MRNGAN against copy, prior, pix2pix_iterative and linear on held-out subjects.
+    """Evaluate MRNGAN against copy, prior, pix2pix_iterative, linear and cubic on held-out subjects.
 
     Writes OUT/report.json, OUT/per_distance.csv and PNG plots of each metric against distance.
     """
