@@ -179,6 +179,15 @@ class SliceRund(_SliceSampler):
         self.run_length = int(run_length)
         self.directions = tuple(int(d) for d in directions)
 
+    def _plan(self, depth: int) -> list[tuple[int, int, int]]:
+        """(start index, direction, gap k: 0 = open run) per sample."""
+        lows = self._starts(depth - self.run_length + 1)
+        dirs = self._directions(len(lows), self.directions)
+        return [(low if d > 0 else low + self.run_length - 1, d, 0) for low, d in zip(lows.tolist(), dirs.tolist())]
+
+    def _far_end(self, d: dict, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
+        """Hook for samplers that add the far end of the run's gap (none here)."""
+
     def __call__(self, data: Mapping) -> list[dict]:
         key = self.first_key(data)
         vol = _volume(data, key)
@@ -186,18 +195,15 @@ class SliceRund(_SliceSampler):
         pos = _positions(data, self.positions_key, depth)
         if depth < self.run_length:
             raise ValueError(f"volume has {depth} slices, fewer than run_length {self.run_length}")
-        lows = self._starts(depth - self.run_length + 1)
-        dirs = self._directions(len(lows), self.directions)
         out = []
-        for low, direction in zip(lows.tolist(), dirs.tolist()):
-            idx = torch.arange(low, low + self.run_length)
-            if direction < 0:
-                idx = idx.flip(0)
+        for start, direction, gap in self._plan(depth):
+            idx = start + direction * torch.arange(self.run_length)
             d = self._base(data)
             d[key] = vol[0][..., idx].permute(2, 0, 1).contiguous()
             d["positions"] = pos[idx].clone()
             d["direction"] = torch.tensor([float(direction)])
-            d["slice_index"] = int(idx[0])
+            d["slice_index"] = int(start)
+            self._far_end(d, vol, pos, start, direction, gap)
             out.append(d)
         return out
 
@@ -255,28 +261,12 @@ class GapRund(SliceRund):
             plan.append((low if d > 0 else low + reach, d, k))
         return plan
 
-    def __call__(self, data: Mapping) -> list[dict]:
-        key = self.first_key(data)
-        vol = _volume(data, key)
-        depth = vol.shape[-1]
-        pos = _positions(data, self.positions_key, depth)
-        if depth < self.run_length:
-            raise ValueError(f"volume has {depth} slices, fewer than run_length {self.run_length}")
-        out = []
-        for start, direction, k in self._plan(depth):
-            idx = start + direction * torch.arange(self.run_length)
-            d = self._base(data)
-            d[key] = vol[0][..., idx].permute(2, 0, 1).contiguous()
-            d["positions"] = pos[idx].clone()
-            d["direction"] = torch.tensor([float(direction)])
-            d["slice_index"] = start
-            if k:
-                far = start + direction * k
-                d["far_image"] = vol[0][..., far][None].clone()
-                d["far_position"] = pos[far : far + 1].clone()
-            else:
-                d["far_image"] = torch.zeros_like(vol[0][..., start][None])
-                d["far_position"] = torch.tensor([float("nan")])
-            d["gap"] = k
-            out.append(d)
-        return out
+    def _far_end(self, d: dict, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
+        if gap:
+            far = start + direction * gap
+            d["far_image"] = vol[0][..., far][None].clone()
+            d["far_position"] = pos[far : far + 1].clone()
+        else:
+            d["far_image"] = torch.zeros_like(vol[0][..., start][None])
+            d["far_position"] = torch.tensor([float("nan")])
+        d["gap"] = gap
