@@ -126,6 +126,28 @@ def test_far_end_off_is_the_paper_cell():
         paper.load_state_dict(MRNGAN(hidden_channels=4, features=4, far_end=True).state_dict())
 
 
+def test_step_inputs_are_stacked_as_documented():
+    """x_t built by hand (maps min(1, 5 |p_t - p_0|), min(1, 5 |p_far - p_t|), flag) gives unroll's first slice."""
+    torch.manual_seed(0)
+    for far_end in (False, True):
+        model = MRNGAN(hidden_channels=4, features=4, far_end=far_end)
+        with torch.no_grad():
+            for prm in model.head[-1].parameters():
+                prm.normal_(0, 0.3)
+            start, far, priors = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), torch.rand(1, 3, 1, 8, 8)
+            pos = torch.tensor([[0.5, 0.44, 0.38]])  # 0.06 per step: the travelled distance saturates at step 4
+            gen = model.unroll(start, pos, torch.ones(1), _identity_next, lambda p: priors, far, torch.tensor([0.30]))
+
+            def const(v):
+                return torch.full((1, 1, 8, 8), float(v))
+
+            far0 = [far, const(1.0), const(1.0)] if far_end else []  # 5 * 0.2 = 1 at p_0
+            far1 = [far, const(min(1.0, 5 * 0.14)), const(1.0)] if far_end else []
+            x0 = torch.cat([start, start, priors[:, 0], const(0.5), const(0.0), *far0], 1)
+            x1 = torch.cat([start, start, priors[:, 1], const(0.44), const(5 * 0.06), *far1], 1)
+            torch.testing.assert_close(gen[:, 0:1], model(x1, model.init_state(x0)), atol=1e-6, rtol=0)
+
+
 # ------------------------------------------------------------------ one run per gap
 class _Recorder:
     """A gap-aware runner that records its calls and fills every run with its far slice (or its start)."""

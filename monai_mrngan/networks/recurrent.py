@@ -179,10 +179,15 @@ class MRNGAN(nn.Module):
         return self.step(x, state)[0]
 
     @staticmethod
-    def _maps(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+    def _const(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
         """Constant maps (B,len(values),H,W) of per-sample values (B,)."""
         b, _, hh, ww = x.shape
         return torch.stack([v.reshape(b) for v in values], 1).view(b, -1, 1, 1).expand(b, -1, hh, ww).to(x)
+
+    @classmethod
+    def _maps(cls, x: torch.Tensor, p: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """The ``p_t`` map and the travelled-distance map ``min(1, 5 |p_t - p_0|)`` (``dist`` = ``|p_t - p_0|``)."""
+        return cls._const(x, p, (DIST_SCALE * dist).clamp(max=1.0))
 
     def _far_maps(self, start: torch.Tensor, far: torch.Tensor | None, far_p: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor) -> list[torch.Tensor]:
         """Far-end channels at ``p_t``: [far slice, far distance map, flag map]; none once the run is past it."""
@@ -192,7 +197,7 @@ class MRNGAN(nn.Module):
         flag = ahead.to(pt.dtype)
         dist = torch.where(ahead, (DIST_SCALE * (far_p - pt).abs()).clamp(max=1.0), torch.ones_like(pt))
         far_slice = far * flag.view(-1, 1, 1, 1) if far is not None else torch.zeros_like(start)
-        return [far_slice, self._maps(start, dist, flag)]
+        return [far_slice, self._const(start, dist, flag)]
 
     def unroll(
         self,
