@@ -74,7 +74,7 @@ def test_cubic_is_a_method_of_reconstruct():
 def test_far_end_cell_shapes_channels_and_gradients():
     torch.manual_seed(0)
     model = MRNGAN(hidden_channels=4, features=4, far_end=True)
-    assert model.in_channels == 8 and MRNGAN().in_channels == 5
+    assert model.in_channels == 9 and MRNGAN().in_channels == 5
     start, far = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
     pos = torch.tensor([[0.5, 0.49, 0.48, 0.47, 0.46]] * 3)
     far_p = torch.tensor([0.47, NAN, 0.40])  # reached inside the run, none, beyond the run
@@ -82,28 +82,38 @@ def test_far_end_cell_shapes_channels_and_gradients():
     assert out.shape == (3, 4, 8, 8) and 0 <= float(out.detach().min()) and float(out.detach().max()) <= 1
     out.mean().backward()
     assert any(float(p.grad.abs().sum()) > 0 for p in model.parameters() if p.grad is not None)
-    assert model(torch.rand(2, 8, 8, 8)).shape == (2, 1, 8, 8)
-    with pytest.raises(ValueError, match="8 channels"):
+    assert model(torch.rand(2, 9, 8, 8)).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="9 channels"):
         model(torch.rand(2, 5, 8, 8))
     with pytest.raises(ValueError, match="far must be"):
         model.unroll(start, pos, torch.ones(3), _identity_next, _const_prior(), None, far_p)
 
 
-def test_far_end_enters_the_blend_and_stops_after_it_is_passed():
-    """At initialisation (zero head) the far slice has blend weight 0.2 / 1.2 while the run is before it, 0 after."""
-    model = MRNGAN(hidden_channels=4, features=4, far_end=True, init_weights=(0.2, 0.6, 0.2), far_weight=0.2)
+def test_far_end_enters_the_blend_at_its_linear_weight_and_stops_after_it_is_passed():
+    """Zero head: the far slice's weight is |p_t - p_{t-1}| / |p_far - p_{t-1}| while the run is before it, 0 after."""
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True, init_weights=(0.2, 0.6, 0.2))
     start, far = torch.full((1, 1, 8, 8), 0.6), torch.full((1, 1, 8, 8), 0.9)
     pos = torch.tensor([[0.5, 0.49, 0.48, 0.47]])
     with torch.no_grad():
         out = model.unroll(start, pos, torch.ones(1), _identity_next, _const_prior(0.3), far, torch.tensor([0.48]))
         open_run = model.unroll(start, pos, torch.ones(1), _identity_next, _const_prior(0.3))
-    first = (0.2 * 0.6 + 0.6 * 0.6 + 0.2 * 0.3 + 0.2 * 0.9) / 1.2
+    mix = 0.2 * 0.6 + 0.6 * 0.6 + 0.2 * 0.3
+    first = 0.5 * mix + 0.5 * 0.9  # 0.01 / 0.02 of the way to the far end
     assert float(out[0, 0, 0, 0]) == pytest.approx(first, abs=1e-5)
-    second = (0.2 * first + 0.6 * first + 0.2 * 0.3 + 0.2 * 0.9) / 1.2  # at the far end itself
-    assert float(out[0, 1, 0, 0]) == pytest.approx(second, abs=1e-5)
-    third = 0.2 * second + 0.6 * second + 0.2 * 0.3  # past it: no far end, the paper cell's mixture
+    assert float(out[0, 1, 0, 0]) == pytest.approx(0.9, abs=1e-4)  # at the far end itself
+    third = 0.2 * float(out[0, 1, 0, 0]) + 0.6 * float(out[0, 1, 0, 0]) + 0.2 * 0.3  # past it: the paper cell's mixture
     assert float(out[0, 2, 0, 0]) == pytest.approx(third, abs=1e-5)
-    assert float(open_run[0, 0, 0, 0]) == pytest.approx(0.2 * 0.6 + 0.6 * 0.6 + 0.2 * 0.3, abs=1e-5)
+    assert float(open_run[0, 0, 0, 0]) == pytest.approx(mix, abs=1e-5)
+
+
+def test_untrained_gap_cell_starts_at_linear_interpolation():
+    """All blend weight on the previous output: one run per gap reproduces linear interpolation."""
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True, init_weights=(1.0, 1e-6, 1e-6))
+    prior = type("P", (), {"slice_at": staticmethod(lambda positions, **kw: torch.full((len(positions), 1, 8, 8), 0.5))})()
+    run = make_runner("mrngan", model=model, next_fn=_identity_next, prior=prior, fit_prior=False)
+    given, idx = torch.rand(4, 1, 8, 8), [1, 5, 13, 14]
+    out = fill_volume(run, given, idx, 17, np.linspace(1.0, 0.36, 17), -0.04)
+    torch.testing.assert_close(out, linear_fill(given, idx, 17), atol=5e-3, rtol=0)
 
 
 def test_far_end_off_is_the_paper_cell():
@@ -127,7 +137,7 @@ def test_far_end_off_is_the_paper_cell():
 
 
 def test_step_inputs_are_stacked_as_documented():
-    """x_t built by hand (maps min(1, 5 |p_t - p_0|), min(1, 5 |p_far - p_t|), flag) gives unroll's first slice."""
+    """x_t built by hand (maps min(1, 5 |p_t - p_0|), min(1, 5 |p_far - p_t|), flag, linear weight) gives unroll's first slice."""
     torch.manual_seed(0)
     for far_end in (False, True):
         model = MRNGAN(hidden_channels=4, features=4, far_end=far_end)
@@ -141,8 +151,8 @@ def test_step_inputs_are_stacked_as_documented():
             def const(v):
                 return torch.full((1, 1, 8, 8), float(v))
 
-            far0 = [far, const(1.0), const(1.0)] if far_end else []  # 5 * 0.2 = 1 at p_0
-            far1 = [far, const(min(1.0, 5 * 0.14)), const(1.0)] if far_end else []
+            far0 = [far, const(1.0), const(1.0), const(0.0)] if far_end else []  # 5 * 0.2 = 1 at p_0
+            far1 = [far, const(min(1.0, 5 * 0.14)), const(1.0), const(0.06 / 0.20)] if far_end else []
             x0 = torch.cat([start, start, priors[:, 0], const(0.5), const(0.0), *far0], 1)
             x1 = torch.cat([start, start, priors[:, 1], const(0.44), const(5 * 0.06), *far1], 1)
             torch.testing.assert_close(gen[:, 0:1], model(x1, model.init_state(x0)), atol=1e-6, rtol=0)

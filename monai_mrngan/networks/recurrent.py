@@ -10,11 +10,15 @@ distance travelled from the input slice ``min(1, 5 |p_t - p_0|)`` (saturating at
 far longer than the training runs look like the far end of those).
 
 With ``far_end=True`` the cell also sees the far end of the gap it is filling (few-slice input):
-``x_t`` gains the next given real slice, its distance ``min(1, 5 |p_far - p_t|)`` and a flag map
-(1: there is a far end); the far slice becomes a fourth blend candidate. With no far end (one-slice
-input, the runs beyond the outermost given slices, or once a run has passed its far end) the far
-slice is zeros, the distance 1, the flag 0 and the far candidate's weight is 0, so one set of
-weights serves both modes. ``far_end=False`` is the paper's three-input cell (old weights load).
+``x_t`` gains the next given real slice, its distance ``min(1, 5 |p_far - p_t|)``, a flag map
+(1: there is a far end) and the linear-interpolation weight of the far end seen from the previous
+slice, ``w = |p_t - p_{t-1}| / |p_far - p_{t-1}|``; the far slice becomes a fourth blend candidate
+whose logit is offset by ``logit(w)``, so the untrained cell fills a gap by exact linear
+interpolation between its previous output mixture and the far end, and training learns what to
+add. With no far end (one-slice input, the runs beyond the outermost given slices, or once a run
+has passed its far end) the far slice is zeros, the distance 1, the flag and ``w`` 0 and the far
+candidate's weight is 0, so one set of weights serves both modes. ``far_end=False`` is the paper's
+three-input cell (old weights load).
 
 - :class:`ConvRNNCell`: the paper's Elman cell, convolutional.
 - :class:`ConvGRUCell`: a convolutional GRU (selectable with ``cell="gru"``).
@@ -43,7 +47,7 @@ OUTPUT_MODES = ("blend", "residual", "direct")
 CELLS = ("rnn", "gru")
 DIST_SCALE = 5.0  # distance map = min(1, 5 |p_t - p_0|): 1 from 40 mm away on
 BASE_CHANNELS = 5  # previous, pix2pix, prior, p_t map, distance map
-FAR_CHANNELS = 3  # far slice, far distance map, far flag map
+FAR_CHANNELS = 4  # far slice, far distance map, far flag map, far-end linear weight map
 
 
 def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
@@ -91,9 +95,9 @@ class MRNGAN(nn.Module):
             ``"residual"`` (previous output + bounded correction) or ``"direct"`` (sigmoid head).
         max_correction: bound of the additive correction (``tanh`` scaled), in [0, 1] intensity.
         init_weights: initial blend weights of (previous, pix2pix, prior) for ``"blend"``.
-        far_end: the step input also holds the far end of the gap (slice, distance, flag) and the
-            far slice is a blend candidate (initial weight ``far_weight``); False: the paper's cell.
-        far_weight: initial blend weight of the far slice (when there is one), before normalisation.
+        far_end: the step input also holds the far end of the gap (slice, distance, flag, linear
+            weight) and the far slice is a blend candidate, starting at its linear-interpolation
+            weight; False: the paper's cell.
     """
 
     def __init__(
@@ -106,7 +110,6 @@ class MRNGAN(nn.Module):
         max_correction: float = 0.25,
         init_weights: tuple[float, float, float] = (0.2, 0.6, 0.2),
         far_end: bool = False,
-        far_weight: float = 0.2,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -132,9 +135,9 @@ class MRNGAN(nn.Module):
         nn.init.zeros_(last.weight)  # start from the plain blend / identity: no correction yet
         nn.init.zeros_(last.bias)
         if output == "blend":
-            w = torch.tensor(list(init_weights) + ([far_weight] if self.far_end else []), dtype=torch.float32).clamp_min(1e-3)
-            with torch.no_grad():
-                last.bias[: w.numel()] = torch.log(w / w.sum())
+            w = torch.tensor(init_weights, dtype=torch.float32).clamp_min(1e-3)
+            with torch.no_grad():  # the far logit's bias stays 0: its weight starts at the linear weight
+                last.bias[:3] = torch.log(w / w.sum())
 
     def init_state(self, x0: torch.Tensor) -> torch.Tensor:
         """``s_0`` from the input step ``x_0`` (the start slice, itself, the prior at ``p_0``)."""
@@ -151,8 +154,10 @@ class MRNGAN(nn.Module):
         if self.output == "blend":
             n = 4 if self.far_end else 3
             logits = h[:, :n]
-            if self.far_end:  # no far end (flag 0): the far candidate gets no weight
-                logits = torch.cat([logits[:, :3], logits[:, 3:4] - 1e4 * (1.0 - x[:, 7:8])], 1)
+            if self.far_end:  # logit(linear weight) offset; no far end (flag 0): no weight
+                lin = x[:, 8:9].clamp(1e-4, 1.0 - 1e-4)
+                far_logit = logits[:, 3:4] + torch.log(lin / (1.0 - lin)) - 1e4 * (1.0 - x[:, 7:8])
+                logits = torch.cat([logits[:, :3], far_logit], 1)
             w = torch.softmax(logits, 1)
             out = w[:, 0:1] * prev + w[:, 1:2] * pix + w[:, 2:3] * prior + self.max_correction * torch.tanh(h[:, n : n + 1])
             if self.far_end:
@@ -169,7 +174,8 @@ class MRNGAN(nn.Module):
         ``x`` is the step input ``x_t`` exactly as :meth:`unroll` stacks it (channels: previous output,
         pix2pix prediction from it, prior slice at ``p_t``, ``p_t`` map, distance map
         ``min(1, 5 |p_t - p_0|)``; with ``far_end`` also the far slice, the far distance map
-        ``min(1, 5 |p_far - p_t|)`` and the far flag map; slices in [0, 1]; C = 5 or 8);
+        ``min(1, 5 |p_far - p_t|)``, the far flag map and the far end's linear weight map
+        ``|p_t - p_{t-1}| / |p_far - p_{t-1}|``; slices in [0, 1]; C = 5 or 9);
         ``state`` is ``s_{t-1}`` (B,hidden,H,W), zeros when
         None. Equals ``self.step(x, state)[0]``; this is the single-tensor entry point MONAI's
         ``verify_net_in_out`` and exporters call. Generating a volume needs :meth:`unroll` (it carries the state).
@@ -189,15 +195,17 @@ class MRNGAN(nn.Module):
         """The ``p_t`` map and the travelled-distance map ``min(1, 5 |p_t - p_0|)`` (``dist`` = ``|p_t - p_0|``)."""
         return cls._const(x, p, (DIST_SCALE * dist).clamp(max=1.0))
 
-    def _far_maps(self, start: torch.Tensor, far: torch.Tensor | None, far_p: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor) -> list[torch.Tensor]:
-        """Far-end channels at ``p_t``: [far slice, far distance map, flag map]; none once the run is past it."""
+    def _far_maps(self, start: torch.Tensor, far: torch.Tensor | None, far_p: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor, p_prev: torch.Tensor) -> list[torch.Tensor]:
+        """Far-end channels at ``p_t``: [far slice, far distance map, flag map, linear weight map]; none once past it."""
         if not self.far_end:
             return []
         ahead = torch.isfinite(far_p) & ((pt - p0).abs() <= (far_p - p0).abs() + 1e-6)  # NaN: no far end
         flag = ahead.to(pt.dtype)
+        far_p = torch.where(ahead, far_p, pt)
         dist = torch.where(ahead, (DIST_SCALE * (far_p - pt).abs()).clamp(max=1.0), torch.ones_like(pt))
+        lin = torch.where(ahead, (pt - p_prev).abs() / (far_p - p_prev).abs().clamp_min(1e-8), torch.zeros_like(pt)).clamp(0.0, 1.0)
         far_slice = far * flag.view(-1, 1, 1, 1) if far is not None else torch.zeros_like(start)
-        return [far_slice, self._const(start, dist, flag)]
+        return [far_slice, self._const(start, dist, flag, lin)]
 
     def unroll(
         self,
@@ -230,13 +238,13 @@ class MRNGAN(nn.Module):
             far = torch.nan_to_num(far.to(start))
         priors = prior_fn(positions).to(start)  # (B,T,1,H,W)
         p0 = positions[:, 0]
-        x0 = torch.cat([start, start, priors[:, 0], self._maps(start, p0, torch.zeros_like(p0)), *self._far_maps(start, far, far_p, p0, p0)], 1)
+        x0 = torch.cat([start, start, priors[:, 0], self._maps(start, p0, torch.zeros_like(p0)), *self._far_maps(start, far, far_p, p0, p0, p0)], 1)
         s = self.init_state(x0)
         prev, outs = start, []
         for t in range(1, positions.shape[1]):
             pix = next_fn(prev, direction)
             pt = positions[:, t]
-            x = torch.cat([prev, pix.to(start), priors[:, t], self._maps(start, pt, (pt - p0).abs()), *self._far_maps(start, far, far_p, p0, pt)], 1)
+            x = torch.cat([prev, pix.to(start), priors[:, t], self._maps(start, pt, (pt - p0).abs()), *self._far_maps(start, far, far_p, p0, pt, positions[:, t - 1])], 1)
             prev, s = self.step(x, s)
             outs.append(prev)
         return torch.cat(outs, 1)
