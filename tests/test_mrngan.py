@@ -244,7 +244,7 @@ def test_reconstruct_localizes_when_no_position_given(test_volume, monkeypatch):
 # ------------------------------------------------------------------ evaluation report
 def test_evaluation_report_shape_and_baseline_sanity(tiny_dataset, prior, tmp_path):
     _, nf = _next_fn()
-    comp = Components(model=MRNGAN(hidden_channels=4, features=4), next_fn=nf, prior=prior)
+    comp = Components(model=MRNGAN(hidden_channels=4, features=4, far_end=True), next_fn=nf, prior=prior)
     report = evaluate_reconstruction(tiny_dataset, tmp_path, comp, tensorboard=False)
     methods = report["single_slice"]["methods"]
     assert set(methods) == {"mrngan", "pix2pix_iterative", "prior", "copy"}
@@ -254,12 +254,18 @@ def test_evaluation_report_shape_and_baseline_sanity(tiny_dataset, prior, tmp_pa
         assert entry["by_distance"][0]["d"] == 1 and all(np.isfinite(entry[k]) for k in ("ssim", "psnr", "mse"))
     copy = {r["d"]: r for r in methods["copy"]["by_distance"]}
     assert copy[1]["mse"] < copy[8]["mse"]  # copying degrades with distance
-    assert set(report["few_slices"]) == {"k4", "k8"}
-    assert set(report["few_slices"]["k4"]) == {"mrngan", "linear"}
-    assert report["few_slices"]["k4"]["linear"]["mse"] < report["few_slices"]["k8"]["linear"]["mse"]
+    few = report["few_slices"]
+    assert set(few) == {"k2", "k4", "k8", "k16"}
+    assert all(set(few[k]) == {"mrngan", "linear", "cubic"} for k in few)
+    assert few["k2"]["linear"]["mse"] < few["k4"]["linear"]["mse"] < few["k8"]["linear"]["mse"]
+    assert all(few[k]["cubic"]["mse"] != few[k]["linear"]["mse"] for k in ("k2", "k4", "k8"))
+    assert few["k16"]["cubic"] == pytest.approx(few["k16"]["linear"], abs=1e-5)  # 25 slices: k = 16 gives two slices, PCHIP is the straight line
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
     rows = (tmp_path / "per_distance.csv").read_text().splitlines()
-    assert rows[0] == "method,d,d_mm,n,ssim,ssim_head,psnr,mse" and len(rows) > 4 * 10
+    assert rows[0] == "setting,method,d,d_mm,n,ssim,ssim_head,psnr,mse" and len(rows) > 4 * 10
+    few_rows = [r.split(",") for r in rows[1:] if not r.startswith("single,")]
+    assert {(r[0], r[1]) for r in few_rows} == {(f"k{k}", m) for k in (2, 4, 8, 16) for m in ("mrngan", "linear", "cubic")}
+    assert sorted(int(r[2]) for r in few_rows if r[0] == "k8" and r[1] == "cubic") == [1, 2, 3, 4]  # d: to the nearest given slice
     for metric in ("ssim", "ssim_head", "psnr", "mse"):
         assert (tmp_path / f"distance_{metric}.png").stat().st_size > 1000
 
@@ -336,7 +342,7 @@ def test_bundle_train_evaluate_infer(tiny_dataset, tmp_path):
     ev.finalize()
     report = json.loads((tmp_path / "eval" / "reconstruction" / "report.json").read_text())
     assert set(report["single_slice"]["methods"]) == {"mrngan", "pix2pix_iterative", "prior", "copy"}
-    assert set(report["few_slices"]["k8"]) == {"mrngan", "linear"}
+    assert set(report["few_slices"]["k8"]) == {"mrngan", "linear", "cubic"}
     assert (tmp_path / "eval" / "metrics.csv").is_file()
 
     # inference: one PNG slice, one 2D NIfTI slice, a set of slices of a 3D NIfTI
@@ -360,7 +366,9 @@ def test_bundle_train_evaluate_infer(tiny_dataset, tmp_path):
         infer.finalize()
         img = nib.load(str(out))
         assert img.shape == vol.shape
-        np.testing.assert_allclose(img.affine, affine, atol=1e-4)
+        # the model grid is the prepared data's; a NIfTI input's OUT sits in that input's own space beside it
+        grid_file = out.with_name(f"rec{n}_model_grid.nii.gz")
+        np.testing.assert_allclose(nib.load(str(grid_file)).affine if grid_file.exists() else img.affine, affine, atol=1e-4)
         assert (tmp_path / "rec" / f"rec{n}_montage.png").is_file()
         meta = json.loads((tmp_path / "rec" / f"rec{n}_positions.json").read_text())
         assert meta["input_indices"] == [12] and len(meta["positions"]) == vol.shape[2]
@@ -406,7 +414,7 @@ def test_reconstruct_files_few_slices_and_bad_inputs(tiny_dataset, tmp_path, pri
 def test_components_from_bundles_loads_what_exists(tmp_path):
     from monai_mrngan.inference.components import components_from_bundles
 
-    model = MRNGAN()  # inference.json's network_def defaults
+    model = MRNGAN(far_end=True)  # inference.json's network_def
     with torch.no_grad():
         model.head[-1].bias.fill_(0.123)
     (tmp_path / "mrngan" / "models").mkdir(parents=True)

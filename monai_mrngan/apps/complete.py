@@ -93,7 +93,7 @@ __all__ = [
     "complete_dataset",
 ]
 
-POSITION_FREE_METHODS = ("linear", "copy", "pix2pix_iterative")
+POSITION_FREE_METHODS = ("linear", "cubic", "copy", "pix2pix_iterative")
 """Methods whose runners never read ``p``: a volume without known positions can still be completed."""
 METHOD_STAGES = {
     "mrngan": ("mrngan", "flow_generation", "brain_generalization"),
@@ -101,6 +101,7 @@ METHOD_STAGES = {
     "prior": ("brain_generalization",),
     "copy": (),
     "linear": (),
+    "cubic": (),
 }
 SPACING_TOLERANCE = 0.02
 """Relative tolerance between a volume's voxel size and the prepared spacing."""

@@ -3,7 +3,9 @@
 A run of ``T`` true slices (from :class:`~monai_mrngan.transforms.SliceRund`, both directions)
 becomes one training sample: the first slice is the input, the other ``T - 1`` are the targets of
 the free-running unroll (the cell feeds on its own outputs, as at inference), and the loss is taken
-at every step. Nothing here is a new engine: :class:`RunBatch` is the ``prepare_batch``,
+at every step. Runs from :class:`~monai_mrngan.transforms.GapRund` also carry the far end of the gap
+they fill (``far_image``, ``far_position``; NaN position for an open run), passed through to the
+cell's unroll. Nothing here is a new engine: :class:`RunBatch` is the ``prepare_batch``,
 :class:`RecurrentUnroll` the ``network`` (it closes over pix2pix and the prior) and
 :class:`WeightedL1L2Loss` the loss, so MONAI's trainer, evaluator and handlers work unchanged.
 """
@@ -22,10 +24,10 @@ __all__ = ["RunBatch", "RecurrentUnroll", "WeightedL1L2Loss", "ReseedSampler", "
 
 
 class RunBatch:
-    """``prepare_batch`` for runs: -> (start (B,1,H,W), targets (B,T-1,H,W), (), {positions, direction}).
+    """``prepare_batch`` for runs: -> (start (B,1,H,W), targets (B,T-1,H,W), (), {positions, direction[, far, far_position]}).
 
     ``position_noise``: std of one random offset added to all positions of a run (training only),
-    so the cell learns to live with the localizer's error.
+    so the cell learns to live with the localizer's error; the far end's position moves with them.
     """
 
     def __init__(self, position_noise: float = 0.0) -> None:
@@ -38,8 +40,12 @@ class RunBatch:
         positions = torch.as_tensor(batchdata["positions"]).float().reshape(runs.shape[0], -1)
         extra = {"subject": list(batchdata["subject"])} if "subject" in batchdata else {}
         direction = torch.as_tensor(batchdata["direction"]).float().reshape(-1)
-        if self.position_noise > 0:
-            positions = positions + self.position_noise * torch.randn(positions.shape[0], 1)
+        offset = self.position_noise * torch.randn(positions.shape[0], 1) if self.position_noise > 0 else torch.zeros(positions.shape[0], 1)
+        positions = positions + offset
+        if "far_position" in batchdata:
+            far = torch.as_tensor(batchdata["far_image"]).float().reshape(runs.shape[0], 1, *runs.shape[-2:])
+            far_position = torch.as_tensor(batchdata["far_position"]).float().reshape(-1) + offset[:, 0]
+            extra.update(far=far.to(device, non_blocking=non_blocking), far_position=far_position.to(device))
         runs = runs.to(device, non_blocking=non_blocking)
         start, targets = runs[:, :1], runs[:, 1:]
         return start, targets, (), {"positions": positions.to(device), "direction": direction.to(device), **extra}
@@ -72,9 +78,11 @@ class RecurrentUnroll(nn.Module):
             self.flow.eval()  # fine-tune weights, keep normalisation statistics
         return self
 
-    def forward(self, start: torch.Tensor, positions: torch.Tensor, direction: torch.Tensor, subject: list[str] | None = None) -> torch.Tensor:
+    def forward(self, start: torch.Tensor, positions: torch.Tensor, direction: torch.Tensor, subject: list[str] | None = None,
+                far: torch.Tensor | None = None, far_position: torch.Tensor | None = None) -> torch.Tensor:
+        """``far`` / ``far_position``: each run's far end (NaN position: open run); the paper cell ignores them."""
         prior_fn = prior_fn_for(self.prior, start if self.fit_prior else None, positions[:, 0], subject)
-        return self.model.unroll(start, positions, direction, self.next_fn, prior_fn)
+        return self.model.unroll(start, positions, direction, self.next_fn, prior_fn, far, far_position)
 
 
 class WeightedL1L2Loss(nn.Module):

@@ -5,12 +5,16 @@ One run of :func:`evaluate_reconstruction` does both of issue 6's experiments:
 - single slice: for each input position (default p = 0.3, 0.5, 0.7) the true slice nearest to it
   is given and every method reconstructs the whole volume on the subject's own grid; every other
   slice is scored, grouped by its distance ``d`` (in slices) from the input;
-- few slices: every k-th true slice is given (indices 0, k, 2k, ...) with its true position and
-  the slices strictly between the first and the last given one that were not given are scored.
+- few slices: every k-th true slice is given (default k = 2, 4, 8, 16; indices 0, k, 2k, ...) with
+  its true position and the slices strictly between the first and the last given one that were
+  not given are scored; MRNGAN against linear and monotone cubic (PCHIP) interpolation.
 
-Outputs in ``out_dir``: ``report.json`` (the issue's exact shape), ``report_meta.json`` (what was
-run: subjects, positions, localization error), ``per_distance.csv``, ``distance_<metric>.png``
-per metric, and TensorBoard scalars (``single_slice/<metric>/<method>`` with step ``d``).
+Outputs in ``out_dir``: ``report.json`` (``single_slice.methods.<method>`` with ``by_distance``,
+``few_slices.k<k>.<method>``), ``report_meta.json`` (what was run: subjects, positions,
+localization error), ``per_distance.csv``, ``distance_<metric>.png`` per metric, and TensorBoard
+scalars (``single_slice/<metric>/<method>`` with step ``d``). ``per_distance.csv`` rows are keyed
+by ``setting`` (``single`` or ``k<k>``), ``method`` and ``d``: the distance in slices from the
+input slice (single) or from the nearest given slice (few slices, 1 .. k // 2).
 Metrics come from :func:`monai_mrngan.metrics.slice_metrics` ([0,1] data, data range 1).
 """
 
@@ -37,10 +41,11 @@ from ..metrics import METRIC_NAMES, slice_metrics, summarize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_reconstruction", "SINGLE_METHODS", "FEW_METHODS"]
+__all__ = ["evaluate_reconstruction", "SINGLE_METHODS", "FEW_METHODS", "FEW_SLICE_K"]
 
 SINGLE_METHODS = ("mrngan", "pix2pix_iterative", "prior", "copy")
-FEW_METHODS = ("mrngan", "linear")
+FEW_METHODS = ("mrngan", "linear", "cubic")
+FEW_SLICE_K = (2, 4, 8, 16)
 
 
 def _available(methods: Sequence[str], comp: Components) -> list[str]:
@@ -70,7 +75,7 @@ def evaluate_reconstruction(
     split: str = "test",
     methods: Sequence[str] = SINGLE_METHODS,
     input_positions: Sequence[float] = (0.3, 0.5, 0.7),
-    few_slice_k: Sequence[int] = (4, 8),
+    few_slice_k: Sequence[int] = FEW_SLICE_K,
     few_slice_methods: Sequence[str] = FEW_METHODS,
     localize_inputs: bool = True,
     refine_window: float = 0.12,
@@ -104,6 +109,7 @@ def evaluate_reconstruction(
     use_loc = localize_inputs and comp.localizer is not None
     by_d: dict[str, dict[int, list[dict[str, torch.Tensor]]]] = {m: {} for m in single}
     few_rows: dict[int, dict[str, list]] = {k: {m: [] for m in few} for k in few_slice_k}
+    few_by_d: dict[int, dict[str, dict[int, list]]] = {k: {m: {} for m in few} for k in few_slice_k}
     loc_err, raw_err, spacing = [], [], None
     t0 = time.time()
     for n, entry in enumerate(entries, 1):
@@ -137,10 +143,14 @@ def evaluate_reconstruction(
             if len(given) < 2:
                 continue
             missing = torch.as_tensor([i for i in range(given[0], given[-1]) if i not in given])
+            near = torch.as_tensor(np.abs(missing.numpy()[:, None] - np.asarray(given)[None]).min(1))  # to the nearest given slice
             for m in few:
                 rec = reconstruct_volume(target[given], pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
                 pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
-                few_rows[k][m].append(slice_metrics(pred[missing], target[missing]))
+                met = slice_metrics(pred[missing], target[missing])
+                few_rows[k][m].append(met)
+                for dist in torch.unique(near).tolist():
+                    few_by_d[k][m].setdefault(int(dist), []).append({key: v[near == dist] for key, v in met.items()})
         logger.info("reconstruction eval: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
 
     report: dict[str, Any] = {"single_slice": {"methods": {}}, "few_slices": {}}
@@ -152,10 +162,14 @@ def evaluate_reconstruction(
         for dist in sorted(by_d[m]):
             s = _summary(_pool(by_d[m][dist]))
             entry["by_distance"].append({"d": dist, **s})
-            csv_rows.append({"method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(_pool(by_d[m][dist])["mse"].numel()), **s})
+            csv_rows.append({"setting": "single", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(_pool(by_d[m][dist])["mse"].numel()), **s})
         report["single_slice"]["methods"][m] = entry
     for k in few_slice_k:
         report["few_slices"][f"k{k}"] = {m: _summary(_pool(few_rows[k][m])) for m in few}
+        for m in few:
+            for dist in sorted(few_by_d[k][m]):
+                pooled = _pool(few_by_d[k][m][dist])
+                csv_rows.append({"setting": f"k{k}", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **_summary(pooled)})
     save_json(report, out_dir / "report.json")
     save_json(
         {
@@ -183,7 +197,7 @@ def evaluate_reconstruction(
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
-    fields = ["method", "d", "d_mm", "n", *METRIC_NAMES]
+    fields = ["setting", "method", "d", "d_mm", "n", *METRIC_NAMES]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

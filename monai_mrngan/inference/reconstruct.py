@@ -25,8 +25,8 @@ from ..transforms.shapes import as_slice_batch
 from .components import Components
 from .localize import localize, place_slices
 from .output import save_reconstruction
-from .runners import make_runner
-from .volume import Reconstruction, fill_volume, volume_affine, volume_grid
+from .runners import is_gap_aware, make_runner
+from .volume import Reconstruction, cubic_fill, fill_volume, volume_affine, volume_grid
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +89,15 @@ def reconstruct_volume(
         num_slices = len(grid)
     run = make_runner(method, model=model, next_fn=next_fn, prior=prior, fit_prior=fit_prior)
 
-    def run_on_device(s, p, d, n, sp):
-        return run(s.to(device), p.to(device), d.to(device), n, sp)
+    def run_on_device(s, p, d, n, sp, far=None):
+        far = tuple(t.to(device) for t in far) if far is not None else None
+        return run(s.to(device), p.to(device), d.to(device), n, sp, far=far)
 
-    vol = fill_volume(run_on_device, x, idx, num_slices, grid, step_p)
+    run_on_device.gap_aware = is_gap_aware(run)
+    if method == "cubic":
+        vol = cubic_fill(x, idx, num_slices)
+    else:
+        vol = fill_volume(run_on_device, x, idx, num_slices, grid, step_p)
     return Reconstruction(
         volume=vol.permute(1, 2, 0).numpy().astype(np.float32),
         positions=np.asarray(grid, dtype=np.float64),

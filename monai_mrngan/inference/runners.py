@@ -1,8 +1,12 @@
 """Every reconstruction method as a *runner*, so placement, blending, saving and evaluation are shared.
 
-``run(starts (N,1,H,W), start_positions (N,), directions (N,), steps, step_p) -> (N,steps,1,H,W)``:
+``run(starts (N,1,H,W), start_positions (N,), directions (N,), steps, step_p, far=None) -> (N,steps,1,H,W)``:
 from each start slice, ``steps`` slices in its direction (+1 towards the vertex, -1 towards the
-neck), position ``p_t = p_0 + t * direction * step_p``.
+neck), position ``p_t = p_0 + t * direction * step_p``. ``far``: optional (slices (N,1,H,W),
+positions (N,)), the given slice at the far end of each run's gap (position NaN: none). Only a
+*gap-aware* runner (attribute ``gap_aware`` true: MRNGAN with ``far_end``) reads it, and
+:func:`~monai_mrngan.inference.volume.fill_volume` then fills each gap with one run; every other
+runner ignores it and gaps are filled from both sides and blended, as before.
 
 - ``mrngan``: the trained cell unrolled with pix2pix and the prior (:func:`mrngan_runner`);
 - ``copy``: the input slice repeated (:func:`copy_runner`);
@@ -10,22 +14,28 @@ neck), position ``p_t = p_0 + t * direction * step_p``.
 - ``pix2pix_iterative``: pix2pix rolled out on its own outputs, both ways (:func:`pix2pix_runner`);
 - ``linear``: for few-slice input, copy runs from both sides of a gap blended with linear weights
   by distance (:func:`~monai_mrngan.inference.volume.fill_volume`), which is exactly linear
-  interpolation between the two given slices (and nearest copy beyond the outermost ones).
+  interpolation between the two given slices (and nearest copy beyond the outermost ones);
+- ``cubic``: monotone cubic (PCHIP) interpolation through all given slices per pixel
+  (:func:`~monai_mrngan.inference.volume.cubic_fill`, not run-based; its runner is ``copy``, used
+  beyond the outermost given slices).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
 from ..networks.contracts import prior_fn_for
 from ..networks.recurrent import MRNGAN, NextFn
 
-__all__ = ["Runner", "METHODS", "run_positions", "mrngan_runner", "copy_runner", "prior_runner", "pix2pix_runner", "make_runner"]
+__all__ = ["Runner", "FarEnd", "METHODS", "is_gap_aware", "run_positions", "mrngan_runner", "copy_runner", "prior_runner", "pix2pix_runner", "make_runner"]
 
-Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
-METHODS = ("mrngan", "pix2pix_iterative", "prior", "copy", "linear")
+FarEnd = Optional[Tuple[torch.Tensor, torch.Tensor]]
+"""``(far slices (N,1,H,W), far positions (N,))``; a NaN position means the run has no far end."""
+Runner = Callable[..., torch.Tensor]
+"""``run(starts, start_positions, directions, steps, step_p, far=None) -> (N,steps,1,H,W)``."""
+METHODS = ("mrngan", "pix2pix_iterative", "prior", "copy", "linear", "cubic")
 
 
 def run_positions(start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
@@ -34,24 +44,31 @@ def run_positions(start_positions: torch.Tensor, directions: torch.Tensor, steps
     return start_positions.float().view(-1, 1) + t.view(1, -1) * directions.float().view(-1, 1) * float(step_p)
 
 
+def is_gap_aware(run: Runner) -> bool:
+    """Whether ``run`` fills a gap in one pass from its far end (reads ``far``)."""
+    return bool(getattr(run, "gap_aware", False))
+
+
 def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = True) -> Runner:
-    """Runner that unrolls the trained MRNGAN cell (eval mode, no grad)."""
+    """Runner that unrolls the trained MRNGAN cell (eval mode, no grad); gap-aware when the cell has ``far_end``."""
 
     @torch.no_grad()
-    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
+    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float, far: FarEnd = None) -> torch.Tensor:
         model.eval()
         pos = run_positions(start_positions, directions, steps, step_p)
         prior_fn = prior_fn_for(prior, starts if fit_prior else None, start_positions)
-        out = model.unroll(starts, pos, directions, next_fn, prior_fn)
+        far_slices, far_pos = far if far is not None else (None, None)
+        out = model.unroll(starts, pos, directions, next_fn, prior_fn, far_slices, far_pos)
         return out[:, :, None]
 
+    run.gap_aware = bool(getattr(model, "far_end", False))
     return run
 
 
 def copy_runner() -> Runner:
     """Every generated slice is the start slice."""
 
-    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
+    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float, far: FarEnd = None) -> torch.Tensor:
         return starts[:, None].expand(-1, steps, -1, -1, -1).clone()
 
     return run
@@ -60,7 +77,7 @@ def copy_runner() -> Runner:
 def prior_runner(prior: Any, fit: bool = True) -> Runner:
     """The prior slice at each position of the run (fitted to the start slice when ``fit``)."""
 
-    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
+    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float, far: FarEnd = None) -> torch.Tensor:
         pos = run_positions(start_positions, directions, steps, step_p)[:, 1:]
         fn = prior_fn_for(prior, starts if fit else None, start_positions)
         return fn(pos).to(starts).clamp(0, 1)
@@ -72,7 +89,7 @@ def pix2pix_runner(next_fn: NextFn) -> Runner:
     """pix2pix fed its own outputs (``next_fn`` as from :func:`~monai_mrngan.networks.contracts.next_fn_for`)."""
 
     @torch.no_grad()
-    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
+    def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float, far: FarEnd = None) -> torch.Tensor:
         prev, outs = starts, []
         for _ in range(steps):
             prev = next_fn(prev, directions).clamp(0, 1)
@@ -103,4 +120,4 @@ def make_runner(
         return pix2pix_runner(next_fn)
     if method == "prior":
         return prior_runner(prior, fit_prior)
-    return copy_runner()  # copy; linear = copy runs blended across gaps
+    return copy_runner()  # copy; linear = copy runs blended across gaps; cubic: copy beyond the ends

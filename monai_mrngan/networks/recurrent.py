@@ -9,6 +9,17 @@ instead of compounding pix2pix errors. Two constant maps tell the cell where it 
 distance travelled from the input slice ``min(1, 5 |p_t - p_0|)`` (saturating at 40 mm, so runs
 far longer than the training runs look like the far end of those).
 
+With ``far_end=True`` the cell also sees the far end of the gap it is filling (few-slice input):
+``x_t`` gains the next given real slice, its distance ``min(1, 5 |p_far - p_t|)``, a flag map
+(1: there is a far end) and the linear-interpolation weight of the far end seen from the previous
+slice, ``w = |p_t - p_{t-1}| / |p_far - p_{t-1}|``; the far slice becomes a fourth blend candidate
+whose logit is offset by ``logit(w)``, so the untrained cell fills a gap by exact linear
+interpolation between its previous output mixture and the far end, and training learns what to
+add. With no far end (one-slice input, the runs beyond the outermost given slices, or once a run
+has passed its far end) the far slice is zeros, the distance 1, the flag and ``w`` 0 and the far
+candidate's weight is 0, so one set of weights serves both modes. ``far_end=False`` is the paper's
+three-input cell (old weights load).
+
 - :class:`ConvRNNCell`: the paper's Elman cell, convolutional.
 - :class:`ConvGRUCell`: a convolutional GRU (selectable with ``cell="gru"``).
 - :class:`MRNGAN`: cell + output head; :meth:`MRNGAN.unroll` generates ``T`` slices from a start
@@ -35,6 +46,8 @@ PriorFn = Callable[[torch.Tensor], torch.Tensor]
 OUTPUT_MODES = ("blend", "residual", "direct")
 CELLS = ("rnn", "gru")
 DIST_SCALE = 5.0  # distance map = min(1, 5 |p_t - p_0|): 1 from 40 mm away on
+BASE_CHANNELS = 5  # previous, pix2pix, prior, p_t map, distance map
+FAR_CHANNELS = 4  # far slice, far distance map, far flag map, far-end linear weight map
 
 
 def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
@@ -82,6 +95,9 @@ class MRNGAN(nn.Module):
             ``"residual"`` (previous output + bounded correction) or ``"direct"`` (sigmoid head).
         max_correction: bound of the additive correction (``tanh`` scaled), in [0, 1] intensity.
         init_weights: initial blend weights of (previous, pix2pix, prior) for ``"blend"``.
+        far_end: the step input also holds the far end of the gap (slice, distance, flag, linear
+            weight) and the far slice is a blend candidate, starting at its linear-interpolation
+            weight; False: the paper's cell.
     """
 
     def __init__(
@@ -93,14 +109,16 @@ class MRNGAN(nn.Module):
         output: str = "blend",
         max_correction: float = 0.25,
         init_weights: tuple[float, float, float] = (0.2, 0.6, 0.2),
+        far_end: bool = False,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
         if output not in OUTPUT_MODES:
             raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
-        self.output, self.max_correction = output, float(max_correction)
-        in_ch = 5  # previous, pix2pix, prior, p_t map, distance map
+        self.output, self.max_correction, self.far_end = output, float(max_correction), bool(far_end)
+        in_ch = BASE_CHANNELS + (FAR_CHANNELS if self.far_end else 0)
+        self.in_channels = in_ch
         if features > 0:
             self.encoder: nn.Module = nn.Sequential(
                 _conv(in_ch, features, kernel_size), nn.LeakyReLU(0.1), _conv(features, features, kernel_size), nn.LeakyReLU(0.1)
@@ -109,7 +127,7 @@ class MRNGAN(nn.Module):
         else:
             self.encoder, cell_in = nn.Identity(), in_ch
         self.cell = (ConvRNNCell if cell == "rnn" else ConvGRUCell)(cell_in, hidden_channels, kernel_size)
-        head_out = {"blend": 4, "residual": 1, "direct": 1}[output]
+        head_out = {"blend": 5 if self.far_end else 4, "residual": 1, "direct": 1}[output]
         self.head = nn.Sequential(
             _conv(hidden_channels + in_ch, hidden_channels, kernel_size), nn.LeakyReLU(0.1), _conv(hidden_channels, head_out, 1)
         )
@@ -118,7 +136,7 @@ class MRNGAN(nn.Module):
         nn.init.zeros_(last.bias)
         if output == "blend":
             w = torch.tensor(init_weights, dtype=torch.float32).clamp_min(1e-3)
-            with torch.no_grad():
+            with torch.no_grad():  # the far logit's bias stays 0: its weight starts at the linear weight
                 last.bias[:3] = torch.log(w / w.sum())
 
     def init_state(self, x0: torch.Tensor) -> torch.Tensor:
@@ -127,13 +145,23 @@ class MRNGAN(nn.Module):
         return self.cell(feat, torch.zeros(x0.shape[0], self.cell.hidden_channels, *x0.shape[2:], device=x0.device, dtype=x0.dtype))
 
     def step(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step: ``x`` (B,5,H,W) = (previous, pix2pix, prior, p_t map, distance map) -> (slice (B,1,H,W), new state)."""
+        """One step: ``x`` (B,C,H,W) (channels as in :meth:`forward`) -> (slice (B,1,H,W), new state)."""
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"step input must have {self.in_channels} channels (far_end={self.far_end}), got {x.shape[1]}")
         s = self.cell(self.encoder(x), s)
         h = self.head(torch.cat([s, x], 1))
         prev, pix, prior = x[:, 0:1], x[:, 1:2], x[:, 2:3]
         if self.output == "blend":
-            w = torch.softmax(h[:, :3], 1)
-            out = w[:, 0:1] * prev + w[:, 1:2] * pix + w[:, 2:3] * prior + self.max_correction * torch.tanh(h[:, 3:4])
+            n = 4 if self.far_end else 3
+            logits = h[:, :n]
+            if self.far_end:  # logit(linear weight) offset; no far end (flag 0): no weight
+                lin = x[:, 8:9].clamp(1e-4, 1.0 - 1e-4)
+                far_logit = logits[:, 3:4] + torch.log(lin / (1.0 - lin)) - 1e4 * (1.0 - x[:, 7:8])
+                logits = torch.cat([logits[:, :3], far_logit], 1)
+            w = torch.softmax(logits, 1)
+            out = w[:, 0:1] * prev + w[:, 1:2] * pix + w[:, 2:3] * prior + self.max_correction * torch.tanh(h[:, n : n + 1])
+            if self.far_end:
+                out = out + w[:, 3:4] * x[:, 5:6]
         elif self.output == "residual":
             out = prev + self.max_correction * torch.tanh(h)
         else:
@@ -141,11 +169,14 @@ class MRNGAN(nn.Module):
         return out.clamp(0.0, 1.0), s
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
-        """ONE recurrent step as a plain module call: ``x`` (B,5,H,W) -> the output slice (B,1,H,W) in [0,1].
+        """ONE recurrent step as a plain module call: ``x`` (B,C,H,W) -> the output slice (B,1,H,W) in [0,1].
 
         ``x`` is the step input ``x_t`` exactly as :meth:`unroll` stacks it (channels: previous output,
         pix2pix prediction from it, prior slice at ``p_t``, ``p_t`` map, distance map
-        ``min(1, 5 |p_t - p_0|)``; slices in [0, 1]); ``state`` is ``s_{t-1}`` (B,hidden,H,W), zeros when
+        ``min(1, 5 |p_t - p_0|)``; with ``far_end`` also the far slice, the far distance map
+        ``min(1, 5 |p_far - p_t|)``, the far flag map and the far end's linear weight map
+        ``|p_t - p_{t-1}| / |p_far - p_{t-1}|``; slices in [0, 1]; C = 5 or 9);
+        ``state`` is ``s_{t-1}`` (B,hidden,H,W), zeros when
         None. Equals ``self.step(x, state)[0]``; this is the single-tensor entry point MONAI's
         ``verify_net_in_out`` and exporters call. Generating a volume needs :meth:`unroll` (it carries the state).
         """
@@ -154,10 +185,27 @@ class MRNGAN(nn.Module):
         return self.step(x, state)[0]
 
     @staticmethod
-    def _maps(x: torch.Tensor, p: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    def _const(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        """Constant maps (B,len(values),H,W) of per-sample values (B,)."""
         b, _, hh, ww = x.shape
-        dist = (DIST_SCALE * dist).clamp(max=1.0)
-        return torch.cat([p.view(b, 1, 1, 1).expand(b, 1, hh, ww), dist.view(b, 1, 1, 1).expand(b, 1, hh, ww)], 1).to(x)
+        return torch.stack([v.reshape(b) for v in values], 1).view(b, -1, 1, 1).expand(b, -1, hh, ww).to(x)
+
+    @classmethod
+    def _maps(cls, x: torch.Tensor, p: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """The ``p_t`` map and the travelled-distance map ``min(1, 5 |p_t - p_0|)`` (``dist`` = ``|p_t - p_0|``)."""
+        return cls._const(x, p, (DIST_SCALE * dist).clamp(max=1.0))
+
+    def _far_maps(self, start: torch.Tensor, far: torch.Tensor | None, far_p: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor, p_prev: torch.Tensor) -> list[torch.Tensor]:
+        """Far-end channels at ``p_t``: [far slice, far distance map, flag map, linear weight map]; none once past it."""
+        if not self.far_end:
+            return []
+        ahead = torch.isfinite(far_p) & ((pt - p0).abs() <= (far_p - p0).abs() + 1e-6)  # NaN: no far end
+        flag = ahead.to(pt.dtype)
+        far_p = torch.where(ahead, far_p, pt)
+        dist = torch.where(ahead, (DIST_SCALE * (far_p - pt).abs()).clamp(max=1.0), torch.ones_like(pt))
+        lin = torch.where(ahead, (pt - p_prev).abs() / (far_p - p_prev).abs().clamp_min(1e-8), torch.zeros_like(pt)).clamp(0.0, 1.0)
+        far_slice = far * flag.view(-1, 1, 1, 1) if far is not None else torch.zeros_like(start)
+        return [far_slice, self._const(start, dist, flag, lin)]
 
     def unroll(
         self,
@@ -166,25 +214,37 @@ class MRNGAN(nn.Module):
         direction: torch.Tensor,
         next_fn: NextFn,
         prior_fn: PriorFn,
+        far: torch.Tensor | None = None,
+        far_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate slices 1..T-1 of a run from ``start`` (B,1,H,W) [0,1].
 
         ``positions`` (B,T): ``p`` of the start slice and of each slice to generate; ``direction``
-        (B,) +-1 (array-index direction, handed to ``next_fn``). Returns (B,T-1,H,W) in [0,1].
+        (B,) +-1 (array-index direction, handed to ``next_fn``). ``far`` (B,1,H,W) / ``far_positions``
+        (B,): the given slice at the far end of each run's gap and its ``p`` (NaN: none); ignored by
+        the paper cell (``far_end=False``). Returns (B,T-1,H,W) in [0,1].
         """
         if start.ndim != 4 or start.shape[1] != 1:
             raise ValueError(f"start must be (B,1,H,W), got {tuple(start.shape)}")
+        b = start.shape[0]
         positions = positions.to(start.device, start.dtype)
         direction = direction.to(start.device).reshape(-1)
+        if far_positions is None:
+            far, far_p = None, torch.full((b,), float("nan"), device=start.device, dtype=start.dtype)
+        else:
+            far_p = torch.as_tensor(far_positions).to(start.device, start.dtype).reshape(b)
+            if far is None or tuple(far.shape) != tuple(start.shape):
+                raise ValueError(f"far must be (B,1,H,W) like start {tuple(start.shape)} when far_positions are given")
+            far = torch.nan_to_num(far.to(start))
         priors = prior_fn(positions).to(start)  # (B,T,1,H,W)
         p0 = positions[:, 0]
-        x0 = torch.cat([start, start, priors[:, 0], self._maps(start, p0, torch.zeros_like(p0))], 1)
+        x0 = torch.cat([start, start, priors[:, 0], self._maps(start, p0, torch.zeros_like(p0)), *self._far_maps(start, far, far_p, p0, p0, p0)], 1)
         s = self.init_state(x0)
         prev, outs = start, []
         for t in range(1, positions.shape[1]):
             pix = next_fn(prev, direction)
             pt = positions[:, t]
-            x = torch.cat([prev, pix.to(start), priors[:, t], self._maps(start, pt, (pt - p0).abs())], 1)
+            x = torch.cat([prev, pix.to(start), priors[:, t], self._maps(start, pt, (pt - p0).abs()), *self._far_maps(start, far, far_p, p0, pt, positions[:, t - 1])], 1)
             prev, s = self.step(x, s)
             outs.append(prev)
         return torch.cat(outs, 1)

@@ -13,6 +13,9 @@ Outputs are plain tensors (no MetaTensor metadata) so collation stays fast:
   in {+1, -1} (+1 = next array index, towards the vertex in RAS), ``position`` / ``target_position``
 - :class:`SliceRund`:           ``image`` (T, H, W) in generation order, ``positions`` (T,),
   ``direction`` (1,), ``slice_index`` of the first slice of the run
+- :class:`GapRund`:             a :class:`SliceRund` run plus the far end of the gap it fills:
+  ``far_image`` (1, H, W) (zeros for an open run), ``far_position`` (1,) (NaN for an open run),
+  ``gap`` (the far end's distance in slices, 0 for an open run)
 
 MONAI has crop samplers but none that carries a per-slice position or pairs slices along an
 axis with a direction flag, hence these small transforms.
@@ -28,7 +31,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from monai.transforms.traits import MultiSampleTrait
 
-__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund"]
+__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund", "GapRund"]
 
 _PASS_THROUGH = ("subject", "session")
 
@@ -176,6 +179,15 @@ class SliceRund(_SliceSampler):
         self.run_length = int(run_length)
         self.directions = tuple(int(d) for d in directions)
 
+    def _plan(self, depth: int) -> list[tuple[int, int, int]]:
+        """(start index, direction, gap k: 0 = open run) per sample."""
+        lows = self._starts(depth - self.run_length + 1)
+        dirs = self._directions(len(lows), self.directions)
+        return [(low if d > 0 else low + self.run_length - 1, d, 0) for low, d in zip(lows.tolist(), dirs.tolist())]
+
+    def _far_end(self, d: dict, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
+        """Hook for samplers that add the far end of the run's gap (none here)."""
+
     def __call__(self, data: Mapping) -> list[dict]:
         key = self.first_key(data)
         vol = _volume(data, key)
@@ -183,17 +195,78 @@ class SliceRund(_SliceSampler):
         pos = _positions(data, self.positions_key, depth)
         if depth < self.run_length:
             raise ValueError(f"volume has {depth} slices, fewer than run_length {self.run_length}")
-        lows = self._starts(depth - self.run_length + 1)
-        dirs = self._directions(len(lows), self.directions)
         out = []
-        for low, direction in zip(lows.tolist(), dirs.tolist()):
-            idx = torch.arange(low, low + self.run_length)
-            if direction < 0:
-                idx = idx.flip(0)
+        for start, direction, gap in self._plan(depth):
+            idx = start + direction * torch.arange(self.run_length)
             d = self._base(data)
             d[key] = vol[0][..., idx].permute(2, 0, 1).contiguous()
             d["positions"] = pos[idx].clone()
             d["direction"] = torch.tensor([float(direction)])
-            d["slice_index"] = int(idx[0])
+            d["slice_index"] = int(start)
+            self._far_end(d, vol, pos, start, direction, gap)
             out.append(d)
         return out
+
+
+class GapRund(SliceRund):
+    """Runs of ``run_length`` slices, a mix of open runs and runs inside a bounded gap.
+
+    With probability ``gap_fraction`` a run is a gap run: a spacing ``k`` is drawn uniformly from
+    ``min_gap .. max_gap`` and the true slice ``k`` steps from the start, in the run's direction,
+    is the run's far end (as if every k-th slice were given). ``k`` may exceed the run (the run
+    covers the first ``run_length - 1`` slices of a longer gap) or fall inside it (the run passes
+    its far end and continues as an open run, as the cell sees it). Open runs have no far end
+    (``far_image`` zeros, ``far_position`` NaN, ``gap`` 0), like one-slice reconstruction.
+    Deterministic mode (``num_samples=None``): every open run of the first direction, then (when
+    ``gap_fraction > 0``) every gap run with ``k = max_gap`` in that direction.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        run_length: int = 8,
+        positions_key: str = "positions",
+        num_samples: int | None = 1,
+        directions: Sequence[int] = (1, -1),
+        gap_fraction: float = 0.5,
+        min_gap: int = 2,
+        max_gap: int = 16,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, run_length, positions_key, num_samples, directions, allow_missing_keys)
+        if not 0.0 <= gap_fraction <= 1.0:
+            raise ValueError(f"gap_fraction must be in [0, 1], got {gap_fraction}")
+        if not 2 <= min_gap <= max_gap:
+            raise ValueError(f"need 2 <= min_gap <= max_gap, got {min_gap}, {max_gap}")
+        self.gap_fraction, self.min_gap, self.max_gap = float(gap_fraction), int(min_gap), int(max_gap)
+
+    def _plan(self, depth: int) -> list[tuple[int, int, int]]:
+        """(start index, direction, gap k or 0) per sample."""
+        span = self.run_length - 1
+        if self.num_samples is None:
+            d = self.directions[0]
+            plan = [(low if d > 0 else low + span, d, 0) for low in range(depth - span)]
+            if self.gap_fraction > 0:
+                far = max(span, self.max_gap)
+                plan += [(low if d > 0 else low + far, d, self.max_gap) for low in range(depth - far)]
+            return plan
+        plan = []
+        for _ in range(self.num_samples):
+            d = int(self.R.choice(np.asarray(self.directions)))
+            k = int(self.R.randint(self.min_gap, self.max_gap + 1)) if self.R.rand() < self.gap_fraction else 0
+            reach = max(span, k)
+            if reach >= depth:  # the volume cannot hold this gap: an open run instead
+                k, reach = 0, span
+            low = int(self.R.randint(0, depth - reach))
+            plan.append((low if d > 0 else low + reach, d, k))
+        return plan
+
+    def _far_end(self, d: dict, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
+        if gap:
+            far = start + direction * gap
+            d["far_image"] = vol[0][..., far][None].clone()
+            d["far_position"] = pos[far : far + 1].clone()
+        else:
+            d["far_image"] = torch.zeros_like(vol[0][..., start][None])
+            d["far_position"] = torch.tensor([float("nan")])
+        d["gap"] = gap

@@ -1,0 +1,282 @@
+"""The gap-aware MRNGAN (issue 13): a cell that sees the far end of its gap, one run per gap in
+few-slice reconstruction, the open-run / bounded-gap sampler, and the monotone cubic (PCHIP) baseline."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from monai_mrngan.engines.recurrent import RecurrentUnroll, RunBatch, WeightedL1L2Loss
+from monai_mrngan.inference.reconstruct import reconstruct_volume
+from monai_mrngan.inference.runners import copy_runner, is_gap_aware, make_runner
+from monai_mrngan.inference.volume import cubic_fill, fill_volume, linear_fill
+from monai_mrngan.networks.recurrent import MRNGAN
+from monai_mrngan.transforms import GapRund
+
+NAN = float("nan")
+
+
+def _const_prior(value: float = 0.3, size: int = 8):
+    return lambda p: torch.full((p.shape[0], p.shape[1], 1, size, size), value)
+
+
+def _identity_next(prev, direction):
+    return prev
+
+
+# ------------------------------------------------------------------ cubic baseline
+def _z_volume(values: np.ndarray, size: int = 4) -> torch.Tensor:
+    """(D,H,W) volume whose slice z is the constant ``values[z]`` times a fixed in-plane pattern."""
+    pattern = torch.linspace(0.5, 1.0, size * size).view(size, size)
+    return torch.as_tensor(values, dtype=torch.float32).view(-1, 1, 1) * pattern
+
+
+def test_cubic_fill_is_linear_on_linear_data_close_on_cubic_data_and_never_overshoots():
+    z = np.arange(21, dtype=np.float64) / 20
+    linear = _z_volume(0.2 + 0.6 * z)
+    given = [2, 6, 10, 14, 18]
+    out = cubic_fill(linear[given], given, 21)
+    torch.testing.assert_close(out, linear_fill(linear[given], given, 21), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[0], linear[2])  # nearest copy beyond the outermost given slices
+
+    cubic = _z_volume(0.1 + 0.3 * z + 0.8 * z**2 - 0.5 * z**3)  # smooth, in [0, 1]
+    for given in ([0, 4, 8, 12, 16, 20], [0, 3, 7, 12, 16, 20]):  # regular and irregular spacing
+        out = cubic_fill(cubic[given], given, 21)
+        torch.testing.assert_close(out[given], cubic[given], atol=0, rtol=0)
+        err_cubic = float((out - cubic).abs().max())
+        err_linear = float((linear_fill(cubic[given], given, 21) - cubic).abs().max())
+        assert err_cubic < 0.5 * err_linear, (err_cubic, err_linear)  # closer than linear on smooth data
+    two = cubic_fill(cubic[[4, 12]], [12, 4], 21)  # two slices, given out of order: the straight line
+    torch.testing.assert_close(two, linear_fill(cubic[[4, 12]], [12, 4], 21), atol=1e-6, rtol=0)
+
+    step = _z_volume(np.where(z < 0.5, 0.1, 0.9))  # a tissue edge: monotone, no ringing
+    given = [0, 4, 8, 12, 16, 20]
+    out = cubic_fill(step[given], given, 21)
+    assert float(out.min()) >= float(step.min()) - 1e-6 and float(out.max()) <= float(step.max()) + 1e-6
+    assert bool(torch.all(torch.diff(out[:, 2, 2]) >= -1e-6))
+
+
+def test_cubic_is_a_method_of_reconstruct():
+    z = np.arange(17, dtype=np.float64) / 16
+    vol = _z_volume(0.1 + 0.5 * z**2)
+    given = [0, 4, 8, 12, 16]
+    grid = 1.0 - z * 0.5
+    rec = reconstruct_volume(vol[given], grid[given].tolist(), method="cubic", input_indices=given, num_slices=17, step_p=-0.5 / 16)
+    np.testing.assert_allclose(np.moveaxis(rec.volume, 2, 0), cubic_fill(vol[given], given, 17).numpy(), atol=1e-6)
+    assert not np.allclose(np.moveaxis(rec.volume, 2, 0), linear_fill(vol[given], given, 17).numpy(), atol=1e-4)
+    assert rec.method == "cubic" and not is_gap_aware(make_runner("cubic"))
+
+
+# ------------------------------------------------------------------ the far-end cell
+def test_far_end_cell_shapes_channels_and_gradients():
+    torch.manual_seed(0)
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True)
+    assert model.in_channels == 9 and MRNGAN().in_channels == 5
+    start, far = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
+    pos = torch.tensor([[0.5, 0.49, 0.48, 0.47, 0.46]] * 3)
+    far_p = torch.tensor([0.47, NAN, 0.40])  # reached inside the run, none, beyond the run
+    out = model.unroll(start, pos, torch.ones(3), _identity_next, _const_prior(), far, far_p)
+    assert out.shape == (3, 4, 8, 8) and 0 <= float(out.detach().min()) and float(out.detach().max()) <= 1
+    out.mean().backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in model.parameters() if p.grad is not None)
+    assert model(torch.rand(2, 9, 8, 8)).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="9 channels"):
+        model(torch.rand(2, 5, 8, 8))
+    with pytest.raises(ValueError, match="far must be"):
+        model.unroll(start, pos, torch.ones(3), _identity_next, _const_prior(), None, far_p)
+
+
+def test_far_end_enters_the_blend_at_its_linear_weight_and_stops_after_it_is_passed():
+    """Zero head: the far slice's weight is |p_t - p_{t-1}| / |p_far - p_{t-1}| while the run is before it, 0 after."""
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True, init_weights=(0.2, 0.6, 0.2))
+    start, far = torch.full((1, 1, 8, 8), 0.6), torch.full((1, 1, 8, 8), 0.9)
+    pos = torch.tensor([[0.5, 0.49, 0.48, 0.47]])
+    with torch.no_grad():
+        out = model.unroll(start, pos, torch.ones(1), _identity_next, _const_prior(0.3), far, torch.tensor([0.48]))
+        open_run = model.unroll(start, pos, torch.ones(1), _identity_next, _const_prior(0.3))
+    mix = 0.2 * 0.6 + 0.6 * 0.6 + 0.2 * 0.3
+    first = 0.5 * mix + 0.5 * 0.9  # 0.01 / 0.02 of the way to the far end
+    assert float(out[0, 0, 0, 0]) == pytest.approx(first, abs=1e-5)
+    assert float(out[0, 1, 0, 0]) == pytest.approx(0.9, abs=1e-4)  # at the far end itself
+    third = 0.2 * float(out[0, 1, 0, 0]) + 0.6 * float(out[0, 1, 0, 0]) + 0.2 * 0.3  # past it: the paper cell's mixture
+    assert float(out[0, 2, 0, 0]) == pytest.approx(third, abs=1e-5)
+    assert float(open_run[0, 0, 0, 0]) == pytest.approx(mix, abs=1e-5)
+
+
+def test_untrained_gap_cell_starts_at_linear_interpolation():
+    """All blend weight on the previous output: one run per gap reproduces linear interpolation."""
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True, init_weights=(1.0, 1e-6, 1e-6))
+    prior = type("P", (), {"slice_at": staticmethod(lambda positions, **kw: torch.full((len(positions), 1, 8, 8), 0.5))})()
+    run = make_runner("mrngan", model=model, next_fn=_identity_next, prior=prior, fit_prior=False)
+    given, idx = torch.rand(4, 1, 8, 8), [1, 5, 13, 14]
+    out = fill_volume(run, given, idx, 17, np.linspace(1.0, 0.36, 17), -0.04)
+    torch.testing.assert_close(out, linear_fill(given, idx, 17), atol=5e-3, rtol=0)
+
+
+def test_far_end_off_is_the_paper_cell():
+    """far_end=False: the old parameter layout (old weights load strictly), and far-end inputs are ignored."""
+    torch.manual_seed(0)
+    paper = MRNGAN(hidden_channels=4, features=4, far_end=False)
+    shapes = {k: tuple(v.shape) for k, v in paper.state_dict().items()}
+    assert shapes["encoder.0.weight"] == (4, 5, 3, 3) and shapes["head.0.weight"] == (4, 9, 3, 3) and shapes["head.2.weight"] == (4, 4, 1, 1)
+    old_config = MRNGAN(hidden_channels=4, features=4)  # a config without far_end
+    old_config.load_state_dict(paper.state_dict(), strict=True)
+    with torch.no_grad():
+        for prm in paper.head[-1].parameters():
+            prm.normal_(0, 0.3)
+    start, pos = torch.rand(2, 1, 8, 8), torch.tensor([[0.5, 0.49, 0.48], [0.3, 0.31, 0.32]])
+    args = (start, pos, torch.tensor([1.0, -1.0]), _identity_next, _const_prior())
+    with torch.no_grad():
+        plain = paper.unroll(*args)
+        torch.testing.assert_close(paper.unroll(*args, torch.rand(2, 1, 8, 8), torch.tensor([0.47, 0.33])), plain, atol=0, rtol=0)
+    with pytest.raises(RuntimeError):  # the far-end cell's weights do not fit the paper cell
+        paper.load_state_dict(MRNGAN(hidden_channels=4, features=4, far_end=True).state_dict())
+
+
+def test_step_inputs_are_stacked_as_documented():
+    """x_t built by hand (maps min(1, 5 |p_t - p_0|), min(1, 5 |p_far - p_t|), flag, linear weight) gives unroll's first slice."""
+    torch.manual_seed(0)
+    for far_end in (False, True):
+        model = MRNGAN(hidden_channels=4, features=4, far_end=far_end)
+        with torch.no_grad():
+            for prm in model.head[-1].parameters():
+                prm.normal_(0, 0.3)
+            start, far, priors = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), torch.rand(1, 3, 1, 8, 8)
+            pos = torch.tensor([[0.5, 0.44, 0.38]])  # 0.06 per step: the travelled distance saturates at step 4
+            gen = model.unroll(start, pos, torch.ones(1), _identity_next, lambda p: priors, far, torch.tensor([0.30]))
+
+            def const(v):
+                return torch.full((1, 1, 8, 8), float(v))
+
+            far0 = [far, const(1.0), const(1.0), const(0.0)] if far_end else []  # 5 * 0.2 = 1 at p_0
+            far1 = [far, const(min(1.0, 5 * 0.14)), const(1.0), const(0.06 / 0.20)] if far_end else []
+            x0 = torch.cat([start, start, priors[:, 0], const(0.5), const(0.0), *far0], 1)
+            x1 = torch.cat([start, start, priors[:, 1], const(0.44), const(5 * 0.06), *far1], 1)
+            torch.testing.assert_close(gen[:, 0:1], model(x1, model.init_state(x0)), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ one run per gap
+class _Recorder:
+    """A gap-aware runner that records its calls and fills every run with its far slice (or its start)."""
+
+    gap_aware = True
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __call__(self, starts, start_positions, directions, steps, step_p, far=None):
+        self.calls.append((starts.clone(), start_positions.clone(), directions.clone(), steps, far))
+        far_slices, far_pos = far
+        fill = torch.where(torch.isfinite(far_pos).view(-1, 1, 1, 1), far_slices, starts)
+        return fill[:, None].expand(-1, steps, -1, -1, -1).clone()
+
+
+def test_gap_aware_fill_makes_one_run_per_gap():
+    slices = torch.stack([torch.full((1, 4, 4), v) for v in (0.1, 0.5, 0.9)])
+    idx, grid = [3, 7, 12], torch.linspace(1.0, 0.0, 16)
+    run = _Recorder()
+    vol = fill_volume(run, slices, idx, 16, grid, -1 / 15)
+    (starts, start_pos, dirs, steps, (far, far_pos)), = run.calls  # one batched call
+    assert dirs.tolist() == [-1.0, 1.0, 1.0, 1.0] and steps == 4  # 2 outward runs + 1 run per gap, all +1 inside
+    assert starts[:, 0, 0, 0].tolist() == pytest.approx([0.1, 0.9, 0.1, 0.5])
+    assert math.isnan(far_pos[0]) and math.isnan(far_pos[1])  # outward runs have no far end
+    assert far_pos[2:].tolist() == pytest.approx([float(grid[7]), float(grid[12])])
+    assert far[2:, 0, 0, 0].tolist() == pytest.approx([0.5, 0.9]) and float(far[:2].abs().sum()) == 0
+    np.testing.assert_allclose(vol[4:7, 0, 0].numpy(), 0.5, atol=1e-6)  # one run, weight 1, no blending
+    np.testing.assert_allclose(vol[8:12, 0, 0].numpy(), 0.9, atol=1e-6)
+    np.testing.assert_allclose(vol[:3, 0, 0].numpy(), 0.1, atol=1e-6)
+    np.testing.assert_allclose(vol[13:, 0, 0].numpy(), 0.9, atol=1e-6)
+    lin = fill_volume(copy_runner(), slices, idx, 16, grid, -1 / 15)  # not gap-aware: exact linear interpolation
+    np.testing.assert_allclose(lin[5, 0, 0].item(), 0.1 + (0.5 - 0.1) * 2 / 4, atol=1e-6)
+
+
+def test_few_slice_reconstruction_with_the_far_end_cell():
+    torch.manual_seed(0)
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True)
+    prior = type("P", (), {"slice_at": staticmethod(lambda positions, **kw: torch.full((len(positions), 1, 8, 8), 0.3))})()
+    run = make_runner("mrngan", model=model, next_fn=_identity_next, prior=prior, fit_prior=False)
+    assert is_gap_aware(run) and not is_gap_aware(make_runner("mrngan", model=MRNGAN(hidden_channels=4, features=4), next_fn=_identity_next, prior=prior))
+    given = torch.rand(3, 1, 8, 8)
+    rec = reconstruct_volume(given, [0.6, 0.5, 0.4], method="mrngan", model=model, next_fn=_identity_next, prior=prior,
+                             input_indices=[2, 7, 12], num_slices=15, step_p=-0.02, fit_prior=False)
+    out = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))
+    torch.testing.assert_close(out[[2, 7, 12]], given[:, 0])
+    assert out.shape == (15, 8, 8) and float(out.std()) > 0
+
+
+# ------------------------------------------------------------------ the sampler and the training path
+def _volume(depth: int = 40) -> dict:
+    img = torch.arange(depth, dtype=torch.float32).view(1, 1, 1, depth).expand(1, 6, 5, depth).clone()
+    return {"image": img, "positions": list(np.linspace(1.0, 0.0, depth)), "subject": "s1"}
+
+
+def test_gap_sampler_yields_valid_open_runs_and_gaps():
+    data = _volume()
+    t = GapRund(run_length=6, num_samples=400, gap_fraction=0.5, min_gap=2, max_gap=16)
+    t.set_random_state(0)
+    out = t(data)
+    gaps = [d["gap"] for d in out]
+    assert 0.4 < np.mean([g > 0 for g in gaps]) < 0.6 and {min(g for g in gaps if g), max(gaps)} == {2, 16}
+    assert {d["direction"].item() for d in out if d["gap"]} == {1.0, -1.0}
+    for d in out:
+        values = d["image"][:, 0, 0]
+        step = d["direction"].item()
+        assert d["image"].shape == (6, 6, 5) and torch.all(torch.diff(values) == step) and values[0].item() == d["slice_index"]
+        if d["gap"]:
+            far = d["slice_index"] + step * d["gap"]
+            assert 0 <= far < 40 and torch.all(d["far_image"] == far) and d["far_image"].shape == (1, 6, 5)
+            assert d["far_position"].item() == pytest.approx(data["positions"][int(far)])
+        else:
+            assert math.isnan(d["far_position"].item()) and float(d["far_image"].abs().sum()) == 0
+    assert all(d["gap"] == 0 for d in GapRund(run_length=6, num_samples=20, gap_fraction=0.0)(data))
+    det = GapRund(run_length=6, num_samples=None, directions=(-1,), max_gap=16)(data)
+    assert len(det) == 35 + 24 and {d["gap"] for d in det} == {0, 16}
+    short = GapRund(run_length=6, num_samples=30, gap_fraction=1.0, max_gap=16)(_volume(10))  # no room for k = 16
+    assert all(d["gap"] <= 9 for d in short)
+    for bad in (dict(gap_fraction=1.5), dict(min_gap=1), dict(min_gap=5, max_gap=4)):
+        with pytest.raises(ValueError):
+            GapRund(**bad)
+
+
+def test_run_batch_passes_the_far_end_and_training_uses_it():
+    t = GapRund(run_length=5, num_samples=8, gap_fraction=0.5, max_gap=8)
+    t.set_random_state(1)
+    samples = t(_volume(24))
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("image", "positions", "direction", "far_image", "far_position")}
+    torch.manual_seed(0)
+    start, target, _, kw = RunBatch(position_noise=0.05)(batch)
+    assert kw["far"].shape == (8, 1, 6, 5) and kw["far_position"].shape == (8,)
+    shift = kw["positions"][:, 0] - batch["positions"][:, 0]
+    has = torch.isfinite(batch["far_position"][:, 0])
+    torch.testing.assert_close(kw["far_position"][has] - batch["far_position"][has, 0], shift[has])  # same offset
+    assert torch.isnan(kw["far_position"][~has]).all()
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True)
+    net = RecurrentUnroll(model, _identity_next, type("P", (), {"slice_at": staticmethod(lambda p, **k: torch.zeros(len(p), 1, 6, 5))})(), fit_prior=False)
+    loss = WeightedL1L2Loss()(net(start / 24, **kw), target / 24)
+    loss.backward()
+    assert torch.isfinite(loss) and model.head[-1].weight.grad.abs().sum() > 0
+
+
+def test_complete_fills_missing_slices_with_cubic(tiny_dataset, tmp_path):
+    import nibabel as nib
+
+    from monai_mrngan.apps.complete import complete_file
+    from monai_mrngan.data.datalist import load_split
+    from monai_mrngan.data.io import save_nifti
+    from monai_mrngan.inference.components import Components, reference_grid
+
+    entry = load_split(tiny_dataset, "test")[0]
+    img = nib.load(entry["image"])
+    v = np.asanyarray(img.dataobj).astype(np.float32)
+    real = [i for i in range(v.shape[2]) if i % 4 == 0 or i == v.shape[2] - 1]
+    holes = v.copy()
+    holes[:, :, [i for i in range(v.shape[2]) if i not in real]] = np.nan
+    save_nifti(holes, img.affine, tmp_path / "thick.nii.gz")
+    out = complete_file(tmp_path / "thick.nii.gz", Components(), reference_grid(tiny_dataset), method="cubic", missing="nan")
+    assert out.meta["method"] == "cubic" and out.meta["models"] == {}
+    lo, hi = float(np.nanmin(holes)), float(np.nanmax(holes))
+    expected = cubic_fill(torch.from_numpy(np.moveaxis((v[:, :, real] - lo) / (hi - lo), 2, 0)), real, v.shape[2]).numpy()
+    np.testing.assert_allclose(out.data, np.moveaxis(expected, 0, 2) * (hi - lo) + lo, atol=1e-4)
