@@ -280,3 +280,29 @@ def test_complete_fills_missing_slices_with_cubic(tiny_dataset, tmp_path):
     lo, hi = float(np.nanmin(holes)), float(np.nanmax(holes))
     expected = cubic_fill(torch.from_numpy(np.moveaxis((v[:, :, real] - lo) / (hi - lo), 2, 0)), real, v.shape[2]).numpy()
     np.testing.assert_allclose(out.data, np.moveaxis(expected, 0, 2) * (hi - lo) + lo, atol=1e-4)
+
+
+def test_positions_json_reports_the_cells_weight_on_the_prior(tiny_dataset, tmp_path):
+    """For MRNGAN every generated slice says how much the cell leaned on the prior (issue 14)."""
+    import json
+
+    from monai_mrngan.atlas.prior import mean_prior
+    from monai_mrngan.data.datalist import load_split
+    from monai_mrngan.data.io import load_volume, save_png
+    from monai_mrngan.inference.components import Components, reference_grid
+    from monai_mrngan.inference.reconstruct import reconstruct_files
+    from monai_mrngan.networks.pix2pix import Pix2PixGenerator
+    from monai_mrngan.networks.recurrent import MRNGAN
+
+    vol, _ = load_volume(load_split(tiny_dataset, "test")[0]["image"])
+    ref = reference_grid(tiny_dataset)
+    torch.manual_seed(0)
+    comp = Components(model=MRNGAN(far_end=True, hidden_channels=4, features=4), generator=Pix2PixGenerator(channels=(4, 8), strides=(2,)),
+                      prior=mean_prior(tiny_dataset, "training"))
+    png = save_png(vol[:, :, 12], tmp_path / "in.png")
+    reconstruct_files([str(png)], str(tmp_path / "r.nii.gz"), comp, positions=[0.5], method="mrngan", expected_shape=ref["shape"],
+                      spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"], reference_positions=ref["positions"])
+    slices = json.loads((tmp_path / "r_positions.json").read_text())["slices"]
+    generated = [s for s in slices if not s["real"]]
+    assert generated and all(0.0 <= s["prior_weight"] <= 1.0 for s in generated)
+    assert all("prior_weight" not in s for s in slices if s["real"])

@@ -111,7 +111,7 @@ def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.
             "slices": [
                 {"index": k, "p": round(float(p), 6), "depth_mm": round(float(p) * HEAD_HEIGHT_MM, 2), "real": k in real,
                  "distance_mm": round(float(dist[k]), 3),
-                 **({"prior_weight": round(float(prior_weight[k]), 4)} if prior_weight is not None and k not in real else {})}
+                 **({"prior_weight": round(float(prior_weight[k]), 4)} if prior_weight is not None and k not in real and np.isfinite(prior_weight[k]) else {})}
                 for k, p in enumerate(rec.positions)
             ],
         },

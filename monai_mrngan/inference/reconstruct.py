@@ -91,19 +91,23 @@ def reconstruct_volume(
 
     def run_on_device(s, p, d, n, sp, far=None):
         far = tuple(t.to(device) for t in far) if far is not None else None
-        return run(s.to(device), p.to(device), d.to(device), n, sp, far=far)
+        out = run(s.to(device), p.to(device), d.to(device), n, sp, far=far)
+        run_on_device.last_signals = getattr(run, "last_signals", None)
+        return out
 
     run_on_device.gap_aware = is_gap_aware(run)
+    signals: dict = {}
     if method == "cubic":
         vol = cubic_fill(x, idx, num_slices)
     else:
-        vol = fill_volume(run_on_device, x, idx, num_slices, grid, step_p)
+        vol = fill_volume(run_on_device, x, idx, num_slices, grid, step_p, signals=signals)
     return Reconstruction(
         volume=vol.permute(1, 2, 0).numpy().astype(np.float32),
         positions=np.asarray(grid, dtype=np.float64),
         input_indices=list(idx),
         input_positions=[float(p) for p in pos],
         method=method,
+        extra={name: v.numpy() for name, v in signals.items()},
     )
 
 

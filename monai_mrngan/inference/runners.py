@@ -59,6 +59,7 @@ def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = 
         prior_fn = prior_fn_for(prior, starts if fit_prior else None, start_positions)
         far_slices, far_pos = far if far is not None else (None, None)
         out = model.unroll(starts, pos, directions, next_fn, prior_fn, far_slices, far_pos)
+        run.last_signals = {"prior_weight": model.last_prior_weight.float().cpu()}  # (N, steps): fill_volume maps them to slices
         return out[:, :, None]
 
     run.gap_aware = bool(getattr(model, "far_end", False))

@@ -159,6 +159,7 @@ class MRNGAN(nn.Module):
                 far_logit = logits[:, 3:4] + torch.log(lin / (1.0 - lin)) - 1e4 * (1.0 - x[:, 7:8])
                 logits = torch.cat([logits[:, :3], far_logit], 1)
             w = torch.softmax(logits, 1)
+            self.last_weights = w.detach()  # read by unroll: how much each candidate counted
             out = w[:, 0:1] * prev + w[:, 1:2] * pix + w[:, 2:3] * prior + self.max_correction * torch.tanh(h[:, n : n + 1])
             if self.far_end:
                 out = out + w[:, 3:4] * x[:, 5:6]
@@ -240,13 +241,17 @@ class MRNGAN(nn.Module):
         p0 = positions[:, 0]
         x0 = torch.cat([start, start, priors[:, 0], self._maps(start, p0, torch.zeros_like(p0)), *self._far_maps(start, far, far_p, p0, p0, p0)], 1)
         s = self.init_state(x0)
-        prev, outs = start, []
+        prev, outs, prior_w = start, [], []
         for t in range(1, positions.shape[1]):
             pix = next_fn(prev, direction)
             pt = positions[:, t]
             x = torch.cat([prev, pix.to(start), priors[:, t], self._maps(start, pt, (pt - p0).abs()), *self._far_maps(start, far, far_p, p0, pt, positions[:, t - 1])], 1)
             prev, s = self.step(x, s)
             outs.append(prev)
+            if self.output == "blend":
+                prior_w.append(self.last_weights[:, 2].mean((1, 2)))
+        # the blend's mean weight on the prior per sample and step (B,T-1), for reports; NaN for other heads
+        self.last_prior_weight = torch.stack(prior_w, 1) if prior_w else torch.full((b, positions.shape[1] - 1), float("nan"))
         return torch.cat(outs, 1)
 
     def num_parameters(self) -> int:
