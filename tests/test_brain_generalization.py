@@ -314,10 +314,10 @@ def test_fit_cache_keeps_several_inputs(tiny_dataset, monkeypatch):
     import monai_mrngan.atlas.prior as prior_module
 
     calls = []
-    real = prior_module.register_slices
-    monkeypatch.setattr(prior_module, "register_slices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = prior_module.fit_batch
+    monkeypatch.setattr(prior_module, "fit_batch", lambda bank, work, grid, refs, *a, **k: calls.append(len(refs)) or real(bank, work, grid, refs, *a, **k))
     refs = [(torch.from_numpy(vols[-1][..., i])[None, None], float(grid[i])) for i in (8, 12, 16)]
     first = [prior.fit(r, p).clone() for r, p in refs]
     again = [prior.fit(r, p) for r, p in refs[::-1]][::-1]
-    assert len(calls) == 3
+    assert calls == [1, 1, 1]  # each input fitted once
     assert all(torch.equal(a, b) for a, b in zip(first, again))
