@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .registration import FitConfig, SliceFit, align, gauss_blur, identity_theta, intensity_map, moment_theta, ncc, warp
+from .registration import FitConfig, SliceFit, affine_grid, align, gauss_blur, identity_theta, intensity_map, moment_theta, ncc, warp
 
 __all__ = ["WorkBank", "ScanResult", "gather_slices", "scan", "fit_batch", "to_unit"]
 
@@ -95,8 +95,7 @@ def scan(work: WorkBank, grid: torch.Tensor, ref: torch.Tensor, cands: torch.Ten
     theta = identity_theta(k * c, grid.device) if mode == "none" else moment_theta(moving, fixed)
     del moving
     mv = gather_slices(work.blur, grid, atlas, p)
-    g = F.affine_grid(theta, [k * c, 1, work.size, work.size], align_corners=False)
-    score = ncc(warp(mv, g), fixed_blur)
+    score = ncc(warp(mv, affine_grid(theta, (work.size, work.size))), fixed_blur)
     return ScanResult(cands.to(grid), score.view(k, c), theta.view(k, c, 2, 3))
 
 
@@ -170,7 +169,7 @@ def _warp_volumes(bank: torch.Tensor, grid: torch.Tensor, pair_n: torch.Tensor, 
     h, w = bank.shape[-2:]
     out = torch.zeros(n_in, n_pos, h, w, device=grid.device)
     count = torch.zeros(n_in, device=grid.device)
-    base = F.affine_grid(fit.theta, [len(pair_a), 1, h, w], align_corners=False)  # (M, H, W, 2)
+    base = affine_grid(fit.theta, (h, w))  # (M, H, W, 2)
     moves = bool(fit.disp.any())
     disp = F.interpolate(fit.disp, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1) if moves else None
     step = max(1, CHUNK_PIXELS // (n_pos * h * w))

@@ -80,10 +80,8 @@ class BrainPrior:
             self.bank = torch.empty(bank.shape, dtype=dtype, device=self.device)
             for j in range(bank.shape[0]):
                 self.bank[j] = bank[j, order].float().nan_to_num(0.0).clamp(0, 1).to(self.device, dtype)
-        self.mean = torch.zeros(self.bank.shape[1:], device=self.device)
-        for v in self.bank:
-            self.mean += to_unit(v)
-        self.mean /= self.bank.shape[0]
+        self.mean = self.bank.sum(0, dtype=torch.int32 if self.bank.dtype == torch.uint8 else torch.float32).float()
+        self.mean /= self.bank.shape[0] * (255.0 if self.bank.dtype == torch.uint8 else 1.0)
         self.config = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
         self.name = name
         self.subjects = [str(s) for s in subjects] if subjects is not None else None
@@ -299,7 +297,7 @@ def load_prior(path: str | os.PathLike, fit: FitConfig | dict | None = None, num
     if path.suffix != ".pt":
         raise InputError(path, "unsupported prior file; expected a .nii/.nii.gz general brain or a .pt checkpoint")
     try:
-        state = load_state(path)
+        state = load_state(path, mmap=True)
     except ValueError as err:
         raise InputError(path, str(err).split(": ", 1)[-1]) from err
     if not isinstance(state, dict) or "kind" not in state:
