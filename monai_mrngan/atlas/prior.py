@@ -39,6 +39,7 @@ from .registration import FitConfig, SliceFit, gauss_blur, torch_threads
 
 logger = logging.getLogger(__name__)
 
+FIT_BATCH = 8  # input slices fitted together (8 x 120 atlases: a few hundred MB of work tensors)
 FIT_CACHE_SIZE = 32  # fitted volumes (and atlas scans) kept per prior (128 px, 101 positions: 6.6 MB a volume)
 
 __all__ = ["BrainPrior", "FitConfig", "load_prior", "mean_prior", "TemplateLocalizer", "FIT_CACHE_SIZE"]
@@ -235,14 +236,15 @@ class BrainPrior:
         keys = [(p, e if self.subjects and e in self.subjects else None, *self._ref_key(r)) for r, p, e in zip(refs, pos, exclude)]
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         todo = [i for j, i in enumerate(todo) if keys[i] not in [keys[t] for t in todo[:j]]]  # the same slice twice: fitted once
-        if todo:
-            window = cfg.position_search if cfg.position_search > 0 else 0.0
+        window = cfg.position_search if cfg.position_search > 0 else 0.0
+        for start in range(0, len(todo), FIT_BATCH):
+            part = todo[start : start + FIT_BATCH]
             scans = [self._scan(refs[i], self._candidates(pos[i], window, cfg.position_step), "none" if cfg.mode == "none" else "affine")
-                     for i in todo]
-            vols, fits = fit_batch(self.bank, self._work_bank(), self._grid, torch.cat([refs[i] for i in todo]),
-                                   torch.as_tensor([pos[i] for i in todo], dtype=torch.float64, device=self.device),
-                                   torch.stack([allowed[i] for i in todo]), scans, cfg)
-            for j, i in enumerate(todo):
+                     for i in part]
+            vols, fits = fit_batch(self.bank, self._work_bank(), self._grid, torch.cat([refs[i] for i in part]),
+                                   torch.as_tensor([pos[i] for i in part], dtype=torch.float64, device=self.device),
+                                   torch.stack([allowed[i] for i in part]), scans, cfg)
+            for j, i in enumerate(part):
                 self._cache[keys[i]] = vols[j]
             self.last_fit = fits[-1]
         out = []
