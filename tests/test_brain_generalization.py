@@ -59,6 +59,13 @@ def test_build_mean_prior_roundtrip(tiny_dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------- patient fit
+def _bank_of(dataset) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The tiny dataset's training volumes, their grid of p, and all but the last as a (K, P, H, W) bank."""
+    entries = load_split(dataset, "training")
+    vols = [load_volume(e["image"])[0] for e in entries]
+    return vols, np.asarray(entries[0]["positions"]), np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]])
+
+
 def _shifted_head(vol: np.ndarray, shift: int, gain: float) -> np.ndarray:
     return np.clip(np.roll(vol, shift, axis=0) * gain, 0, 1)
 
@@ -66,10 +73,7 @@ def _shifted_head(vol: np.ndarray, shift: int, gain: float) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["affine", "deformable"])
 def test_fit_from_one_slice_moves_the_head(tiny_dataset, mode):
     """A patient whose head is shifted and brighter: the prior fitted from ONE slice beats the plain prior on the others."""
-    entries = load_split(tiny_dataset, "training")
-    vols = [load_volume(e["image"])[0] for e in entries]
-    grid = np.asarray(entries[0]["positions"])
-    bank = np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]])
+    vols, grid, bank = _bank_of(tiny_dataset)
     patient = _shifted_head(vols[-1], 5, 1.2)
     prior = BrainPrior(bank, grid, FitConfig(mode=mode, top_k=2, **FAST_FIT))
     i = 10
@@ -348,10 +352,7 @@ def _reference_fit(prior: BrainPrior, ref: torch.Tensor, p0: float) -> tuple[tor
 
 @pytest.mark.parametrize("mode", ["affine", "deformable"])
 def test_batched_fit_equals_the_per_atlas_reference(tiny_dataset, mode):
-    entries = load_split(tiny_dataset, "training")
-    vols = [load_volume(e["image"])[0] for e in entries]
-    grid = np.asarray(entries[0]["positions"])
-    bank = np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]])
+    vols, grid, bank = _bank_of(tiny_dataset)
     prior = BrainPrior(bank, grid, FitConfig(mode=mode, top_k=2, preselect=10, **FAST_FIT))
     ref = torch.from_numpy(_shifted_head(vols[-1], 3, 1.1)[..., 10])[None, None]
     got = prior.fit(ref, float(grid[10]))
@@ -362,10 +363,7 @@ def test_batched_fit_equals_the_per_atlas_reference(tiny_dataset, mode):
 
 
 def test_fit_many_equals_one_at_a_time_and_reuses_the_refinement_scan(tiny_dataset, monkeypatch):
-    entries = load_split(tiny_dataset, "training")
-    vols = [load_volume(e["image"])[0] for e in entries]
-    grid = np.asarray(entries[0]["positions"])
-    bank = np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]])
+    vols, grid, bank = _bank_of(tiny_dataset)
     prior = BrainPrior(bank, grid, FitConfig(mode="deformable", top_k=2, preselect=1, position_search=0.04, **FAST_FIT))
     idx = (8, 12, 16)
     refs = torch.stack([torch.from_numpy(vols[-1][..., i])[None] for i in idx])

@@ -110,7 +110,6 @@ def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torc
     """
     dev = grid.device
     n_in, k = allowed.shape
-    s = work.size
     # each atlas at its best-matching candidate position, with the moment alignment found there
     best = torch.stack([sc.score.argmax(1) for sc in scans])  # (N, K)
     shift = torch.stack([sc.cands[b] for sc, b in zip(scans, best)]) - p0.to(grid).view(-1, 1)  # (N, K)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..data.datalist import load_split
 from ..data.io import InputError, is_nifti, load_state, load_volume
 from .bank import build_bank, gan_general_brain, mean_brain, position_grid, sidecar_path
-from .fit import ScanResult, WorkBank, fit_batch, gather_slices, scan, to_unit
+from .fit import ScanResult, WorkBank, fit_batch, gather_slices, scan
 from .registration import FitConfig, SliceFit, gauss_blur, torch_threads
 
 logger = logging.getLogger(__name__)
