@@ -37,9 +37,11 @@ def gather_slices(bank: torch.Tensor, grid: torch.Tensor, atlas: torch.Tensor, p
     p = p.to(grid).clamp(grid[0], grid[-1])
     hi = torch.searchsorted(grid, p).clamp(1, len(grid) - 1)
     lo = hi - 1
-    w = ((p - grid[lo]) / (grid[hi] - grid[lo]).clamp_min(1e-12)).float().view(-1, 1, 1)
-    out = to_unit(bank[atlas, lo]) * (1 - w) + to_unit(bank[atlas, hi]) * w
-    return out[:, None]
+    w = ((p - grid[lo]) / (grid[hi] - grid[lo]).clamp_min(1e-12)).float()
+    if bool(((w < 1e-6) | (w > 1 - 1e-6)).all()):  # every p on the grid (candidates step as the grid does): one read
+        return to_unit(bank[atlas, torch.where(w > 0.5, hi, lo)])[:, None]
+    w = w.view(-1, 1, 1)
+    return torch.lerp(to_unit(bank[atlas, lo]), to_unit(bank[atlas, hi]), w)[:, None]
 
 
 class WorkBank:
@@ -115,13 +117,17 @@ def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torc
     shift = torch.stack([sc.cands[b] for sc, b in zip(scans, best)]) - p0.to(grid).view(-1, 1)  # (N, K)
     theta0 = torch.stack([sc.theta[torch.arange(k, device=dev), b] for sc, b in zip(scans, best)])  # (N, K, 2, 3)
     pair_n, pair_a = allowed.nonzero(as_tuple=True)  # the (input, atlas) pairs to align
+    if cfg.prescreen > 0 and cfg.mode != "none":  # only the best-matching atlases after the moment alignment
+        first = torch.stack([sc.score.max(1).values for sc in scans])[pair_n, pair_a]
+        sel = _top_per_input(first, pair_n, n_in, cfg.prescreen).sort().values
+        pair_n, pair_a = pair_n[sel], pair_a[sel]
     pair_p = p0.to(grid)[pair_n] + shift[pair_n, pair_a]
     mv = gather_slices(work.blur, grid, pair_a, pair_p)
     _, fixed_blur = _small_ref(refs, work)
     fx = fixed_blur[pair_n]
     th0 = theta0[pair_n, pair_a]
     m = cfg.preselect * cfg.top_k
-    per_input = allowed.sum(1)
+    per_input = pair_n.bincount(minlength=n_in)
     if cfg.mode == "none":
         fit = align(mv, fx, th0, cfg, affine_iters=0, deform=False)
     elif cfg.mode == "deformable" and bool((per_input > m).any()):
