@@ -48,8 +48,11 @@ def test_build_mean_prior_roundtrip(tiny_dataset, tmp_path):
     prior = load_prior(out)
     assert prior.bank.shape == (1, 24, 32, 32)
     assert json.loads((tmp_path / "mean.positions.json").read_text())["positions"][0] == 1.0
-    bank = load_prior(tmp_path / "bank.pt")
-    assert bank.bank.shape == (3, 24, 32, 32)
+    bank = load_prior(tmp_path / "bank.pt", device="cpu")
+    assert bank.bank.shape == (3, 24, 32, 32) and bank.bank.dtype == torch.uint8  # held as stored, no float copy
+    as_float = BrainPrior(bank.bank.float() / 255.0, bank.positions)  # held as fp16: equal within its rounding
+    assert torch.allclose(bank.mean, as_float.mean, atol=1e-3)
+    assert torch.allclose(bank.plain(torch.tensor([0.3, 0.71])), as_float.plain(torch.tensor([0.3, 0.71])), atol=1e-3)
     # the mean brain at each slice's p is the mean of the training volumes' slices there (up to re-interpolation)
     entries = load_split(tiny_dataset, "training")
     expected = np.mean([load_volume(e["image"])[0] for e in entries], 0)
