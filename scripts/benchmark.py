@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subjects", type=int, default=8, help="phantoms / scans to prepare (>= 6: batches of 4 training volumes)")
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per data-loader measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    ap.add_argument("--skip_train", action="store_true", help="reconstruction figures only (no training iterations, no loaders): to re-measure them")
     ap.add_argument("--cache_volumes", type=int, default=4, help="training volumes the fitted-prior cache is measured on (scaled to 120)")
     ap.add_argument("--workdir", default=None, help="keep the prepared data and bank here (default: a temporary folder)")
     args = ap.parse_args(argv)
@@ -156,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             for size in args.sizes:
                 col = f"{device} {size}px"
                 r: dict = {"device": device, "size": size, "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "train": {}}
-                for stage in STAGES:
+                for stage in STAGES if not args.skip_train else ():
                     log(f"{col}: training iterations of {stage}")
                     r["train"][stage] = bench_train(stage, datasets[size], device, tmp, banks[size][0], args)
                 log(f"{col}: reconstruction")
                 r["recon"] = bench_reconstruction(datasets[size], device, tmp, banks[size][0], args)
-                if device == "cpu":
+                if device == "cpu" and not args.skip_train:
                     log(f"{col}: data loaders")
                     r["loaders"] = bench_loaders(datasets[size], tmp, banks[size][0], args.seconds)
                     r["samplers"] = bench_slice_samplers(datasets[size], args.seconds)

@@ -24,11 +24,12 @@ def rows_for(results: dict) -> list[tuple[str, str, Callable[[dict], Any]]]:
     rows: list[tuple[str, str, Callable[[dict], Any]]] = [("machine load average (1 min) at the column's start", "", g("load_average_1min"))]
     labels = {"slice_localization": "localizer CNN", "brain_generalization": "brain-generalization GAN (G + D/3)",
               "flow_generation": "pix2pix GAN pair (G + D)", "mrngan": "MRNGAN cell unrolled"}
-    for s in STAGES:
+    trained = [s for s in STAGES if s in any_col["train"]]  # none with --skip_train
+    for s in trained:
         tr = any_col["train"][s]
         extra = f", {tr['run_length'] - 1} steps" if s == "mrngan" else ""
         rows.append((f"train {labels[s]} [{tr['batch']}{extra}]", "it/s", g("train", s, "it_per_s")))
-    for s in STAGES:
+    for s in trained:
         rows.append((f"  peak memory: {s}", "MiB", lambda r, s=s: mem_cell(r, "train", s)))
     rec = any_col["recon"]
     d, h = rec["one_slice"]["slices"], rec["one_slice_half"]["slices"]
@@ -62,7 +63,7 @@ def rows_for(results: dict) -> list[tuple[str, str, Callable[[dict], Any]]]:
         ("    per fit", "s", g("recon", "prior_cache", "per_fit_s")),
         ("    scaled to 120 volumes x 9 positions", "s", g("recon", "prior_cache", "scaled_120_s")),
     ]
-    for s in STAGES:
+    for s in STAGES if any(c.get("loaders") for c in results.values()) else ():
         b = any_col.get("loaders", {}).get(s) or next((c["loaders"][s] for c in results.values() if c.get("loaders")), {})
         rows.append((f"data: {s} train loader [{b.get('batch', '?')}]", "slices/s", g("loaders", s, "slices_per_s")))
     samplers = next((c["samplers"] for c in results.values() if c.get("samplers")), {})
