@@ -48,8 +48,11 @@ def test_build_mean_prior_roundtrip(tiny_dataset, tmp_path):
     prior = load_prior(out)
     assert prior.bank.shape == (1, 24, 32, 32)
     assert json.loads((tmp_path / "mean.positions.json").read_text())["positions"][0] == 1.0
-    bank = load_prior(tmp_path / "bank.pt")
-    assert bank.bank.shape == (3, 24, 32, 32)
+    bank = load_prior(tmp_path / "bank.pt", device="cpu")
+    assert bank.bank.shape == (3, 24, 32, 32) and bank.bank.dtype == torch.uint8  # held as stored, no float copy
+    as_float = BrainPrior(bank.bank.float() / 255.0, bank.positions)  # held as fp16: equal within its rounding
+    assert torch.allclose(bank.mean, as_float.mean, atol=1e-3)
+    assert torch.allclose(bank.plain(torch.tensor([0.3, 0.71])), as_float.plain(torch.tensor([0.3, 0.71])), atol=1e-3)
     # the mean brain at each slice's p is the mean of the training volumes' slices there (up to re-interpolation)
     entries = load_split(tiny_dataset, "training")
     expected = np.mean([load_volume(e["image"])[0] for e in entries], 0)
@@ -59,6 +62,13 @@ def test_build_mean_prior_roundtrip(tiny_dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------- patient fit
+def _bank_of(dataset) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The tiny dataset's training volumes, their grid of p, and all but the last as a (K, P, H, W) bank."""
+    entries = load_split(dataset, "training")
+    vols = [load_volume(e["image"])[0] for e in entries]
+    return vols, np.asarray(entries[0]["positions"]), np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]])
+
+
 def _shifted_head(vol: np.ndarray, shift: int, gain: float) -> np.ndarray:
     return np.clip(np.roll(vol, shift, axis=0) * gain, 0, 1)
 
@@ -66,10 +76,7 @@ def _shifted_head(vol: np.ndarray, shift: int, gain: float) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["affine", "deformable"])
 def test_fit_from_one_slice_moves_the_head(tiny_dataset, mode):
     """A patient whose head is shifted and brighter: the prior fitted from ONE slice beats the plain prior on the others."""
-    entries = load_split(tiny_dataset, "training")
-    vols = [load_volume(e["image"])[0] for e in entries]
-    grid = np.asarray(entries[0]["positions"])
-    bank = np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]])
+    vols, grid, bank = _bank_of(tiny_dataset)
     patient = _shifted_head(vols[-1], 5, 1.2)
     prior = BrainPrior(bank, grid, FitConfig(mode=mode, top_k=2, **FAST_FIT))
     i = 10
@@ -314,10 +321,65 @@ def test_fit_cache_keeps_several_inputs(tiny_dataset, monkeypatch):
     import monai_mrngan.atlas.prior as prior_module
 
     calls = []
-    real = prior_module.register_slices
-    monkeypatch.setattr(prior_module, "register_slices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = prior_module.fit_batch
+    monkeypatch.setattr(prior_module, "fit_batch", lambda bank, work, grid, refs, *a, **k: calls.append(len(refs)) or real(bank, work, grid, refs, *a, **k))
     refs = [(torch.from_numpy(vols[-1][..., i])[None, None], float(grid[i])) for i in (8, 12, 16)]
     first = [prior.fit(r, p).clone() for r, p in refs]
     again = [prior.fit(r, p) for r, p in refs[::-1]][::-1]
-    assert len(calls) == 3
+    assert calls == [1, 1, 1]  # each input fitted once
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# ---------------------------------------------------------------------------- batched fit
+def _reference_fit(prior: BrainPrior, ref: torch.Tensor, p0: float) -> tuple[torch.Tensor, list[int]]:
+    """The fit written atlas by atlas (no position search, no preselection): align each atlas slice at p0
+    alone, keep the top_k, warp every slice of each kept atlas alone, gain-map, average."""
+    from monai_mrngan.atlas.registration import SliceFit, intensity_map, register_slices, warp
+
+    cfg = prior.config
+    fits = []
+    for a in range(prior.bank.shape[0]):
+        moving = prior._interp(prior.bank[a].float(), torch.tensor([p0]))
+        f = register_slices(moving, ref, cfg)
+        fits.append((float(f.score[0]), a, f, moving))
+    fits.sort(key=lambda t: -t[0])
+    out = torch.zeros_like(prior.mean)
+    weight = torch.exp(-(prior.positions - p0).abs() / cfg.decay).float()
+    for _, a, f, moving in fits[: cfg.top_k]:
+        gain, _ = intensity_map(warp(moving, f.grid(prior.shape)), ref)
+        for i in range(len(prior.positions)):
+            one = SliceFit(f.theta, f.disp, gain, torch.zeros(1), torch.tensor([a]), f.score)
+            out[i] += (warp(prior.bank[a, i].float()[None, None], one.grid(prior.shape, weight[i : i + 1]))[0, 0] * gain[0]).clamp(0, 1)
+    return out / cfg.top_k, [a for _, a, _, _ in fits[: cfg.top_k]]
+
+
+@pytest.mark.parametrize("mode", ["affine", "deformable"])
+def test_batched_fit_equals_the_per_atlas_reference(tiny_dataset, mode):
+    vols, grid, bank = _bank_of(tiny_dataset)
+    prior = BrainPrior(bank, grid, FitConfig(mode=mode, top_k=2, preselect=10, **FAST_FIT))
+    ref = torch.from_numpy(_shifted_head(vols[-1], 3, 1.1)[..., 10])[None, None]
+    got = prior.fit(ref, float(grid[10]))
+    want, kept = _reference_fit(prior, ref, float(grid[10]))
+    assert sorted(prior.last_fit.atlas_index.tolist()) == sorted(kept)
+    print(f"batched vs per-atlas: mean {float((got - want).abs().mean()):.2e}, max {float((got - want).abs().max()):.2e}")
+    assert (got - want).abs().mean() < 1e-3 and (got - want).abs().max() < 0.05  # the work-size bank is fp16
+
+
+def test_fit_many_equals_one_at_a_time_and_reuses_the_refinement_scan(tiny_dataset, monkeypatch):
+    vols, grid, bank = _bank_of(tiny_dataset)
+    prior = BrainPrior(bank, grid, FitConfig(mode="deformable", top_k=2, preselect=1, position_search=0.04, **FAST_FIT))
+    idx = (8, 12, 16)
+    refs = torch.stack([torch.from_numpy(vols[-1][..., i])[None] for i in idx])
+    together = prior.with_fit(prior.config).fit_many(refs, [float(grid[i]) for i in idx])
+    for j, i in enumerate(idx):
+        alone = prior.with_fit(prior.config).fit(refs[j : j + 1], float(grid[i]))
+        assert torch.allclose(together[j], alone, atol=1e-5)
+    import monai_mrngan.atlas.prior as prior_module
+
+    scans = []
+    real = prior_module.scan
+    monkeypatch.setattr(prior_module, "scan", lambda *a, **k: scans.append(1) or real(*a, **k))
+    fresh = prior.with_fit(prior.config)
+    p = fresh.locate(refs[1:2], float(grid[12]) + 0.03, window=0.1)
+    fresh.fit(refs[1:2], p)
+    assert len(scans) == 1  # the fit's candidates lie inside the refinement's scan: reused

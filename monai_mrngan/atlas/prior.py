@@ -24,7 +24,6 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -35,11 +34,13 @@ import torch.nn.functional as F
 from ..data.datalist import load_split
 from ..data.io import InputError, is_nifti, load_state, load_volume
 from .bank import build_bank, gan_general_brain, mean_brain, position_grid, sidecar_path
-from .registration import FitConfig, SliceFit, gauss_blur, intensity_map, register_slices, torch_threads, warp
+from .fit import ScanResult, WorkBank, fit_batch, gather_slices, scan
+from .registration import FitConfig, SliceFit, gauss_blur, torch_threads
 
 logger = logging.getLogger(__name__)
 
-FIT_CACHE_SIZE = 32  # fitted volumes kept per prior (128 px, 101 positions: 6.6 MB each)
+FIT_BATCH = 8  # input slices fitted together (8 x 120 atlases: a few hundred MB of work tensors)
+FIT_CACHE_SIZE = 32  # fitted volumes (and atlas scans) kept per prior (128 px, 101 positions: 6.6 MB a volume)
 
 __all__ = ["BrainPrior", "FitConfig", "load_prior", "mean_prior", "TemplateLocalizer", "FIT_CACHE_SIZE"]
 
@@ -48,16 +49,18 @@ class BrainPrior:
     """Prior slices at any ``p``, optionally fitted to a patient from one input slice.
 
     Args:
-        bank: (K, P, H, W) or (P, H, W) volumes in [0, 1] on the position grid ``positions`` (P,).
+        bank: (K, P, H, W) or (P, H, W) volumes on the position grid ``positions`` (P,): float in
+            [0, 1], or uint8 quantised (``save_bank``: 0..255 for [0, 1], held as is).
         positions: ``p`` of each of the P grid slices (any monotonic order).
         fit: a :class:`FitConfig` or dict of its fields.
         name: a label for reports.
         subjects: the subject of each bank volume (atlas banks record them), for ``fit(exclude=...)``.
+        device: where the bank lives and the fit runs (``"cpu"``, ``"cuda"``); results come back there.
     """
 
     def __init__(self, bank: torch.Tensor | np.ndarray, positions: Sequence[float] | torch.Tensor, fit: FitConfig | dict | None = None, name: str = "prior",
-                 subjects: Sequence[str] | None = None):
-        bank = torch.as_tensor(np.nan_to_num(np.asarray(bank, dtype=np.float32), nan=0.0) if not torch.is_tensor(bank) else bank.float().nan_to_num(0.0))
+                 subjects: Sequence[str] | None = None, device: str | torch.device = "cpu"):
+        bank = bank if torch.is_tensor(bank) else torch.from_numpy(np.ascontiguousarray(bank))
         if bank.ndim == 3:
             bank = bank[None]
         if bank.ndim != 4:
@@ -66,18 +69,32 @@ class BrainPrior:
         if pos.numel() != bank.shape[1]:
             raise ValueError(f"{pos.numel()} positions for {bank.shape[1]} prior slices")
         order = torch.argsort(pos)
+        self.device = torch.device(device)
         self.positions = pos[order]
-        # several atlases are kept in half precision (120 IXI atlases: 400 MB instead of 800 MB)
-        self.bank = bank[:, order].clamp(0, 1).to(torch.float16 if bank.shape[0] > 1 else torch.float32).contiguous()
-        self.mean = sum(v.float() for v in self.bank) / self.bank.shape[0]
+        self._grid = self.positions.to(self.device)
+        # one compact copy: uint8 banks stay uint8 (120 IXI atlases at 128 px: 200 MB), several float
+        # atlases become fp16, a single volume stays float32; converted slice by slice when read
+        if bank.dtype == torch.uint8:
+            self.bank = bank[:, order].to(self.device).contiguous()
+        else:
+            dtype = torch.float16 if bank.shape[0] > 1 else torch.float32
+            self.bank = torch.empty(bank.shape, dtype=dtype, device=self.device)
+            for j in range(bank.shape[0]):
+                self.bank[j] = bank[j, order].float().nan_to_num(0.0).clamp(0, 1).to(self.device, dtype)
+        self.mean = self.bank.sum(0, dtype=torch.int32 if self.bank.dtype == torch.uint8 else torch.float32).float()
+        self.mean /= self.bank.shape[0] * (255.0 if self.bank.dtype == torch.uint8 else 1.0)
         self.config = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
         self.name = name
         self.subjects = [str(s) for s in subjects] if subjects is not None else None
         if self.subjects is not None and len(self.subjects) != self.bank.shape[0]:
             raise ValueError(f"{len(self.subjects)} subjects for {self.bank.shape[0]} atlases")
+        # the bank at the registration's work size, per (size, blur): shared by with_fit copies
+        self._work: dict[tuple, WorkBank] = {}
         # fitted volumes by input slice, most recent last: a few-slice reconstruction alternates
         # between its inputs (runs up and down from each), so one entry would refit every time
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # atlas scans by input slice (the refinement's, reused by the fit of the same slice)
+        self._scans: OrderedDict[tuple, ScanResult] = OrderedDict()
         self.last_fit: SliceFit | None = None
         self._warned_subjects = False
 
@@ -87,13 +104,13 @@ class BrainPrior:
         new.__dict__.update(self.__dict__)
         new.config = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
         new.name = name or self.name
-        new._cache, new.last_fit = OrderedDict(), None
+        new._cache, new._scans, new.last_fit = OrderedDict(), OrderedDict(), None
         return new
 
     def subset(self, indices: Sequence[int]) -> "BrainPrior":
         """A prior over some of the bank's volumes."""
         subjects = [self.subjects[i] for i in indices] if self.subjects is not None else None
-        return BrainPrior(self.bank[list(indices)], self.positions, self.config, self.name, subjects)
+        return BrainPrior(self.bank[list(indices)], self.positions, self.config, self.name, subjects, self.device)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -101,14 +118,10 @@ class BrainPrior:
 
     def _interp(self, vol: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Linear interpolation of (P, H, W) along the grid at ``positions`` -> (B, 1, H, W)."""
-        p = torch.as_tensor(positions, dtype=torch.float64).reshape(-1)
-        if not torch.isfinite(p).all():
+        p = torch.as_tensor(positions, dtype=torch.float64).reshape(-1).to(self.device)
+        if not bool(torch.isfinite(p).all()):
             raise ValueError("positions must be finite")
-        p = p.clamp(float(self.positions[0]), float(self.positions[-1]))
-        hi = torch.searchsorted(self.positions, p).clamp(1, len(self.positions) - 1)
-        lo = hi - 1
-        w = ((p - self.positions[lo]) / (self.positions[hi] - self.positions[lo]).clamp_min(1e-12)).float().view(-1, 1, 1)
-        return (vol[lo] * (1 - w) + vol[hi] * w)[:, None]
+        return gather_slices(vol[None], self._grid, torch.zeros(len(p), dtype=torch.long, device=self.device), p)
 
     @torch.no_grad()
     def plain(self, positions: torch.Tensor) -> torch.Tensor:
@@ -123,9 +136,38 @@ class BrainPrior:
             raise ValueError(f"reference slice must be (1, 1, {self.shape[0]}, {self.shape[1]}), got {tuple(reference.shape)}")
         if reference_position is None or not math.isfinite(float(reference_position)):
             raise ValueError("reference_position (the input slice's p) is required with a reference slice")
-        if not torch.isfinite(ref).all():
+        if not bool(torch.isfinite(ref).all()):
             raise ValueError("reference slice contains NaN or infinite values")
-        return ref.clamp(0, 1)
+        return ref.to(self.device).clamp(0, 1)
+
+    def _work_bank(self) -> WorkBank:
+        key = (int(self.config.work_size), float(self.config.blur_sigma))
+        if key not in self._work:
+            self._work[key] = WorkBank(self.bank, *key)
+        return self._work[key]
+
+    @staticmethod
+    def _ref_key(ref: torch.Tensor) -> tuple:
+        w = torch.linspace(0, 1, ref.numel(), device=ref.device).view_as(ref)
+        return tuple(torch.stack([ref.sum(), (ref * ref).sum(), (ref * w).sum()]).tolist())
+
+    def _candidates(self, p0: float, window: float, step: float) -> torch.Tensor:
+        n = int(round(window / step))
+        return (float(p0) + step * torch.arange(-n, n + 1, dtype=torch.float64)).clamp(float(self.positions[0]), float(self.positions[-1])).to(self.device)
+
+    @torch.no_grad()
+    def _scan(self, ref: torch.Tensor, cands: torch.Tensor, mode: str = "affine") -> ScanResult:
+        """:func:`~monai_mrngan.atlas.fit.scan`, remembered per input slice so the fit reuses the refinement's."""
+        key = (self._ref_key(ref), int(self.config.work_size), float(self.config.blur_sigma), mode)
+        old = self._scans.get(key)
+        hit = old.columns(cands) if old is not None else None
+        if hit is not None:
+            return hit
+        res = scan(self._work_bank(), self._grid, ref, cands, mode)
+        self._scans[key] = res
+        while len(self._scans) > FIT_CACHE_SIZE:
+            self._scans.popitem(last=False)
+        return res
 
     @torch.no_grad()
     def scan(self, reference: torch.Tensor, reference_position: float, window: float, step: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,25 +175,20 @@ class BrainPrior:
 
         Returns the candidate positions (C,) within ``reference_position +- window`` (clamped to the
         bank's range) and the NCC (K, C) of every atlas slice there with the input, after the
-        head-moment (centroid and size) alignment of :func:`register_slices`, at ``work_size``.
+        head-moment (centroid and size) alignment of :func:`register_slices`, at ``work_size``;
+        all atlases and candidates in one batch (:func:`~monai_mrngan.atlas.fit.scan`).
         """
         ref = self._check_reference(reference, reference_position)
-        n = int(round(window / step))
-        cands = (float(reference_position) + step * torch.arange(-n, n + 1, dtype=torch.float64)).clamp(float(self.positions[0]), float(self.positions[-1]))
-        s = int(self.config.work_size)
-        k = self.bank.shape[0]
-        moving = torch.stack([F.interpolate(self._interp(v, cands).float(), size=(s, s), mode="area") for v in self.bank])  # (K, C, 1, s, s)
-        fixed = F.interpolate(ref, size=(s, s), mode="area")
-        cfg = replace(self.config, mode="affine", affine_iters=0, work_size=s)
-        fit = register_slices(moving.reshape(-1, 1, s, s), fixed, cfg)
-        return cands, fit.score.reshape(k, len(cands))
+        res = self._scan(ref, self._candidates(reference_position, window, step))
+        return res.cands, res.score
 
     def locate(self, reference: torch.Tensor, reference_position: float, window: float = 0.12, step: float = 0.01, top_k: int | None = None) -> float:
         """Refine an estimated position of ``reference``: the ``p`` within ``+- window`` where the
         ``top_k`` best-matching atlases (default: the fit's ``top_k``) match it best on average.
 
         Matching the input against 120 atlases' slices corrects most of a CNN localizer's error
-        (on IXI test subjects, 2 mm data: mean error 10.7 mm -> 4.1 mm).
+        (on IXI test subjects, 2 mm data: mean error 10.7 mm -> 4.1 mm). The scan is kept: a fit of
+        the same slice at the found position reuses it.
         """
         with torch_threads(self.config.num_threads):
             cands, score = self.scan(reference, reference_position, window, step)
@@ -164,66 +201,56 @@ class BrainPrior:
         ``exclude``: a subject whose own volume is in the bank (a training subject) is left out, so
         training sees the prior a new patient would get, not the subject's own scan.
         """
-        with torch_threads(self.config.num_threads):
-            return self._fit(reference, reference_position, exclude)
+        return self.fit_many(reference, [reference_position], None if exclude is None else [exclude])[0]
 
-    def _fit(self, reference: torch.Tensor, reference_position: float, exclude: str | None = None) -> torch.Tensor:
-        ref = self._check_reference(reference, reference_position)
-        p0 = float(reference_position)
+    def fit_many(self, references: torch.Tensor, reference_positions: Sequence[float] | torch.Tensor,
+                 exclude: Sequence[str | None] | None = None) -> list[torch.Tensor]:
+        """:meth:`fit` for several input slices (N, 1, H, W) at once (one batch for those not cached yet)."""
+        refs = torch.as_tensor(references, dtype=torch.float32)
+        if refs.ndim == 3:
+            refs = refs[:, None]
+        pos = reference_positions.reshape(-1).tolist() if torch.is_tensor(reference_positions) else list(reference_positions)
+        if refs.ndim != 4 or len(pos) != refs.shape[0]:
+            raise ValueError(f"{tuple(refs.shape)} reference slices for {len(pos)} positions")
+        checked = [self._check_reference(r[None], p) for r, p in zip(refs, pos)]
+        exclude = list(exclude) if exclude is not None else [None] * len(pos)
+        with torch_threads(self.config.num_threads):
+            return self._fit_many(checked, [float(p) for p in pos], exclude)
+
+    def _allowed(self, exclude: str | None) -> torch.Tensor:
         if exclude and self.subjects is None and not self._warned_subjects:
             logger.warning("%s records no subjects: cannot leave %s out of its atlases (rebuild the bank)", self.name, exclude)
             self._warned_subjects = True
-        if not (exclude and self.subjects and exclude in self.subjects):
-            exclude = None  # nothing to leave out
-        allowed = torch.as_tensor([j for j, s in enumerate(self.subjects) if s != exclude] if exclude else range(self.bank.shape[0]), dtype=torch.long)
-        if len(allowed) == 0:
+        allowed = torch.ones(self.bank.shape[0], dtype=torch.bool, device=self.device)
+        if exclude and self.subjects and exclude in self.subjects:
+            allowed[[j for j, s in enumerate(self.subjects) if s == exclude]] = False
+        if not bool(allowed.any()):
             raise ValueError(f"no atlas left after excluding {exclude!r}")
-        key = (p0, exclude, float(ref.sum()), float((ref * ref).sum()), float((ref * torch.linspace(0, 1, ref.numel()).view_as(ref)).sum()))
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        return allowed
+
+    def _fit_many(self, refs: list[torch.Tensor], pos: list[float], exclude: list[str | None]) -> list[torch.Tensor]:
         cfg = self.config
         if cfg.mode == "none" and cfg.intensity == "none":
-            return self.mean
-        # atlas slices at p0 (the mean brain itself when the bank has one volume), or each atlas
-        # at its own best-matching position near p0 (``shift``: that position minus p0)
-        shift = torch.zeros(self.bank.shape[0], dtype=torch.float64)
-        if cfg.position_search > 0:
-            cands, score = self.scan(ref, p0, cfg.position_search, cfg.position_step)
-            shift = cands[score.argmax(1)] - p0
-        moving = torch.stack([self._interp(self.bank[j], p0 + shift[j : j + 1]).float() for j in allowed.tolist()])[:, 0]  # (K, 1, H, W)
-        m = cfg.preselect * cfg.top_k
-        if cfg.mode == "deformable" and len(moving) > m:
-            aff = register_slices(moving, ref, replace(cfg, mode="affine"))
-            sel = torch.argsort(aff.score, descending=True)[:m]
-            fit = register_slices(moving[sel], ref, replace(cfg, affine_iters=0), theta_init=aff.theta[sel])
-            order = torch.argsort(fit.score, descending=True)[: cfg.top_k]
-            keep = sel[order]
-            fit = SliceFit(fit.theta[order], fit.disp[order], fit.gain[order], fit.offset[order], keep, fit.score[order])
-        else:
-            fit = register_slices(moving, ref, cfg)
-            keep = torch.argsort(fit.score, descending=True)[: min(cfg.top_k, len(fit.score))]
-            fit = SliceFit(fit.theta[keep], fit.disp[keep], fit.gain[keep], fit.offset[keep], keep, fit.score[keep])
-        with torch.no_grad():
-            fit.reference_position, fit.config = p0, asdict(cfg)
-            warped0 = warp(moving[keep], fit.grid(self.shape))
-            keep = allowed[keep]  # bank indices
-            fit.atlas_index = keep
-            if cfg.intensity == "linear":
-                fit.gain, fit.offset = intensity_map(warped0, ref)
-            out = torch.zeros_like(self.mean)
-            weight = torch.exp(-(self.positions - p0).abs() / cfg.decay).float() if cfg.decay > 0 else torch.ones(len(self.positions))
-            for j in range(len(keep)):
-                a = int(keep[j])
-                vol = self._interp(self.bank[a], self.positions + shift[a]).float() if shift[a] != 0 else self.bank[a].float()[:, None]  # (P, 1, H, W)
-                one = SliceFit(fit.theta[j : j + 1].expand(len(vol), -1, -1), fit.disp[j : j + 1].expand(len(vol), -1, -1, -1),
-                               fit.gain[j : j + 1], fit.offset[j : j + 1], keep[j : j + 1], fit.score[j : j + 1])
-                w = warp(vol, one.grid(self.shape, weight))
-                w = w * fit.gain[j] + fit.offset[j]
-                out += w[:, 0].clamp(0, 1)
-            out /= len(keep)
-        fit.config["shifts"] = shift[keep].tolist()
-        self.last_fit, self._cache[key] = fit, out
+            return [self.mean] * len(refs)
+        allowed = [self._allowed(e) for e in exclude]
+        keys = [(p, e if self.subjects and e in self.subjects else None, *self._ref_key(r)) for r, p, e in zip(refs, pos, exclude)]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        todo = [i for j, i in enumerate(todo) if keys[i] not in [keys[t] for t in todo[:j]]]  # the same slice twice: fitted once
+        window = cfg.position_search if cfg.position_search > 0 else 0.0
+        for start in range(0, len(todo), FIT_BATCH):
+            part = todo[start : start + FIT_BATCH]
+            scans = [self._scan(refs[i], self._candidates(pos[i], window, cfg.position_step), "none" if cfg.mode == "none" else "affine")
+                     for i in part]
+            vols, fits = fit_batch(self.bank, self._work_bank(), self._grid, torch.cat([refs[i] for i in part]),
+                                   torch.as_tensor([pos[i] for i in part], dtype=torch.float64, device=self.device),
+                                   torch.stack([allowed[i] for i in part]), scans, cfg)
+            for j, i in enumerate(part):
+                self._cache[keys[i]] = vols[j]
+            self.last_fit = fits[-1]
+        out = []
+        for k in keys:
+            self._cache.move_to_end(k)
+            out.append(self._cache[k])
         while len(self._cache) > FIT_CACHE_SIZE:
             self._cache.popitem(last=False)
         return out
@@ -242,13 +269,16 @@ class BrainPrior:
         return self.slice_at(torch.as_tensor(np.asarray(positions, dtype=np.float64)), reference, reference_position)[:, 0]
 
 
-def load_prior(path: str | os.PathLike, fit: FitConfig | dict | None = None, num_positions: int = 101, num_samples: int = 8) -> BrainPrior:
+def load_prior(path: str | os.PathLike, fit: FitConfig | dict | None = None, num_positions: int = 101, num_samples: int = 8,
+               device: str | torch.device = "cpu") -> BrainPrior:
     """Load a prior written by the brain generalization bundle.
 
     - ``*.nii`` / ``*.nii.gz``: a general-brain volume over ``p`` (positions from the
       ``.positions.json`` sidecar, else ``p`` from 1 at index 0 to 0 at the last index);
     - ``*.pt``: an atlas bank (``save_bank``) or generator weights (cGAN / DCGAN set), from which
       the general brain is drawn on ``num_positions`` positions averaging ``num_samples`` latents.
+
+    ``device``: where the prior's bank lives and its fits run (an atlas bank stays uint8 there).
     """
     path = Path(path)
     if not path.is_file():
@@ -265,19 +295,22 @@ def load_prior(path: str | os.PathLike, fit: FitConfig | dict | None = None, num
                 raise InputError(sidecar, f"{len(positions)} positions for a volume with {vol.shape[2]} slices")
         else:
             positions = position_grid(vol.shape[2])
-        return BrainPrior(np.moveaxis(vol, -1, 0), positions, fit, name=path.name)
+        return BrainPrior(np.moveaxis(vol, -1, 0), positions, fit, name=path.name, device=device)
     if path.suffix != ".pt":
         raise InputError(path, "unsupported prior file; expected a .nii/.nii.gz general brain or a .pt checkpoint")
     try:
-        state = load_state(path)
+        state = load_state(path, mmap=True)
     except ValueError as err:
         raise InputError(path, str(err).split(": ", 1)[-1]) from err
     if not isinstance(state, dict) or "kind" not in state:
         raise InputError(path, "not a brain generalization checkpoint (no 'kind' entry)")
     if state["kind"] == "atlas_bank":
-        return BrainPrior(state["bank"].float() / 255.0, state["positions"], fit, name=path.name, subjects=state.get("subjects"))
+        bank = state["bank"]
+        if not torch.is_tensor(bank) or bank.dtype != torch.uint8 or bank.ndim != 4:
+            raise InputError(path, f"atlas bank must be a (K, P, H, W) uint8 tensor, got {getattr(bank, 'dtype', type(bank).__name__)}")
+        return BrainPrior(bank, state["positions"], fit, name=path.name, subjects=state.get("subjects"), device=device)
     grid = position_grid(num_positions)
-    return BrainPrior(gan_general_brain(state, grid, num_samples), grid, fit, name=path.name)
+    return BrainPrior(gan_general_brain(state, grid, num_samples), grid, fit, name=path.name, device=device)
 
 
 

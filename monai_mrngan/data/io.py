@@ -298,13 +298,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
-    """``torch.load(..., weights_only=True)`` with a one-line error naming the file."""
+def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> Mapping[str, Any]:
+    """``torch.load(..., weights_only=True)`` with a one-line error naming the file; ``mmap``: tensors
+    stay memory-mapped from the file (read when used: a large atlas bank is not read twice)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here; train the stage first")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
         raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})".splitlines()[0]) from err
 

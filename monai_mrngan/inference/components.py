@@ -105,7 +105,7 @@ def load_components(
         comp.generator = load_bundle_network(flow_config, flow_weights, overrides=overrides.get("flow"), device=device)
         comp.next_fn = next_fn_for(comp.generator)
     if prior_path:
-        comp.prior = load_stage_prior(prior_path, prior_fit)
+        comp.prior = load_stage_prior(prior_path, prior_fit, device=device)
     if mrngan_config and mrngan_weights:
         comp.model = load_bundle_network(mrngan_config, mrngan_weights, overrides=overrides.get("mrngan"), device=device)
     return comp
@@ -164,12 +164,13 @@ def components_from_bundles(
     )
 
 
-def load_stage_prior(path: str | os.PathLike, fit: Mapping[str, Any] | None = None) -> Any:
+def load_stage_prior(path: str | os.PathLike, fit: Mapping[str, Any] | None = None, device: str | torch.device = "cpu") -> Any:
     """The brain generalization stage's prior (:func:`monai_mrngan.atlas.prior.load_prior`).
 
-    ``fit``: how the prior is fitted to an input slice (that stage's ``FitConfig`` fields).
+    ``fit``: how the prior is fitted to an input slice (that stage's ``FitConfig`` fields);
+    ``device``: where its bank lives and its fits run (the networks' device).
     """
-    return load_prior(str(path), fit=dict(fit) if fit is not None else None)
+    return load_prior(str(path), fit=dict(fit) if fit is not None else None, device=device)
 
 
 def reference_grid(dataset_dir: str | os.PathLike, split: str = "training") -> dict[str, Any]:

@@ -109,13 +109,16 @@ def prior_fn_for(prior: Any, reference: torch.Tensor | None = None, reference_po
     """``prior_fn(positions (B,T)) -> (B,T,1,H,W)`` from a prior object with ``slice_at``.
 
     With ``reference`` (B,1,H,W) and ``reference_positions`` (B,), sample b's slices are fitted to
-    its own reference slice (the prior's contract takes one reference at a time); ``exclude`` (B,)
+    its own reference slice (priors with ``fit_many`` fit them all in one batch first); ``exclude`` (B,)
     names each sample's subject, left out of the prior's atlases (training on bank subjects).
     """
 
     def prior_fn(positions: torch.Tensor) -> torch.Tensor:
         out = []
         with torch.no_grad():
+            if reference is not None and hasattr(prior, "fit_many"):  # every sample's fit in one batch (cached for slice_at)
+                names = [str(e) for e in exclude] if exclude is not None and getattr(prior, "subjects", None) is not None else None
+                prior.fit_many(reference.detach(), torch.as_tensor(reference_positions).detach().reshape(-1).double().cpu(), names)
             for b in range(positions.shape[0]):
                 kw = {}
                 if reference is not None:

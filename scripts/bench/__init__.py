@@ -1,0 +1,1 @@
+"""The parts of scripts/benchmark.py: common helpers, data and training, reconstruction, report."""
