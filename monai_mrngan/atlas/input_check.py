@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .fit import to_unit
 from .prior import BrainPrior
 from .registration import FitConfig, register_slices
 
@@ -75,13 +76,13 @@ class InputChecker:
                  work_size: int = 64, position_step: float = 0.05, plane_step: int = 10) -> None:
         k = prior.bank.shape[0]
         pick = sorted({int(round(i)) for i in torch.linspace(0, k - 1, min(atlases, k)).tolist()})
-        vols = prior.bank[pick].float()  # (A, P, H, W), p ascending
+        vols = to_unit(prior.bank[pick]).cpu()  # (A, P, H, W) in [0, 1], p ascending (a uint8 bank is stored as 0..255)
         h, w = prior.shape
         self.min_match, self.min_margin = float(min_match), float(min_margin)
         self.config = FitConfig(mode="affine", affine_iters=0, work_size=int(work_size), blur_sigma=1.0)
         s = (int(work_size), int(work_size))
         p = torch.arange(0.05, 0.951, position_step, dtype=torch.float64)
-        axial = torch.cat([prior._interp(v, p).float() for v in prior.bank[pick]])
+        axial = torch.cat([prior._interp(v, p).float().cpu() for v in prior.bank[pick]])
         others = []
         for j in range(h // 5, h - h // 5, max(1, plane_step * h // 128)):
             for plane in (vols[:, :, :, min(j, w - 1)], vols[:, :, min(j, h - 1), :]):  # coronal (P, x), sagittal (P, y)
