@@ -158,7 +158,7 @@ def _inside(got: InputSlices, positions: list[float], lo: float, hi: float) -> t
     return kept, [positions[k] for k in keep]
 
 
-def _volume_position(components: Components, path: str, got: InputSlices, size: int, spacing_mm: float) -> tuple[list[float] | None, dict | None]:
+def _volume_position(components: Components, path: str, slice_index: int, size: int, spacing_mm: float) -> tuple[list[float] | None, dict | None]:
     """The position of one slice of a 3D input, from the whole volume (:func:`~monai_mrngan.inference.localize.place_slices`):
     counted from the vertex when the volume shows it, else one offset localized over all its slices."""
     whole = read_inputs([path], size, spacing_mm, stack=True)
@@ -169,8 +169,7 @@ def _volume_position(components: Components, path: str, got: InputSlices, size: 
                                        whole.slices, whole.offsets_mm, spacing_mm)
     except ValueError:
         return None, None
-    mine = float(np.dot(np.asarray(got.affine)[:3, 3] - np.asarray(whole.affine)[:3, 3], whole.affine[:3, 2]) / whole.step_mm**2)
-    p = float(np.interp(mine * whole.step_mm, whole.offsets_mm, positions))
+    p = float(positions[slice_index % len(whole.slices)])  # the stack holds every RAS axial slice, in index order
     logger.info("%s: placed from the whole volume (%s): p = %.3f", path, info["method"], p)
     return [p], info
 
@@ -249,7 +248,7 @@ def reconstruct_files(
         half = abs(spacing_mm) / HEAD_HEIGHT_MM / 2
         got, positions = _inside(got, positions, float(grid.min()) - half, float(grid.max()) + half)
     elif slice_index is not None and positions is None and len(inputs) == 1:
-        positions, placement = _volume_position(components, inputs[0], got, int(size), spacing_mm)
+        positions, placement = _volume_position(components, inputs[0], int(slice_index), int(size), spacing_mm)
     elif positions is not None and len(positions) != len(got.slices):
         raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
     rec = reconstruct_volume(
