@@ -2,7 +2,7 @@
 
 :class:`~monai_mrngan.atlas.prior.BrainPrior` calls these; they work on any device the bank is on.
 
-- :class:`WorkBank`: the bank once at the registration's work size (fp16, plain and blurred), so
+- :class:`WorkBank`: the bank once at the registration's work size (fp16 blurred slices, head moments), so
   a scan over atlases x candidate positions reads small slices instead of resampling full ones;
 - :func:`gather_slices`: slices of chosen atlases at chosen positions (linear in ``p``) in one gather;
 - :func:`scan`: NCC of every atlas at every candidate position after the head-moment alignment,
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .registration import FitConfig, SliceFit, affine_grid, align, gauss_blur, identity_theta, intensity_map, moment_theta, ncc, warp
+from .registration import FitConfig, SliceFit, affine_grid, align, gauss_blur, head_sums, identity_theta, intensity_map, ncc, theta_from_sums, warp
 
 __all__ = ["WorkBank", "ScanResult", "gather_slices", "scan", "fit_batch", "to_unit"]
 
@@ -31,13 +31,18 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
-def gather_slices(bank: torch.Tensor, grid: torch.Tensor, atlas: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Slices (N, 1, H, W) float32 of ``bank`` (K, P, H, W) for atlas ``atlas[i]`` at position ``p[i]``,
-    linear between the grid positions ``grid`` (P,) ascending, clamped to its range."""
+def _bracket(grid: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grid indices below / above each ``p`` (clamped to the grid's range) and the weight of the upper one."""
     p = p.to(grid).clamp(grid[0], grid[-1])
     hi = torch.searchsorted(grid, p).clamp(1, len(grid) - 1)
     lo = hi - 1
-    w = ((p - grid[lo]) / (grid[hi] - grid[lo]).clamp_min(1e-12)).float()
+    return lo, hi, ((p - grid[lo]) / (grid[hi] - grid[lo]).clamp_min(1e-12)).float()
+
+
+def gather_slices(bank: torch.Tensor, grid: torch.Tensor, atlas: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Slices (N, 1, H, W) float32 of ``bank`` (K, P, H, W) for atlas ``atlas[i]`` at position ``p[i]``,
+    linear between the grid positions ``grid`` (P,) ascending, clamped to its range."""
+    lo, hi, w = _bracket(grid, p)
     if bool(((w < 1e-6) | (w > 1 - 1e-6)).all()):  # every p on the grid (candidates step as the grid does): one read
         return to_unit(bank[atlas, torch.where(w > 0.5, hi, lo)])[:, None]
     w = w.view(-1, 1, 1)
@@ -45,20 +50,26 @@ def gather_slices(bank: torch.Tensor, grid: torch.Tensor, atlas: torch.Tensor, p
 
 
 class WorkBank:
-    """The bank at ``size`` px (area-downsampled, as the registration sees it): ``raw`` for the head
-    moments and ``blur`` (Gaussian ``sigma``) for the NCC, both (K, P, size, size) fp16."""
+    """The bank at ``size`` px (area-downsampled, as the registration sees it): ``blur`` (Gaussian
+    ``sigma``, (K, P, size, size) fp16) for the NCC, and ``sums`` ((K, P, 3): :func:`head_sums`) for the
+    head-moment alignment, so a scan reads neither full-size slices nor recomputes masks."""
 
     def __init__(self, bank: torch.Tensor, size: int, sigma: float):
         k, p = bank.shape[:2]
         self.size, self.sigma = int(size), float(sigma)
-        self.raw = torch.empty(k, p, size, size, dtype=torch.float16, device=bank.device)
-        self.blur = torch.empty_like(self.raw)
+        self.blur = torch.empty(k, p, size, size, dtype=torch.float16, device=bank.device)
+        self.sums = torch.empty(k, p, 3, device=bank.device)
         step = max(1, CHUNK_PIXELS // max(1, p * bank.shape[-1] * bank.shape[-2]))
         for a in range(0, k, step):
             x = to_unit(bank[a : a + step]).flatten(0, 1)[:, None]
             small = F.interpolate(x, size=(size, size), mode="area")
-            self.raw[a : a + step] = small.view(-1, p, size, size).half()
+            self.sums[a : a + step] = head_sums(small).view(-1, p, 3)
             self.blur[a : a + step] = gauss_blur(small, sigma).view(-1, p, size, size).half()
+
+    def head_sums(self, atlas: torch.Tensor, p: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """:func:`head_sums` (N, 3) of atlas ``atlas[i]`` at ``p[i]``, linear between grid slices."""
+        lo, hi, w = _bracket(grid, p)
+        return torch.lerp(self.sums[atlas, lo], self.sums[atlas, hi], w.view(-1, 1))
 
 
 @dataclass
@@ -89,13 +100,11 @@ def _small_ref(ref: torch.Tensor, work: WorkBank) -> tuple[torch.Tensor, torch.T
 def scan(work: WorkBank, grid: torch.Tensor, ref: torch.Tensor, cands: torch.Tensor, mode: str = "affine") -> ScanResult:
     """Every atlas at every candidate position ``cands`` (C,) against the input ``ref`` (1, 1, H, W):
     moment alignment (identity for ``mode="none"``) and the NCC of the blurred slices after it."""
-    k, c = work.raw.shape[0], len(cands)
+    k, c = work.blur.shape[0], len(cands)
     atlas = torch.arange(k, device=grid.device).repeat_interleave(c)
     p = cands.to(grid).repeat(k)
     fixed, fixed_blur = _small_ref(ref, work)
-    moving = gather_slices(work.raw, grid, atlas, p)
-    theta = identity_theta(k * c, grid.device) if mode == "none" else moment_theta(moving, fixed)
-    del moving
+    theta = identity_theta(k * c, grid.device) if mode == "none" else theta_from_sums(work.head_sums(atlas, p, grid), head_sums(fixed))
     mv = gather_slices(work.blur, grid, atlas, p)
     score = ncc(warp(mv, affine_grid(theta, (work.size, work.size))), fixed_blur)
     return ScanResult(cands.to(grid), score.view(k, c), theta.view(k, c, 2, 3))
@@ -178,18 +187,22 @@ def _warp_volumes(bank: torch.Tensor, grid: torch.Tensor, pair_n: torch.Tensor, 
     moves = bool(fit.disp.any())
     disp = F.interpolate(fit.disp, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1) if moves else None
     step = max(1, CHUNK_PIXELS // (n_pos * h * w))
+    scale = 1 / 255.0 if bank.dtype == torch.uint8 else 1.0  # folded into the gain: the slices are read raw
     for j0 in range(0, len(pair_a), step):
         js = torch.arange(j0, min(j0 + step, len(pair_a)), device=grid.device)
         atlas = pair_a[js].repeat_interleave(n_pos)
-        p = (grid.view(1, -1) + shift[js].view(-1, 1)).flatten()
-        vol = gather_slices(bank, grid, atlas, p)  # (J*P, 1, H, W)
-        g = base[js][:, None].expand(-1, n_pos, -1, -1, -1)
+        lo, hi, frac = _bracket(grid, (grid.view(1, -1) + shift[js].view(-1, 1)).flatten())
+        exact = bool(((frac < 1e-6) | (frac > 1 - 1e-6)).all())  # shifts are multiples of the grid step: one read
+        vol = bank[atlas, torch.where(frac > 0.5, hi, lo)].float() if exact else \
+            torch.lerp(bank[atlas, lo].float(), bank[atlas, hi].float(), frac.view(-1, 1, 1))
         if moves:
             weight = torch.exp(-(grid.view(1, -1) - p0.to(grid)[pair_n[js]].view(-1, 1)).abs() / cfg.decay).float() if cfg.decay > 0 \
                 else torch.ones(len(js), n_pos, device=grid.device)
-            g = g + disp[js][:, None] * weight[..., None, None, None]
-        warped = warp(vol, g.reshape(-1, h, w, 2)).view(len(js), n_pos, h, w)
-        warped = (warped * gain[js].view(-1, 1, 1, 1) + offset[js].view(-1, 1, 1, 1)).clamp(0, 1)
+            g = torch.addcmul(base[js][:, None], disp[js][:, None], weight[..., None, None, None])
+        else:
+            g = base[js][:, None].expand(-1, n_pos, -1, -1, -1)
+        warped = warp(vol[:, None], g.reshape(-1, h, w, 2)).view(len(js), n_pos, h, w)
+        warped.mul_((gain[js] * scale).view(-1, 1, 1, 1)).add_(offset[js].view(-1, 1, 1, 1)).clamp_(0, 1)
         out.index_add_(0, pair_n[js], warped)
         count.index_add_(0, pair_n[js], torch.ones(len(js), device=grid.device))
     return out / count.clamp_min(1).view(-1, 1, 1, 1)

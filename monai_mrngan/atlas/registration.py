@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..data.positions import HEAD_THRESHOLD
 
-__all__ = ["FitConfig", "SliceFit", "register_slices", "align", "affine_grid", "moment_theta", "gauss_blur", "ncc", "warp", "intensity_map", "torch_threads"]
+__all__ = ["FitConfig", "SliceFit", "register_slices", "align", "affine_grid", "moment_theta", "theta_from_sums", "head_sums", "gauss_blur", "ncc", "warp", "intensity_map", "torch_threads"]
 
 
 @dataclass
@@ -113,32 +113,48 @@ def gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y
 
 
-def _moments(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centroid (B, 2) in normalised (x, y) coordinates and sqrt(head area) (B,) of head masks."""
+def head_sums(img: torch.Tensor) -> torch.Tensor:
+    """Head-mask area and first moments (B, 3): (area, sum x, sum y) in normalised coordinates of (B, 1, H, W).
+
+    Linear in the mask, so sums of neighbouring slices can be interpolated (``WorkBank`` keeps them per slice).
+    """
     b, _, h, w = img.shape
     mask = (img > HEAD_THRESHOLD).float()[:, 0]
     ys = torch.linspace(-1, 1, h, device=img.device).view(1, h, 1)
     xs = torch.linspace(-1, 1, w, device=img.device).view(1, 1, w)
-    area = mask.sum((1, 2)).clamp_min(1.0)
-    cx = (mask * xs).sum((1, 2)) / area
-    cy = (mask * ys).sum((1, 2)) / area
-    return torch.stack([cx, cy], 1), area.sqrt()
+    return torch.stack([mask.sum((1, 2)), (mask * xs).sum((1, 2)), (mask * ys).sum((1, 2))], 1)
+
+
+def _moments(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroid (B, 2) and sqrt(head area) (B,) from :func:`head_sums`."""
+    area = sums[:, 0].clamp_min(1.0)
+    return sums[:, 1:] / area[:, None], area.sqrt()
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
-    b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
+    """Normalised cross-correlation (B,) of each of ``a`` (B, ...) with ``b`` (1 or B, ...).
+
+    ``b`` is centred and normalised once; ``a``'s centring enters through its sums (the centred
+    ``b`` ignores ``a``'s mean), so no centred copy of ``a`` is made: the scan correlates thousands
+    of slices with one input slice, where this is one matrix-vector product.
+    """
+    a, b = a.flatten(1), b.flatten(1)
+    b = b - b.mean(1, keepdim=True)
+    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    num = (a @ b[0]) if b.shape[0] == 1 else (a * b).sum(1)
+    var = (a * a).sum(1) - a.sum(1).pow(2) / a.shape[1]
+    return num / var.clamp_min(1e-12).sqrt().clamp_min(1e-8)
 
 
 def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``F.affine_grid(theta, [K, 1, *size], align_corners=False)`` as one (H*W, 3) x (3, 2K) product: the
-    same grid, but torch's batched version (and its backward) cost several times more on the CPU."""
+    """``F.affine_grid(theta, [K, 1, *size], align_corners=False)`` as one batched (H*W, 3) x (3, 2) product per
+    transform: the same grid, contiguous, at a fraction of the cost of torch's batched version (and its
+    backward) on the CPU. ``grid_sample`` reads a contiguous grid about 3x faster than a permuted view
+    (3000 slices at 64 px: 0.10 s against 0.31 s, one thread), so the grid is built in its final layout."""
     h, w = size
     base = F.affine_grid(torch.eye(2, 3, device=theta.device, dtype=theta.dtype)[None], [1, 1, h, w], align_corners=False).view(h * w, 2)
     base = torch.cat([base, torch.ones(h * w, 1, device=theta.device, dtype=theta.dtype)], 1)
-    k = theta.shape[0]
-    return (base @ theta.reshape(k * 2, 3).T).view(h, w, k, 2).permute(2, 0, 1, 3)
+    return torch.matmul(base, theta.transpose(1, 2)).view(theta.shape[0], h, w, 2)
 
 
 def bicubic_matrix(n: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -179,6 +195,11 @@ class SliceFit:
 def moment_theta(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
     """Affine (M, 2, 3) mapping the head of each ``fixed`` (1 or M, 1, s, s) onto that of ``moving`` (M, 1, s, s)
     by the head masks' centroids and sizes (scale clamped to [0.5, 2])."""
+    return theta_from_sums(head_sums(moving), head_sums(fixed))
+
+
+def theta_from_sums(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """:func:`moment_theta` from the :func:`head_sums` (M, 3) of the moving and (1 or M, 3) of the fixed slices."""
     cm, sm = _moments(moving)
     cf, sf = _moments(fixed)
     ratio = (sm / sf.clamp_min(1.0)).clamp(0.5, 2.0)  # fixed coords -> moving coords scale

@@ -234,7 +234,7 @@ def bench_reconstruction(dataset_dir: Path, device: str, work: Path, bank: Path,
     res["memory"] = mem.as_dict()
     res["prior_bank_mib"] = prior.bank.numel() * prior.bank.element_size() / 2**20
     res["prior_bank_dtype"] = str(prior.bank.dtype).replace("torch.", "")
-    res["prior_work_bank_mib"] = sum(2 * w.raw.numel() * w.raw.element_size() for w in prior._work.values()) / 2**20
+    res["prior_work_bank_mib"] = sum(w.blur.numel() * w.blur.element_size() + w.sums.numel() * 4 for w in prior._work.values()) / 2**20
     runs: dict[str, list[dict]] = {"one_slice": [first], "one_slice_half": [], "pix2pix_iterative": [], "pix2pix_iterative_half": []}
     for r in range(args.repeats):  # interleaved, so a burst of load from other jobs hits all of them alike
         if r:
