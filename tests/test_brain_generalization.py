@@ -383,3 +383,24 @@ def test_fit_many_equals_one_at_a_time_and_reuses_the_refinement_scan(tiny_datas
     p = fresh.locate(refs[1:2], float(grid[12]) + 0.03, window=0.1)
     fresh.fit(refs[1:2], p)
     assert len(scans) == 1  # the fit's candidates lie inside the refinement's scan: reused
+
+
+def test_fit_warps_only_the_slices_asked_for_and_the_rest_later(tiny_dataset, monkeypatch):
+    """``within`` limits the warp to the grid slices around the asked positions; asking later for others
+    warps them from the kept transforms (no refit), and every slice equals the whole-volume fit."""
+    vols, grid, bank = _bank_of(tiny_dataset)
+    prior = BrainPrior(bank, grid, FitConfig(mode="deformable", top_k=2, preselect=1, **FAST_FIT))
+    ref, p0 = torch.from_numpy(vols[-1][..., 10])[None, None], float(grid[10])
+    whole = prior.with_fit(prior.config).fit(ref, p0)
+    part = prior.with_fit(prior.config)
+    ask = torch.tensor([float(grid[11]), (float(grid[12]) + float(grid[13])) / 2])
+    got = part.slice_at(ask, ref, p0)
+    vol = part.fit_many(ref, [p0], within=[ask])[0]
+    warped = vol.flatten(1).abs().sum(1) > 0
+    near = [int((part.positions - p).abs().argmin()) for p in (float(grid[11]), float(grid[12]), float(grid[13]))]
+    assert warped[near].all() and int(warped.sum()) <= 4  # the grid slices bracketing the asked positions
+    assert torch.allclose(got, prior.with_fit(prior.config).slice_at(ask, ref, p0), atol=1e-6)
+    import monai_mrngan.atlas.prior as prior_module
+
+    monkeypatch.setattr(prior_module, "fit_batch", lambda *a, **k: pytest.fail("refitted"))
+    assert torch.allclose(part.fit(ref, p0), whole, atol=1e-5)

@@ -442,13 +442,13 @@ def test_training_fit_leaves_each_run_subject_out(test_volume):
     seen = []
 
     class Spy(BrainPrior):
-        def fit(self, reference, reference_position, exclude=None):
-            seen.append(exclude)
-            return super().fit(reference, reference_position, exclude)
+        def fit_many(self, references, reference_positions, exclude=None, within=None):
+            seen.append(list(exclude))
+            return super().fit_many(references, reference_positions, exclude, within)
 
     bank = np.stack([np.moveaxis(vol, -1, 0)] * 3)
     spy = Spy(bank, positions, {"mode": "none", "intensity": "linear"}, subjects=["s0", "s1", "s2"])
     net = RecurrentUnroll(MRNGAN(hidden_channels=4, features=4), _next_fn()[1], spy, fit_prior=True)
     with torch.no_grad():
         net(start, **kw)
-    assert seen == ["s0", "s1"]
+    assert seen == [["s0", "s1"], ["s0"], ["s1"]]  # one batched fit, then each run's slices

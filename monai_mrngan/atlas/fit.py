@@ -9,7 +9,8 @@
   and that alignment (``theta``), which the fit starts from (refinement and fit share it);
 - :func:`fit_batch`: the fit of :meth:`BrainPrior.fit` for N input slices together: per-atlas
   position choice, affine refinement of all atlases, deformable refinement of the preselected,
-  the ``top_k`` kept, and their volumes warped and averaged.
+  the ``top_k`` kept;
+- :func:`warp_fits`: those atlases' volumes (or only the grid slices asked for) warped and averaged.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from .registration import FitConfig, SliceFit, affine_grid, align, gauss_blur, head_sums, identity_theta, intensity_map, ncc, theta_from_sums, warp
 
-__all__ = ["WorkBank", "ScanResult", "gather_slices", "scan", "fit_batch", "to_unit"]
+__all__ = ["WorkBank", "ScanResult", "gather_slices", "scan", "fit_batch", "warp_fits", "to_unit"]
 
 CHUNK_PIXELS = 2**24  # pixels per chunk when building the work-size bank or warping volumes (64 MiB in float32)
 
@@ -111,13 +112,14 @@ def scan(work: WorkBank, grid: torch.Tensor, ref: torch.Tensor, cands: torch.Ten
 
 
 def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torch.Tensor, p0: torch.Tensor, allowed: torch.Tensor,
-              scans: list[ScanResult], cfg: FitConfig) -> tuple[torch.Tensor, list[SliceFit]]:
+              scans: list[ScanResult], cfg: FitConfig, need: torch.Tensor | None = None) -> tuple[torch.Tensor, list[SliceFit]]:
     """Fit the prior to N input slices together.
 
     ``refs`` (N, 1, H, W) in [0, 1] at positions ``p0`` (N,); ``allowed`` (N, K) which atlases each
     may use (subjects left out); ``scans[n]``: :func:`scan` of input n over its candidate positions
-    (one candidate, ``p0``, without position search). Returns the fitted volumes (N, P, H, W) on
-    the grid and one :class:`SliceFit` per input (``atlas_index`` into the bank).
+    (one candidate, ``p0``, without position search); ``need``: see :func:`warp_fits`. Returns the
+    fitted volumes (N, P, H, W) on the grid and one :class:`SliceFit` per input (``atlas_index``
+    into the bank, ``shift`` the position offset of each kept atlas).
     """
     dev = grid.device
     n_in, k = allowed.shape
@@ -153,15 +155,51 @@ def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torc
     kfit = SliceFit(theta, disp, torch.ones_like(score), torch.zeros_like(score), pair_a, score)
     warped0 = warp(full, kfit.grid(tuple(bank.shape[-2:])))
     gain, offset = intensity_map(warped0, refs[pair_n]) if cfg.intensity == "linear" else (kfit.gain, kfit.offset)
-    vols = _warp_volumes(bank, grid, pair_n, pair_a, shift[pair_n, pair_a], kfit, gain, offset, p0, n_in, cfg)
     fits = []
     conf = asdict(cfg)
     for i in range(n_in):
         sel = (pair_n == i).nonzero(as_tuple=True)[0]
-        f = SliceFit(theta[sel], disp[sel], gain[sel], offset[sel], pair_a[sel], score[sel], float(p0[i]), dict(conf))
-        f.config["shifts"] = shift[i, pair_a[sel]].tolist()
+        f = SliceFit(theta[sel], disp[sel], gain[sel], offset[sel], pair_a[sel], score[sel], float(p0[i]), dict(conf), shift[i, pair_a[sel]])
+        f.config["shifts"] = f.shift.tolist()
         fits.append(f)
-    return vols, fits
+    return warp_fits(bank, grid, fits, need, cfg.decay), fits
+
+
+def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need: torch.Tensor | None = None, decay: float = 0.1) -> torch.Tensor:
+    """The fitted volumes (N, P, H, W) of :func:`fit_batch`'s ``fits``: every grid slice of each kept atlas
+    (at its shift) warped by its transform, the displacement fading as ``exp(-|p - p0| / decay)``,
+    intensity-mapped, clamped and averaged per input. ``need`` (N, P) bool: only those grid slices are
+    warped (the rest stay 0), so a few-slice reconstruction warps each input's gaps, not whole volumes."""
+    n_pos = len(grid)
+    h, w = bank.shape[-2:]
+    dev = grid.device
+    need = torch.ones(len(fits), n_pos, dtype=torch.bool, device=dev) if need is None else need.to(dev)
+    out = torch.zeros(len(fits), n_pos, h, w, device=dev)
+    pair_n = torch.cat([torch.full((len(f.atlas_index),), i, dtype=torch.long, device=dev) for i, f in enumerate(fits)])
+    cat = {k: torch.cat([getattr(f, k) for f in fits]) for k in ("theta", "disp", "gain", "offset", "atlas_index", "shift")}
+    p0 = torch.as_tensor([f.reference_position for f in fits], dtype=grid.dtype, device=dev)
+    base = affine_grid(cat["theta"], (h, w))  # (M, H, W, 2)
+    moves = bool(cat["disp"].any())
+    disp = F.interpolate(cat["disp"], size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1) if moves else None
+    scale = 1 / 255.0 if bank.dtype == torch.uint8 else 1.0  # folded into the gain: the slices are read raw
+    jobs = need[pair_n].nonzero()  # (pair, grid slice) to warp
+    step = max(1, CHUNK_PIXELS // (h * w))
+    for c0 in range(0, len(jobs), step):
+        j, q = jobs[c0 : c0 + step].unbind(1)
+        lo, hi, frac = _bracket(grid, grid[q] + cat["shift"][j].to(grid))
+        a = cat["atlas_index"][j]
+        exact = bool(((frac < 1e-6) | (frac > 1 - 1e-6)).all())  # shifts are multiples of the grid step: one read
+        vol = bank[a, torch.where(frac > 0.5, hi, lo)].float() if exact else torch.lerp(bank[a, lo].float(), bank[a, hi].float(), frac.view(-1, 1, 1))
+        if moves:
+            weight = torch.exp(-(grid[q] - p0[pair_n[j]]).abs() / decay).float() if decay > 0 else torch.ones(len(j), device=dev)
+            g = torch.addcmul(base[j], disp[j], weight.view(-1, 1, 1, 1))
+        else:
+            g = base[j]
+        warped = warp(vol[:, None], g)[:, 0]
+        warped.mul_((cat["gain"][j] * scale).view(-1, 1, 1)).add_(cat["offset"][j].view(-1, 1, 1)).clamp_(0, 1)
+        out.index_put_((pair_n[j], q), warped, accumulate=True)
+    count = pair_n.bincount(minlength=len(fits)).clamp_min(1).float()
+    return out / count.view(-1, 1, 1, 1)
 
 
 def _top_per_input(score: torch.Tensor, pair_n: torch.Tensor, n_in: int, m: int) -> torch.Tensor:
@@ -173,36 +211,3 @@ def _top_per_input(score: torch.Tensor, pair_n: torch.Tensor, n_in: int, m: int)
     vals, cols = big.topk(min(m, big.shape[1]), dim=1)
     idx = first.view(-1, 1) + cols
     return idx[torch.isfinite(vals)]
-
-
-def _warp_volumes(bank: torch.Tensor, grid: torch.Tensor, pair_n: torch.Tensor, pair_a: torch.Tensor, shift: torch.Tensor, fit: SliceFit,
-                  gain: torch.Tensor, offset: torch.Tensor, p0: torch.Tensor, n_in: int, cfg: FitConfig) -> torch.Tensor:
-    """Every grid slice of each kept atlas (at its shift) warped by its transform, the displacement
-    fading as ``exp(-|p - p0| / decay)``, intensity-mapped, clamped and averaged per input: (N, P, H, W)."""
-    n_pos = len(grid)
-    h, w = bank.shape[-2:]
-    out = torch.zeros(n_in, n_pos, h, w, device=grid.device)
-    count = torch.zeros(n_in, device=grid.device)
-    base = affine_grid(fit.theta, (h, w))  # (M, H, W, 2)
-    moves = bool(fit.disp.any())
-    disp = F.interpolate(fit.disp, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1) if moves else None
-    step = max(1, CHUNK_PIXELS // (n_pos * h * w))
-    scale = 1 / 255.0 if bank.dtype == torch.uint8 else 1.0  # folded into the gain: the slices are read raw
-    for j0 in range(0, len(pair_a), step):
-        js = torch.arange(j0, min(j0 + step, len(pair_a)), device=grid.device)
-        atlas = pair_a[js].repeat_interleave(n_pos)
-        lo, hi, frac = _bracket(grid, (grid.view(1, -1) + shift[js].view(-1, 1)).flatten())
-        exact = bool(((frac < 1e-6) | (frac > 1 - 1e-6)).all())  # shifts are multiples of the grid step: one read
-        vol = bank[atlas, torch.where(frac > 0.5, hi, lo)].float() if exact else \
-            torch.lerp(bank[atlas, lo].float(), bank[atlas, hi].float(), frac.view(-1, 1, 1))
-        if moves:
-            weight = torch.exp(-(grid.view(1, -1) - p0.to(grid)[pair_n[js]].view(-1, 1)).abs() / cfg.decay).float() if cfg.decay > 0 \
-                else torch.ones(len(js), n_pos, device=grid.device)
-            g = torch.addcmul(base[js][:, None], disp[js][:, None], weight[..., None, None, None])
-        else:
-            g = base[js][:, None].expand(-1, n_pos, -1, -1, -1)
-        warped = warp(vol[:, None], g.reshape(-1, h, w, 2)).view(len(js), n_pos, h, w)
-        warped.mul_((gain[js] * scale).view(-1, 1, 1, 1)).add_(offset[js].view(-1, 1, 1, 1)).clamp_(0, 1)
-        out.index_add_(0, pair_n[js], warped)
-        count.index_add_(0, pair_n[js], torch.ones(len(js), device=grid.device))
-    return out / count.clamp_min(1).view(-1, 1, 1, 1)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..data.datalist import load_split
 from ..data.io import InputError, is_nifti, load_state, load_volume
 from .bank import build_bank, gan_general_brain, mean_brain, position_grid, sidecar_path
-from .fit import ScanResult, WorkBank, fit_batch, gather_slices, scan
+from .fit import ScanResult, WorkBank, fit_batch, gather_slices, scan, warp_fits
 from .registration import FitConfig, SliceFit, gauss_blur, torch_threads
 
 logger = logging.getLogger(__name__)
@@ -90,9 +90,10 @@ class BrainPrior:
             raise ValueError(f"{len(self.subjects)} subjects for {self.bank.shape[0]} atlases")
         # the bank at the registration's work size, per (size, blur): shared by with_fit copies
         self._work: dict[tuple, WorkBank] = {}
-        # fitted volumes by input slice, most recent last: a few-slice reconstruction alternates
-        # between its inputs (runs up and down from each), so one entry would refit every time
-        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # fits by input slice, most recent last: a few-slice reconstruction alternates between its
+        # inputs (runs up and down from each), so one entry would refit every time; each holds the
+        # fitted volume, which of its grid slices are warped yet, and the fit's transforms
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, SliceFit]] = OrderedDict()
         # atlas scans by input slice (the refinement's, reused by the fit of the same slice)
         self._scans: OrderedDict[tuple, ScanResult] = OrderedDict()
         self.last_fit: SliceFit | None = None
@@ -204,8 +205,13 @@ class BrainPrior:
         return self.fit_many(reference, [reference_position], None if exclude is None else [exclude])[0]
 
     def fit_many(self, references: torch.Tensor, reference_positions: Sequence[float] | torch.Tensor,
-                 exclude: Sequence[str | None] | None = None) -> list[torch.Tensor]:
-        """:meth:`fit` for several input slices (N, 1, H, W) at once (one batch for those not cached yet)."""
+                 exclude: Sequence[str | None] | None = None, within: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """:meth:`fit` for several input slices (N, 1, H, W) at once (one batch for those not cached yet).
+
+        ``within[n]``: the positions input n's prior is wanted at (None: all). Only the grid slices
+        around them are warped (the rest of the returned volume is 0 until asked for): a gap of a
+        few-slice reconstruction needs a few slices of its input's fit, not the whole volume.
+        """
         refs = torch.as_tensor(references, dtype=torch.float32)
         if refs.ndim == 3:
             refs = refs[:, None]
@@ -214,8 +220,20 @@ class BrainPrior:
             raise ValueError(f"{tuple(refs.shape)} reference slices for {len(pos)} positions")
         checked = [self._check_reference(r[None], p) for r, p in zip(refs, pos)]
         exclude = list(exclude) if exclude is not None else [None] * len(pos)
+        within = list(within) if within is not None else [None] * len(pos)
         with torch_threads(self.config.num_threads):
-            return self._fit_many(checked, [float(p) for p in pos], exclude)
+            return self._fit_many(checked, [float(p) for p in pos], exclude, [self._needed(w) for w in within])
+
+    def _needed(self, positions: torch.Tensor | None) -> torch.Tensor:
+        """Grid slices (P,) bool that linear interpolation at ``positions`` reads (all for None)."""
+        need = torch.zeros(len(self._grid), dtype=torch.bool, device=self.device)
+        if positions is None:
+            return need.fill_(True)
+        p = torch.as_tensor(positions, dtype=torch.float64).reshape(-1).to(self.device).clamp(self._grid[0], self._grid[-1])
+        hi = torch.searchsorted(self._grid, p).clamp(1, len(self._grid) - 1)
+        need[hi] = True
+        need[hi - 1] = True
+        return need
 
     def _allowed(self, exclude: str | None) -> torch.Tensor:
         if exclude and self.subjects is None and not self._warned_subjects:
@@ -228,29 +246,41 @@ class BrainPrior:
             raise ValueError(f"no atlas left after excluding {exclude!r}")
         return allowed
 
-    def _fit_many(self, refs: list[torch.Tensor], pos: list[float], exclude: list[str | None]) -> list[torch.Tensor]:
+    def _fit_many(self, refs: list[torch.Tensor], pos: list[float], exclude: list[str | None], need: list[torch.Tensor]) -> list[torch.Tensor]:
         cfg = self.config
         if cfg.mode == "none" and cfg.intensity == "none":
             return [self.mean] * len(refs)
         allowed = [self._allowed(e) for e in exclude]
         keys = [(p, e if self.subjects and e in self.subjects else None, *self._ref_key(r)) for r, p, e in zip(refs, pos, exclude)]
-        todo = [i for i, k in enumerate(keys) if k not in self._cache]
-        todo = [i for j, i in enumerate(todo) if keys[i] not in [keys[t] for t in todo[:j]]]  # the same slice twice: fitted once
+        first = [keys.index(k) for k in keys]  # the same slice twice in one call: fitted once, warped where either asks
+        for i, f in enumerate(first):
+            if f != i:
+                need[f] = need[f] | need[i]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache and first[i] == i]
         window = cfg.position_search if cfg.position_search > 0 else 0.0
         for start in range(0, len(todo), FIT_BATCH):
             part = todo[start : start + FIT_BATCH]
             scans = [self._scan(refs[i], self._candidates(pos[i], window, cfg.position_step), "none" if cfg.mode == "none" else "affine")
                      for i in part]
+            rows = torch.stack([need[i] for i in part])
             vols, fits = fit_batch(self.bank, self._work_bank(), self._grid, torch.cat([refs[i] for i in part]),
                                    torch.as_tensor([pos[i] for i in part], dtype=torch.float64, device=self.device),
-                                   torch.stack([allowed[i] for i in part]), scans, cfg)
+                                   torch.stack([allowed[i] for i in part]), scans, cfg, rows)
             for j, i in enumerate(part):
-                self._cache[keys[i]] = vols[j]
+                self._cache[keys[i]] = (vols[j], rows[j].clone(), fits[j])
             self.last_fit = fits[-1]
+        missing = [i for i, k in enumerate(keys) if first[i] == i and bool((need[i] & ~self._cache[k][1]).any())]
+        if missing:  # fitted before, but these grid slices were not warped then
+            rows = torch.stack([need[i] & ~self._cache[keys[i]][1] for i in missing])
+            vols = warp_fits(self.bank, self._grid, [self._cache[keys[i]][2] for i in missing], rows, cfg.decay)
+            for j, i in enumerate(missing):
+                vol, filled, _ = self._cache[keys[i]]
+                vol[rows[j]] = vols[j][rows[j]]
+                filled |= rows[j]
         out = []
         for k in keys:
             self._cache.move_to_end(k)
-            out.append(self._cache[k])
+            out.append(self._cache[k][0])
         while len(self._cache) > FIT_CACHE_SIZE:
             self._cache.popitem(last=False)
         return out
@@ -261,7 +291,8 @@ class BrainPrior:
         positions = torch.as_tensor(positions, dtype=torch.float64).reshape(-1)
         if reference is None:
             return self.plain(positions)
-        return self._interp(self.fit(reference, reference_position, exclude), positions).clamp(0, 1)
+        vol = self.fit_many(reference, [reference_position], [exclude], [positions])[0]
+        return self._interp(vol, positions).clamp(0, 1)
 
     @torch.no_grad()
     def volume(self, positions: Sequence[float] | torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None) -> torch.Tensor:

@@ -181,6 +181,7 @@ class SliceFit:
     score: torch.Tensor  # (K,) NCC after alignment
     reference_position: float = 0.0
     config: dict = field(default_factory=dict)
+    shift: torch.Tensor | None = None  # (K,) position offset of each atlas (its best-matching slice), None = 0
 
     def grid(self, size: tuple[int, int], scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Sampling grid (K, H, W, 2) at ``size``; ``scale`` (K,) or scalar multiplies the displacement."""

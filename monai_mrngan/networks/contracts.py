@@ -118,7 +118,8 @@ def prior_fn_for(prior: Any, reference: torch.Tensor | None = None, reference_po
         with torch.no_grad():
             if reference is not None and hasattr(prior, "fit_many"):  # every sample's fit in one batch (cached for slice_at)
                 names = [str(e) for e in exclude] if exclude is not None and getattr(prior, "subjects", None) is not None else None
-                prior.fit_many(reference.detach(), torch.as_tensor(reference_positions).detach().reshape(-1).double().cpu(), names)
+                prior.fit_many(reference.detach(), torch.as_tensor(reference_positions).detach().reshape(-1).double().cpu(), names,
+                               [p.detach().double().cpu() for p in positions])  # only the grid slices the runs read are warped
             for b in range(positions.shape[0]):
                 kw = {}
                 if reference is not None:
