@@ -41,6 +41,10 @@ class FitConfig:
         on near-uniform phantoms, whose slices look alike after size alignment, it can pick wrong shifts.
     prescreen: only this many atlases per input, those with the best NCC after the head-moment
         alignment (the scan's), go through the affine refinement (0: all of them).
+    affine_iters / deform_iters: Adam steps of the affine and the deformable refinement. The defaults
+        (prescreen 30, 30 / 40 steps; before: all 120 atlases, 60 / 80 steps) fit in half the time and
+        score no worse on IXI test subjects (6 subjects x 3 input slices at their true positions, 120-atlas
+        bank: head-only SSIM 0.2794 -> 0.2817, PSNR 20.14 -> 20.18 dB; prescreen 20: 0.2798 / 20.16).
     num_threads: torch threads while fitting (0: leave as is). On a busy 2-core machine two
         threads made one fit several times slower than one thread (30 s instead of 2.3 s before the
         batching; 36 s instead of 3.4 s after it, load average 5), so the default is one.
@@ -51,8 +55,8 @@ class FitConfig:
     preselect: int = 2
     intensity: str = "linear"
     work_size: int = 64
-    affine_iters: int = 60
-    deform_iters: int = 80
+    affine_iters: int = 30
+    deform_iters: int = 40
     grid_points: int = 10
     smooth_weight: float = 0.05
     lr_affine: float = 0.01
@@ -62,7 +66,7 @@ class FitConfig:
     position_search: float = 0.0
     position_step: float = 0.01
     num_threads: int = 1
-    prescreen: int = 0
+    prescreen: int = 30
 
     def __post_init__(self) -> None:
         if self.mode not in ("none", "affine", "deformable"):
