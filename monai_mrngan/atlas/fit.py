@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .registration import FitConfig, SliceFit, affine_grid, align, gauss_blur, head_sums, identity_theta, intensity_map, ncc, theta_from_sums, warp
 
-__all__ = ["WorkBank", "ScanResult", "gather_slices", "scan", "fit_batch", "warp_fits", "to_unit"]
+__all__ = ["WorkBank", "ScanResult", "gather_slices", "scan", "moment_match", "fit_batch", "warp_fits", "to_unit"]
 
 CHUNK_PIXELS = 2**24  # pixels per chunk when building the work-size bank or warping volumes (64 MiB in float32)
 
@@ -105,10 +105,18 @@ def scan(work: WorkBank, grid: torch.Tensor, ref: torch.Tensor, cands: torch.Ten
     atlas = torch.arange(k, device=grid.device).repeat_interleave(c)
     p = cands.to(grid).repeat(k)
     fixed, fixed_blur = _small_ref(ref, work)
-    theta = identity_theta(k * c, grid.device) if mode == "none" else theta_from_sums(work.head_sums(atlas, p, grid), head_sums(fixed))
-    mv = gather_slices(work.blur, grid, atlas, p)
-    score = ncc(warp(mv, affine_grid(theta, (work.size, work.size))), fixed_blur)
+    sums = None if mode == "none" else work.head_sums(atlas, p, grid)
+    score, theta = moment_match(gather_slices(work.blur, grid, atlas, p), sums, fixed, fixed_blur)
     return ScanResult(cands.to(grid), score.view(k, c), theta.view(k, c, 2, 3))
+
+
+def moment_match(blur: torch.Tensor, sums: torch.Tensor | None, fixed: torch.Tensor, fixed_blur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NCC (M,) of blurred slices ``blur`` (M, 1, s, s) with ``fixed_blur`` (1, 1, s, s) after the head-moment alignment
+    of each (its :func:`head_sums` ``sums`` (M, 3) against those of ``fixed``; None: no alignment), and that alignment (M, 2, 3):
+    :func:`register_slices` without refinement, on slices whose blur and moments were computed once."""
+    m = blur.shape[0]
+    theta = identity_theta(m, blur.device) if sums is None else theta_from_sums(sums, head_sums(fixed))
+    return ncc(warp(blur, affine_grid(theta, tuple(blur.shape[-2:]))), fixed_blur), theta
 
 
 def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torch.Tensor, p0: torch.Tensor, allowed: torch.Tensor,

@@ -24,11 +24,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .fit import to_unit
-from .prior import BrainPrior
-from .registration import FitConfig, register_slices
+from weakref import WeakKeyDictionary
 
-__all__ = ["InputCheck", "InputChecker", "MIN_MATCH", "MIN_MARGIN"]
+from .fit import moment_match, to_unit
+from .prior import BrainPrior
+from .registration import gauss_blur, head_sums
+
+__all__ = ["InputCheck", "InputChecker", "checker_for", "MIN_MATCH", "MIN_MARGIN"]
 
 MIN_MATCH = 0.75
 """Lowest ``axial_match`` accepted (real slices: >= 0.919; a gradient: 0.38)."""
@@ -79,8 +81,8 @@ class InputChecker:
         vols = to_unit(prior.bank[pick]).cpu()  # (A, P, H, W) in [0, 1], p ascending (a uint8 bank is stored as 0..255)
         h, w = prior.shape
         self.min_match, self.min_margin = float(min_match), float(min_margin)
-        self.config = FitConfig(mode="affine", affine_iters=0, work_size=int(work_size), blur_sigma=1.0)
-        s = (int(work_size), int(work_size))
+        self.size, self.sigma = int(work_size), 1.0
+        s = (self.size, self.size)
         p = torch.arange(0.05, 0.951, position_step, dtype=torch.float64)
         axial = torch.cat([prior._interp(v, p).float().cpu() for v in prior.bank[pick]])
         others = []
@@ -88,21 +90,25 @@ class InputChecker:
             for plane in (vols[:, :, :, min(j, w - 1)], vols[:, :, min(j, h - 1), :]):  # coronal (P, x), sagittal (P, y)
                 for view in (plane.transpose(1, 2), plane.transpose(1, 2).flip(2), plane, plane.flip(1)):
                     others.append(_canvas(view, (h, w)))
-        self.axial = F.interpolate(axial, size=s, mode="area")
-        self.others = F.interpolate(torch.cat(others), size=s, mode="area")
+        # templates at the work size, blurred and with their head moments, once (a check only aligns and correlates)
+        self.templates = {}
+        for name, t in (("axial", axial), ("others", torch.cat(others))):
+            small = F.interpolate(t, size=s, mode="area")
+            self.templates[name] = (gauss_blur(small, self.sigma), head_sums(small))
 
     @torch.no_grad()
-    def _best(self, templates: torch.Tensor, ref: torch.Tensor) -> float:
-        return float(register_slices(templates, ref, self.config).score.max())
+    def _best(self, name: str, ref: torch.Tensor) -> float:
+        blur, sums = self.templates[name]
+        return float(moment_match(blur, sums, ref, gauss_blur(ref, self.sigma))[0].max())
 
     @torch.no_grad()
     def check(self, image: torch.Tensor) -> InputCheck:
         """Scores and verdict for one (H, W) slice in [0, 1] on the model grid."""
-        ref = F.interpolate(torch.as_tensor(image, dtype=torch.float32).reshape(1, 1, *image.shape[-2:]), size=self.axial.shape[-2:], mode="area")
+        ref = F.interpolate(torch.as_tensor(image, dtype=torch.float32).reshape(1, 1, *image.shape[-2:]), size=(self.size, self.size), mode="area")
         if float(ref.max() - ref.min()) == 0.0:
             return InputCheck(0.0, 0.0, False, "an empty (constant) image")
-        match = self._best(self.axial, ref)
-        margin = match - self._best(self.others, ref)
+        match = self._best("axial", ref)
+        margin = match - self._best("others", ref)
         if match < self.min_match:
             return InputCheck(match, margin, False, f"does not look like a head slice (atlas match {match:.2f}; real axial slices score "
                                                     f">= {self.min_match:.2f})")
@@ -110,3 +116,13 @@ class InputChecker:
             return InputCheck(match, margin, False, f"looks more like a coronal or sagittal slice than an axial one (axial margin "
                                                     f"{margin:+.3f}; real axial slices score >= {self.min_margin:+.3f})")
         return InputCheck(match, margin, True)
+
+
+_CHECKERS: "WeakKeyDictionary[BrainPrior, InputChecker]" = WeakKeyDictionary()
+
+
+def checker_for(prior: BrainPrior) -> InputChecker:
+    """The default :class:`InputChecker` of ``prior``, built once per prior (its templates take a second or two)."""
+    if prior not in _CHECKERS:
+        _CHECKERS[prior] = InputChecker(prior)
+    return _CHECKERS[prior]

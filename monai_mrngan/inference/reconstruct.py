@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..atlas.input_check import InputChecker
+from ..atlas.input_check import checker_for
 from ..data.inputs import InputSlices, read_inputs
 from ..data.io import InputError
 from ..data.positions import HEAD_HEIGHT_MM
@@ -193,7 +193,7 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
     """
     if prior is None or not hasattr(prior, "bank"):
         return []
-    checker = InputChecker(prior)
+    checker = checker_for(prior)
     results = [{"source": src, **checker.check(torch.from_numpy(sl)).as_dict()} for sl, src in zip(got.slices, got.sources)]
     judged = [results[len(results) // 2]] if stack else results
     for res in judged:
