@@ -52,6 +52,9 @@ def is_gap_aware(run: Runner) -> bool:
 def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = True) -> Runner:
     """Runner that unrolls the trained MRNGAN cell (eval mode, no grad); gap-aware when the cell has ``far_end``."""
 
+    if next(model.parameters()).device.type == "cpu":
+        model.use_channels_last()
+
     @torch.no_grad()
     def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float, far: FarEnd = None) -> torch.Tensor:
         model.eval()

