@@ -48,13 +48,15 @@ class Step:
 
     ``tuned``: the step reads the preset's training overrides (epochs, time limit, lr ...);
     ``links``: (workdir, per-stage fixed overrides) -> overrides that point the step at earlier
-    stages' outputs (and at how those stages were built).
+    stages' outputs (and at how those stages were built);
+    ``when``: (the stage's overrides, fixed and preset) -> whether the step runs.
     """
 
     name: str
     configs: tuple[str, ...]
     tuned: bool = True
     links: Callable[[Path, dict], dict] = field(default=lambda w, fixed: {})
+    when: Callable[[dict], bool] = field(default=lambda overrides: True)
 
 
 def _weights(w: Path, stage: str, name: str = "model.pt") -> str:
@@ -82,7 +84,12 @@ STAGES: dict[str, tuple[Step, ...]] = {
         }),
     ),
     "flow_generation": (Step("train", TRAIN), Step("evaluate", EVALUATE)),
-    "mrngan": (Step("train", TRAIN, links=_mrngan_links), Step("evaluate", EVALUATE, links=_mrngan_links)),
+    "mrngan": (
+        # the fitted-prior cache training reads (use_prior_cache); quick when it is already built
+        Step("prior_cache", ("train.json", "prior_cache.json"), links=_mrngan_links, when=lambda o: bool(o.get("use_prior_cache"))),
+        Step("train", TRAIN, links=_mrngan_links),
+        Step("evaluate", EVALUATE, links=_mrngan_links),
+    ),
 }
 
 # Per preset and stage: config overrides (ids of the stage's train.json); "skip_steps" names steps
@@ -231,7 +238,7 @@ def run_pipeline(
             overrides["time_limit_s"] = float(time_budget_s)
         record = {"preset": preset, "dataset_dir": str(dataset_dir), "overrides": overrides, "seconds": {}}
         for step in steps:
-            if step.name in skip:
+            if step.name in skip or not step.when({**sizes.get(stage, {}), **overrides}):
                 continue
             print(f"pipeline: {stage}: {step.name}", flush=True)
             t0 = time.time()
