@@ -183,7 +183,7 @@ def build_prior_cache(
         positions: input positions ``p`` (default :func:`cache_positions`: 9 over 0.1 .. 0.9).
         position_noise: std in ``p`` of the localizer error added to each fit's position.
         seed: the noise seed (with each volume's name).
-        limits: per split, how many of its volumes (the first N, as training's ``val_limit``); None = all.
+        limits: per split, how many of its volumes (the first N, as training's ``val_limit``); None = all, 0 = none.
         device: where the fits run.
         workers: volumes fitted at once, one process each (CPU; the fit runs on ``fit``'s
             ``num_threads`` threads); 1 = in this process (GPU).
@@ -197,13 +197,14 @@ def build_prior_cache(
     bank = bank_identity(prior_path)
     settings = fit_settings(fit)
     key = cache_key(bank, settings, positions, position_noise, seed)
-    entries = [(split, e) for split in splits for e in load_split(dataset_dir, split, (limits or {}).get(split))]
+    limits = {s: (None if n is None else int(n)) for s, n in (limits or {}).items()}
+    entries = [(split, e) for split in splits if limits.get(split) != 0 for e in load_split(dataset_dir, split, limits.get(split))]
     names = [_volume_name(e) for _, e in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"{dataset_dir}: two volumes share an image file name; the cache names its files after them")
     manifest = {"version": CACHE_VERSION, "key": key, "complete": False, "bank": bank, "fit": settings, "positions": positions,
                 "position_noise": float(position_noise), "seed": int(seed), "dataset_dir": str(Path(dataset_dir).resolve()),
-                "splits": list(splits), "limits": dict(limits or {}), "volumes": {}}
+                "splits": list(splits), "limits": limits, "volumes": {}}
     old = read_manifest(cache_dir, required=False)
     if old is not None and old.get("key") != key:
         logger.info("prior cache %s: built with another bank or fit (key %s, now %s); rebuilding: %d old files removed",
