@@ -126,4 +126,14 @@ def test_prior_cache_step_runs_before_train_when_the_preset_uses_it(tiny_dataset
         finally:
             PRESETS.pop("tiny-test")
         assert [step for _, step, _ in ran] == (["prior_cache", "train", "evaluate"] if use else ["train", "evaluate"])
-    assert ran[0][2][ran[0][2].index("--use_prior_cache") + 1] == "false"
+    cmd = ran[0][2]
+    assert cmd[cmd.index("--use_prior_cache") + 1] == "False"  # a Python literal: fire reads JSON's false as the string 'false'
+
+
+def test_override_args_reach_the_bundle_with_their_types():
+    import fire
+
+    from monai_mrngan.apps.pipeline import _override_args
+
+    values = {"flag": False, "none": None, "fit": {"mode": "affine", "on": True, "w": 0.5}, "sizes": [16, 32], "path": "/a/b"}
+    assert fire.Fire(lambda **kw: kw, _override_args(values)) == values
