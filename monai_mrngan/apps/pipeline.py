@@ -113,7 +113,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     # 29 x 37 s / 2 = 9 min (the 2-worker speed-up was not measured on an idle machine). To stay
     # within 75 min, localization gives 3 min (900 -> 720 s) and MRNGAN's training 5 min
     # (1200 -> 900 s; its iterations cost what they cost with the plain prior): about 74 min.
-    # The whole training set (125 volumes) would cost about 38 min with 2 workers.
+    # MRNGAN then trains on those 24 volumes only (train_limit: each run needs its volume's cached
+    # fits); the whole training set (125 volumes with validation) would cost about 38 min.
     "ixi2mm": {
         "slice_localization": {"epochs": 100, "time_limit_s": 720},
         # the GAN route is not what MRNGAN leans on (the fitted atlas prior is): skipped to save budget
