@@ -44,6 +44,7 @@ from monai.transforms import MapTransform
 
 from ..data.datalist import load_split
 from ..data.io import InputError, atomic_torch_save, load_state, load_volume, save_json, strip_image_suffix
+from ..data.positions import index_for_position
 from .fit import gather_slices
 from .prior import BrainPrior, FitConfig, load_prior
 
@@ -121,7 +122,7 @@ def _fit_volume(prior: BrainPrior, entry: Mapping, positions: Sequence[float], n
         raise InputError(entry["image"], f"{pos.size} positions in the datalist for {vol.shape[2]} axial slices")
     if tuple(vol.shape[:2]) != prior.shape:
         raise InputError(entry["image"], f"slices of {vol.shape[0]} x {vol.shape[1]} px, the prior's are {prior.shape[0]} x {prior.shape[1]}")
-    idx = np.asarray([int(np.abs(pos - p).argmin()) for p in positions])
+    idx = np.asarray([index_for_position(pos, p) for p in positions])
     true = pos[idx]
     noisy = true + noise
     refs = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol[:, :, idx], -1, 0)))[:, None]
