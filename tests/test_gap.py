@@ -254,7 +254,7 @@ def test_run_batch_passes_the_far_end_and_training_uses_it():
     torch.testing.assert_close(kw["far_position"][has] - batch["far_position"][has, 0], shift[has])  # same offset
     assert torch.isnan(kw["far_position"][~has]).all()
     model = MRNGAN(hidden_channels=4, features=4, far_end=True)
-    net = RecurrentUnroll(model, _identity_next, type("P", (), {"slice_at": staticmethod(lambda p, **k: torch.zeros(len(p), 1, 6, 5))})(), fit_prior=False)
+    net = RecurrentUnroll(model, _identity_next, type("P", (), {"slice_at": staticmethod(lambda p, **k: torch.zeros(len(p), 1, 6, 5))})())
     loss = WeightedL1L2Loss()(net(start / 24, **kw), target / 24)
     loss.backward()
     assert torch.isfinite(loss) and model.head[-1].weight.grad.abs().sum() > 0

@@ -431,24 +431,3 @@ def test_finetune_default_predict_keeps_gradients():
     out = nf(torch.rand(2, 1, 8, 8), torch.tensor([1.0, -1.0]))
     out.mean().backward()
     assert gen.conv.weight.grad is not None and float(gen.conv.weight.grad.abs().sum()) > 0
-
-
-def test_training_fit_leaves_each_run_subject_out(test_volume):
-    """RunBatch hands the runs' subjects to RecurrentUnroll, which fits the prior without them."""
-    vol, _, positions, _ = test_volume
-    batch = {**_batch(vol, positions), "subject": ["s0", "s1"]}
-    start, _, _, kw = RunBatch()(batch)
-    assert kw["subject"] == ["s0", "s1"]
-    seen = []
-
-    class Spy(BrainPrior):
-        def fit_many(self, references, reference_positions, exclude=None, within=None):
-            seen.append(list(exclude))
-            return super().fit_many(references, reference_positions, exclude, within)
-
-    bank = np.stack([np.moveaxis(vol, -1, 0)] * 3)
-    spy = Spy(bank, positions, {"mode": "none", "intensity": "linear"}, subjects=["s0", "s1", "s2"])
-    net = RecurrentUnroll(MRNGAN(hidden_channels=4, features=4), _next_fn()[1], spy, fit_prior=True)
-    with torch.no_grad():
-        net(start, **kw)
-    assert seen == [["s0", "s1"], ["s0"], ["s1"]]  # one batched fit, then each run's slices

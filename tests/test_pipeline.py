@@ -29,7 +29,10 @@ TINY = {
     "flow_generation": {"unet_channels": [8, 16, 32], "d_channels": 8, "volumes_per_batch": 2, "samples_per_volume": 4,
                         "val_limit": 1, "val_image_index": 0},
     "mrngan": {"run_length": 4, "runs_per_volume": 2, "volumes_per_batch": 2, "val_runs_per_volume": 2,
-               "network_def#hidden_channels": 4, "network_def#features": 4, "eval_limit": 1},
+               "network_def#hidden_channels": 4, "network_def#features": 4, "eval_limit": 1,
+               # the fitted-prior cache step runs before train, with a cheap fit
+               "use_prior_cache": True, "cache_workers": 1,
+               "prior_fit": {"mode": "affine", "top_k": 2, "affine_iters": 5, "work_size": 16, "position_search": 0.0}},
 }
 
 
@@ -54,6 +57,8 @@ def test_every_stage_trains_and_evaluates(trained):
     assert (workdir / "brain_generalization" / "models" / "atlas_bank.pt").is_file()
     assert (workdir / "flow_generation" / "models" / "model.pt").is_file()
     assert (workdir / "mrngan" / "models" / "model.pt").is_file()
+    assert json.loads((workdir / "mrngan" / "models" / "prior_cache" / "manifest.json").read_text())["complete"]
+    assert list(results["mrngan"]["seconds"]) == ["prior_cache", "train", "evaluate"]
     assert json.loads((workdir / "slice_localization" / "eval" / "metrics.json").read_text())
     assert list((workdir / "mrngan" / "eval").rglob("report.json"))
     info = read_run_info(workdir)
@@ -106,3 +111,29 @@ def test_reconstruct_bad_inputs_give_one_line(trained, tiny_dataset, tmp_path):
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and text in last, proc.stderr
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_prior_cache_step_runs_before_train_when_the_preset_uses_it(tiny_dataset, tmp_path, monkeypatch):
+    from monai_mrngan.apps import pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "_run_logged", lambda cmd, log: ran.append((log.parent.name, log.stem, cmd)))
+    for use in (True, False):
+        ran.clear()
+        PRESETS["tiny-test"] = {"mrngan": {"use_prior_cache": use}}
+        try:
+            run_pipeline(tiny_dataset, tmp_path / f"w{use}", preset="tiny-test", stages=["mrngan"])
+        finally:
+            PRESETS.pop("tiny-test")
+        assert [step for _, step, _ in ran] == (["prior_cache", "train", "evaluate"] if use else ["train", "evaluate"])
+    cmd = ran[0][2]
+    assert cmd[cmd.index("--use_prior_cache") + 1] == "False"  # a Python literal: fire reads JSON's false as the string 'false'
+
+
+def test_override_args_reach_the_bundle_with_their_types():
+    import fire
+
+    from monai_mrngan.apps.pipeline import _override_args
+
+    values = {"flag": False, "none": None, "fit": {"mode": "affine", "on": True, "w": 0.5}, "sizes": [16, 32], "path": "/a/b"}
+    assert fire.Fire(lambda **kw: kw, _override_args(values)) == values

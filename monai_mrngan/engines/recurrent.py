@@ -5,9 +5,12 @@ becomes one training sample: the first slice is the input, the other ``T - 1`` a
 the free-running unroll (the cell feeds on its own outputs, as at inference), and the loss is taken
 at every step. Runs from :class:`~monai_mrngan.transforms.GapRund` also carry the far end of the gap
 they fill (``far_image``, ``far_position``; NaN position for an open run), passed through to the
-cell's unroll. Nothing here is a new engine: :class:`RunBatch` is the ``prepare_batch``,
-:class:`RecurrentUnroll` the ``network`` (it closes over pix2pix and the prior) and
-:class:`WeightedL1L2Loss` the loss, so MONAI's trainer, evaluator and handlers work unchanged.
+cell's unroll. Runs that start at an input slice of the fitted-prior cache
+(:mod:`monai_mrngan.atlas.cache`) carry their prior slices (``prior``) and the recorded localizer
+error of that fit (``position_offset``); other runs read the plain prior. Nothing here is a new
+engine: :class:`RunBatch` is the ``prepare_batch``, :class:`RecurrentUnroll` the ``network`` (it
+closes over pix2pix and the prior) and :class:`WeightedL1L2Loss` the loss, so MONAI's trainer,
+evaluator and handlers work unchanged.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ __all__ = ["RunBatch", "RecurrentUnroll", "WeightedL1L2Loss", "ReseedSampler", "
 
 
 class RunBatch:
-    """``prepare_batch`` for runs: -> (start (B,1,H,W), targets (B,T-1,H,W), (), {positions, direction[, far, far_position]}).
+    """``prepare_batch`` for runs: -> (start (B,1,H,W), targets (B,T-1,H,W), (), {positions, direction[, far, far_position][, prior]}).
 
     ``position_noise``: std of one random offset added to all positions of a run (training only),
     so the cell learns to live with the localizer's error; the far end's position moves with them.
+    Runs from the fitted-prior cache bring their own offset (``position_offset``, the error the
+    cached fit was given) and their prior slices (``prior`` (B,T,H,W) -> (B,T,1,H,W)); the random
+    offset is then not drawn.
     """
 
     def __init__(self, position_noise: float = 0.0) -> None:
@@ -38,10 +44,17 @@ class RunBatch:
         if runs.ndim == 5:  # (B,1,T,H,W) or (B,T,1,H,W) from other samplers
             runs = runs.squeeze(1) if runs.shape[1] == 1 else runs.squeeze(2)
         positions = torch.as_tensor(batchdata["positions"]).float().reshape(runs.shape[0], -1)
-        extra = {"subject": list(batchdata["subject"])} if "subject" in batchdata else {}
+        extra = {}
         direction = torch.as_tensor(batchdata["direction"]).float().reshape(-1)
-        offset = self.position_noise * torch.randn(positions.shape[0], 1) if self.position_noise > 0 else torch.zeros(positions.shape[0], 1)
+        if "position_offset" in batchdata:  # the cached fit's recorded localizer error
+            offset = torch.as_tensor(batchdata["position_offset"]).float().reshape(-1, 1)
+        elif self.position_noise > 0:
+            offset = self.position_noise * torch.randn(positions.shape[0], 1)
+        else:
+            offset = torch.zeros(positions.shape[0], 1)
         positions = positions + offset
+        if "prior" in batchdata:
+            extra["prior"] = torch.as_tensor(batchdata["prior"]).float().reshape(*positions.shape, 1, *runs.shape[-2:]).to(device, non_blocking=non_blocking)
         if "far_position" in batchdata:
             far = torch.as_tensor(batchdata["far_image"]).float().reshape(runs.shape[0], 1, *runs.shape[-2:])
             far_position = torch.as_tensor(batchdata["far_position"]).float().reshape(-1) + offset[:, 0]
@@ -60,17 +73,16 @@ class RecurrentUnroll(nn.Module):
     Args:
         model: the :class:`~monai_mrngan.networks.recurrent.MRNGAN` cell (``network_def``).
         next_fn: ``next_fn(slices, direction)`` (see :func:`~monai_mrngan.networks.contracts.next_fn_for`).
-        prior: object with ``slice_at(positions, reference, reference_position)``.
+        prior: object with ``slice_at(positions)``: the plain (unfitted) prior of runs that bring
+            no prior slices of their own (runs from the fitted-prior cache do).
         generator: the pix2pix module, registered only when ``finetune`` so it is trained/saved.
-        fit_prior: fit the prior to each run's first slice, leaving the run's own subject out of
-            the atlases (``subject`` from the batch), as a new patient's fit would.
     """
 
-    def __init__(self, model: MRNGAN, next_fn: NextFn, prior: Any, generator: nn.Module | None = None, finetune: bool = False, fit_prior: bool = True) -> None:
+    def __init__(self, model: MRNGAN, next_fn: NextFn, prior: Any, generator: nn.Module | None = None, finetune: bool = False) -> None:
         super().__init__()
         self.model = model
         self.flow = generator if (finetune and generator is not None) else None
-        self.next_fn, self.prior, self.fit_prior = next_fn, prior, fit_prior
+        self.next_fn, self.prior = next_fn, prior
 
     def train(self, mode: bool = True) -> "RecurrentUnroll":
         super().train(mode)
@@ -78,10 +90,16 @@ class RecurrentUnroll(nn.Module):
             self.flow.eval()  # fine-tune weights, keep normalisation statistics
         return self
 
-    def forward(self, start: torch.Tensor, positions: torch.Tensor, direction: torch.Tensor, subject: list[str] | None = None,
-                far: torch.Tensor | None = None, far_position: torch.Tensor | None = None) -> torch.Tensor:
-        """``far`` / ``far_position``: each run's far end (NaN position: open run); the paper cell ignores them."""
-        prior_fn = prior_fn_for(self.prior, start if self.fit_prior else None, positions[:, 0], subject)
+    def forward(self, start: torch.Tensor, positions: torch.Tensor, direction: torch.Tensor, far: torch.Tensor | None = None,
+                far_position: torch.Tensor | None = None, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """``far`` / ``far_position``: each run's far end (NaN position: open run); the paper cell ignores them.
+        ``prior`` (B,T,1,H,W): the run's prior slices (from the fitted-prior cache); else the plain prior at ``positions``."""
+        if prior is not None:
+            if tuple(prior.shape[:2]) != tuple(positions.shape):
+                raise ValueError(f"prior slices {tuple(prior.shape)} do not match the runs' positions {tuple(positions.shape)}")
+            prior_fn = lambda _positions: prior  # noqa: E731
+        else:
+            prior_fn = prior_fn_for(self.prior)
         return self.model.unroll(start, positions, direction, self.next_fn, prior_fn, far, far_position)
 
 

@@ -15,7 +15,7 @@ inference (:mod:`monai_mrngan.inference`) share one definition:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -104,28 +104,23 @@ def next_fn_for(generator: Any, trainable: bool = False, predict: Callable | Non
     return frozen_next_fn
 
 
-def prior_fn_for(prior: Any, reference: torch.Tensor | None = None, reference_positions: torch.Tensor | None = None,
-                 exclude: Sequence[str] | None = None) -> PriorFn:
+def prior_fn_for(prior: Any, reference: torch.Tensor | None = None, reference_positions: torch.Tensor | None = None) -> PriorFn:
     """``prior_fn(positions (B,T)) -> (B,T,1,H,W)`` from a prior object with ``slice_at``.
 
     With ``reference`` (B,1,H,W) and ``reference_positions`` (B,), sample b's slices are fitted to
-    its own reference slice (priors with ``fit_many`` fit them all in one batch first); ``exclude`` (B,)
-    names each sample's subject, left out of the prior's atlases (training on bank subjects).
+    its own reference slice (priors with ``fit_many`` fit them all in one batch first).
     """
 
     def prior_fn(positions: torch.Tensor) -> torch.Tensor:
         out = []
         with torch.no_grad():
             if reference is not None and hasattr(prior, "fit_many"):  # every sample's fit in one batch (cached for slice_at)
-                names = [str(e) for e in exclude] if exclude is not None and getattr(prior, "subjects", None) is not None else None
-                prior.fit_many(reference.detach(), torch.as_tensor(reference_positions).detach().reshape(-1).double().cpu(), names,
-                               [p.detach().double().cpu() for p in positions])  # only the grid slices the runs read are warped
+                prior.fit_many(reference.detach(), torch.as_tensor(reference_positions).detach().reshape(-1).double().cpu(),
+                               within=[p.detach().double().cpu() for p in positions])  # only the grid slices the runs read are warped
             for b in range(positions.shape[0]):
                 kw = {}
                 if reference is not None:
                     kw = {"reference": reference[b : b + 1].detach(), "reference_position": float(reference_positions[b])}
-                    if exclude is not None and getattr(prior, "subjects", None) is not None:  # banks that know their subjects
-                        kw["exclude"] = str(exclude[b])
                 out.append(torch.as_tensor(prior.slice_at(positions[b].detach().float().cpu(), **kw)).float())
         res = torch.stack(out, 0)
         if res.ndim == 4:  # (B,T,H,W) -> (B,T,1,H,W)

@@ -12,7 +12,9 @@ Outputs are plain tensors (no MetaTensor metadata) so collation stays fast:
 - :class:`AdjacentSlicePaird`: ``image`` slice i, ``label`` slice i + direction, ``direction`` (1,)
   in {+1, -1} (+1 = next array index, towards the vertex in RAS), ``position`` / ``target_position``
 - :class:`SliceRund`:           ``image`` (T, H, W) in generation order, ``positions`` (T,),
-  ``direction`` (1,), ``slice_index`` of the first slice of the run
+  ``direction`` (1,), ``slice_index`` of the first slice of the run; with ``starts_key`` a run
+  starts only at the slice indices the volume dictionary lists there (e.g. the input slices of the
+  fitted-prior cache), and ``carry_keys`` are copied into every run
 - :class:`GapRund`:             a :class:`SliceRund` run plus the far end of the gap it fills:
   ``far_image`` (1, H, W) (zeros for an open run), ``far_position`` (1,) (NaN for an open run),
   ``gap`` (the far end's distance in slices, 0 for an open run)
@@ -170,6 +172,8 @@ class SliceRund(_SliceSampler):
         num_samples: int | None = 1,
         directions: Sequence[int] = (1, -1),
         allow_missing_keys: bool = False,
+        starts_key: str | None = None,
+        carry_keys: Sequence[str] = (),
     ) -> None:
         super().__init__(keys, positions_key, num_samples, allow_missing_keys)
         if run_length < 2:
@@ -178,12 +182,38 @@ class SliceRund(_SliceSampler):
             raise ValueError(f"directions must be a non-empty subset of (1, -1), got {directions}")
         self.run_length = int(run_length)
         self.directions = tuple(int(d) for d in directions)
+        self.starts_key = starts_key
+        self.carry_keys = tuple(carry_keys)
 
     def _plan(self, depth: int) -> list[tuple[int, int, int]]:
         """(start index, direction, gap k: 0 = open run) per sample."""
         lows = self._starts(depth - self.run_length + 1)
         dirs = self._directions(len(lows), self.directions)
         return [(low if d > 0 else low + self.run_length - 1, d, 0) for low, d in zip(lows.tolist(), dirs.tolist())]
+
+    def _fits(self, start: int, reach: int, depth: int) -> list[int]:
+        """The directions in which a run reaching ``reach`` slices beyond ``start`` stays inside the volume."""
+        return [d for d in self.directions if 0 <= start + d * reach < depth]
+
+    def _given_starts(self, data: Mapping, depth: int) -> list[int]:
+        """The listed start indices (``starts_key``) from which an open run fits in some direction."""
+        if self.starts_key not in data:
+            raise KeyError(f"volume dictionary has no {self.starts_key!r} (the allowed run starts); is the prior cache loaded?")
+        listed = sorted({int(i) for i in np.asarray(data[self.starts_key]).reshape(-1)})
+        starts = [i for i in listed if self._fits(i, self.run_length - 1, depth)]
+        if not starts:
+            raise ValueError(f"no run of {self.run_length} slices fits from any of the given starts {listed} in a volume of {depth} slices")
+        return starts
+
+    def _plan_from(self, starts: list[int], depth: int) -> list[tuple[int, int, int]]:
+        """:meth:`_plan` with runs starting only at ``starts``: a random start, then a random direction that fits."""
+        span = self.run_length - 1
+        if self.num_samples is None:
+            return [(i, self._fits(i, span, depth)[0], 0) for i in starts]
+        plan = []
+        for i in self.R.choice(np.asarray(starts), size=self.num_samples).tolist():
+            plan.append((i, int(self.R.choice(np.asarray(self._fits(i, span, depth)))), 0))
+        return plan
 
     def _far_end(self, d: dict, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
         """Hook for samplers that add the far end of the run's gap (none here)."""
@@ -195,10 +225,12 @@ class SliceRund(_SliceSampler):
         pos = _positions(data, self.positions_key, depth)
         if depth < self.run_length:
             raise ValueError(f"volume has {depth} slices, fewer than run_length {self.run_length}")
+        plan = self._plan(depth) if self.starts_key is None else self._plan_from(self._given_starts(data, depth), depth)
         out = []
-        for start, direction, gap in self._plan(depth):
+        for start, direction, gap in plan:
             idx = start + direction * torch.arange(self.run_length)
             d = self._base(data)
+            d.update({k: data[k] for k in self.carry_keys})
             d[key] = vol[0][..., idx].permute(2, 0, 1).contiguous()
             d["positions"] = pos[idx].clone()
             d["direction"] = torch.tensor([float(direction)])
@@ -218,7 +250,8 @@ class GapRund(SliceRund):
     its far end and continues as an open run, as the cell sees it). Open runs have no far end
     (``far_image`` zeros, ``far_position`` NaN, ``gap`` 0), like one-slice reconstruction.
     Deterministic mode (``num_samples=None``): every open run of the first direction, then (when
-    ``gap_fraction > 0``) every gap run with ``k = max_gap`` in that direction.
+    ``gap_fraction > 0``) every gap run with ``k = max_gap`` in that direction. With ``starts_key``
+    (see :class:`SliceRund`) runs start only at the listed slices, in a direction that fits.
     """
 
     def __init__(
@@ -232,8 +265,10 @@ class GapRund(SliceRund):
         min_gap: int = 2,
         max_gap: int = 16,
         allow_missing_keys: bool = False,
+        starts_key: str | None = None,
+        carry_keys: Sequence[str] = (),
     ) -> None:
-        super().__init__(keys, run_length, positions_key, num_samples, directions, allow_missing_keys)
+        super().__init__(keys, run_length, positions_key, num_samples, directions, allow_missing_keys, starts_key, carry_keys)
         if not 0.0 <= gap_fraction <= 1.0:
             raise ValueError(f"gap_fraction must be in [0, 1], got {gap_fraction}")
         if not 2 <= min_gap <= max_gap:
@@ -259,6 +294,26 @@ class GapRund(SliceRund):
                 k, reach = 0, span
             low = int(self.R.randint(0, depth - reach))
             plan.append((low if d > 0 else low + reach, d, k))
+        return plan
+
+    def _plan_from(self, starts: list[int], depth: int) -> list[tuple[int, int, int]]:
+        """:meth:`_plan` from the given starts: a random start, gap k (or an open run) as in :meth:`_plan`,
+        then a random direction in which the run and its far end fit (none: an open run from that start)."""
+        span = self.run_length - 1
+        if self.num_samples is None:
+            plan = [(i, self._fits(i, span, depth)[0], 0) for i in starts]
+            if self.gap_fraction > 0:
+                far = max(span, self.max_gap)
+                plan += [(i, self._fits(i, far, depth)[0], self.max_gap) for i in starts if self._fits(i, far, depth)]
+            return plan
+        plan = []
+        for _ in range(self.num_samples):
+            i = int(self.R.choice(np.asarray(starts)))
+            k = int(self.R.randint(self.min_gap, self.max_gap + 1)) if self.R.rand() < self.gap_fraction else 0
+            dirs = self._fits(i, max(span, k), depth)
+            if not dirs:  # this start cannot hold this gap: an open run instead
+                k, dirs = 0, self._fits(i, span, depth)
+            plan.append((i, int(self.R.choice(np.asarray(dirs))), k))
         return plan
 
     def _far_end(self, d: dict, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
