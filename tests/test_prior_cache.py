@@ -43,9 +43,9 @@ def count_fits(monkeypatch):
     seen: list[str] = []
     real = cache._fit_volume
 
-    def counted(prior, entry, positions, noise):
+    def counted(prior, entry, positions, noise, run_slices=None):
         seen.append(Path(entry["image"]).name)
-        return real(prior, entry, positions, noise)
+        return real(prior, entry, positions, noise, run_slices)
 
     monkeypatch.setattr(cache, "_fit_volume", counted)
     return seen
@@ -179,6 +179,30 @@ def test_runs_read_the_cached_fit_at_their_noisy_positions(tiny_dataset, bank, t
     torch.testing.assert_close(seen[0], kw["prior"])
     with pytest.raises(InputError, match="not in the prior cache"):
         LoadPriorCached(out, bank, FIT)(load_split(tiny_dataset, "training")[3])
+
+
+def test_a_cache_for_short_runs_warps_only_their_slices_and_refuses_longer_runs(tiny_dataset, bank, tmp_path):
+    whole, short = tmp_path / "whole", tmp_path / "short"
+    for out, rs in ((whole, None), (short, 4)):
+        build_prior_cache(out, tiny_dataset, bank, FIT, limits={"training": 1, "validation": 0}, run_slices=rs)
+    entry = load_split(tiny_dataset, "training")[0]
+    a, b = (torch.load(out / "sub-001.pt", weights_only=True) for out in (whole, short))
+    assert b["filled"].float().mean() < 0.6 and a["filled"].all()
+    vol = torch.from_numpy(load_volume(entry["image"])[0])[None]
+    for run_length, ok in ((5, True), (9, False)):
+        d = LoadPriorCached(short, bank, FIT)(entry)
+        t = SliceRund(run_length=run_length, num_samples=4, starts_key="prior_starts", carry_keys=["prior_cache"])
+        t.set_random_state(1)
+        runs = t({**d, "image": vol})
+        if not ok:
+            with pytest.raises(ValueError, match="reaches beyond the cached fit"):
+                [CachedRunPriord()(r) for r in runs]
+            continue
+        ref = LoadPriorCached(whole, bank, FIT)(entry)
+        for r in runs:  # where the short cache serves a run, it reads what the whole-volume cache reads
+            got = CachedRunPriord()(r)["prior"]
+            want = CachedRunPriord()({**r, "prior_cache": ref["prior_cache"]})["prior"]
+            torch.testing.assert_close(got, want, atol=2 / 255, rtol=0)
 
 
 def test_bundle_builds_the_cache_and_trains_on_it(tiny_dataset, bank, tmp_path):

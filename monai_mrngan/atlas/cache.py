@@ -45,7 +45,7 @@ from monai.transforms import MapTransform
 from ..data.datalist import load_split
 from ..data.io import InputError, atomic_torch_save, load_state, load_volume, save_json, strip_image_suffix
 from ..data.positions import index_for_position
-from .fit import gather_slices
+from .fit import bracket, gather_slices
 from .prior import BrainPrior, FitConfig, load_prior
 
 logger = logging.getLogger(__name__)
@@ -89,10 +89,12 @@ def fit_settings(fit: FitConfig | Mapping | None) -> dict:
     return out
 
 
-def cache_key(bank: Mapping, fit: Mapping, positions: Sequence[float], position_noise: float, seed: int) -> str:
+def cache_key(bank: Mapping, fit: Mapping, positions: Sequence[float], position_noise: float, seed: int, run_slices: int | None = None) -> str:
     """The build key: changes when anything that changes a cached fit changes (the bank's content, not its path or mtime)."""
     what = {"version": CACHE_VERSION, "bank": [bank["size"], bank["sha256_ends"]], "fit": dict(fit), "positions": [float(p) for p in positions],
             "position_noise": float(position_noise), "seed": int(seed)}
+    if run_slices is not None:
+        what["run_slices"] = int(run_slices)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -115,7 +117,7 @@ def _volume_done(path: Path, key: str) -> bool:
         return False
 
 
-def _fit_volume(prior: BrainPrior, entry: Mapping, positions: Sequence[float], noise: np.ndarray) -> dict:
+def _fit_volume(prior: BrainPrior, entry: Mapping, positions: Sequence[float], noise: np.ndarray, run_slices: int | None = None) -> dict:
     vol, _ = load_volume(entry["image"])  # (H, W, D) as LoadImaged gives it to training
     pos = np.asarray(entry["positions"], dtype=np.float64)
     if pos.shape != (vol.shape[2],):
@@ -126,10 +128,14 @@ def _fit_volume(prior: BrainPrior, entry: Mapping, positions: Sequence[float], n
     true = pos[idx]
     noisy = true + noise
     refs = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol[:, :, idx], -1, 0)))[:, None]
-    fits = prior.fit_many(refs, torch.from_numpy(noisy), [str(entry.get("subject") or "")] * len(idx))
+    # a run reads its start's fit at most run_slices slices up or down (at the positions the cell is told): only those are warped
+    within = None if run_slices is None else \
+        [torch.from_numpy(pos[max(0, i - run_slices) : i + run_slices + 1] + e) for i, e in zip(idx.tolist(), noise.tolist())]
+    fits = prior.fit_many(refs, torch.from_numpy(noisy), [str(entry.get("subject") or "")] * len(idx), within)
     prior_u8 = torch.stack([(f.float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu() for f in fits])
+    filled = torch.stack([prior.grid_slices_for(w).cpu() for w in (within or [None] * len(idx))])
     return {"slice_indices": torch.from_numpy(idx).long(), "true_positions": torch.from_numpy(true), "positions": torch.from_numpy(noisy),
-            "prior": prior_u8}
+            "prior": prior_u8, "filled": filled}
 
 
 _WORKER: dict[str, Any] = {}  # the prior of this process (each build worker loads it once)
@@ -139,10 +145,10 @@ def _worker_init(prior_path: str, fit: dict, device: str) -> None:
     _WORKER["prior"] = load_prior(prior_path, fit=fit, device=device)
 
 
-def _cache_volume(path: Path, entry: Mapping, positions: Sequence[float], noise: np.ndarray, key: str) -> str:
+def _cache_volume(path: Path, entry: Mapping, positions: Sequence[float], noise: np.ndarray, key: str, run_slices: int | None = None) -> str:
     """Fit one volume with this process's prior and write its file atomically; returns the file name."""
     prior = _WORKER["prior"]
-    rec = _fit_volume(prior, entry, positions, noise)
+    rec = _fit_volume(prior, entry, positions, noise, run_slices)
     rec.update(kind="prior_cache", key=key, grid=prior.positions.clone(), subject=str(entry.get("subject") or ""), image=str(entry["image"]))
     atomic_torch_save(rec, path)
     return path.name
@@ -173,6 +179,7 @@ def build_prior_cache(
     device: str | torch.device = "cpu",
     workers: int = 1,
     time_limit_s: float | None = None,
+    run_slices: int | None = None,
 ) -> dict:
     """Fit the prior (``prior_path`` with ``fit``) to every volume of ``splits`` and cache it; returns the manifest.
 
@@ -190,6 +197,10 @@ def build_prior_cache(
             ``num_threads`` threads); 1 = in this process (GPU).
         time_limit_s: stop after the volume that crosses it (the manifest then says ``complete: false``;
             the next build continues).
+        run_slices: the longest training run (slices from its start, either way); only those grid
+            slices of each fit are warped and stored (the rest are 0 and a run reaching them is an
+            error): with 12-slice runs about a quarter of a volume, the warp being most of a fit's
+            time. None: whole volumes.
     """
     cache_dir = Path(cache_dir)
     positions = [float(p) for p in (positions if positions is not None else cache_positions())]
@@ -197,7 +208,8 @@ def build_prior_cache(
         raise ValueError(f"cache positions must be finite numbers, got {positions}")
     bank = bank_identity(prior_path)
     settings = fit_settings(fit)
-    key = cache_key(bank, settings, positions, position_noise, seed)
+    run_slices = None if run_slices is None else int(run_slices)
+    key = cache_key(bank, settings, positions, position_noise, seed, run_slices)
     limits = {s: (None if n is None else int(n)) for s, n in (limits or {}).items()}
     entries = [(split, e) for split in splits if limits.get(split) != 0 for e in load_split(dataset_dir, split, limits.get(split))]
     names = [_volume_name(e) for _, e in entries]
@@ -205,7 +217,7 @@ def build_prior_cache(
         raise ValueError(f"{dataset_dir}: two volumes share an image file name; the cache names its files after them")
     manifest = {"version": CACHE_VERSION, "key": key, "complete": False, "bank": bank, "fit": settings, "positions": positions,
                 "position_noise": float(position_noise), "seed": int(seed), "dataset_dir": str(Path(dataset_dir).resolve()),
-                "splits": list(splits), "limits": limits, "volumes": {}}
+                "splits": list(splits), "limits": limits, "run_slices": run_slices, "volumes": {}}
     old = read_manifest(cache_dir, required=False)
     if old is not None and old.get("key") != key:
         logger.info("prior cache %s: built with another bank or fit (key %s, now %s); rebuilding: %d old files removed",
@@ -224,7 +236,7 @@ def build_prior_cache(
     _worker_init(str(prior_path), dict(settings), str(device))  # this process's prior: subjects checked, and the fits when workers == 1
     if _WORKER["prior"].subjects is None:
         logger.warning("prior cache: %s records no subjects, so training subjects cannot be left out of its atlases", prior_path)
-    jobs = [(cache_dir / n, dict(e), positions, _noise(n, seed, len(positions), position_noise), key) for _, e, n in todo]
+    jobs = [(cache_dir / n, dict(e), positions, _noise(n, seed, len(positions), position_noise), key, run_slices) for _, e, n in todo]
     t0 = time.time()
     pool = None
     if workers > 1:  # one fit per process and CPU core: the fit is many small operations that threads do not speed up
@@ -299,10 +311,10 @@ class CachedPrior:
     def __getstate__(self) -> dict:  # worker processes open their own map
         return {**self.__dict__, "_state": None}
 
-    def _fits(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self._state is None:
             self._state = load_state(self.path, mmap=True)
-        return self._state["prior"], self._state["grid"]
+        return self._state["prior"], self._state["grid"], self._state.get("filled")
 
     def run(self, start: int, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Prior slices (T, H, W) float32 for a run starting at slice ``start`` (one of ``slice_indices``)
@@ -314,9 +326,14 @@ class CachedPrior:
         if start not in self.slice_indices:
             raise ValueError(f"{self.path}: slice {start} is not a cached input slice ({self.slice_indices})")
         n = self.slice_indices.index(start)
-        fits, grid = self._fits()
+        fits, grid, filled = self._fits()
         offset = self.offsets[n]
         p = torch.as_tensor(positions, dtype=torch.float64).reshape(-1) + offset
+        if filled is not None:
+            lo, hi, _ = bracket(grid.double(), p)
+            if not bool((filled[n][lo] & filled[n][hi]).all()):
+                raise ValueError(f"{self.path}: a run of {len(p)} slices from slice {start} reaches beyond the cached fit "
+                                 "(built for shorter runs: rerun the prior_cache step with run_slices >= run_length)")
         out = gather_slices(fits[n][None], grid.double(), torch.zeros(len(p), dtype=torch.long), p)
         return out[:, 0].clamp(0, 1), offset
 

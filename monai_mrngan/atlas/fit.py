@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .registration import FitConfig, SliceFit, affine_grid, align, gauss_blur, head_sums, identity_theta, intensity_map, ncc, theta_from_sums, warp
 
-__all__ = ["WorkBank", "ScanResult", "gather_slices", "scan", "moment_match", "fit_batch", "warp_fits", "to_unit"]
+__all__ = ["WorkBank", "ScanResult", "bracket", "gather_slices", "scan", "moment_match", "fit_batch", "warp_fits", "to_unit"]
 
 CHUNK_PIXELS = 2**24  # pixels per chunk when building the work-size bank or warping volumes (64 MiB in float32)
 
@@ -32,7 +32,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
-def _bracket(grid: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def bracket(grid: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grid indices below / above each ``p`` (clamped to the grid's range) and the weight of the upper one."""
     p = p.to(grid).clamp(grid[0], grid[-1])
     hi = torch.searchsorted(grid, p).clamp(1, len(grid) - 1)
@@ -43,7 +43,7 @@ def _bracket(grid: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def gather_slices(bank: torch.Tensor, grid: torch.Tensor, atlas: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Slices (N, 1, H, W) float32 of ``bank`` (K, P, H, W) for atlas ``atlas[i]`` at position ``p[i]``,
     linear between the grid positions ``grid`` (P,) ascending, clamped to its range."""
-    lo, hi, w = _bracket(grid, p)
+    lo, hi, w = bracket(grid, p)
     if bool(((w < 1e-6) | (w > 1 - 1e-6)).all()):  # every p on the grid (candidates step as the grid does): one read
         return to_unit(bank[atlas, torch.where(w > 0.5, hi, lo)])[:, None]
     w = w.view(-1, 1, 1)
@@ -69,7 +69,7 @@ class WorkBank:
 
     def head_sums(self, atlas: torch.Tensor, p: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """:func:`head_sums` (N, 3) of atlas ``atlas[i]`` at ``p[i]``, linear between grid slices."""
-        lo, hi, w = _bracket(grid, p)
+        lo, hi, w = bracket(grid, p)
         return torch.lerp(self.sums[atlas, lo], self.sums[atlas, hi], w.view(-1, 1))
 
 
@@ -194,7 +194,7 @@ def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need
     step = max(1, CHUNK_PIXELS // (h * w))
     for c0 in range(0, len(jobs), step):
         j, q = jobs[c0 : c0 + step].unbind(1)
-        lo, hi, frac = _bracket(grid, grid[q] + cat["shift"][j].to(grid))
+        lo, hi, frac = bracket(grid, grid[q] + cat["shift"][j].to(grid))
         a = cat["atlas_index"][j]
         exact = bool(((frac < 1e-6) | (frac > 1 - 1e-6)).all())  # shifts are multiples of the grid step: one read
         vol = bank[a, torch.where(frac > 0.5, hi, lo)].float() if exact else torch.lerp(bank[a, lo].float(), bank[a, hi].float(), frac.view(-1, 1, 1))

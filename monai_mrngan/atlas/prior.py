@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..data.datalist import load_split
 from ..data.io import InputError, is_nifti, load_state, load_volume
 from .bank import build_bank, gan_general_brain, mean_brain, position_grid, sidecar_path
-from .fit import ScanResult, WorkBank, fit_batch, gather_slices, scan, warp_fits
+from .fit import ScanResult, WorkBank, bracket, fit_batch, gather_slices, scan, warp_fits
 from .registration import FitConfig, SliceFit, gauss_blur, torch_threads
 
 logger = logging.getLogger(__name__)
@@ -222,17 +222,16 @@ class BrainPrior:
         exclude = list(exclude) if exclude is not None else [None] * len(pos)
         within = list(within) if within is not None else [None] * len(pos)
         with torch_threads(self.config.num_threads):
-            return self._fit_many(checked, [float(p) for p in pos], exclude, [self._needed(w) for w in within])
+            return self._fit_many(checked, [float(p) for p in pos], exclude, [self.grid_slices_for(w) for w in within])
 
-    def _needed(self, positions: torch.Tensor | None) -> torch.Tensor:
+    def grid_slices_for(self, positions: torch.Tensor | None) -> torch.Tensor:
         """Grid slices (P,) bool that linear interpolation at ``positions`` reads (all for None)."""
         need = torch.zeros(len(self._grid), dtype=torch.bool, device=self.device)
         if positions is None:
             return need.fill_(True)
-        p = torch.as_tensor(positions, dtype=torch.float64).reshape(-1).to(self.device).clamp(self._grid[0], self._grid[-1])
-        hi = torch.searchsorted(self._grid, p).clamp(1, len(self._grid) - 1)
+        lo, hi, _ = bracket(self._grid, torch.as_tensor(positions, dtype=torch.float64).reshape(-1).to(self.device))
+        need[lo] = True
         need[hi] = True
-        need[hi - 1] = True
         return need
 
     def _allowed(self, exclude: str | None) -> torch.Tensor:
