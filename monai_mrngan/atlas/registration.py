@@ -151,14 +151,16 @@ def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``F.affine_grid(theta, [K, 1, *size], align_corners=False)`` as one batched (H*W, 3) x (3, 2) product per
-    transform: the same grid, contiguous, at a fraction of the cost of torch's batched version (and its
-    backward) on the CPU. ``grid_sample`` reads a contiguous grid about 3x faster than a permuted view
-    (3000 slices at 64 px: 0.10 s against 0.31 s, one thread), so the grid is built in its final layout."""
+    """``F.affine_grid(theta, [K, 1, *size], align_corners=False)``, built separably: the x part of each
+    transform varies along columns only and the y part along rows only, so the grid is one broadcast
+    sum of (K, 1, W, 2) and (K, H, 1, 2) terms, contiguous. Torch's batched version (and its
+    backward) cost several times more on the CPU, a batched matrix product about 1.6x more; and
+    ``grid_sample`` reads a contiguous grid about 3x faster than a permuted view."""
     h, w = size
-    base = F.affine_grid(torch.eye(2, 3, device=theta.device, dtype=theta.dtype)[None], [1, 1, h, w], align_corners=False).view(h * w, 2)
-    base = torch.cat([base, torch.ones(h * w, 1, device=theta.device, dtype=theta.dtype)], 1)
-    return torch.matmul(base, theta.transpose(1, 2)).view(theta.shape[0], h, w, 2)
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1  # pixel centres (align_corners=False)
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    gx = theta[:, None, None, :, 0] * xs.view(1, 1, w, 1) + theta[:, None, None, :, 2]
+    return gx + theta[:, None, None, :, 1] * ys.view(1, h, 1, 1)
 
 
 def bicubic_matrix(n: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
