@@ -102,13 +102,14 @@ def scan(work: WorkBank, grid: torch.Tensor, ref: torch.Tensor, cands: torch.Ten
 
 
 def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torch.Tensor, p0: torch.Tensor, allowed: torch.Tensor,
-              scans: list[ScanResult], cfg: FitConfig) -> tuple[torch.Tensor, list[SliceFit]]:
+              scans: list[ScanResult], cfg: FitConfig, spread: bool = False) -> tuple:
     """Fit the prior to N input slices together.
 
     ``refs`` (N, 1, H, W) in [0, 1] at positions ``p0`` (N,); ``allowed`` (N, K) which atlases each
     may use (subjects left out); ``scans[n]``: :func:`scan` of input n over its candidate positions
     (one candidate, ``p0``, without position search). Returns the fitted volumes (N, P, H, W) on
-    the grid and one :class:`SliceFit` per input (``atlas_index`` into the bank).
+    the grid and one :class:`SliceFit` per input (``atlas_index`` into the bank); with ``spread``
+    also the per-voxel standard deviation of the kept warped atlases around that mean (N, P, H, W).
     """
     dev = grid.device
     n_in, k = allowed.shape
@@ -144,7 +145,7 @@ def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torc
     kfit = SliceFit(theta, disp, torch.ones_like(score), torch.zeros_like(score), pair_a, score)
     warped0 = warp(full, kfit.grid(tuple(bank.shape[-2:])))
     gain, offset = intensity_map(warped0, refs[pair_n]) if cfg.intensity == "linear" else (kfit.gain, kfit.offset)
-    vols = _warp_volumes(bank, grid, pair_n, pair_a, shift[pair_n, pair_a], kfit, gain, offset, p0, n_in, cfg)
+    vols, spreads = _warp_volumes(bank, grid, pair_n, pair_a, shift[pair_n, pair_a], kfit, gain, offset, p0, n_in, cfg, spread)
     fits = []
     conf = asdict(cfg)
     for i in range(n_in):
@@ -152,7 +153,7 @@ def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torc
         f = SliceFit(theta[sel], disp[sel], gain[sel], offset[sel], pair_a[sel], score[sel], float(p0[i]), dict(conf))
         f.config["shifts"] = shift[i, pair_a[sel]].tolist()
         fits.append(f)
-    return vols, fits
+    return (vols, fits, spreads) if spread else (vols, fits)
 
 
 def _top_per_input(score: torch.Tensor, pair_n: torch.Tensor, n_in: int, m: int) -> torch.Tensor:
@@ -167,12 +168,15 @@ def _top_per_input(score: torch.Tensor, pair_n: torch.Tensor, n_in: int, m: int)
 
 
 def _warp_volumes(bank: torch.Tensor, grid: torch.Tensor, pair_n: torch.Tensor, pair_a: torch.Tensor, shift: torch.Tensor, fit: SliceFit,
-                  gain: torch.Tensor, offset: torch.Tensor, p0: torch.Tensor, n_in: int, cfg: FitConfig) -> torch.Tensor:
+                  gain: torch.Tensor, offset: torch.Tensor, p0: torch.Tensor, n_in: int, cfg: FitConfig,
+                  spread: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every grid slice of each kept atlas (at its shift) warped by its transform, the displacement
-    fading as ``exp(-|p - p0| / decay)``, intensity-mapped, clamped and averaged per input: (N, P, H, W)."""
+    fading as ``exp(-|p - p0| / decay)``, intensity-mapped, clamped and averaged per input: (N, P, H, W);
+    with ``spread`` also their per-voxel standard deviation around that mean (else None)."""
     n_pos = len(grid)
     h, w = bank.shape[-2:]
     out = torch.zeros(n_in, n_pos, h, w, device=grid.device)
+    sq = torch.zeros_like(out) if spread else None  # sum of squares beside the sum: the atlases' disagreement
     count = torch.zeros(n_in, device=grid.device)
     base = affine_grid(fit.theta, (h, w))  # (M, H, W, 2)
     moves = bool(fit.disp.any())
@@ -191,5 +195,9 @@ def _warp_volumes(bank: torch.Tensor, grid: torch.Tensor, pair_n: torch.Tensor, 
         warped = warp(vol, g.reshape(-1, h, w, 2)).view(len(js), n_pos, h, w)
         warped = (warped * gain[js].view(-1, 1, 1, 1) + offset[js].view(-1, 1, 1, 1)).clamp(0, 1)
         out.index_add_(0, pair_n[js], warped)
+        if sq is not None:
+            sq.index_add_(0, pair_n[js], warped * warped)
         count.index_add_(0, pair_n[js], torch.ones(len(js), device=grid.device))
-    return out / count.clamp_min(1).view(-1, 1, 1, 1)
+    n = count.clamp_min(1).view(-1, 1, 1, 1)
+    mean = out / n
+    return mean, ((sq / n - mean * mean).clamp_min(0).sqrt() if sq is not None else None)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..data.datalist import load_split
 from ..data.io import InputError, is_nifti, load_state, load_volume
 from .bank import build_bank, gan_general_brain, mean_brain, position_grid, sidecar_path
-from .fit import ScanResult, WorkBank, fit_batch, gather_slices, scan
+from .fit import ScanResult, WorkBank, fit_batch, gather_slices, scan, to_unit
 from .registration import FitConfig, SliceFit, gauss_blur, torch_threads
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,10 @@ class BrainPrior:
         self._scans: OrderedDict[tuple, ScanResult] = OrderedDict()
         self.last_fit: SliceFit | None = None
         self._warned_subjects = False
+        # keep_spread: fits also keep the kept atlases' per-voxel spread (fp16, for the uncertainty map)
+        self.keep_spread = False
+        self._spread: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._plain_spread: torch.Tensor | None = None
 
     def with_fit(self, fit: FitConfig | dict | None, name: str | None = None) -> "BrainPrior":
         """The same bank with another fitting configuration (shares the tensors)."""
@@ -104,7 +108,7 @@ class BrainPrior:
         new.__dict__.update(self.__dict__)
         new.config = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
         new.name = name or self.name
-        new._cache, new._scans, new.last_fit = OrderedDict(), OrderedDict(), None
+        new._cache, new._scans, new.last_fit, new._spread = OrderedDict(), OrderedDict(), None, OrderedDict()
         return new
 
     def subset(self, indices: Sequence[int]) -> "BrainPrior":
@@ -234,18 +238,21 @@ class BrainPrior:
             return [self.mean] * len(refs)
         allowed = [self._allowed(e) for e in exclude]
         keys = [(p, e if self.subjects and e in self.subjects else None, *self._ref_key(r)) for r, p, e in zip(refs, pos, exclude)]
-        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache or (self.keep_spread and k not in self._spread)]
         todo = [i for j, i in enumerate(todo) if keys[i] not in [keys[t] for t in todo[:j]]]  # the same slice twice: fitted once
         window = cfg.position_search if cfg.position_search > 0 else 0.0
         for start in range(0, len(todo), FIT_BATCH):
             part = todo[start : start + FIT_BATCH]
             scans = [self._scan(refs[i], self._candidates(pos[i], window, cfg.position_step), "none" if cfg.mode == "none" else "affine")
                      for i in part]
-            vols, fits = fit_batch(self.bank, self._work_bank(), self._grid, torch.cat([refs[i] for i in part]),
-                                   torch.as_tensor([pos[i] for i in part], dtype=torch.float64, device=self.device),
-                                   torch.stack([allowed[i] for i in part]), scans, cfg)
+            res = fit_batch(self.bank, self._work_bank(), self._grid, torch.cat([refs[i] for i in part]),
+                            torch.as_tensor([pos[i] for i in part], dtype=torch.float64, device=self.device),
+                            torch.stack([allowed[i] for i in part]), scans, cfg, spread=self.keep_spread)
+            vols, fits = res[:2]
             for j, i in enumerate(part):
                 self._cache[keys[i]] = vols[j]
+                if self.keep_spread:
+                    self._spread[keys[i]] = res[2][j].half()
             self.last_fit = fits[-1]
         out = []
         for k in keys:
@@ -253,7 +260,36 @@ class BrainPrior:
             out.append(self._cache[k])
         while len(self._cache) > FIT_CACHE_SIZE:
             self._cache.popitem(last=False)
+        while len(self._spread) > FIT_CACHE_SIZE:
+            self._spread.popitem(last=False)
         return out
+
+    @torch.no_grad()
+    def spread_at(self, positions: torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None) -> torch.Tensor:
+        """How much the atlases disagree: per-voxel standard deviation (B, 1, H, W) at ``positions`` (B,).
+
+        With ``reference``: of the ``top_k`` kept warped atlases of :meth:`fit` around the fitted
+        prior (fitted again with ``keep_spread`` when the fit was cached without it); without: of
+        the whole unaligned bank around :attr:`mean` (0 for a one-volume prior).
+        """
+        positions = torch.as_tensor(positions, dtype=torch.float64).reshape(-1)
+        cfg = self.config
+        if reference is None or (cfg.mode == "none" and cfg.intensity == "none"):
+            if self._plain_spread is None:
+                sq = torch.zeros_like(self.mean)
+                for j in range(self.bank.shape[0]):
+                    sq += (to_unit(self.bank[j]) - self.mean) ** 2
+                self._plain_spread = (sq / self.bank.shape[0]).sqrt()
+            return self._interp(self._plain_spread, positions)
+        ref = self._check_reference(reference, reference_position)
+        keep, self.keep_spread = self.keep_spread, True
+        try:
+            with torch_threads(cfg.num_threads):
+                self._fit_many([ref], [float(reference_position)], [None])
+        finally:
+            self.keep_spread = keep
+        key = (float(reference_position), None, *self._ref_key(ref))
+        return self._interp(self._spread[key].float(), positions)
 
     @torch.no_grad()
     def slice_at(self, positions: torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None, exclude: str | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from .components import Components
 from .localize import localize, place_slices
 from .output import save_reconstruction
 from .runners import is_gap_aware, make_runner
+from .uncertainty import track_spread, uncertainty_map
 from .volume import Reconstruction, cubic_fill, fill_volume, volume_affine, volume_grid
 
 logger = logging.getLogger(__name__)
@@ -203,6 +204,21 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
     return results
 
 
+def _calibration_for(components: Components, method: str) -> tuple[Any, str | None]:
+    """The uncertainty calibration to use for ``method`` and, when there is none, the one-line reason (logged)."""
+    cal = getattr(components, "calibration", None)
+    note = None
+    if method != "mrngan":
+        note = f"no uncertainty map: it is calibrated for mrngan, not {method}"
+    elif cal is None:
+        note = ("no uncertainty map: no uncertainty calibration with the mrngan weights "
+                "(stages trained before it existed; run the mrngan bundle's calibrate step)")
+    if note:
+        logger.warning(note)
+        return None, note
+    return cal, None
+
+
 def reconstruct_files(
     inputs: Sequence[str],
     out: str,
@@ -232,6 +248,9 @@ def reconstruct_files(
     overlays the input in a viewer, and the model-grid volume is written beside it
     (``<out>_model_grid.nii.gz``). Every input is first checked to be an axial head slice
     (:func:`check_inputs`; ``force`` reconstructs a failing one anyway, with its score recorded).
+    With an uncertainty calibration (``components.calibration``, method ``mrngan``) the expected
+    absolute error map is written beside ``out`` (``<out>_uncertainty.nii.gz``, same grid and affine;
+    :mod:`~monai_mrngan.inference.uncertainty`); without one, no map and a one-line warning.
     Returns the written paths and the positions of the inputs.
     """
     if not inputs:
@@ -251,19 +270,24 @@ def reconstruct_files(
         positions, placement = _volume_position(components, inputs[0], int(slice_index), int(size), spacing_mm)
     elif positions is not None and len(positions) != len(got.slices):
         raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
-    rec = reconstruct_volume(
-        got.slices,
-        positions,
-        method=method,
-        model=components.model,
-        next_fn=components.next_fn,
-        prior=components.prior,
-        localizer=components.localizer,
-        spacing_mm=spacing_mm,
-        reference_positions=reference_positions,
-        refine_window=refine_window,
-        device=components.device,
-    )
+    cal, note = _calibration_for(components, method)
+    with track_spread(components.prior, cal is not None):  # the fits keep the atlas spread the map needs
+        rec = reconstruct_volume(
+            got.slices,
+            positions,
+            method=method,
+            model=components.model,
+            next_fn=components.next_fn,
+            prior=components.prior,
+            localizer=components.localizer,
+            spacing_mm=spacing_mm,
+            reference_positions=reference_positions,
+            refine_window=refine_window,
+            device=components.device,
+        )
+    unc = None
+    if cal is not None:
+        unc = uncertainty_map(rec, components.prior, cal, spacing_mm, gap_aware=bool(getattr(components.model, "far_end", False)))
     rec.extra["input_check"] = checks
     if placement is not None:
         rec.extra["placement"] = placement
@@ -271,6 +295,6 @@ def reconstruct_files(
     if reference_affine is not None and reference_positions is not None:
         grid_affine = volume_affine(reference_affine, reference_positions, rec.positions)
     input_affine = _input_space_affine(got, rec.input_indices[0], spacing_mm) if got.has_geometry else None
-    paths = save_reconstruction(rec, out, grid_affine, spacing_mm, input_affine=input_affine, sources=got.sources)
+    paths = save_reconstruction(rec, out, grid_affine, spacing_mm, input_affine=input_affine, sources=got.sources, uncertainty=unc, uncertainty_note=note)
     logger.info("wrote %s (%s slices); input positions %s", paths["volume"], rec.volume.shape[2], rec.input_positions)
     return {**paths, "input_positions": rec.input_positions, "input_indices": rec.input_indices, "sources": got.sources, "input_check": checks}
