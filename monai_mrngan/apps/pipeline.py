@@ -82,7 +82,9 @@ STAGES: dict[str, tuple[Step, ...]] = {
         }),
     ),
     "flow_generation": (Step("train", TRAIN), Step("evaluate", EVALUATE)),
-    "mrngan": (Step("train", TRAIN, links=_mrngan_links), Step("evaluate", EVALUATE, links=_mrngan_links)),
+    # calibrate: the uncertainty map's calibration on the validation split, refitted after every training run
+    "mrngan": (Step("train", TRAIN, links=_mrngan_links), Step("calibrate", ("train.json", "calibrate.json"), links=_mrngan_links),
+               Step("evaluate", EVALUATE, links=_mrngan_links)),
 }
 
 # Per preset and stage: config overrides (ids of the stage's train.json); "skip_steps" names steps
