@@ -150,3 +150,31 @@ def test_montage_with_uncertainty_has_a_colour_row_per_slice_row():
     gray = montage(vol, num=8, cols=4, tile_px=32)
     rgb = montage(vol, num=8, cols=4, tile_px=32, uncertainty=vol * 0.1)
     assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.shape[1] == gray.shape[1] and rgb.shape[0] == 2 * gray.shape[0] + 40
+
+
+def test_complete_writes_the_map_in_the_inputs_units_and_layout(tiny_dataset, calibration, tmp_path):
+    """`complete`: the map beside the completed file (its shape, affine and intensity units), 0 on real slices."""
+    from monai_mrngan.apps.complete import complete_dataset
+    from monai_mrngan.data.io import save_json, save_nifti
+
+    entry = load_split(tiny_dataset, "test")[0]
+    img = nib.load(entry["image"])
+    vol = np.asanyarray(img.dataobj).astype(np.float32)
+    raw = np.rint(vol * 800).astype(np.int16)
+    gone = [7, 8, 9, 10, 11]
+    raw[:, :, gone] = 0
+    gone = [i for i in range(raw.shape[2]) if not raw[:, :, i].any()]  # with the volume's own empty slices above the head
+    src = tmp_path / "src"
+    src.mkdir()
+    save_nifti(raw, img.affine, src / "scan.nii.gz", dtype=None)
+    save_json({"first_position": entry["positions"][0]}, src / "scan.json")
+    comp = _components(tiny_dataset, load_calibration(calibration))
+    report = complete_dataset(src, tmp_path / "dst", comp, reference_grid(tiny_dataset), method="mrngan", progress=False)
+    assert report["volumes"][0]["uncertainty"] == "scan_uncertainty.nii.gz"
+    unc = nib.load(str(tmp_path / "dst" / "scan_uncertainty.nii.gz"))
+    u = unc.get_fdata()
+    assert unc.shape == raw.shape and np.allclose(unc.affine, img.affine)
+    real = [i for i in range(raw.shape[2]) if i not in gone]
+    assert not u[:, :, real].any() and u[:, :, gone].max() > 1.0  # input units (x 800), not [0, 1]
+    meta = json.loads((tmp_path / "dst" / "scan.json").read_text())["uncertainty"]
+    assert len(meta["slice_means"]) == raw.shape[2] and all(meta["slice_means"][i] == 0 for i in real)

@@ -31,7 +31,7 @@ from .volume import Reconstruction, cubic_fill, fill_volume, volume_affine, volu
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Reconstruction", "reconstruct_volume", "refine_positions", "check_inputs", "reconstruct_files"]
+__all__ = ["Reconstruction", "reconstruct_volume", "refine_positions", "check_inputs", "calibration_for", "reconstruct_files"]
 
 
 def reconstruct_volume(
@@ -52,6 +52,7 @@ def reconstruct_volume(
     reference_positions: Sequence[float] | None = None,
     refine_window: float = 0.12,
     device: str | torch.device = "cpu",
+    calibration: Any = None,
 ) -> Reconstruction:
     """One (or a few) [0,1] axial slices -> a whole volume.
 
@@ -67,6 +68,8 @@ def reconstruct_volume(
         reference_positions: a prepared volume's ``p`` per index: the output takes that grid.
         refine_window: localized positions (not given ones) are refined by matching the input
             against the prior's atlases within this window in ``p`` (:func:`refine_positions`; 0: off).
+        calibration: an uncertainty :class:`~monai_mrngan.inference.uncertainty.Calibration` (MRNGAN only):
+            ``extra["uncertainty"]`` is then the expected absolute error map (H, W, D), 0 on the inputs.
     """
     device = torch.device(device)
     x = as_slice_batch(slices)
@@ -98,11 +101,14 @@ def reconstruct_volume(
 
     run_on_device.gap_aware = is_gap_aware(run)
     signals: dict = {}
+    if calibration is not None and method != "mrngan":
+        raise ValueError(f"the uncertainty calibration is fitted for mrngan, not {method}")
     if method == "cubic":
         vol = cubic_fill(x, idx, num_slices)
     else:
-        vol = fill_volume(run_on_device, x, idx, num_slices, grid, step_p, signals=signals)
-    return Reconstruction(
+        with track_spread(prior, calibration is not None):  # the fits keep the atlas spread the map needs
+            vol = fill_volume(run_on_device, x, idx, num_slices, grid, step_p, signals=signals)
+    rec = Reconstruction(
         volume=vol.permute(1, 2, 0).numpy().astype(np.float32),
         positions=np.asarray(grid, dtype=np.float64),
         input_indices=list(idx),
@@ -110,6 +116,9 @@ def reconstruct_volume(
         method=method,
         extra={name: v.numpy() for name, v in signals.items()},
     )
+    if calibration is not None:
+        rec.extra["uncertainty"] = uncertainty_map(rec, prior, calibration, abs(step_p) * HEAD_HEIGHT_MM, fit_prior, is_gap_aware(run))
+    return rec
 
 
 def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor | Sequence[float], window: float = 0.12) -> torch.Tensor:
@@ -204,7 +213,7 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
     return results
 
 
-def _calibration_for(components: Components, method: str) -> tuple[Any, str | None]:
+def calibration_for(components: Components, method: str) -> tuple[Any, str | None]:
     """The uncertainty calibration to use for ``method`` and, when there is none, the one-line reason (logged)."""
     cal = getattr(components, "calibration", None)
     note = None
@@ -270,24 +279,22 @@ def reconstruct_files(
         positions, placement = _volume_position(components, inputs[0], int(slice_index), int(size), spacing_mm)
     elif positions is not None and len(positions) != len(got.slices):
         raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
-    cal, note = _calibration_for(components, method)
-    with track_spread(components.prior, cal is not None):  # the fits keep the atlas spread the map needs
-        rec = reconstruct_volume(
-            got.slices,
-            positions,
-            method=method,
-            model=components.model,
-            next_fn=components.next_fn,
-            prior=components.prior,
-            localizer=components.localizer,
-            spacing_mm=spacing_mm,
-            reference_positions=reference_positions,
-            refine_window=refine_window,
-            device=components.device,
-        )
-    unc = None
-    if cal is not None:
-        unc = uncertainty_map(rec, components.prior, cal, spacing_mm, gap_aware=bool(getattr(components.model, "far_end", False)))
+    cal, note = calibration_for(components, method)
+    rec = reconstruct_volume(
+        got.slices,
+        positions,
+        method=method,
+        model=components.model,
+        next_fn=components.next_fn,
+        prior=components.prior,
+        localizer=components.localizer,
+        spacing_mm=spacing_mm,
+        reference_positions=reference_positions,
+        refine_window=refine_window,
+        device=components.device,
+        calibration=cal,
+    )
+    unc = rec.extra.pop("uncertainty", None)
     rec.extra["input_check"] = checks
     if placement is not None:
         rec.extra["placement"] = placement
