@@ -5,6 +5,9 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
 - ``spread``: how much the kept warped atlases disagree there (their per-voxel standard deviation
   around the fitted prior, :meth:`~monai_mrngan.atlas.prior.BrainPrior.spread_at`);
 - ``distance_mm``: distance to the nearest real slice (the provenance map);
+- ``gap_mm``: the width of the gap between the two real slices around the voxel's slice
+  (``HEAD_HEIGHT_MM``, 200 mm, beyond the outermost real slices: an open run), so every 8th slice
+  given is told apart from every 4th at the same distance;
 - ``disagreement``: ``|output - prior|``, how far the cell moved away from the prior (towards
   pix2pix, the previous slice or the far end);
 - ``prior_weight``: the MRNGAN cell's mean weight on the prior for that slice (0 for other methods);
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 
 from ..data.io import InputError, save_json
-from ..data.positions import HEAD_THRESHOLD
+from ..data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD
 from .volume import Reconstruction
 
 logger = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FEATURES", "CALIBRATION_NAME", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means", "load_calibration",
            "track_spread"]
 
-FEATURES = ("spread", "distance_mm", "disagreement", "prior_weight", "intensity")
+FEATURES = ("spread", "distance_mm", "gap_mm", "disagreement", "prior_weight", "intensity")
 CALIBRATION_NAME = "uncertainty_calibration.json"
 """The calibration's file name in the mrngan bundle's models folder."""
 EPS = 0.01  # floor inside the logs: 1 % of the intensity range
@@ -51,7 +54,7 @@ def _design(name: str, x: np.ndarray) -> np.ndarray:
     x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
     if name == "prior_weight":
         return x
-    if name == "distance_mm":
+    if name in ("distance_mm", "gap_mm"):
         return np.log1p(np.maximum(x, 0.0))
     return np.log(np.maximum(x, 0.0) + EPS)
 
@@ -184,6 +187,11 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
     h, w, d = vol.shape
     idx = [int(i) for i in rec.input_indices]
     dist = (np.abs(np.arange(d)[:, None] - np.asarray(idx)[None]).min(1) * float(spacing_mm)).astype(np.float32)
+    given = np.sort(np.asarray(idx))
+    hi = np.searchsorted(given, np.arange(d))  # the first real slice at or above each slice
+    inside = (hi > 0) & (hi < len(given))
+    gap = np.full(d, HEAD_HEIGHT_MM, dtype=np.float32)
+    gap[inside] = (given[hi[inside]] - given[hi[inside] - 1]) * float(spacing_mm)
     weight = np.asarray(rec.extra.get("prior_weight", np.zeros(d)), dtype=np.float32)
     spread = np.zeros_like(vol)
     prior_vol = np.zeros_like(vol)
@@ -201,6 +209,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
     return {
         "spread": spread,
         "distance_mm": dist,
+        "gap_mm": gap,
         "disagreement": np.abs(vol - prior_vol),
         "prior_weight": np.nan_to_num(weight, nan=0.0),
         "intensity": vol,
