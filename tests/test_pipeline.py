@@ -90,6 +90,7 @@ def test_reconstruct_from_png_and_from_few_slices(trained, tiny_dataset, tmp_pat
     out = nib.load(str(tmp_path / "one.nii.gz"))
     assert out.shape == vol.shape and np.allclose(out.affine, img.affine, atol=1e-4)  # the prepared grid
     assert (tmp_path / "one_montage.png").is_file() and "position p" in proc.stdout
+    assert "uncertainty:" in proc.stdout
     unc = nib.load(str(tmp_path / "one_uncertainty.nii.gz"))  # calibrated by the pipeline's calibrate step
     assert unc.shape == out.shape and np.allclose(unc.affine, out.affine)
     meta = json.loads((tmp_path / "one_positions.json").read_text())
