@@ -70,14 +70,14 @@ def test_per_slice_signals_distance_and_gap():
     rec = Reconstruction(np.zeros((4, 4, 10), np.float32), np.linspace(0.9, 0.1, 10), [2, 6], [0.74, 0.42], extra={"prior_weight": np.full(10, np.nan)})
     sig = uncertainty_signals(rec, None, spacing_mm=2.0)
     np.testing.assert_array_equal(sig["distance_mm"], [4, 2, 0, 2, 4, 2, 0, 2, 4, 6])
-    np.testing.assert_array_equal(sig["gap_mm"], [200, 200, 200, 8, 8, 8, 8, 200, 200, 200])  # open runs beyond the ends
+    np.testing.assert_array_equal(sig["gap_mm"], [0, 0, 0, 8, 8, 8, 8, 0, 0, 0])  # open runs beyond the ends: no gap
     assert not sig["prior_weight"].any() and not sig["spread"].any()  # no prior: nothing to disagree with
 
 
 def test_calibration_is_monotone_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     n = 20000
-    sig = {"spread": rng.uniform(0, 0.3, n), "distance_mm": rng.uniform(0, 60, n), "gap_mm": rng.choice([8.0, 16.0, 200.0], n),
+    sig = {"spread": rng.uniform(0, 0.3, n), "distance_mm": rng.uniform(0, 60, n), "gap_mm": rng.choice([0.0, 8.0, 16.0], n),
            "disagreement": rng.uniform(0, 0.5, n),
            "prior_weight": rng.uniform(0, 1, n), "intensity": rng.uniform(0, 1, n)}
     truth = 0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"]  # the expected error

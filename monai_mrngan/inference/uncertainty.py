@@ -5,9 +5,9 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
 - ``spread``: how much the kept warped atlases disagree there (their per-voxel standard deviation
   around the fitted prior, :meth:`~monai_mrngan.atlas.prior.BrainPrior.spread_at`);
 - ``distance_mm``: distance to the nearest real slice (the provenance map);
-- ``gap_mm``: the width of the gap between the two real slices around the voxel's slice
-  (``HEAD_HEIGHT_MM``, 200 mm, beyond the outermost real slices: an open run), so every 8th slice
-  given is told apart from every 4th at the same distance;
+- ``gap_mm``: the width of the bounded gap between the two real slices around the voxel's slice
+  (0 beyond the outermost real slices: an open run, whose error ``distance_mm`` carries), so every
+  8th slice given is told apart from every 4th at the same distance;
 - ``disagreement``: ``|output - prior|``, how far the cell moved away from the prior (towards
   pix2pix, the previous slice or the far end);
 - ``prior_weight``: the MRNGAN cell's mean weight on the prior for that slice (0 for other methods);
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..data.io import InputError, save_json
-from ..data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD
+from ..data.positions import HEAD_THRESHOLD
 from .volume import Reconstruction
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
     given = np.sort(np.asarray(idx))
     hi = np.searchsorted(given, np.arange(d))  # the first real slice at or above each slice
     inside = (hi > 0) & (hi < len(given))
-    gap = np.full(d, HEAD_HEIGHT_MM, dtype=np.float32)
+    gap = np.zeros(d, dtype=np.float32)
     gap[inside] = (given[hi[inside]] - given[hi[inside] - 1]) * float(spacing_mm)
     weight = np.asarray(rec.extra.get("prior_weight", np.zeros(d)), dtype=np.float32)
     spread = np.zeros_like(vol)
