@@ -68,7 +68,7 @@ def _uncertainty_rows(gray: np.ndarray, unc: np.ndarray, picks: Sequence[int], z
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    cmap = colormaps["inferno"]
+    lut = colormaps["inferno"](np.linspace(0, 1, 256))[:, :3].astype(np.float32)  # a 256-colour table: one lookup per pixel
     h, w = tile
     vmax = float(np.percentile(unc, 99)) if np.any(unc > 0) else 1.0
     vmax = vmax if vmax > 0 else float(unc.max()) or 1.0
@@ -76,9 +76,9 @@ def _uncertainty_rows(gray: np.ndarray, unc: np.ndarray, picks: Sequence[int], z
     for n, i in enumerate(picks):
         r, c = divmod(n, cols)
         t = np.kron(slice_to_display(unc[:, :, i]) / vmax, np.ones((zoom, zoom), dtype=np.float32))
-        rgb[(2 * r + 1) * h : (2 * r + 2) * h, c * w : (c + 1) * w] = cmap(np.clip(t, 0, 1))[..., :3]
+        rgb[(2 * r + 1) * h : (2 * r + 2) * h, c * w : (c + 1) * w] = lut[(np.clip(t, 0, 1) * 255 + 0.5).astype(np.uint8)]
     y0, width = rgb.shape[0] - bar_h, rgb.shape[1]
-    rgb[y0 + 4 : y0 + 18, 10 : width - 10] = cmap(np.linspace(0, 1, width - 20))[None, :, :3]
+    rgb[y0 + 4 : y0 + 18, 10 : width - 10] = lut[np.linspace(0, 255, width - 20).round().astype(np.uint8)][None]
     img = Image.fromarray((rgb * 255 + 0.5).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     draw.text((10, y0 + 22), "0", fill=(255, 255, 255))

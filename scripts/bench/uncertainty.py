@@ -1,6 +1,6 @@
 """What the uncertainty map costs: ``reconstruct`` of one slice with and without it, time and peak memory.
 
-    python -m scripts.bench.uncertainty --workdir RUN [--dataset_dir DIR] [--repeat 3] [--position 0.5]
+    python -m scripts.bench.uncertainty --workdir RUN [--dataset_dir DIR] [--repeat 3] [--position 0.5] [--threads N]
 
 Each variant runs in its own process (peak memory is per process): the trained stages of the
 pipeline work folder ``RUN`` are loaded as ``python -m monai_mrngan reconstruct`` loads them, then
@@ -32,6 +32,10 @@ from .common import REPO, PeakMemory, log
 
 def _child(args: argparse.Namespace) -> None:
     import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # one thread: CPU time is not inflated by threads spinning on a shared machine
 
     from monai_mrngan.apps.cli import _components, _dataset_of
     from monai_mrngan.data.datalist import load_split
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset_dir", default=None)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--position", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--variant", choices=("with", "without"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.variant:
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     for variant in ("without", "with"):
         log(f"uncertainty cost: {variant} the map, {args.repeat} runs")
         cmd = [sys.executable, "-m", "scripts.bench.uncertainty", "--workdir", args.workdir, "--repeat", str(args.repeat),
-               "--position", str(args.position), "--variant", variant] + (["--dataset_dir", args.dataset_dir] if args.dataset_dir else [])
+               "--position", str(args.position), "--threads", str(args.threads), "--variant", variant] + (["--dataset_dir", args.dataset_dir] if args.dataset_dir else [])
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"{variant}: failed")
