@@ -45,9 +45,10 @@ DECILES = 10
 
 
 def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, gap_aware: bool,
-                 scored: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+                 scored: np.ndarray | None = None, head_only: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Signals (flat, per voxel), true absolute error and slice index of every head voxel of the
-    generated slices (``scored``: which slices count, default every non-input slice)."""
+    generated slices (``scored``: which slices count, default every non-input slice; ``head_only``
+    False: every voxel of them, the slice index then negative (``-1 - index``) outside the head)."""
     d = rec.volume.shape[2]
     if scored is None:
         scored = np.setdiff1d(np.arange(d), rec.input_indices)
@@ -55,6 +56,11 @@ def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm
     mask = np.zeros(rec.volume.shape, dtype=bool)
     mask[:, :, scored] = target[:, :, scored] > HEAD_THRESHOLD
     slice_id = np.broadcast_to(np.arange(d), rec.volume.shape)[mask]
+    if not head_only:
+        head = mask
+        mask = np.zeros(rec.volume.shape, dtype=bool)
+        mask[:, :, scored] = True
+        slice_id = np.where(head, np.arange(d), -1 - np.arange(d))[mask]
     return {k: np.asarray(v[mask], dtype=np.float32) for k, v in sig.items()}, np.abs(rec.volume - target)[mask], slice_id
 
 
@@ -141,7 +147,8 @@ def calibrate(
 ) -> Calibration:
     """Fit the uncertainty calibration on ``split`` (MRNGAN reconstructions as in the evaluation) and write it to ``out_path``.
 
-    ``voxels``: head voxels sampled per reconstruction. Returns the calibration (its ``info`` holds
+    ``voxels``: head voxels sampled per reconstruction, and a quarter as many outside the head (true
+    slice <= ``HEAD_THRESHOLD``), so the map also holds in the air around it. Returns the calibration (its ``info`` holds
     the fit's settings and its Spearman correlation on the samples it was fitted on).
     """
     comp = components
@@ -157,8 +164,10 @@ def calibrate(
     t0 = time.time()
 
     def take(rec: Reconstruction, target: np.ndarray, spacing: float, fitted: bool, scored: np.ndarray | None = None) -> None:
-        sig, err, _ = head_samples(rec, target, comp.prior, spacing, fitted, gap_aware, scored)
-        pick = rng.choice(err.size, min(voxels, err.size), replace=False)
+        sig, err, sid = head_samples(rec, target, comp.prior, spacing, fitted, gap_aware, scored, head_only=False)
+        head, air = np.nonzero(sid >= 0)[0], np.nonzero(sid < 0)[0]
+        pick = np.concatenate([rng.choice(head, min(voxels, head.size), replace=False),
+                               rng.choice(air, min(voxels // 4, air.size), replace=False)])
         sig_parts.append({k: v[pick] for k, v in sig.items()})
         err_parts.append(err[pick])
 
@@ -189,7 +198,7 @@ def calibrate(
     err = np.concatenate(err_parts)
     info = {"split": split, "subjects": [e.get("subject") for e in entries], "input_positions": list(input_positions),
             "few_slice_k": list(few_slice_k), "localized_inputs": use_loc, "fit_prior": fit_prior, "few_slice_fit_prior": few_slice_fit_prior,
-            "samples": int(err.size), "method": "mrngan", "units": "absolute error in [0, 1] output intensity", "mask": f"head voxels (true > {HEAD_THRESHOLD})"}
+            "samples": int(err.size), "method": "mrngan", "units": "absolute error in [0, 1] output intensity", "mask": f"head voxels (true > {HEAD_THRESHOLD}) and a quarter as many outside"}
     cal = Calibration.fit(signals, err, info=info)
     from scipy.stats import spearmanr
 
