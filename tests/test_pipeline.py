@@ -58,9 +58,16 @@ def test_every_stage_trains_and_evaluates(trained):
     assert (workdir / "flow_generation" / "models" / "model.pt").is_file()
     assert (workdir / "mrngan" / "models" / "model.pt").is_file()
     assert json.loads((workdir / "mrngan" / "models" / "prior_cache" / "manifest.json").read_text())["complete"]
-    assert list(results["mrngan"]["seconds"]) == ["prior_cache", "train", "evaluate"]
+    assert list(results["mrngan"]["seconds"]) == ["prior_cache", "train", "calibrate", "evaluate"]
+    assert (workdir / "mrngan" / "calibrate.log").is_file()  # the uncertainty calibration step runs after training
+    assert (workdir / "mrngan" / "models" / "uncertainty_calibration.json").is_file()
     assert json.loads((workdir / "slice_localization" / "eval" / "metrics.json").read_text())
-    assert list((workdir / "mrngan" / "eval").rglob("report.json"))
+    reports = list((workdir / "mrngan" / "eval").rglob("report.json"))
+    assert reports
+    scores = json.loads(reports[0].read_text())["uncertainty"]  # the map scored on the test split
+    assert set(scores) <= {"single_slice", "k4", "k8"} and "single_slice" in scores
+    for s in scores.values():
+        assert -1 <= s["spearman_voxel"] <= 1 and len(s["reliability"]) == 10
     info = read_run_info(workdir)
     assert info["stage_overrides"]["slice_localization"]["spatial_size"] == [32, 32]
 
@@ -88,6 +95,13 @@ def test_reconstruct_from_png_and_from_few_slices(trained, tiny_dataset, tmp_pat
     out = nib.load(str(tmp_path / "one.nii.gz"))
     assert out.shape == vol.shape and np.allclose(out.affine, img.affine, atol=1e-4)  # the prepared grid
     assert (tmp_path / "one_montage.png").is_file() and "position p" in proc.stdout
+    assert "uncertainty:" in proc.stdout
+    unc = nib.load(str(tmp_path / "one_uncertainty.nii.gz"))  # calibrated by the pipeline's calibrate step
+    assert unc.shape == out.shape and np.allclose(unc.affine, out.affine)
+    meta = json.loads((tmp_path / "one_positions.json").read_text())
+    u = unc.get_fdata()
+    assert all(not u[:, :, i].any() for i in meta["input_indices"]) and u.max() > 0 and (u >= 0).all()
+    assert all(s["uncertainty_mean"] == 0 for s in meta["slices"] if s["real"])
 
     a, b = save_png(vol[:, :, 4], tmp_path / "a.png"), save_png(vol[:, :, 16], tmp_path / "b.png")
     proc = _cli("reconstruct", "--workdir", workdir, "--input", a, b,

@@ -188,7 +188,8 @@ def reconstruct(
         score = f"; axial-slice check {'passed' if c['passed'] else 'FAILED (forced)'}, atlas match {c['axial_match']:.2f}" if c else ""
         print(f"{source}: position p = {p:.3f} ({p * 200:.0f} mm below the vertex){score}")
     grid = f"\nmodel grid: {result['model_grid_volume']}" if "model_grid_volume" in result else ""
-    print(f"volume:    {result['volume']}{grid}\nprovenance: {result['provenance']}\nmontage:   {result['montage']}\npositions: {result['positions']}")
+    unc = f"\nuncertainty: {result['uncertainty']}" if "uncertainty" in result else ""
+    print(f"volume:    {result['volume']}{grid}\nprovenance: {result['provenance']}{unc}\nmontage:   {result['montage']}\npositions: {result['positions']}")
 
 
 def complete(

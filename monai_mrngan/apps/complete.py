@@ -6,6 +6,9 @@ ever read) and writes, under DST at the same relative path,
 - ``<name>.nii.gz``: the completed volume, every real slice holding exactly the input's voxel values;
 - ``<name>.json``: a sidecar saying which slices were generated (``generated_slices``), which are
   the input's (``real_slices``), the position ``p`` of every axial slice, the method and the models;
+- ``<name>_uncertainty.nii.gz`` (MRNGAN with the mrngan stage's uncertainty calibration): the expected
+  absolute error of every voxel in the input's intensity units, 0 on real slices, same array layout and
+  affine as the output; the sidecar's ``uncertainty`` gives its per-slice means (none without a calibration);
 
 and ``DST/complete_report.json`` (every completed volume, every skipped file with its reason).
 
@@ -58,7 +61,7 @@ from ..data.io import InputError, save_json, strip_image_suffix
 from ..data.positions import HEAD_HEIGHT_MM
 from ..inference.components import Components
 from ..inference.localize import localize_with_offset
-from ..inference.reconstruct import reconstruct_volume
+from ..inference.reconstruct import calibration_for, reconstruct_volume
 from ..inference.runners import METHODS, make_runner
 from ..inference.volume import volume_affine
 from .complete_io import (
@@ -80,6 +83,7 @@ from .complete_io import (
     read_sidecar,
     to_model_range,
     write_image,
+    write_uncertainty,
 )
 
 __all__ = [
@@ -118,7 +122,8 @@ def _generate(
     spacing_mm: float,
     **grid: Any,
 ):
-    """:func:`~monai_mrngan.inference.reconstruct.reconstruct_volume`'s few-slice mode on (H, W, K) scaled real slices."""
+    """:func:`~monai_mrngan.inference.reconstruct.reconstruct_volume`'s few-slice mode on (H, W, K) scaled real slices
+    (with MRNGAN and a calibration ``extra["uncertainty"]`` is its expected-error map in [0, 1] units)."""
     return reconstruct_volume(
         np.moveaxis(scaled, 2, 0),
         positions,
@@ -128,6 +133,7 @@ def _generate(
         prior=components.prior,
         spacing_mm=spacing_mm,
         device=components.device,
+        calibration=calibration_for(components, method)[0],
         **grid,
     )
 
@@ -219,12 +225,16 @@ def _complete_volume(
             f"slice_localization stage (method {method} needs them; linear does not)",
         )
     out = ras.copy()
+    unc = None
     if miss.any():
         placeholder = positions if positions is not None else np.arange(depth) * step_p  # unused by position-free runners
         rec = _generate(scaled, placeholder[real_idx], components, method, spacing, num_slices=depth, input_indices=real_idx.tolist())
         out[:, :, miss] = from_model_range(rec.volume[:, :, miss], scale, data.dtype)
+        unc = rec.extra.get("uncertainty")
     back = nib.orientations.ornt_transform(ras_ornt, ornt)
     out = np.ascontiguousarray(nib.orientations.apply_orientation(out, back)).reshape(orig_shape)
+    if unc is not None:  # in the input's intensity units and array layout
+        unc = np.ascontiguousarray(nib.orientations.apply_orientation(unc * scale, back)).reshape(orig_shape).astype(np.float32)
 
     def file_index(r: np.ndarray) -> list[int]:
         return sorted(int(depth - 1 - i if flipped else i) for i in r)
@@ -246,7 +256,7 @@ def _complete_volume(
     }
     klass = img.__class__ if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image
     header = img.header.copy() if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) else None
-    return Completed(out, affine, meta, header, klass)
+    return Completed(out, affine, meta, header, klass, uncertainty=unc)
 
 
 def _complete_stack(
@@ -303,7 +313,8 @@ def _complete_stack(
         "method": method,
         "models": _models_used(method, False, models),
     }
-    return Completed(out, affine, meta)
+    unc = rec.extra.get("uncertainty")
+    return Completed(out, affine, meta, uncertainty=None if unc is None else (unc * scale).astype(np.float32))
 
 
 def complete_file(
@@ -416,10 +427,11 @@ def complete_dataset(
         else:
             outputs[out_rel] = path
             write_image(done, dst / out_rel)
-            meta = {"source": str(path.resolve()), "output": str(out_rel), **done.meta}
+            meta = {"source": str(path.resolve()), "output": str(out_rel), **done.meta, **write_uncertainty(done, dst / out_rel)}
             save_json(meta, dst / side_rel)
             report["volumes"].append({
                 "source": str(path), "output": str(out_rel), "sidecar": str(side_rel), "input_kind": meta["input_kind"],
+                **({"uncertainty": str(out_rel.with_name(meta["uncertainty"]["file"]))} if meta["uncertainty"] else {}),
                 "generated": len(meta["generated_slices"]), "real": len(meta["real_slices"]),
                 "positions_from": meta["positions_from"], "seconds": round(time.time() - t1, 2),
             })

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..data.io import InputError, check_destination, is_nifti, read_image, save_nifti, strip_image_suffix
 from ..data.grid import unit_range_and_scale
+from ..inference.uncertainty import slice_means
 
 REPORT_NAME = "complete_report.json"
 MISSING_RULES = ("empty", "zero", "nan")
@@ -29,6 +30,7 @@ class Completed:
     meta: dict
     header: Any = None
     image_class: type = nib.Nifti1Image
+    uncertainty: np.ndarray | None = None  # expected absolute error (input units, float32, 0 on real slices), like ``data``
 
 
 
@@ -192,7 +194,7 @@ def check_folders(src: Path, dst: Path, overwrite: bool) -> None:
             except (OSError, json.JSONDecodeError):
                 listed = []
             for rec in listed:
-                for key in ("output", "sidecar"):
+                for key in ("output", "sidecar", "uncertainty"):
                     target = (dst / str(rec.get(key, ""))).resolve()
                     if rec.get(key) and dst_r in target.parents and target.is_file():
                         target.unlink()
@@ -202,3 +204,20 @@ def check_folders(src: Path, dst: Path, overwrite: bool) -> None:
 def write_image(done: Completed, path: Path) -> Path:
     """Write the completed array in its own voxel type (no scale factor), atomically."""
     return save_nifti(done.data, done.affine, path, dtype=None, header=done.header, image_class=done.image_class)
+
+
+def write_uncertainty(done: Completed, path: Path) -> dict:
+    """Write ``<name>_uncertainty.nii.gz`` beside the completed ``path`` (same affine; float32) when there is a map;
+    returns the sidecar's ``uncertainty`` entry (file, units, per-slice mean over head voxels along the axial axis)."""
+    if done.uncertainty is None:
+        return {"uncertainty": None}
+    unc_path = path.with_name(strip_image_suffix(path.name) + "_uncertainty.nii.gz")
+    save_nifti(done.uncertainty, done.affine, unc_path)
+    axis = done.meta.get("axial_axis")
+    scale = float(done.meta["intensity"]["scale"])
+    unc = done.uncertainty if done.uncertainty.ndim == 3 else done.uncertainty[:, :, None]
+    data = np.asarray(done.data, dtype=np.float32).reshape(unc.shape)
+    axis = 2 if axis is None else int(axis)
+    means = slice_means(np.moveaxis(unc, axis, -1) / scale, np.moveaxis(data, axis, -1) / scale) * scale
+    return {"uncertainty": {"file": unc_path.name, "units": "expected absolute error, the input's intensity units; 0 on real slices",
+                            "slice_means": [round(float(m), 6) for m in means]}}

@@ -84,10 +84,12 @@ STAGES: dict[str, tuple[Step, ...]] = {
         }),
     ),
     "flow_generation": (Step("train", TRAIN), Step("evaluate", EVALUATE)),
+    # prior_cache: the fitted-prior cache training reads (use_prior_cache); quick when it is already built.
+    # calibrate: the uncertainty map's calibration on the validation split, refitted after every training run
     "mrngan": (
-        # the fitted-prior cache training reads (use_prior_cache); quick when it is already built
         Step("prior_cache", ("train.json", "prior_cache.json"), links=_mrngan_links, when=lambda o: bool(o.get("use_prior_cache"))),
         Step("train", TRAIN, links=_mrngan_links),
+        Step("calibrate", ("train.json", "calibrate.json"), links=_mrngan_links),
         Step("evaluate", EVALUATE, links=_mrngan_links),
     ),
 }

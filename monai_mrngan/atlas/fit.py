@@ -120,14 +120,16 @@ def moment_match(blur: torch.Tensor, sums: torch.Tensor | None, fixed: torch.Ten
 
 
 def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torch.Tensor, p0: torch.Tensor, allowed: torch.Tensor,
-              scans: list[ScanResult], cfg: FitConfig, need: torch.Tensor | None = None) -> tuple[torch.Tensor, list[SliceFit]]:
+              scans: list[ScanResult], cfg: FitConfig, need: torch.Tensor | None = None,
+              spread: bool = False) -> tuple[torch.Tensor, list[SliceFit], torch.Tensor | None]:
     """Fit the prior to N input slices together.
 
     ``refs`` (N, 1, H, W) in [0, 1] at positions ``p0`` (N,); ``allowed`` (N, K) which atlases each
     may use (subjects left out); ``scans[n]``: :func:`scan` of input n over its candidate positions
-    (one candidate, ``p0``, without position search); ``need``: see :func:`warp_fits`. Returns the
-    fitted volumes (N, P, H, W) on the grid and one :class:`SliceFit` per input (``atlas_index``
-    into the bank, ``shift`` the position offset of each kept atlas).
+    (one candidate, ``p0``, without position search); ``need``, ``spread``: see :func:`warp_fits`.
+    Returns the fitted volumes (N, P, H, W) on the grid, one :class:`SliceFit` per input
+    (``atlas_index`` into the bank, ``shift`` the position offset of each kept atlas) and the atlases'
+    spread (N, P, H, W) (None without ``spread``).
     """
     dev = grid.device
     n_in, k = allowed.shape
@@ -170,19 +172,24 @@ def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torc
         f = SliceFit(theta[sel], disp[sel], gain[sel], offset[sel], pair_a[sel], score[sel], float(p0[i]), dict(conf), shift[i, pair_a[sel]])
         f.config["shifts"] = f.shift.tolist()
         fits.append(f)
-    return warp_fits(bank, grid, fits, need, cfg.decay), fits
+    vols, spreads = warp_fits(bank, grid, fits, need, cfg.decay, spread)
+    return vols, fits, spreads
 
 
-def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need: torch.Tensor | None = None, decay: float = 0.1) -> torch.Tensor:
+def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need: torch.Tensor | None = None, decay: float = 0.1,
+              spread: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fitted volumes (N, P, H, W) of :func:`fit_batch`'s ``fits``: every grid slice of each kept atlas
     (at its shift) warped by its transform, the displacement fading as ``exp(-|p - p0| / decay)``,
     intensity-mapped, clamped and averaged per input. ``need`` (N, P) bool: only those grid slices are
-    warped (the rest stay 0), so a few-slice reconstruction warps each input's gaps, not whole volumes."""
+    warped (the rest stay 0), so a few-slice reconstruction warps each input's gaps, not whole volumes.
+    ``spread``: also the per-voxel standard deviation of the kept atlases around that mean (how much
+    they disagree: a signal of the uncertainty map), else None."""
     n_pos = len(grid)
     h, w = bank.shape[-2:]
     dev = grid.device
     need = torch.ones(len(fits), n_pos, dtype=torch.bool, device=dev) if need is None else need.to(dev)
     out = torch.zeros(len(fits), n_pos, h, w, device=dev)
+    sq = torch.zeros_like(out) if spread else None  # sum of squares beside the sum
     pair_n = torch.cat([torch.full((len(f.atlas_index),), i, dtype=torch.long, device=dev) for i, f in enumerate(fits)])
     cat = {k: torch.cat([getattr(f, k) for f in fits]) for k in ("theta", "disp", "gain", "offset", "atlas_index", "shift")}
     p0 = torch.as_tensor([f.reference_position for f in fits], dtype=grid.dtype, device=dev)
@@ -206,8 +213,11 @@ def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need
         warped = warp(vol[:, None], g)[:, 0]
         warped.mul_((cat["gain"][j] * scale).view(-1, 1, 1)).add_(cat["offset"][j].view(-1, 1, 1)).clamp_(0, 1)
         out.index_put_((pair_n[j], q), warped, accumulate=True)
-    count = pair_n.bincount(minlength=len(fits)).clamp_min(1).float()
-    return out / count.view(-1, 1, 1, 1)
+        if sq is not None:
+            sq.index_put_((pair_n[j], q), warped * warped, accumulate=True)
+    count = pair_n.bincount(minlength=len(fits)).clamp_min(1).float().view(-1, 1, 1, 1)
+    mean = out / count
+    return mean, ((sq / count - mean * mean).clamp_min(0).sqrt() if sq is not None else None)
 
 
 def _top_per_input(score: torch.Tensor, pair_n: torch.Tensor, n_in: int, m: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..data.datalist import load_split
 from ..data.io import InputError, is_nifti, load_state, load_volume
 from .bank import build_bank, gan_general_brain, mean_brain, position_grid, sidecar_path
-from .fit import ScanResult, WorkBank, bracket, fit_batch, gather_slices, scan, warp_fits
+from .fit import ScanResult, WorkBank, bracket, fit_batch, gather_slices, scan, to_unit, warp_fits
 from .registration import FitConfig, SliceFit, gauss_blur, torch_threads
 
 logger = logging.getLogger(__name__)
@@ -92,8 +92,11 @@ class BrainPrior:
         self._work: dict[tuple, WorkBank] = {}
         # fits by input slice, most recent last: a few-slice reconstruction alternates between its
         # inputs (runs up and down from each), so one entry would refit every time; each holds the
-        # fitted volume, which of its grid slices are warped yet, and the fit's transforms
-        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, SliceFit]] = OrderedDict()
+        # fitted volume, which of its grid slices are warped yet, the fit's transforms and (fp16,
+        # with keep_spread: for the uncertainty map) the kept atlases' per-voxel spread
+        self._cache: OrderedDict[tuple, list] = OrderedDict()
+        self.keep_spread = False
+        self._plain_spread: torch.Tensor | None = None
         # atlas scans by input slice (the refinement's, reused by the fit of the same slice)
         self._scans: OrderedDict[tuple, ScanResult] = OrderedDict()
         self.last_fit: SliceFit | None = None
@@ -262,20 +265,13 @@ class BrainPrior:
             scans = [self._scan(refs[i], self._candidates(pos[i], window, cfg.position_step), "none" if cfg.mode == "none" else "affine")
                      for i in part]
             rows = torch.stack([need[i] for i in part])
-            vols, fits = fit_batch(self.bank, self._work_bank(), self._grid, torch.cat([refs[i] for i in part]),
-                                   torch.as_tensor([pos[i] for i in part], dtype=torch.float64, device=self.device),
-                                   torch.stack([allowed[i] for i in part]), scans, cfg, rows)
+            vols, fits, spreads = fit_batch(self.bank, self._work_bank(), self._grid, torch.cat([refs[i] for i in part]),
+                                            torch.as_tensor([pos[i] for i in part], dtype=torch.float64, device=self.device),
+                                            torch.stack([allowed[i] for i in part]), scans, cfg, rows, self.keep_spread)
             for j, i in enumerate(part):
-                self._cache[keys[i]] = (vols[j], rows[j].clone(), fits[j])
+                self._cache[keys[i]] = [vols[j], rows[j].clone(), fits[j], spreads[j].half() if spreads is not None else None]
             self.last_fit = fits[-1]
-        missing = [i for i, k in enumerate(keys) if first[i] == i and bool((need[i] & ~self._cache[k][1]).any())]
-        if missing:  # fitted before, but these grid slices were not warped then
-            rows = torch.stack([need[i] & ~self._cache[keys[i]][1] for i in missing])
-            vols = warp_fits(self.bank, self._grid, [self._cache[keys[i]][2] for i in missing], rows, cfg.decay)
-            for j, i in enumerate(missing):
-                vol, filled, _ = self._cache[keys[i]]
-                vol[rows[j]] = vols[j][rows[j]]
-                filled |= rows[j]
+        self._warp_missing([(keys[i], need[i]) for i in range(len(keys)) if first[i] == i])
         out = []
         for k in keys:
             self._cache.move_to_end(k)
@@ -283,6 +279,56 @@ class BrainPrior:
         while len(self._cache) > FIT_CACHE_SIZE:
             self._cache.popitem(last=False)
         return out
+
+    def _warp_missing(self, wanted: list[tuple[tuple, torch.Tensor]]) -> None:
+        """Warp, from the kept transforms (no refit), the grid slices of cached fits asked for now but not
+        before; with ``keep_spread``, the spread of entries fitted without it (all their warped slices)."""
+        jobs = []
+        for key, need in wanted:
+            vol, filled, fit, spread = self._cache[key]
+            rows = (filled | need) if self.keep_spread and spread is None else need & ~filled
+            if bool(rows.any()):
+                jobs.append((key, rows))
+        if not jobs:
+            return
+        rows = torch.stack([r for _, r in jobs])
+        vols, spreads = warp_fits(self.bank, self._grid, [self._cache[k][2] for k, _ in jobs], rows, self.config.decay,
+                                  self.keep_spread or any(self._cache[k][3] is not None for k, _ in jobs))
+        for j, (key, r) in enumerate(jobs):
+            entry = self._cache[key]
+            entry[0][r] = vols[j][r]
+            entry[1] |= r
+            if spreads is not None:
+                if entry[3] is None:
+                    entry[3] = torch.zeros_like(entry[0], dtype=torch.float16)
+                entry[3][r] = spreads[j][r].half()
+
+    @torch.no_grad()
+    def spread_at(self, positions: torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None) -> torch.Tensor:
+        """How much the atlases disagree: per-voxel standard deviation (B, 1, H, W) at ``positions`` (B,).
+
+        With ``reference``: of the ``top_k`` kept warped atlases of :meth:`fit` around the fitted
+        prior (a cached fit made without ``keep_spread`` is warped again from its transforms, not
+        refitted); without: of the whole unaligned bank around :attr:`mean` (0 for a one-volume prior).
+        """
+        positions = torch.as_tensor(positions, dtype=torch.float64).reshape(-1)
+        cfg = self.config
+        if reference is None or (cfg.mode == "none" and cfg.intensity == "none"):
+            if self._plain_spread is None:
+                sq = torch.zeros_like(self.mean)
+                for j in range(self.bank.shape[0]):
+                    sq += (to_unit(self.bank[j]) - self.mean) ** 2
+                self._plain_spread = (sq / self.bank.shape[0]).sqrt()
+            return self._interp(self._plain_spread, positions)
+        ref = self._check_reference(reference, reference_position)
+        keep, self.keep_spread = self.keep_spread, True
+        try:
+            with torch_threads(cfg.num_threads):
+                self._fit_many([ref], [float(reference_position)], [None], [self.grid_slices_for(positions)])
+        finally:
+            self.keep_spread = keep
+        key = (float(reference_position), None, *self._ref_key(ref))
+        return self._interp(self._cache[key][3].float(), positions)
 
     @torch.no_grad()
     def slice_at(self, positions: torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None, exclude: str | None = None) -> torch.Tensor:

@@ -246,7 +246,7 @@ def display_to_slice(image: np.ndarray) -> np.ndarray:
 
 
 def save_png(data: np.ndarray, path: str | os.PathLike, display: bool = True) -> Path:
-    """Write a 2D slice with values in [0, 1] as an 8-bit grayscale PNG, atomically.
+    """Write a 2D slice with values in [0, 1] as an 8-bit grayscale PNG (an (H, W, 3) image as RGB), atomically.
 
     With ``display`` (default) the RAS axial slice is turned to display orientation, so
     :func:`load_slice` on the PNG gives the slice back (to 8-bit precision).
@@ -257,7 +257,7 @@ def save_png(data: np.ndarray, path: str | os.PathLike, display: bool = True) ->
     if display:
         arr = slice_to_display(arr)
     with atomic_path(path) as tmp:
-        Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), mode="L").save(tmp, format="PNG")
+        Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), mode="RGB" if arr.ndim == 3 else "L").save(tmp, format="PNG")
     return Path(path)
 
 

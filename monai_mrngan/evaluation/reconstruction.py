@@ -11,7 +11,9 @@ One run of :func:`evaluate_reconstruction` does both of issue 6's experiments:
 
 Outputs in ``out_dir``: ``report.json`` (``single_slice.methods.<method>`` with ``by_distance``,
 ``few_slices.k<k>.<method>``), ``report_meta.json`` (what was run: subjects, positions,
-localization error), ``per_distance.csv``, ``distance_<metric>.png`` per metric, and TensorBoard
+localization error), ``per_distance.csv``, ``distance_<metric>.png`` per metric,
+``uncertainty_reliability.png`` (with a calibration: ``report.json["uncertainty"]``, see
+:mod:`~monai_mrngan.evaluation.uncertainty`, scored on the MRNGAN reconstructions), and TensorBoard
 scalars (``single_slice/<metric>/<method>`` with step ``d``). ``per_distance.csv`` rows are keyed
 by ``setting`` (``single`` or ``k<k>``), ``method`` and ``d``: the distance in slices from the
 input slice (single) or from the nearest given slice (few slices, 1 .. k // 2).
@@ -37,7 +39,9 @@ from ..inference.components import Components
 from ..inference.localize import localize
 from ..inference.reconstruct import reconstruct_volume, refine_positions
 from ..inference.runners import make_runner
+from ..inference.uncertainty import track_spread
 from ..metrics import METRIC_NAMES, slice_metrics, summarize
+from .uncertainty import UncertaintyScores, plot_reliability
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +87,7 @@ def evaluate_reconstruction(
     few_slice_fit_prior: bool = False,
     limit: int | None = None,
     tensorboard: bool = True,
+    calibration: Any = None,
 ) -> dict[str, Any]:
     """Run the single-slice and few-slice evaluations on ``split`` and write the report files.
 
@@ -96,6 +101,8 @@ def evaluate_reconstruction(
         few_slice_fit_prior: also fit it to every given slice in the few-slice experiment (one
             fit per given slice and direction: slow with a deformable fit, hence off by default).
         limit: evaluate only the first N subjects of the split.
+        calibration: the uncertainty calibration to score (default ``components.calibration``); none:
+            ``report.json["uncertainty"]`` is null.
     Returns the ``report.json`` dictionary.
     """
     comp = components or Components()
@@ -111,6 +118,9 @@ def evaluate_reconstruction(
     few_rows: dict[int, dict[str, list]] = {k: {m: [] for m in few} for k in few_slice_k}
     few_by_d: dict[int, dict[str, dict[int, list]]] = {k: {m: {} for m in few} for k in few_slice_k}
     loc_err, raw_err, spacing = [], [], None
+    cal = calibration if calibration is not None else getattr(comp, "calibration", None)
+    unc = UncertaintyScores(cal) if cal is not None and "mrngan" in single + few else None
+    gap_aware = bool(getattr(comp.model, "far_end", False))
     t0 = time.time()
     for n, entry in enumerate(entries, 1):
         vol, _ = load_volume(entry["image"])
@@ -132,7 +142,10 @@ def evaluate_reconstruction(
             d = torch.as_tensor(np.abs(np.arange(depth) - i0))
             keep = d > 0
             for m in single:
-                rec = reconstruct_volume(x, [p0], method=m, input_indices=[i0], fit_prior=fit_prior, **kw)
+                with track_spread(comp.prior, unc is not None and m == "mrngan"):
+                    rec = reconstruct_volume(x, [p0], method=m, input_indices=[i0], fit_prior=fit_prior, **kw)
+                if unc is not None and m == "mrngan":
+                    unc.add("single_slice", rec, vol, comp.prior, spacing, fit_prior, gap_aware)
                 pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
                 met = slice_metrics(pred[keep], target[keep])
                 for dist in torch.unique(d[keep]).tolist():
@@ -145,7 +158,11 @@ def evaluate_reconstruction(
             missing = torch.as_tensor([i for i in range(given[0], given[-1]) if i not in given])
             near = torch.as_tensor(np.abs(missing.numpy()[:, None] - np.asarray(given)[None]).min(1))  # to the nearest given slice
             for m in few:
-                rec = reconstruct_volume(target[given], pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
+                scored = unc is not None and m == "mrngan" and f"k{k}" in unc.vox
+                with track_spread(comp.prior, scored):
+                    rec = reconstruct_volume(target[given], pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
+                if scored:
+                    unc.add(f"k{k}", rec, vol, comp.prior, spacing, few_slice_fit_prior, gap_aware, missing.numpy())
                 pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
                 met = slice_metrics(pred[missing], target[missing])
                 few_rows[k][m].append(met)
@@ -170,6 +187,9 @@ def evaluate_reconstruction(
             for dist in sorted(few_by_d[k][m]):
                 pooled = _pool(few_by_d[k][m][dist])
                 csv_rows.append({"setting": f"k{k}", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **_summary(pooled)})
+    report["uncertainty"] = unc.report() if unc is not None else None
+    if report["uncertainty"]:
+        plot_reliability(report["uncertainty"], out_dir / "uncertainty_reliability.png")
     save_json(report, out_dir / "report.json")
     save_json(
         {

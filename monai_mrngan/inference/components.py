@@ -24,6 +24,7 @@ from ..data.datalist import load_split
 from ..data.io import load_weights
 from ..networks.contracts import next_fn_for
 from ..networks.recurrent import MRNGAN, NextFn
+from .uncertainty import CALIBRATION_NAME, Calibration, load_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Components:
     localizer: torch.nn.Module | None = None
     next_fn: NextFn | None = None
     device: str = "cpu"
+    calibration: Calibration | None = None  # MRNGAN's uncertainty calibration (None: no uncertainty map)
 
     def __post_init__(self) -> None:
         if self.next_fn is None and self.generator is not None:
@@ -92,8 +94,10 @@ def load_components(
     localizer_weights: str | None = None,
     device: str = "cpu",
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    calibration_path: str | None = None,
 ) -> Components:
-    """Load whichever trained stages are given (config + weights of each stage bundle, the prior's file).
+    """Load whichever trained stages are given (config + weights of each stage bundle, the prior's file,
+    MRNGAN's uncertainty calibration).
 
     ``overrides`` maps ``"mrngan" | "flow" | "localizer"`` to config overrides (e.g. image size).
     """
@@ -108,6 +112,7 @@ def load_components(
         comp.prior = load_stage_prior(prior_path, prior_fit, device=device)
     if mrngan_config and mrngan_weights:
         comp.model = load_bundle_network(mrngan_config, mrngan_weights, overrides=overrides.get("mrngan"), device=device)
+    comp.calibration = load_calibration(calibration_path)
     return comp
 
 
@@ -124,7 +129,8 @@ def components_from_bundles(
     weights from ``WEIGHTS/<stage>/models/`` (``weights_root`` defaults to ``bundles_root``; a pipeline
     work folder with one sub-folder per stage fits). Missing weights leave that component None.
 
-    ``WEIGHTS/mrngan/models/flow_finetuned.pt`` replaces the flow weights when it exists.
+    ``WEIGHTS/mrngan/models/flow_finetuned.pt`` replaces the flow weights when it exists;
+    ``WEIGHTS/mrngan/models/uncertainty_calibration.json`` is the uncertainty calibration (none: no map).
     ``prior_fit`` defaults to the mrngan bundle's ``prior_fit`` (its ``configs/inference.json``).
     ``overrides``: per stage (``"mrngan" | "flow" | "localizer"``) the config overrides it was trained with.
     """
@@ -161,6 +167,7 @@ def components_from_bundles(
         localizer_weights=weights("slice_localization"),
         device=device,
         overrides=overrides,
+        calibration_path=str(w / "mrngan" / "models" / CALIBRATION_NAME),
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..data.io import save_json, save_nifti, save_png, slice_to_display
 from ..data.positions import HEAD_HEIGHT_MM
+from .uncertainty import slice_means
 from .volume import Reconstruction
 
 __all__ = ["montage", "provenance", "save_reconstruction"]
@@ -20,11 +21,13 @@ TILE_PX = 128  # montage tiles are shown at least this large
 
 
 def montage(volume: np.ndarray, positions: Sequence[float] | None = None, inputs: Sequence[int] = (), num: int = 16, cols: int = 4,
-            tile_px: int = TILE_PX) -> np.ndarray:
+            tile_px: int = TILE_PX, uncertainty: np.ndarray | None = None) -> np.ndarray:
     """A grid of ``num`` evenly spaced axial slices (display orientation), top of the head first.
 
     Tiles are upscaled to at least ``tile_px``; the input slices are always shown, framed; with
-    ``positions`` each tile is labelled with its depth below the vertex in mm. Returns [0, 1] pixels.
+    ``positions`` each tile is labelled with its depth below the vertex in mm. Returns [0, 1] pixels
+    (H, W); with ``uncertainty`` (like ``volume``) RGB (H, W, 3): under each row of slices the same
+    slices' expected error in colour, and a colour bar in intensity units at the bottom.
     """
     from PIL import Image, ImageDraw
 
@@ -38,11 +41,13 @@ def montage(volume: np.ndarray, positions: Sequence[float] | None = None, inputs
     tiles = [np.kron(slice_to_display(volume[:, :, i]), np.ones((zoom, zoom), dtype=np.float32)) for i in picks]
     rows = int(math.ceil(len(tiles) / cols))
     h, w = tiles[0].shape
-    canvas = Image.new("L", (cols * w, rows * h))
+    per_row = 2 if uncertainty is not None else 1
+    bar_h = 40 if uncertainty is not None else 0
+    canvas = Image.new("L", (cols * w, rows * h * per_row + bar_h))
     draw = ImageDraw.Draw(canvas)
     for n, (i, tile) in enumerate(zip(picks, tiles)):
         r, c = divmod(n, cols)
-        x, y = c * w, r * h
+        x, y = c * w, r * h * per_row
         canvas.paste(Image.fromarray((np.clip(tile, 0, 1) * 255 + 0.5).astype(np.uint8)), (x, y))
         if i in inputs:
             draw.rectangle([x + 1, y + 1, x + w - 2, y + h - 2], outline=255, width=3)
@@ -51,7 +56,35 @@ def montage(volume: np.ndarray, positions: Sequence[float] | None = None, inputs
             box = draw.textbbox((x + 5, y + 5), label)
             draw.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], fill=0)
             draw.text((x + 5, y + 5), label, fill=255)
-    return np.asarray(canvas, dtype=np.float32) / 255.0
+    gray = np.asarray(canvas, dtype=np.float32) / 255.0
+    if uncertainty is None:
+        return gray
+    return _uncertainty_rows(gray, uncertainty, picks, zoom, cols, (h, w), bar_h)
+
+
+def _uncertainty_rows(gray: np.ndarray, unc: np.ndarray, picks: Sequence[int], zoom: int, cols: int, tile: tuple[int, int], bar_h: int) -> np.ndarray:
+    """RGB montage: ``gray``'s slice rows, each followed by its slices' uncertainty (colour map 'inferno',
+    0 .. the 99th percentile), and a labelled colour bar at the bottom."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    lut = colormaps["inferno"](np.linspace(0, 1, 256))[:, :3].astype(np.float32)  # a 256-colour table: one lookup per pixel
+    h, w = tile
+    vmax = float(np.percentile(unc, 99)) if np.any(unc > 0) else 1.0
+    vmax = vmax if vmax > 0 else float(unc.max()) or 1.0
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    for n, i in enumerate(picks):
+        r, c = divmod(n, cols)
+        t = np.kron(slice_to_display(unc[:, :, i]) / vmax, np.ones((zoom, zoom), dtype=np.float32))
+        rgb[(2 * r + 1) * h : (2 * r + 2) * h, c * w : (c + 1) * w] = lut[(np.clip(t, 0, 1) * 255 + 0.5).astype(np.uint8)]
+    y0, width = rgb.shape[0] - bar_h, rgb.shape[1]
+    rgb[y0 + 4 : y0 + 18, 10 : width - 10] = lut[np.linspace(0, 255, width - 20).round().astype(np.uint8)][None]
+    img = Image.fromarray((rgb * 255 + 0.5).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    draw.text((10, y0 + 22), "0", fill=(255, 255, 255))
+    label = f"{vmax:.3g} expected |error| (intensity units, 1 = full range); 0 on real slices"
+    draw.text((max(10, width - 10 - int(draw.textlength(label))), y0 + 22), label, fill=(255, 255, 255))
+    return np.asarray(img, dtype=np.float32) / 255.0
 
 
 def provenance(num_slices: int, inputs: Sequence[int], spacing_mm: float) -> np.ndarray:
@@ -65,14 +98,18 @@ def _stem(out: Path) -> str:
 
 
 def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.ndarray | None = None, spacing_mm: float = 2.0,
-                        input_affine: np.ndarray | None = None, sources: Sequence[str] | None = None) -> dict[str, str]:
+                        input_affine: np.ndarray | None = None, sources: Sequence[str] | None = None,
+                        uncertainty: np.ndarray | None = None, uncertainty_note: str | None = None) -> dict[str, str]:
     """Write the volume, its provenance map, a montage and the positions JSON (each atomically); return the paths.
 
     ``affine``: the model grid's (default a RAS diagonal with ``spacing_mm``). With ``input_affine``
     (the input had a geometry) ``OUT.nii.gz`` is placed in the input's world and the model-grid
     volume is written beside it as ``OUT_model_grid.nii.gz``; otherwise ``OUT.nii.gz`` is the model
     grid. ``OUT_provenance.nii.gz`` (same grid and affine as ``OUT``): 0 on real slices, else the
-    distance in mm to the nearest real slice.
+    distance in mm to the nearest real slice. With ``uncertainty`` (H, W, D, like the volume)
+    ``OUT_uncertainty.nii.gz`` (same grid and affine as ``OUT``): the expected absolute error per voxel
+    in the output's intensity units, 0 on real slices; the positions JSON gives each slice's mean over
+    its head voxels, and ``uncertainty_note`` says why there is no map when there is none.
     """
     out = Path(out)
     stem = _stem(out)
@@ -89,8 +126,14 @@ def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.
     prov = out.with_name(f"{stem}_provenance.nii.gz")
     save_nifti(np.broadcast_to(dist, rec.volume.shape), out_affine, prov)
     paths["provenance"] = str(prov)
+    unc_mean = None
+    if uncertainty is not None:
+        unc_path = out.with_name(f"{stem}_uncertainty.nii.gz")
+        save_nifti(uncertainty, out_affine, unc_path)
+        paths["uncertainty"] = str(unc_path)
+        unc_mean = slice_means(uncertainty, rec.volume)
     mont = out.with_name(f"{stem}_montage.png")
-    save_png(montage(rec.volume, rec.positions, rec.input_indices), mont, display=False)
+    save_png(montage(rec.volume, rec.positions, rec.input_indices, uncertainty=uncertainty), mont, display=False)
     paths["montage"] = str(mont)
     meta = out.with_name(f"{stem}_positions.json")
     real = set(int(i) for i in rec.input_indices)
@@ -101,6 +144,8 @@ def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.
             "volume": {"path": str(out), "space": "input" if input_affine is not None else "model grid"},
             "model_grid_volume": paths.get("model_grid_volume", str(out)),
             "provenance": str(prov),
+            "uncertainty": paths.get("uncertainty"),
+            **({"uncertainty_note": uncertainty_note} if uncertainty_note else {}),
             "sources": list(sources) if sources is not None else None,
             "input_check": rec.extra.get("input_check"),
             "placement": rec.extra.get("placement"),
@@ -111,7 +156,8 @@ def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.
             "slices": [
                 {"index": k, "p": round(float(p), 6), "depth_mm": round(float(p) * HEAD_HEIGHT_MM, 2), "real": k in real,
                  "distance_mm": round(float(dist[k]), 3),
-                 **({"prior_weight": round(float(prior_weight[k]), 4)} if prior_weight is not None and k not in real and np.isfinite(prior_weight[k]) else {})}
+                 **({"prior_weight": round(float(prior_weight[k]), 4)} if prior_weight is not None and k not in real and np.isfinite(prior_weight[k]) else {}),
+                 **({"uncertainty_mean": round(float(unc_mean[k]), 5)} if unc_mean is not None else {})}
                 for k, p in enumerate(rec.positions)
             ],
         },

@@ -26,11 +26,12 @@ from .components import Components
 from .localize import localize, place_slices
 from .output import save_reconstruction
 from .runners import is_gap_aware, make_runner
+from .uncertainty import track_spread, uncertainty_map
 from .volume import Reconstruction, cubic_fill, fill_volume, volume_affine, volume_grid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Reconstruction", "reconstruct_volume", "refine_positions", "check_inputs", "reconstruct_files"]
+__all__ = ["Reconstruction", "reconstruct_volume", "refine_positions", "check_inputs", "calibration_for", "reconstruct_files"]
 
 
 def reconstruct_volume(
@@ -51,6 +52,7 @@ def reconstruct_volume(
     reference_positions: Sequence[float] | None = None,
     refine_window: float = 0.12,
     device: str | torch.device = "cpu",
+    calibration: Any = None,
 ) -> Reconstruction:
     """One (or a few) [0,1] axial slices -> a whole volume.
 
@@ -66,6 +68,8 @@ def reconstruct_volume(
         reference_positions: a prepared volume's ``p`` per index: the output takes that grid.
         refine_window: localized positions (not given ones) are refined by matching the input
             against the prior's atlases within this window in ``p`` (:func:`refine_positions`; 0: off).
+        calibration: an uncertainty :class:`~monai_mrngan.inference.uncertainty.Calibration` (MRNGAN only):
+            ``extra["uncertainty"]`` is then the expected absolute error map (H, W, D), 0 on the inputs.
     """
     device = torch.device(device)
     x = as_slice_batch(slices)
@@ -97,11 +101,14 @@ def reconstruct_volume(
 
     run_on_device.gap_aware = is_gap_aware(run)
     signals: dict = {}
+    if calibration is not None and method != "mrngan":
+        raise ValueError(f"the uncertainty calibration is fitted for mrngan, not {method}")
     if method == "cubic":
         vol = cubic_fill(x, idx, num_slices)
     else:
-        vol = fill_volume(run_on_device, x, idx, num_slices, grid, step_p, signals=signals)
-    return Reconstruction(
+        with track_spread(prior, calibration is not None):  # the fits keep the atlas spread the map needs
+            vol = fill_volume(run_on_device, x, idx, num_slices, grid, step_p, signals=signals)
+    rec = Reconstruction(
         volume=vol.permute(1, 2, 0).numpy().astype(np.float32),
         positions=np.asarray(grid, dtype=np.float64),
         input_indices=list(idx),
@@ -109,6 +116,9 @@ def reconstruct_volume(
         method=method,
         extra={name: v.numpy() for name, v in signals.items()},
     )
+    if calibration is not None:
+        rec.extra["uncertainty"] = uncertainty_map(rec, prior, calibration, abs(step_p) * HEAD_HEIGHT_MM, fit_prior, is_gap_aware(run))
+    return rec
 
 
 def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor | Sequence[float], window: float = 0.12) -> torch.Tensor:
@@ -203,6 +213,21 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
     return results
 
 
+def calibration_for(components: Components, method: str) -> tuple[Any, str | None]:
+    """The uncertainty calibration to use for ``method`` and, when there is none, the one-line reason (logged)."""
+    cal = getattr(components, "calibration", None)
+    note = None
+    if method != "mrngan":
+        note = f"no uncertainty map: it is calibrated for mrngan, not {method}"
+    elif cal is None:
+        note = ("no uncertainty map: no uncertainty calibration with the mrngan weights "
+                "(stages trained before it existed; run the mrngan bundle's calibrate step)")
+    if note:
+        logger.warning(note)
+        return None, note
+    return cal, None
+
+
 def reconstruct_files(
     inputs: Sequence[str],
     out: str,
@@ -232,6 +257,9 @@ def reconstruct_files(
     overlays the input in a viewer, and the model-grid volume is written beside it
     (``<out>_model_grid.nii.gz``). Every input is first checked to be an axial head slice
     (:func:`check_inputs`; ``force`` reconstructs a failing one anyway, with its score recorded).
+    With an uncertainty calibration (``components.calibration``, method ``mrngan``) the expected
+    absolute error map is written beside ``out`` (``<out>_uncertainty.nii.gz``, same grid and affine;
+    :mod:`~monai_mrngan.inference.uncertainty`); without one, no map and a one-line warning.
     Returns the written paths and the positions of the inputs.
     """
     if not inputs:
@@ -251,6 +279,7 @@ def reconstruct_files(
         positions, placement = _volume_position(components, inputs[0], int(slice_index), int(size), spacing_mm)
     elif positions is not None and len(positions) != len(got.slices):
         raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
+    cal, note = calibration_for(components, method)
     rec = reconstruct_volume(
         got.slices,
         positions,
@@ -263,7 +292,9 @@ def reconstruct_files(
         reference_positions=reference_positions,
         refine_window=refine_window,
         device=components.device,
+        calibration=cal,
     )
+    unc = rec.extra.pop("uncertainty", None)
     rec.extra["input_check"] = checks
     if placement is not None:
         rec.extra["placement"] = placement
@@ -271,6 +302,6 @@ def reconstruct_files(
     if reference_affine is not None and reference_positions is not None:
         grid_affine = volume_affine(reference_affine, reference_positions, rec.positions)
     input_affine = _input_space_affine(got, rec.input_indices[0], spacing_mm) if got.has_geometry else None
-    paths = save_reconstruction(rec, out, grid_affine, spacing_mm, input_affine=input_affine, sources=got.sources)
+    paths = save_reconstruction(rec, out, grid_affine, spacing_mm, input_affine=input_affine, sources=got.sources, uncertainty=unc, uncertainty_note=note)
     logger.info("wrote %s (%s slices); input positions %s", paths["volume"], rec.volume.shape[2], rec.input_positions)
     return {**paths, "input_positions": rec.input_positions, "input_indices": rec.input_indices, "sources": got.sources, "input_check": checks}

@@ -1,0 +1,210 @@
+"""Fitting the uncertainty calibration on the validation split, and scoring the map on the test split.
+
+Both reconstruct held-out volumes with MRNGAN exactly as the reconstruction evaluation does (one
+slice at each input position, localized and refined when a localizer is given; every k-th slice at
+its true position) and compare the signals / predicted error of
+:mod:`~monai_mrngan.inference.uncertainty` with the true absolute error over head voxels (true
+slice > ``HEAD_THRESHOLD``) of the generated slices.
+
+- :func:`calibrate`: the mrngan bundle's ``calibrate`` step (``configs/calibrate.json``): fits
+  :class:`~monai_mrngan.inference.uncertainty.Calibration` on the validation split and writes it
+  beside the weights (``models/uncertainty_calibration.json``);
+- :class:`UncertaintyScores`: collected by :func:`~monai_mrngan.evaluation.reconstruction.evaluate_reconstruction`
+  from its own MRNGAN reconstructions; ``report()`` is ``report.json["uncertainty"]``: per case
+  (``single_slice``, ``k4``, ``k8``) ``spearman_voxel`` (over head voxels), ``spearman_slice``
+  (per-slice mean predicted against mean true error over head voxels) and ``reliability`` (ten rows
+  ``{"predicted", "true"}``: mean predicted and mean true error per decile of predicted error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..data.datalist import load_split
+from ..data.io import load_volume, pyplot, save_figure
+from ..data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, index_for_position, position_step
+from ..inference.components import Components
+from ..inference.localize import localize
+from ..inference.reconstruct import reconstruct_volume, refine_positions
+from ..inference.uncertainty import FEATURES, Calibration, broadcast, track_spread, uncertainty_signals
+from ..inference.volume import Reconstruction
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["UNCERTAINTY_CASES", "head_samples", "UncertaintyScores", "calibrate", "plot_reliability"]
+
+UNCERTAINTY_CASES = ("single_slice", "k4", "k8")
+DECILES = 10
+
+
+def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, gap_aware: bool,
+                 scored: np.ndarray | None = None, head_only: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Signals (flat, per voxel), true absolute error and slice index of every head voxel of the
+    generated slices (``scored``: which slices count, default every non-input slice; ``head_only``
+    False: every voxel of them, the slice index then negative (``-1 - index``) outside the head)."""
+    d = rec.volume.shape[2]
+    if scored is None:
+        scored = np.setdiff1d(np.arange(d), rec.input_indices)
+    sig = broadcast(uncertainty_signals(rec, prior, spacing_mm, fit_prior, gap_aware), rec.volume.shape)
+    mask = np.zeros(rec.volume.shape, dtype=bool)
+    mask[:, :, scored] = target[:, :, scored] > HEAD_THRESHOLD
+    slice_id = np.broadcast_to(np.arange(d), rec.volume.shape)[mask]
+    if not head_only:
+        head = mask
+        mask = np.zeros(rec.volume.shape, dtype=bool)
+        mask[:, :, scored] = True
+        slice_id = np.where(head, np.arange(d), -1 - np.arange(d))[mask]
+    return {k: np.asarray(v[mask], dtype=np.float32) for k, v in sig.items()}, np.abs(rec.volume - target)[mask], slice_id
+
+
+class UncertaintyScores:
+    """Predicted against true error, collected reconstruction by reconstruction (see the module docstring).
+
+    Voxel-level statistics use a random subsample of ``voxels`` head voxels per reconstruction
+    (memory); slice means use every head voxel.
+    """
+
+    def __init__(self, calibration: Calibration, voxels: int = 20000, seed: int = 0):
+        self.cal, self.voxels = calibration, int(voxels)
+        self.rng = np.random.default_rng(seed)
+        self.vox: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {c: [] for c in UNCERTAINTY_CASES}
+        self.slices: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {c: [] for c in UNCERTAINTY_CASES}
+
+    def add(self, case: str, rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, gap_aware: bool,
+            scored: np.ndarray | None = None) -> None:
+        sig, err, sid = head_samples(rec, target, prior, spacing_mm, fit_prior, gap_aware, scored)
+        if err.size == 0:
+            return
+        pred = self.cal.predict(sig)
+        n = np.bincount(sid, minlength=rec.volume.shape[2])
+        ok = n > 0
+        self.slices[case].append(((np.bincount(sid, pred, len(n))[ok] / n[ok]), (np.bincount(sid, err, len(n))[ok] / n[ok])))
+        pick = self.rng.choice(err.size, min(self.voxels, err.size), replace=False)
+        self.vox[case].append((pred[pick], err[pick]))
+
+    def report(self) -> dict[str, Any]:
+        from scipy.stats import spearmanr
+
+        out: dict[str, Any] = {}
+        for case in UNCERTAINTY_CASES:
+            if not self.vox[case]:
+                continue
+            pv, tv = (np.concatenate(x) for x in zip(*self.vox[case]))
+            ps, ts = (np.concatenate(x) for x in zip(*self.slices[case]))
+            order = np.argsort(pv, kind="stable")
+            rows = [{"predicted": float(pv[b].mean()), "true": float(tv[b].mean())} for b in np.array_split(order, DECILES) if b.size]
+            out[case] = {
+                "spearman_voxel": float(spearmanr(pv, tv)[0]),
+                "spearman_slice": float(spearmanr(ps, ts)[0]) if ps.size > 2 else float("nan"),
+                "reliability": rows,
+                "n_voxels": int(pv.size),
+                "n_slices": int(ps.size),
+            }
+        return out
+
+
+def plot_reliability(scores: dict[str, Any], path: str | os.PathLike) -> None:
+    """Mean true against mean predicted error per decile, one line per case, with the diagonal."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    top = 0.0
+    for case, s in scores.items():
+        x = [r["predicted"] for r in s["reliability"]]
+        y = [r["true"] for r in s["reliability"]]
+        top = max(top, *x, *y)
+        ax.plot(x, y, marker="o", markersize=3, label=f"{case} (rho voxel {s['spearman_voxel']:.2f}, slice {s['spearman_slice']:.2f})")
+    ax.plot([0, top], [0, top], "k--", lw=0.8, label="calibrated")
+    ax.set_xlabel("predicted absolute error (decile mean)")
+    ax.set_ylabel("true absolute error (decile mean)")
+    ax.set_title("uncertainty reliability (head voxels)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+
+
+def calibrate(
+    dataset_dir: str | os.PathLike,
+    components: Components,
+    out_path: str | os.PathLike,
+    split: str = "validation",
+    input_positions: Sequence[float] = (0.3, 0.5, 0.7),
+    few_slice_k: Sequence[int] = (4, 8),
+    localize_inputs: bool = True,
+    refine_window: float = 0.12,
+    fit_prior: bool = True,
+    few_slice_fit_prior: bool = False,
+    limit: int | None = None,
+    voxels: int = 50000,
+    seed: int = 0,
+) -> Calibration:
+    """Fit the uncertainty calibration on ``split`` (MRNGAN reconstructions as in the evaluation) and write it to ``out_path``.
+
+    ``voxels``: head voxels sampled per reconstruction, and a quarter as many outside the head (true
+    slice <= ``HEAD_THRESHOLD``), so the map also holds in the air around it. Returns the calibration (its ``info`` holds
+    the fit's settings and its Spearman correlation on the samples it was fitted on).
+    """
+    comp = components
+    if comp.model is None or comp.next_fn is None or comp.prior is None:
+        raise ValueError("calibrating the uncertainty needs the trained mrngan, flow and prior stages")
+    entries = load_split(dataset_dir, split, limit)
+    if not entries:
+        raise ValueError(f"{dataset_dir}: split {split!r} is empty; the calibration is fitted on it")
+    rng = np.random.default_rng(seed)
+    use_loc = localize_inputs and comp.localizer is not None
+    gap_aware = bool(getattr(comp.model, "far_end", False))
+    sig_parts, err_parts = [], []
+    t0 = time.time()
+
+    def take(rec: Reconstruction, target: np.ndarray, spacing: float, fitted: bool, scored: np.ndarray | None = None) -> None:
+        sig, err, sid = head_samples(rec, target, comp.prior, spacing, fitted, gap_aware, scored, head_only=False)
+        head, air = np.nonzero(sid >= 0)[0], np.nonzero(sid < 0)[0]
+        pick = np.concatenate([rng.choice(head, min(voxels, head.size), replace=False),
+                               rng.choice(air, min(voxels // 4, air.size), replace=False)])
+        sig_parts.append({k: v[pick] for k, v in sig.items()})
+        err_parts.append(err[pick])
+
+    for n, entry in enumerate(entries, 1):
+        vol, _ = load_volume(entry["image"])
+        pos = np.asarray(entry["positions"], dtype=np.float64)
+        step_p = position_step(pos)
+        spacing = abs(step_p) * HEAD_HEIGHT_MM
+        depth = vol.shape[2]
+        target = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, 2, 0)))[:, None]
+        kw = dict(method="mrngan", model=comp.model, next_fn=comp.next_fn, prior=comp.prior, step_p=step_p, num_slices=depth, device=comp.device)
+        with track_spread(comp.prior):
+            for p_in in input_positions:
+                i0 = index_for_position(pos, p_in)
+                x = target[i0 : i0 + 1]
+                p0 = float(pos[i0])
+                if use_loc:
+                    p0 = float(refine_positions(comp.prior, x, localize(comp.localizer, x.to(comp.device)).cpu().reshape(-1)[:1], refine_window)[0])
+                take(reconstruct_volume(x, [p0], input_indices=[i0], fit_prior=fit_prior, **kw), vol, spacing, fit_prior)
+            for k in few_slice_k:
+                given = list(range(0, depth, k))
+                if len(given) < 2:
+                    continue
+                rec = reconstruct_volume(target[given], pos[given].tolist(), input_indices=given, fit_prior=few_slice_fit_prior, **kw)
+                take(rec, vol, spacing, few_slice_fit_prior, np.setdiff1d(np.arange(given[0], given[-1]), given))
+        logger.info("uncertainty calibration: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
+    signals = {k: np.concatenate([s[k] for s in sig_parts]) for k in FEATURES}
+    err = np.concatenate(err_parts)
+    info = {"split": split, "subjects": [e.get("subject") for e in entries], "input_positions": list(input_positions),
+            "few_slice_k": list(few_slice_k), "localized_inputs": use_loc, "fit_prior": fit_prior, "few_slice_fit_prior": few_slice_fit_prior,
+            "samples": int(err.size), "method": "mrngan", "units": "absolute error in [0, 1] output intensity", "mask": f"head voxels (true > {HEAD_THRESHOLD}) and a quarter as many outside"}
+    cal = Calibration.fit(signals, err, info=info)
+    from scipy.stats import spearmanr
+
+    cal.info["spearman_voxel_fit"] = float(spearmanr(cal.predict(signals), err)[0])
+    cal.info["mean_abs_error"] = float(err.mean())
+    cal.info["seconds"] = round(time.time() - t0, 1)
+    cal.save(out_path)
+    logger.info("uncertainty calibration written to %s (%d samples, weights %s)", out_path, err.size, [round(w, 3) for w in cal.weights])
+    return cal

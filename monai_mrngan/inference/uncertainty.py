@@ -1,0 +1,238 @@
+"""How far to trust each voxel of a reconstruction: a calibrated map of its expected absolute error.
+
+Signals per generated voxel (:func:`uncertainty_signals`), all computed from what the run already has:
+
+- ``spread``: how much the kept warped atlases disagree there (their per-voxel standard deviation
+  around the fitted prior, :meth:`~monai_mrngan.atlas.prior.BrainPrior.spread_at`);
+- ``distance_mm``: distance to the nearest real slice (the provenance map);
+- ``gap_mm``: the width of the bounded gap between the two real slices around the voxel's slice
+  (0 beyond the outermost real slices: an open run, whose error ``distance_mm`` carries), so every
+  8th slice given is told apart from every 4th at the same distance;
+- ``disagreement``: ``|output - prior|``, how far the cell moved away from the prior (towards
+  pix2pix, the previous slice or the far end);
+- ``prior_weight``: the MRNGAN cell's mean weight on the prior for that slice (0 for other methods);
+- ``intensity``: the output itself (error scales with tissue brightness; air is nearly exact).
+
+:class:`Calibration` maps them to the expected absolute error in output intensity units: a
+log-linear model ``exp(b + sum_i w_i f_i)`` with ``w_i >= 0`` on increasing transforms ``f_i`` of
+the signals (so more of any signal never predicts less error), fitted by Poisson deviance (its
+fitted mean matches the mean error), then a monotone (isotonic) recalibration of that prediction
+against the binned true error. It is fitted on the validation split after MRNGAN training
+(:func:`monai_mrngan.evaluation.uncertainty.calibrate`) and stored as JSON beside the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..data.io import InputError, save_json
+from ..data.positions import HEAD_THRESHOLD
+from .volume import Reconstruction
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FEATURES", "CALIBRATION_NAME", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means", "load_calibration",
+           "track_spread"]
+
+FEATURES = ("spread", "distance_mm", "gap_mm", "disagreement", "prior_weight", "intensity")
+CALIBRATION_NAME = "uncertainty_calibration.json"
+"""The calibration's file name in the mrngan bundle's models folder."""
+EPS = 0.01  # floor inside the logs: 1 % of the intensity range
+ISOTONIC_BINS = 50
+
+
+def _design(name: str, x: np.ndarray) -> np.ndarray:
+    """The increasing transform of one signal the log-linear model uses."""
+    x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
+    if name == "prior_weight":
+        return x
+    if name in ("distance_mm", "gap_mm"):
+        return np.log1p(np.maximum(x, 0.0))
+    return np.log(np.maximum(x, 0.0) + EPS)
+
+
+@dataclass
+class Calibration:
+    """Signals -> expected absolute error (see the module docstring); ``iso_x`` (ascending log of the
+    log-linear prediction) and ``iso_y`` (non-decreasing error) are the isotonic table."""
+
+    bias: float
+    weights: list[float]
+    iso_x: list[float]
+    iso_y: list[float]
+    features: list[str] = field(default_factory=lambda: list(FEATURES))
+    info: dict = field(default_factory=dict)
+
+    def linear(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``b + sum_i w_i f_i`` (the log of the log-linear prediction), shaped like the signals."""
+        out = None
+        for name, w in zip(self.features, self.weights):
+            term = np.float32(w) * _design(name, signals[name])
+            out = term if out is None else out + term
+        return out + np.float32(self.bias)
+
+    def predict(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Expected absolute error (float32, shaped like the signals; broadcast per-slice signals first)."""
+        return np.interp(self.linear(signals), self.iso_x, self.iso_y).astype(np.float32)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return save_json({"kind": "uncertainty_calibration", **asdict(self)}, path)
+
+    @classmethod
+    def fit(cls, signals: Mapping[str, np.ndarray], abs_error: np.ndarray, iters: int = 200, info: dict | None = None) -> "Calibration":
+        """Fit on flat samples (``signals[name]`` (N,), ``abs_error`` (N,)) of generated voxels."""
+        y = np.asarray(abs_error, dtype=np.float64).reshape(-1)
+        if y.size < 100:
+            raise ValueError(f"too few samples to calibrate the uncertainty ({y.size})")
+        X = torch.from_numpy(np.stack([_design(n, signals[n]).reshape(-1) for n in FEATURES], 1).astype(np.float64))
+        mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
+        Z, t = (X - mu) / sd, torch.from_numpy(y)
+        raw = torch.zeros(len(FEATURES), dtype=torch.float64, requires_grad=True)
+        b = torch.tensor([math.log(max(float(y.mean()), 1e-6))], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([raw, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+        def closure():  # Poisson deviance with a log link; softplus keeps every weight >= 0 (monotone)
+            opt.zero_grad()
+            eta = b + Z @ torch.nn.functional.softplus(raw)
+            loss = (torch.exp(eta) - t * eta).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            w = torch.nn.functional.softplus(raw) / sd  # back to the unstandardised features
+            bias = float(b - (w * mu).sum())
+        cal = cls(bias, [float(v) for v in w], [0.0], [0.0], info=dict(info or {}))
+        lin = cal.linear({n: np.asarray(signals[n]).reshape(-1) for n in FEATURES}).astype(np.float64)
+        cal.iso_x, cal.iso_y = _isotonic_table(lin, y)
+        return cal
+
+
+def _isotonic_table(lin: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
+    """Quantile bins of ``lin``: mean ``lin`` per bin and the non-decreasing fit of the mean error per bin.
+
+    scipy's ``isotonic_regression`` (pool adjacent violators) on the bin means, weighted by counts.
+    """
+    from scipy.optimize import isotonic_regression
+
+    edges = np.unique(np.quantile(lin, np.linspace(0, 1, ISOTONIC_BINS + 1)))
+    which = np.clip(np.searchsorted(edges, lin, side="right") - 1, 0, max(len(edges) - 2, 0))
+    count = np.bincount(which, minlength=max(len(edges) - 1, 1)).astype(np.float64)
+    ok = count > 0
+    xs = np.bincount(which, lin, minlength=len(count))[ok] / count[ok]
+    ys = np.bincount(which, y, minlength=len(count))[ok] / count[ok]
+    fitted = isotonic_regression(ys, weights=count[ok], increasing=True).x
+    return [float(v) for v in xs], [float(max(v, 0.0)) for v in fitted]
+
+
+def load_calibration(path: str | os.PathLike | None) -> Calibration | None:
+    """The calibration at ``path``; None when ``path`` is None or no such file (one-line error when unreadable)."""
+    if path is None or not Path(path).is_file():
+        return None
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+        if data.pop("kind", None) != "uncertainty_calibration":
+            raise ValueError("not an uncertainty calibration (kind)")
+        cal = Calibration(**data)
+    except (ValueError, TypeError) as err:
+        raise InputError(path, f"unreadable uncertainty calibration ({err})") from err
+    if list(cal.features) != list(FEATURES) or len(cal.weights) != len(FEATURES) or len(cal.iso_x) != len(cal.iso_y) or not cal.iso_x:
+        raise InputError(path, f"uncertainty calibration for features {cal.features}, expected {list(FEATURES)}")
+    return cal
+
+
+class track_spread:
+    """Context: the prior's fits keep the atlas spread while reconstructing (no refit for the map)."""
+
+    def __init__(self, prior: Any, on: bool = True):
+        self.prior, self.on = prior, bool(on) and hasattr(prior, "keep_spread")
+
+    def __enter__(self):
+        if self.on:
+            self.old, self.prior.keep_spread = self.prior.keep_spread, True
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.prior.keep_spread = self.old
+
+
+def _sources(num_slices: int, inputs: Sequence[int], gap_aware: bool) -> np.ndarray:
+    """Per output slice the input whose fitted prior its run used: the lower input of a gap for a
+    gap-aware (one-pass) runner, else the nearest one."""
+    idx = np.sort(np.asarray(inputs))
+    k = np.arange(num_slices)
+    if gap_aware:
+        return idx[np.clip(np.searchsorted(idx, k, side="right") - 1, 0, len(idx) - 1)]
+    return idx[np.abs(k[:, None] - idx[None]).argmin(1)]
+
+
+@torch.no_grad()
+def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_prior: bool = True, gap_aware: bool = False) -> dict[str, np.ndarray]:
+    """The signals of the module docstring for every voxel of ``rec`` (each (H, W, D) float32, or (D,) per slice).
+
+    The prior's fits are read from its cache when the reconstruction ran inside :class:`track_spread`.
+    """
+    vol = rec.volume
+    h, w, d = vol.shape
+    idx = [int(i) for i in rec.input_indices]
+    dist = (np.abs(np.arange(d)[:, None] - np.asarray(idx)[None]).min(1) * float(spacing_mm)).astype(np.float32)
+    given = np.sort(np.asarray(idx))
+    hi = np.searchsorted(given, np.arange(d))  # the first real slice at or above each slice
+    inside = (hi > 0) & (hi < len(given))
+    gap = np.zeros(d, dtype=np.float32)
+    gap[inside] = (given[hi[inside]] - given[hi[inside] - 1]) * float(spacing_mm)
+    weight = np.asarray(rec.extra.get("prior_weight", np.zeros(d)), dtype=np.float32)
+    spread = np.zeros_like(vol)
+    prior_vol = np.zeros_like(vol)
+    if prior is not None and hasattr(prior, "slice_at"):
+        src = _sources(d, idx, gap_aware)
+        for s in np.unique(src):
+            ks = np.nonzero(src == s)[0]
+            pos = torch.as_tensor(np.asarray(rec.positions)[ks], dtype=torch.float64)
+            kw = {}
+            if fit_prior and hasattr(prior, "fit_many"):
+                kw = {"reference": torch.from_numpy(np.ascontiguousarray(vol[:, :, s]))[None, None], "reference_position": float(np.float32(rec.positions[s]))}  # as the run passed it (float32): a cache hit
+            prior_vol[:, :, ks] = prior.slice_at(pos, **kw)[:, 0].float().cpu().numpy().transpose(1, 2, 0)
+            if hasattr(prior, "spread_at"):
+                spread[:, :, ks] = prior.spread_at(pos, **kw)[:, 0].float().cpu().numpy().transpose(1, 2, 0)
+    return {
+        "spread": spread,
+        "distance_mm": dist,
+        "gap_mm": gap,
+        "disagreement": np.abs(vol - prior_vol),
+        "prior_weight": np.nan_to_num(weight, nan=0.0),
+        "intensity": vol,
+    }
+
+
+def broadcast(signals: Mapping[str, np.ndarray], shape: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per-slice (D,) signals broadcast to the volume's (H, W, D)."""
+    return {k: np.broadcast_to(v, tuple(shape)) if v.ndim == 1 else v for k, v in signals.items()}
+
+
+def uncertainty_map(rec: Reconstruction, prior: Any, calibration: Calibration, spacing_mm: float, fit_prior: bool = True,
+                    gap_aware: bool = False) -> np.ndarray:
+    """Expected absolute error (H, W, D) float32 in the output's [0, 1] units; 0 on the real slices."""
+    sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, gap_aware)
+    unc = calibration.predict(broadcast(sig, rec.volume.shape))
+    unc[:, :, [int(i) for i in rec.input_indices]] = 0.0
+    return unc
+
+
+def slice_means(unc: np.ndarray, volume: np.ndarray, head_threshold: float = HEAD_THRESHOLD) -> np.ndarray:
+    """Per slice (D,) the mean expected error over the output's head voxels (> ``head_threshold``; all when none)."""
+    head = volume > head_threshold
+    n = head.sum((0, 1))
+    inside = (unc * head).sum((0, 1)) / np.maximum(n, 1)
+    return np.where(n > 0, inside, unc.mean((0, 1))).astype(np.float32)

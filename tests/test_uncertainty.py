@@ -1,0 +1,192 @@
+"""The calibrated uncertainty map (issue 18): atlas spread, calibration, the map beside a reconstruction, its scores."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_mrngan.atlas.prior import BrainPrior, FitConfig
+from monai_mrngan.data.datalist import load_split
+from monai_mrngan.data.io import InputError, load_volume, save_png
+from monai_mrngan.inference.components import Components, reference_grid
+from monai_mrngan.inference.output import montage
+from monai_mrngan.inference.reconstruct import reconstruct_files
+from monai_mrngan.inference.uncertainty import FEATURES, Calibration, load_calibration
+from monai_mrngan.networks.pix2pix import Pix2PixGenerator
+from monai_mrngan.networks.recurrent import MRNGAN
+
+FAST_FIT = {"mode": "affine", "top_k": 2, "work_size": 32, "affine_iters": 20, "deform_iters": 20, "grid_points": 6}
+
+
+def _atlas_prior(dataset) -> BrainPrior:
+    entries = load_split(dataset, "training")
+    vols = [np.moveaxis(load_volume(e["image"])[0], -1, 0) for e in entries]
+    return BrainPrior(np.stack(vols), np.asarray(entries[0]["positions"]), FitConfig(**FAST_FIT), subjects=[e["subject"] for e in entries])
+
+
+def _components(dataset, calibration=None) -> Components:
+    torch.manual_seed(0)
+    return Components(model=MRNGAN(far_end=True, hidden_channels=4, features=4), generator=Pix2PixGenerator(channels=(4, 8), strides=(2,)),
+                      prior=_atlas_prior(dataset), calibration=calibration)
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_dataset, tmp_path_factory):
+    from monai_mrngan.evaluation.uncertainty import calibrate
+
+    path = tmp_path_factory.mktemp("cal") / "uncertainty_calibration.json"
+    cal = calibrate(tiny_dataset, _components(tiny_dataset), path, input_positions=(0.5,), few_slice_k=(4,), localize_inputs=False, voxels=5000)
+    assert path.is_file() and cal.info["split"] == "validation" and cal.info["samples"] > 100
+    return path
+
+
+def test_atlas_spread_beside_the_fitted_prior(tiny_dataset):
+    """The kept atlases' per-voxel spread: >= 0, larger inside the head than in air; the fit itself is unchanged."""
+    prior = _atlas_prior(tiny_dataset)
+    vol, _ = load_volume(load_split(tiny_dataset, "test")[0]["image"])
+    grid = prior.positions
+    ref, p0 = torch.from_numpy(vol[:, :, 12])[None, None], float(grid[12])
+    plain_fit = prior.fit(ref, p0).clone()
+    pos = grid[[4, 12, 20]]
+    spread = prior.spread_at(pos, ref, p0)
+    assert spread.shape == (3, 1, *prior.shape) and (spread >= 0).all() and spread.max() > 0.01
+    assert torch.equal(prior.fit(ref, p0), plain_fit)  # the refit that kept the spread gives the same prior
+    head = prior.slice_at(pos, ref, p0) > 0.1
+    assert spread[head].mean() > spread[~head].mean()
+    assert (prior.spread_at(pos) >= 0).all()  # unfitted: the whole bank's spread
+    one = BrainPrior(np.moveaxis(vol, -1, 0), grid)
+    assert not one.spread_at(pos).any()  # a one-volume prior has nothing to disagree with
+
+
+def test_per_slice_signals_distance_and_gap():
+    from monai_mrngan.inference.uncertainty import uncertainty_signals
+    from monai_mrngan.inference.volume import Reconstruction
+
+    rec = Reconstruction(np.zeros((4, 4, 10), np.float32), np.linspace(0.9, 0.1, 10), [2, 6], [0.74, 0.42], extra={"prior_weight": np.full(10, np.nan)})
+    sig = uncertainty_signals(rec, None, spacing_mm=2.0)
+    np.testing.assert_array_equal(sig["distance_mm"], [4, 2, 0, 2, 4, 2, 0, 2, 4, 6])
+    np.testing.assert_array_equal(sig["gap_mm"], [0, 0, 0, 8, 8, 8, 8, 0, 0, 0])  # open runs beyond the ends: no gap
+    assert not sig["prior_weight"].any() and not sig["spread"].any()  # no prior: nothing to disagree with
+
+
+def test_calibration_is_monotone_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 20000
+    sig = {"spread": rng.uniform(0, 0.3, n), "distance_mm": rng.uniform(0, 60, n), "gap_mm": rng.choice([0.0, 8.0, 16.0], n),
+           "disagreement": rng.uniform(0, 0.5, n),
+           "prior_weight": rng.uniform(0, 1, n), "intensity": rng.uniform(0, 1, n)}
+    truth = 0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"]  # the expected error
+    err = rng.exponential(truth)
+    cal = Calibration.fit(sig, err)
+    assert all(w >= 0 for w in cal.weights) and np.all(np.diff(cal.iso_y) >= 0) and np.all(np.diff(cal.iso_x) > 0)
+    base = {k: np.full(50, float(np.median(v))) for k, v in sig.items()}
+    for name in FEATURES:  # more of any one signal never predicts less error
+        s = dict(base, **{name: np.linspace(float(sig[name].min()), float(sig[name].max()), 50)})
+        assert np.all(np.diff(cal.predict(s)) >= -1e-7), name
+    pred = cal.predict(sig)
+    assert abs(pred.mean() - err.mean()) < 0.1 * err.mean()  # calibrated on average
+    from scipy.stats import spearmanr
+
+    assert spearmanr(pred, err)[0] > 0.95 * spearmanr(truth, err)[0]  # ranks nearly as well as the true expectation
+    assert np.corrcoef(pred, truth)[0, 1] > 0.9
+    cal.save(tmp_path / "c.json")
+    again = load_calibration(tmp_path / "c.json")
+    np.testing.assert_allclose(again.predict(sig), pred)
+    assert load_calibration(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text(json.dumps({"kind": "something else"}))
+    with pytest.raises(InputError, match="bad.json"):
+        load_calibration(tmp_path / "bad.json")
+
+
+def _reconstruct(dataset, comp, out):
+    vol, _ = load_volume(load_split(dataset, "test")[0]["image"])
+    ref = reference_grid(dataset)
+    png = save_png(vol[:, :, 12], out.parent / "in.png")
+    return reconstruct_files([str(png)], str(out), comp, positions=[0.5], method="mrngan", expected_shape=ref["shape"],
+                             spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"], reference_positions=ref["positions"])
+
+
+def test_reconstruct_writes_the_uncertainty_map(tiny_dataset, calibration, tmp_path):
+    res = _reconstruct(tiny_dataset, _components(tiny_dataset, load_calibration(calibration)), tmp_path / "r.nii.gz")
+    out, unc = nib.load(res["volume"]), nib.load(res["uncertainty"])
+    assert res["uncertainty"].endswith("r_uncertainty.nii.gz")
+    assert unc.shape == out.shape and np.allclose(unc.affine, out.affine)
+    u = unc.get_fdata()
+    assert (u >= 0).all() and u.max() > 0
+    assert not u[:, :, res["input_indices"][0]].any()  # 0 on the real slice
+    meta = json.loads((tmp_path / "r_positions.json").read_text())
+    assert meta["uncertainty"] == res["uncertainty"]
+    means = [s["uncertainty_mean"] for s in meta["slices"]]
+    assert means[res["input_indices"][0]] == 0 and max(means) > 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "r_montage.png").mode == "RGB"  # slices with their uncertainty rows
+
+
+def test_reconstruct_without_calibration_writes_no_map(tiny_dataset, tmp_path, caplog):
+    """Stages trained before the calibration existed: the reconstruction as before, no map, one warning."""
+    with caplog.at_level(logging.WARNING):
+        res = _reconstruct(tiny_dataset, _components(tiny_dataset), tmp_path / "r.nii.gz")
+    assert "uncertainty" not in res and not (tmp_path / "r_uncertainty.nii.gz").exists()
+    meta = json.loads((tmp_path / "r_positions.json").read_text())
+    assert meta["uncertainty"] is None and "calibrate step" in meta["uncertainty_note"]
+    assert any("no uncertainty map" in r.getMessage() for r in caplog.records)
+    assert all("uncertainty_mean" not in s for s in meta["slices"])
+
+
+def test_evaluate_scores_the_map(tiny_dataset, calibration, tmp_path):
+    from monai_mrngan.evaluation.reconstruction import evaluate_reconstruction
+
+    comp = _components(tiny_dataset, load_calibration(calibration))
+    report = evaluate_reconstruction(tiny_dataset, tmp_path, comp, methods=("mrngan",), input_positions=(0.5,), few_slice_k=(4, 8),
+                                     few_slice_methods=("mrngan",), localize_inputs=False, tensorboard=False)
+    scores = report["uncertainty"]
+    assert set(scores) == {"single_slice", "k4", "k8"}
+    for s in scores.values():
+        assert {"spearman_voxel", "spearman_slice", "reliability"} <= set(s)
+        assert -1 <= s["spearman_voxel"] <= 1
+        rows = s["reliability"]
+        assert len(rows) == 10 and all(set(r) == {"predicted", "true"} and r["predicted"] >= 0 and r["true"] >= 0 for r in rows)
+        assert [r["predicted"] for r in rows] == sorted(r["predicted"] for r in rows)  # deciles in order
+    assert json.loads((tmp_path / "report.json").read_text())["uncertainty"] == json.loads(json.dumps(scores))
+    assert (tmp_path / "uncertainty_reliability.png").is_file()
+
+
+def test_montage_with_uncertainty_has_a_colour_row_per_slice_row():
+    vol = np.random.default_rng(0).random((16, 16, 12)).astype(np.float32)
+    gray = montage(vol, num=8, cols=4, tile_px=32)
+    rgb = montage(vol, num=8, cols=4, tile_px=32, uncertainty=vol * 0.1)
+    assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.shape[1] == gray.shape[1] and rgb.shape[0] == 2 * gray.shape[0] + 40
+
+
+def test_complete_writes_the_map_in_the_inputs_units_and_layout(tiny_dataset, calibration, tmp_path):
+    """`complete`: the map beside the completed file (its shape, affine and intensity units), 0 on real slices."""
+    from monai_mrngan.apps.complete import complete_dataset
+    from monai_mrngan.data.io import save_json, save_nifti
+
+    entry = load_split(tiny_dataset, "test")[0]
+    img = nib.load(entry["image"])
+    vol = np.asanyarray(img.dataobj).astype(np.float32)
+    raw = np.rint(vol * 800).astype(np.int16)
+    gone = [7, 8, 9, 10, 11]
+    raw[:, :, gone] = 0
+    gone = [i for i in range(raw.shape[2]) if not raw[:, :, i].any()]  # with the volume's own empty slices above the head
+    src = tmp_path / "src"
+    src.mkdir()
+    save_nifti(raw, img.affine, src / "scan.nii.gz", dtype=None)
+    save_json({"first_position": entry["positions"][0]}, src / "scan.json")
+    comp = _components(tiny_dataset, load_calibration(calibration))
+    report = complete_dataset(src, tmp_path / "dst", comp, reference_grid(tiny_dataset), method="mrngan", progress=False)
+    assert report["volumes"][0]["uncertainty"] == "scan_uncertainty.nii.gz"
+    unc = nib.load(str(tmp_path / "dst" / "scan_uncertainty.nii.gz"))
+    u = unc.get_fdata()
+    assert unc.shape == raw.shape and np.allclose(unc.affine, img.affine)
+    real = [i for i in range(raw.shape[2]) if i not in gone]
+    assert not u[:, :, real].any() and u[:, :, gone].max() > 1.0  # input units (x 800), not [0, 1]
+    meta = json.loads((tmp_path / "dst" / "scan.json").read_text())["uncertainty"]
+    assert len(meta["slice_means"]) == raw.shape[2] and all(meta["slice_means"][i] == 0 for i in real)
