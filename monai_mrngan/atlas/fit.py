@@ -10,7 +10,9 @@
 - :func:`fit_batch`: the fit of :meth:`BrainPrior.fit` for N input slices together: per-atlas
   position choice, affine refinement of all atlases, deformable refinement of the preselected,
   the ``top_k`` kept;
-- :func:`warp_fits`: those atlases' volumes (or only the grid slices asked for) warped and averaged.
+- :func:`warp_fits`: those atlases' volumes (or only the grid slices asked for) warped and averaged;
+- :func:`monotone_lut` / :func:`apply_lut`: with ``intensity="monotone"``, the averaged prior's intensities
+  mapped to the input slice's contrast (quantiles matched at the input position; air stays 0).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.positions import HEAD_THRESHOLD
 from .registration import FitConfig, SliceFit, affine_grid, align, gauss_blur, head_sums, identity_theta, intensity_map, ncc, theta_from_sums, warp
 
-__all__ = ["WorkBank", "ScanResult", "bracket", "gather_slices", "scan", "moment_match", "fit_batch", "warp_fits", "to_unit"]
+__all__ = ["WorkBank", "ScanResult", "bracket", "gather_slices", "scan", "moment_match", "fit_batch", "warp_fits", "to_unit", "monotone_lut", "apply_lut"]
 
 CHUNK_PIXELS = 2**24  # pixels per chunk when building the work-size bank or warping volumes (64 MiB in float32)
+LUT_QUANTILES = 25  # knots of the monotone intensity lookup table (between the 2nd and 98th head percentiles)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -162,12 +166,17 @@ def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torc
     full = gather_slices(bank, grid, pair_a, pair_p)  # the kept atlases' slices at full size
     kfit = SliceFit(theta, disp, torch.ones_like(score), torch.zeros_like(score), pair_a, score)
     warped0 = warp(full, kfit.grid(tuple(bank.shape[-2:])))
-    gain, offset = intensity_map(warped0, refs[pair_n]) if cfg.intensity == "linear" else (kfit.gain, kfit.offset)
+    gain, offset = intensity_map(warped0, refs[pair_n]) if cfg.intensity != "none" else (kfit.gain, kfit.offset)
+    luts = [None] * n_in
+    if cfg.intensity == "monotone":  # the averaged prior at the input position, as warp_fits gives it there
+        at_input = torch.zeros_like(refs).index_add_(0, pair_n, (warped0 * gain.view(-1, 1, 1, 1) + offset.view(-1, 1, 1, 1)).clamp(0, 1))
+        at_input /= pair_n.bincount(minlength=n_in).clamp_min(1).view(-1, 1, 1, 1).float()
+        luts = [monotone_lut(at_input[i], refs[i]) for i in range(n_in)]
     fits = []
     conf = asdict(cfg)
     for i in range(n_in):
         sel = (pair_n == i).nonzero(as_tuple=True)[0]
-        f = SliceFit(theta[sel], disp[sel], gain[sel], offset[sel], pair_a[sel], score[sel], float(p0[i]), dict(conf), shift[i, pair_a[sel]])
+        f = SliceFit(theta[sel], disp[sel], gain[sel], offset[sel], pair_a[sel], score[sel], float(p0[i]), dict(conf), shift[i, pair_a[sel]], luts[i])
         f.config["shifts"] = f.shift.tolist()
         fits.append(f)
     return warp_fits(bank, grid, fits, need, cfg.decay), fits
@@ -176,7 +185,7 @@ def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torc
 def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need: torch.Tensor | None = None, decay: float = 0.1) -> torch.Tensor:
     """The fitted volumes (N, P, H, W) of :func:`fit_batch`'s ``fits``: every grid slice of each kept atlas
     (at its shift) warped by its transform, the displacement fading as ``exp(-|p - p0| / decay)``,
-    intensity-mapped, clamped and averaged per input. ``need`` (N, P) bool: only those grid slices are
+    intensity-mapped, clamped and averaged per input, then put through the input's lookup table (``lut``) if it has one. ``need`` (N, P) bool: only those grid slices are
     warped (the rest stay 0), so a few-slice reconstruction warps each input's gaps, not whole volumes."""
     n_pos = len(grid)
     h, w = bank.shape[-2:]
@@ -207,7 +216,48 @@ def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need
         warped.mul_((cat["gain"][j] * scale).view(-1, 1, 1)).add_(cat["offset"][j].view(-1, 1, 1)).clamp_(0, 1)
         out.index_put_((pair_n[j], q), warped, accumulate=True)
     count = pair_n.bincount(minlength=len(fits)).clamp_min(1).float()
-    return out / count.view(-1, 1, 1, 1)
+    out /= count.view(-1, 1, 1, 1)
+    for i, f in enumerate(fits):
+        if f.lut is not None:
+            out[i] = apply_lut(out[i], f.lut.to(out))
+    return out
+
+
+def monotone_lut(prior: torch.Tensor, ref: torch.Tensor, knots: int = LUT_QUANTILES) -> torch.Tensor:
+    """A monotone lookup table (2, Q) from ``prior`` intensities to ``ref``'s: both slices (same shape, in [0, 1])
+    read over their head voxels (the union of both head masks), matching quantiles become knots, ``(0, 0)`` is the
+    first (air stays 0) and ``(1, y)`` the last (``y``: the top knot's gain carried on to 1, at most 1).
+
+    Quantiles, not a voxelwise fit: the fitted prior is a blurred average of other heads, so only the
+    intensity distributions of its tissues, not its voxels, correspond to the input's.
+    """
+    mask = (prior > HEAD_THRESHOLD) | (ref > HEAD_THRESHOLD)
+    if int(mask.sum()) < knots:  # no head to match: identity
+        x = torch.linspace(0, 1, 2, device=prior.device)
+        return torch.stack([x, x])
+    q = torch.linspace(0.02, 0.98, knots, device=prior.device)
+    x = torch.quantile(prior[mask].float(), q)
+    y = torch.quantile(ref[mask].float(), q)
+    x = torch.cat([x.new_zeros(1), x.clamp_min(1e-4)]).cummax(0).values
+    y = torch.cat([y.new_zeros(1), y.clamp_min(0)]).cummax(0).values
+    keep = torch.cat([x.new_ones(1, dtype=torch.bool), x[1:] > x[:-1] + 1e-4])  # strictly increasing knots: ties merged
+    x, y = x[keep], y[keep]
+    if float(x[-1]) < 1.0:
+        top = (y[-1] / x[-1]).clamp(max=1.0).maximum(y[-1])  # the top knot's gain (y / x) carried on to x = 1
+        x, y = torch.cat([x, x.new_ones(1)]), torch.cat([y, top.view(1)])
+    return torch.stack([x, y])
+
+
+def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """``x`` through the piecewise-linear lookup table ``lut`` (2, Q) (knots ascending), clamped to [0, 1].
+
+    torch has no ``interp``; MONAI's piecewise-linear mapping is a method of ``RandHistogramShift``, not a function.
+    """
+    xs, ys = lut[0], lut[1]
+    hi = torch.searchsorted(xs, x.reshape(-1).contiguous()).clamp(1, len(xs) - 1)
+    lo = hi - 1
+    t = ((x.reshape(-1) - xs[lo]) / (xs[hi] - xs[lo])).clamp(0, 1)
+    return torch.lerp(ys[lo], ys[hi], t).reshape(x.shape).clamp(0, 1)
 
 
 def _top_per_input(score: torch.Tensor, pair_n: torch.Tensor, n_in: int, m: int) -> torch.Tensor:
