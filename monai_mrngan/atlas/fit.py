@@ -12,7 +12,7 @@
   the ``top_k`` kept;
 - :func:`warp_fits`: those atlases' volumes (or only the grid slices asked for) warped and averaged;
 - :func:`monotone_lut` / :func:`apply_lut`: with ``intensity="monotone"``, the averaged prior's intensities
-  mapped to the input slice's contrast (quantiles matched at the input position; air stays 0).
+  mapped to the input slice's contrast (a monotone regression at the input position; air stays 0).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .registration import FitConfig, SliceFit, affine_grid, align, gauss_blur, h
 __all__ = ["WorkBank", "ScanResult", "bracket", "gather_slices", "scan", "moment_match", "fit_batch", "warp_fits", "to_unit", "monotone_lut", "apply_lut"]
 
 CHUNK_PIXELS = 2**24  # pixels per chunk when building the work-size bank or warping volumes (64 MiB in float32)
-LUT_QUANTILES = 25  # knots of the monotone intensity lookup table (between the 2nd and 98th head percentiles)
+LUT_BINS = 16  # bins (knots) of the monotone intensity lookup table
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -223,29 +223,46 @@ def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need
     return out
 
 
-def monotone_lut(prior: torch.Tensor, ref: torch.Tensor, knots: int = LUT_QUANTILES) -> torch.Tensor:
-    """A monotone lookup table (2, Q) from ``prior`` intensities to ``ref``'s: both slices (same shape, in [0, 1])
-    read over their head voxels (the union of both head masks), matching quantiles become knots, ``(0, 0)`` is the
-    first (air stays 0) and ``(1, y)`` the last (``y``: the top knot's gain carried on to 1, at most 1).
+def monotone_lut(prior: torch.Tensor, ref: torch.Tensor, knots: int = LUT_BINS) -> torch.Tensor:
+    """A monotone lookup table (2, Q) from ``prior`` intensities to ``ref``'s, fitted voxel by voxel over the head
+    (the union of both slices' head masks): the head voxels in ``knots`` equal-count bins of ``prior``, each bin's
+    mean ``prior`` -> its mean ``ref`` (a binned regression), made non-decreasing by pooling adjacent violators;
+    ``(0, 0)`` is the first knot (air stays 0) and ``(1, y)`` the last (the top knot's gain carried on to 1, at most 1).
 
-    Quantiles, not a voxelwise fit: the fitted prior is a blurred average of other heads, so only the
-    intensity distributions of its tissues, not its voxels, correspond to the input's.
+    A regression, not quantile matching: on IXI (6 test subjects) matching the quantiles of the blurred
+    atlas average to those of a real slice sharpened its contrast and cost 0.4 dB unshifted; the
+    conditional means keep the average's hedging where the anatomy does not correspond.
     """
     mask = (prior > HEAD_THRESHOLD) | (ref > HEAD_THRESHOLD)
-    if int(mask.sum()) < knots:  # no head to match: identity
+    xs, ys = prior[mask].float(), ref[mask].float()
+    if xs.numel() < 4 * knots:  # too little head to fit: identity
         x = torch.linspace(0, 1, 2, device=prior.device)
         return torch.stack([x, x])
-    q = torch.linspace(0.02, 0.98, knots, device=prior.device)
-    x = torch.quantile(prior[mask].float(), q)
-    y = torch.quantile(ref[mask].float(), q)
-    x = torch.cat([x.new_zeros(1), x.clamp_min(1e-4)]).cummax(0).values
-    y = torch.cat([y.new_zeros(1), y.clamp_min(0)]).cummax(0).values
-    keep = torch.cat([x.new_ones(1, dtype=torch.bool), x[1:] > x[:-1] + 1e-4])  # strictly increasing knots: ties merged
-    x, y = x[keep], y[keep]
-    if float(x[-1]) < 1.0:
-        top = (y[-1] / x[-1]).clamp(max=1.0).maximum(y[-1])  # the top knot's gain (y / x) carried on to x = 1
-        x, y = torch.cat([x, x.new_ones(1)]), torch.cat([y, top.view(1)])
-    return torch.stack([x, y])
+    edges = torch.quantile(xs, torch.linspace(0, 1, knots + 1, device=xs.device)[1:-1])
+    b = torch.bucketize(xs, edges)
+    count = torch.bincount(b, minlength=knots).float()
+    x = torch.bincount(b, xs, minlength=knots)
+    y = torch.bincount(b, ys, minlength=knots)
+    keep = count > 0
+    x, y, count = (x[keep] / count[keep]).tolist(), (y[keep] / count[keep]).tolist(), count[keep].tolist()
+    # pool adjacent violators (weighted by voxel count): isotonic regression of y on x over at most `knots` points
+    blocks: list[list[float]] = []  # [count, sum x, sum y]
+    for c, xi, yi in zip(count, x, y):
+        blocks.append([c, c * xi, c * yi])
+        while len(blocks) > 1 and blocks[-2][2] / blocks[-2][0] >= blocks[-1][2] / blocks[-1][0]:
+            last = blocks.pop()
+            blocks[-1] = [u + v for u, v in zip(blocks[-1], last)]
+    kx = [0.0] + [min(max(bx / c, 1e-4), 1.0) for c, bx, _ in blocks]
+    ky = [0.0] + [min(max(by / c, 0.0), 1.0) for c, _, by in blocks]
+    px, py = [kx[0]], [ky[0]]
+    for xi, yi in zip(kx[1:], ky[1:]):  # strictly increasing knots (a pooled block can share its neighbour's x)
+        if xi > px[-1] + 1e-4:
+            px.append(xi)
+            py.append(max(yi, py[-1]))
+    if px[-1] < 1.0:
+        py.append(max(py[-1], min(1.0, py[-1] / px[-1])) if px[-1] > 0 else py[-1])
+        px.append(1.0)
+    return torch.tensor([px, py], dtype=torch.float32, device=prior.device)
 
 
 def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
