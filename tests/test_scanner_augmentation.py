@@ -133,3 +133,11 @@ def test_localizer_slices_stay_in_unit_range(tiny_dataset):
     chain = _always("slice_localization", tiny_dataset).get_parsed_content("train#preprocessing")
     for s in _run(chain, load_split(tiny_dataset, "training")[0]):
         assert float(s["image"].min()) >= 0 and float(s["image"].max()) <= 1
+
+
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("intensity", ["linear", "monotone"])
+def test_mrngan_cached_prior_follows_the_augmented_contrast_only_with_a_monotone_fit(tiny_dataset, augment, intensity):
+    parser = _parser("mrngan", tiny_dataset, use_prior_cache=True, intensity_augmentation=augment, **{"prior_fit#intensity": intensity})
+    (run_prior,) = parser.get_parsed_content("run_prior")
+    assert run_prior.match_contrast == (augment and intensity == "monotone")
