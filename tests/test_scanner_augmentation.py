@@ -141,3 +141,5 @@ def test_mrngan_cached_prior_follows_the_augmented_contrast_only_with_a_monotone
     parser = _parser("mrngan", tiny_dataset, use_prior_cache=True, intensity_augmentation=augment, **{"prior_fit#intensity": intensity})
     (run_prior,) = parser.get_parsed_content("run_prior")
     assert run_prior.match_contrast == (augment and intensity == "monotone")
+    (val_prior,) = parser.get_parsed_content("val_run_prior")
+    assert not val_prior.match_contrast and "@val_run_prior" in parser["validate"]["preprocessing"]["transforms"]  # not augmented
