@@ -181,6 +181,26 @@ def test_runs_read_the_cached_fit_at_their_noisy_positions(tiny_dataset, bank, t
         LoadPriorCached(out, bank, FIT)(load_split(tiny_dataset, "training")[3])
 
 
+def test_cached_run_prior_takes_the_augmented_input_contrast(tiny_dataset, bank, tmp_path):
+    """match_contrast: the run's cached prior (fitted to the un-augmented volume) follows a contrast curve applied
+    to the run's slices (as scanner augmentation draws one), monotone along intensity, air kept at 0."""
+    out = tmp_path / "cache"
+    build_prior_cache(out, tiny_dataset, bank, {**FIT, "intensity": "monotone"}, limits={"training": 1, "validation": 0})
+    entry = load_split(tiny_dataset, "training")[0]
+    d = LoadPriorCached(out, bank, {**FIT, "intensity": "monotone"})(entry)
+    vol = torch.from_numpy(load_volume(entry["image"])[0])[None]
+    t = GapRund(run_length=5, num_samples=4, starts_key="prior_starts", carry_keys=["prior_cache"], gap_fraction=0.0)
+    for r in t({**d, "image": vol.clamp(0, 1) ** 2.0}):  # the same volume through a gamma curve
+        plain = CachedRunPriord()(dict(r))["prior"]
+        matched = CachedRunPriord(match_contrast=True)(dict(r))["prior"]
+        head = plain > 0.1
+        assert float((matched[plain == 0]).abs().max()) == 0
+        order = plain[head].argsort()
+        assert bool((matched[head][order].diff() >= -1e-6).all())  # a monotone function of the plain prior
+        err = lambda p: float((p - plain**2.0)[head].abs().mean())  # the gamma curve applied to the prior itself
+        assert err(matched) < 0.5 * err(plain)
+
+
 def test_a_cache_for_short_runs_warps_only_their_slices_and_refuses_longer_runs(tiny_dataset, bank, tmp_path):
     whole, short = tmp_path / "whole", tmp_path / "short"
     for out, rs in ((whole, None), (short, 4)):

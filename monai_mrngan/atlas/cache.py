@@ -45,7 +45,7 @@ from monai.transforms import MapTransform
 from ..data.datalist import load_split
 from ..data.io import InputError, atomic_torch_save, load_state, load_volume, save_json, strip_image_suffix
 from ..data.positions import index_for_position
-from .fit import bracket, gather_slices
+from .fit import apply_lut, bracket, gather_slices, monotone_lut
 from .prior import BrainPrior, FitConfig, load_prior
 
 logger = logging.getLogger(__name__)
@@ -375,16 +375,25 @@ class CachedRunPriord(MapTransform):
     (T, H, W), the run's prior slices from the fit of its start (the near end, also for gap runs,
     as inference fits each run's prior to its start slice), and ``position_offset`` (1,), the
     recorded localizer error of that fit, which :class:`~monai_mrngan.engines.recurrent.RunBatch`
-    adds to the run's positions; drops the handle."""
+    adds to the run's positions; drops the handle.
 
-    def __init__(self, handle_key: str = "prior_cache", prior_key: str = "prior", offset_key: str = "position_offset") -> None:
+    ``match_contrast``: the cache was fitted to the un-augmented volume; with scanner augmentation and a
+    ``"monotone"`` fit, the run's prior is put through :func:`~monai_mrngan.atlas.fit.monotone_lut`
+    fitted between its first slice and the run's (augmented) input slice, as inference's fit to that
+    slice would map it (``image_key``: the run's slices, the input first)."""
+
+    def __init__(self, handle_key: str = "prior_cache", prior_key: str = "prior", offset_key: str = "position_offset",
+                 match_contrast: bool = False, image_key: str = "image") -> None:
         super().__init__(handle_key)
         self.handle_key, self.prior_key, self.offset_key = handle_key, prior_key, offset_key
+        self.match_contrast, self.image_key = bool(match_contrast), image_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         handle = d.pop(self.handle_key)
         prior, offset = handle.run(int(d["slice_index"]), torch.as_tensor(d["positions"]))
+        if self.match_contrast:
+            prior = apply_lut(prior, monotone_lut(prior[0], torch.as_tensor(d[self.image_key])[0].float()))
         d[self.prior_key] = prior
         d[self.offset_key] = torch.tensor([offset], dtype=torch.float32)
         return d

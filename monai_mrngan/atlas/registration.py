@@ -30,7 +30,9 @@ class FitConfig:
     top_k: atlases kept (by correlation after alignment); only for banks with several volumes.
     preselect: with ``mode="deformable"``, only the ``preselect * top_k`` atlases that correlate
         best after the affine step are deformed (saves time on large banks).
-    intensity: ``"linear"`` (least-squares gain per atlas on the input slice's head; air stays black) or ``"none"``.
+    intensity: ``"linear"`` (least-squares gain per atlas on the input slice's head; air stays black), ``"monotone"``
+        (those gains, then the averaged prior mapped to the input's contrast by a monotone lookup table fitted at the
+        input position: :func:`~monai_mrngan.atlas.fit.monotone_lut`) or ``"none"``.
     decay: the displacement is scaled by ``exp(-|p - p0| / decay)``; ``0`` applies it everywhere.
     position_search: half-width in ``p`` of a search, per atlas, for the atlas slice that best
         matches the input (``0``: every atlas is taken at the input's ``p``). Heads differ in
@@ -71,8 +73,8 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("none", "affine", "deformable"):
             raise ValueError(f"fit mode must be 'none', 'affine' or 'deformable', got {self.mode!r}")
-        if self.intensity not in ("none", "linear"):
-            raise ValueError(f"intensity must be 'none' or 'linear', got {self.intensity!r}")
+        if self.intensity not in ("none", "linear", "monotone"):
+            raise ValueError(f"intensity must be 'none', 'linear' or 'monotone', got {self.intensity!r}")
         if self.prescreen < 0:
             raise ValueError(f"prescreen must be >= 0, got {self.prescreen}")
         if self.top_k < 1:
@@ -188,6 +190,7 @@ class SliceFit:
     reference_position: float = 0.0
     config: dict = field(default_factory=dict)
     shift: torch.Tensor | None = None  # (K,) position offset of each atlas (its best-matching slice), None = 0
+    lut: torch.Tensor | None = None  # (2, Q) knots (prior -> input intensity) applied to the averaged prior, None = identity
 
     def grid(self, size: tuple[int, int], scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Sampling grid (K, H, W, 2) at ``size``; ``scale`` (K,) or scalar multiplies the displacement."""
