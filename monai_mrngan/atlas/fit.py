@@ -229,8 +229,8 @@ def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need
     mean = out / count
     spreads = (sq / count - mean * mean).clamp_min(0).sqrt() if sq is not None else None
     for i, f in enumerate(fits):
-        if f.lut is not None:
-            mean[i] = apply_lut(mean[i], f.lut.to(mean))
+        if f.lut is not None:  # only the warped slices (the table is a search per voxel)
+            mean[i][need[i]] = apply_lut(mean[i][need[i]], f.lut.to(mean))
     return mean, spreads
 
 
