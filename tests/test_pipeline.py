@@ -139,7 +139,7 @@ def test_prior_cache_step_runs_before_train_when_the_preset_uses_it(tiny_dataset
             run_pipeline(tiny_dataset, tmp_path / f"w{use}", preset="tiny-test", stages=["mrngan"])
         finally:
             PRESETS.pop("tiny-test")
-        assert [step for _, step, _ in ran] == (["prior_cache", "train", "evaluate"] if use else ["train", "evaluate"])
+        assert [step for _, step, _ in ran] == (["prior_cache", "train", "calibrate", "evaluate"] if use else ["train", "calibrate", "evaluate"])
     cmd = ran[0][2]
     assert cmd[cmd.index("--use_prior_cache") + 1] == "False"  # a Python literal: fire reads JSON's false as the string 'false'
 
