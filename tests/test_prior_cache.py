@@ -18,7 +18,9 @@ from ignite.engine import Events
 from monai_mrngan.atlas import cache
 from monai_mrngan.atlas.bank import build_mean_prior
 from monai_mrngan.atlas.cache import CachedRunPriord, LoadPriorCached, build_prior_cache, check_manifest, read_manifest
+from monai_mrngan.atlas.fit import LUT_BINS
 from monai_mrngan.atlas.prior import BrainPrior, load_prior
+from monai_mrngan.data.positions import HEAD_THRESHOLD
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import InputError, load_volume
 from monai_mrngan.engines.recurrent import RecurrentUnroll, RunBatch
@@ -189,16 +191,22 @@ def test_cached_run_prior_takes_the_augmented_input_contrast(tiny_dataset, bank,
     entry = load_split(tiny_dataset, "training")[0]
     d = LoadPriorCached(out, bank, {**FIT, "intensity": "monotone"})(entry)
     vol = torch.from_numpy(load_volume(entry["image"])[0])[None]
-    t = GapRund(run_length=5, num_samples=4, starts_key="prior_starts", carry_keys=["prior_cache"], gap_fraction=0.0)
+    t = GapRund(run_length=5, num_samples=8, starts_key="prior_starts", carry_keys=["prior_cache"], gap_fraction=0.0)
+    t.set_random_state(0)
+    checked = 0
     for r in t({**d, "image": vol.clamp(0, 1) ** 2.0}):  # the same volume through a gamma curve
         plain = CachedRunPriord()(dict(r))["prior"]
         matched = CachedRunPriord(match_contrast=True)(dict(r))["prior"]
+        if int(((plain[0] > HEAD_THRESHOLD) | (r["image"][0] > HEAD_THRESHOLD)).sum()) < 4 * LUT_BINS:
+            continue  # a start slice with too little head to fit a table: mapped by the identity (by design)
+        checked += 1
         head = plain > 0.1
         assert float((matched[plain == 0]).abs().max()) == 0
         order = plain[head].argsort()
         assert bool((matched[head][order].diff() >= -1e-6).all())  # a monotone function of the plain prior
         err = lambda p: float((p - plain**2.0)[head].abs().mean())  # the gamma curve applied to the prior itself
         assert err(matched) < 0.5 * err(plain)
+    assert checked >= 2
 
 
 def test_a_cache_for_short_runs_warps_only_their_slices_and_refuses_longer_runs(tiny_dataset, bank, tmp_path):
