@@ -84,7 +84,7 @@ def evaluate_reconstruction(
     localize_inputs: bool = True,
     refine_window: float = 0.12,
     fit_prior: bool = True,
-    few_slice_fit_prior: bool = False,
+    few_slice_fit_prior: bool = True,
     limit: int | None = None,
     tensorboard: bool = True,
     calibration: Any = None,
@@ -98,8 +98,10 @@ def evaluate_reconstruction(
         refine_window: localized positions are refined by the prior's atlas matching within this
             window in ``p`` (:func:`~monai_mrngan.inference.reconstruct.refine_positions`; 0: the localizer's alone).
         fit_prior: fit the prior to the input slice (``prior`` baseline and MRNGAN alike).
-        few_slice_fit_prior: also fit it to every given slice in the few-slice experiment (one
-            fit per given slice and direction: slow with a deformable fit, hence off by default).
+        few_slice_fit_prior: also fit it to every given slice in the few-slice experiment, as
+            ``reconstruct`` does (one batched fit of the given slices, warping only each gap's
+            slices); False scores the cell with the plain mean prior, which a cell trained on the
+            fitted-prior cache never saw.
         limit: evaluate only the first N subjects of the split.
         calibration: the uncertainty calibration to score (default ``components.calibration``); none:
             ``report.json["uncertainty"]`` is null.
