@@ -24,6 +24,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -43,6 +44,17 @@ FIT_BATCH = 8  # input slices fitted together (8 x 120 atlases: a few hundred MB
 FIT_CACHE_SIZE = 32  # fitted volumes (and atlas scans) kept per prior (128 px, 101 positions: 6.6 MB a volume)
 
 __all__ = ["BrainPrior", "FitConfig", "load_prior", "mean_prior", "TemplateLocalizer", "FIT_CACHE_SIZE"]
+
+
+@dataclass
+class _FitEntry:
+    """One cached fit: the prior volume (D, H, W), which of its grid slices are warped yet, the fit's
+    transforms (to warp the rest without refitting) and, when asked for, the atlas spread (fp16)."""
+
+    volume: torch.Tensor
+    filled: torch.Tensor
+    fit: SliceFit
+    spread: torch.Tensor | None = None
 
 
 class BrainPrior:
@@ -94,7 +106,7 @@ class BrainPrior:
         # inputs (runs up and down from each), so one entry would refit every time; each holds the
         # fitted volume, which of its grid slices are warped yet, the fit's transforms and (fp16,
         # with keep_spread: for the uncertainty map) the kept atlases' per-voxel spread
-        self._cache: OrderedDict[tuple, list] = OrderedDict()
+        self._cache: OrderedDict[tuple, _FitEntry] = OrderedDict()
         self.keep_spread = False
         self._plain_spread: torch.Tensor | None = None
         # atlas scans by input slice (the refinement's, reused by the fit of the same slice)
@@ -248,12 +260,16 @@ class BrainPrior:
             raise ValueError(f"no atlas left after excluding {exclude!r}")
         return allowed
 
+    def _fit_key(self, ref: torch.Tensor, position: float, exclude: str | None) -> tuple:
+        """The fit cache's key: the slice, its position and the subject left out (when the bank has it)."""
+        return (float(position), exclude if self.subjects and exclude in self.subjects else None, *self._ref_key(ref))
+
     def _fit_many(self, refs: list[torch.Tensor], pos: list[float], exclude: list[str | None], need: list[torch.Tensor]) -> list[torch.Tensor]:
         cfg = self.config
         if cfg.mode == "none" and cfg.intensity == "none":
             return [self.mean] * len(refs)
         allowed = [self._allowed(e) for e in exclude]
-        keys = [(p, e if self.subjects and e in self.subjects else None, *self._ref_key(r)) for r, p, e in zip(refs, pos, exclude)]
+        keys = [self._fit_key(r, p, e) for r, p, e in zip(refs, pos, exclude)]
         first = [keys.index(k) for k in keys]  # the same slice twice in one call: fitted once, warped where either asks
         for i, f in enumerate(first):
             if f != i:
@@ -269,13 +285,13 @@ class BrainPrior:
                                             torch.as_tensor([pos[i] for i in part], dtype=torch.float64, device=self.device),
                                             torch.stack([allowed[i] for i in part]), scans, cfg, rows, self.keep_spread)
             for j, i in enumerate(part):
-                self._cache[keys[i]] = [vols[j], rows[j].clone(), fits[j], spreads[j].half() if spreads is not None else None]
+                self._cache[keys[i]] = _FitEntry(vols[j], rows[j].clone(), fits[j], spreads[j].half() if spreads is not None else None)
             self.last_fit = fits[-1]
         self._warp_missing([(keys[i], need[i]) for i in range(len(keys)) if first[i] == i])
         out = []
         for k in keys:
             self._cache.move_to_end(k)
-            out.append(self._cache[k][0])
+            out.append(self._cache[k].volume)
         while len(self._cache) > FIT_CACHE_SIZE:
             self._cache.popitem(last=False)
         return out
@@ -285,23 +301,23 @@ class BrainPrior:
         before; with ``keep_spread``, the spread of entries fitted without it (all their warped slices)."""
         jobs = []
         for key, need in wanted:
-            vol, filled, fit, spread = self._cache[key]
-            rows = (filled | need) if self.keep_spread and spread is None else need & ~filled
+            entry = self._cache[key]
+            rows = (entry.filled | need) if self.keep_spread and entry.spread is None else need & ~entry.filled
             if bool(rows.any()):
                 jobs.append((key, rows))
         if not jobs:
             return
         rows = torch.stack([r for _, r in jobs])
-        vols, spreads = warp_fits(self.bank, self._grid, [self._cache[k][2] for k, _ in jobs], rows, self.config.decay,
-                                  self.keep_spread or any(self._cache[k][3] is not None for k, _ in jobs))
+        vols, spreads = warp_fits(self.bank, self._grid, [self._cache[k].fit for k, _ in jobs], rows, self.config.decay,
+                                  self.keep_spread or any(self._cache[k].spread is not None for k, _ in jobs))
         for j, (key, r) in enumerate(jobs):
             entry = self._cache[key]
-            entry[0][r] = vols[j][r]
-            entry[1] |= r
+            entry.volume[r] = vols[j][r]
+            entry.filled |= r
             if spreads is not None:
-                if entry[3] is None:
-                    entry[3] = torch.zeros_like(entry[0], dtype=torch.float16)
-                entry[3][r] = spreads[j][r].half()
+                if entry.spread is None:
+                    entry.spread = torch.zeros_like(entry.volume, dtype=torch.float16)
+                entry.spread[r] = spreads[j][r].half()
 
     @torch.no_grad()
     def spread_at(self, positions: torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None) -> torch.Tensor:
@@ -327,8 +343,7 @@ class BrainPrior:
                 self._fit_many([ref], [float(reference_position)], [None], [self.grid_slices_for(positions)])
         finally:
             self.keep_spread = keep
-        key = (float(reference_position), None, *self._ref_key(ref))
-        return self._interp(self._cache[key][3].float(), positions)
+        return self._interp(self._cache[self._fit_key(ref, reference_position, None)].spread.float(), positions)
 
     @torch.no_grad()
     def slice_at(self, positions: torch.Tensor, reference: torch.Tensor | None = None, reference_position: float | None = None, exclude: str | None = None) -> torch.Tensor:
