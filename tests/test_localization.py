@@ -208,3 +208,49 @@ def test_raw_ixi_volume_is_prepared_like_training(ixi_dir):
     assert all(it["image"].shape == (1, 128, 128) for it in items)
     ref = np.array([it["reference_p"] for it in items])
     assert np.isfinite(ref).all() and ref.min() >= 0 and ref.max() <= 1
+
+
+class _Constant(torch.nn.Module):
+    """A localizer that answers the same ``p`` for every slice (a badly trained one)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1), self.p)
+
+
+def test_a_whole_stack_is_placed_by_one_offset_matched_to_the_mean_brain(tmp_path):
+    """A localizer that places every slice at one height puts the median offset far off; the whole
+    stack's match to the mean brain brings a phantom volume back within 8 mm."""
+    from monai_mrngan.atlas.bank import build_bank
+    from monai_mrngan.atlas.prior import BrainPrior, template_localizer_for
+    from monai_mrngan.data.datalist import load_split
+    from monai_mrngan.data.io import load_volume
+    from monai_mrngan.data.phantoms import write_phantom_cohort
+    from monai_mrngan.data.prepare import prepare_dataset
+    from monai_mrngan.inference.localize import localize_with_offset, place_slices
+
+    write_phantom_cohort(tmp_path / "bids", subjects=10, size=64, seed=3, progress=False)
+    prepare_dataset(tmp_path / "bids", tmp_path / "prep", spacing=4.0, size=64, split="0.8,0,0.2", progress=False)
+    prior = BrainPrior(*build_bank(load_split(tmp_path / "prep", "training"), 101))
+    template = template_localizer_for(prior)
+    assert template_localizer_for(prior) is template  # built once per prior
+    tests = load_split(tmp_path / "prep", "test")
+    assert tests
+    for entry in tests:
+        vol, _ = load_volume(entry["image"])
+        slices, truth = np.moveaxis(vol, -1, 0), np.asarray(entry["positions"])
+        rel = truth - truth[0]
+        plain, _ = localize_with_offset(_Constant(0.35), slices, rel)
+        refined, info = localize_with_offset(_Constant(0.35), slices, rel, template, window=0.3)
+        err_plain, err = (float(np.mean(np.abs(p - truth))) * 200 for p in (plain, refined))
+        assert err <= 8.0 < err_plain, (err, err_plain)
+        assert info["offset_p_localizer"] == pytest.approx(float(plain[0] - rel[0]), abs=1e-5) and "offset_refined" in info
+        # the template alone places a volume cut at the top when there is no trained localizer
+        offsets_mm = (truth[0] - truth) * 200
+        cut = slices[:-3], offsets_mm[:-3]
+        placed, how = place_slices(None, cut[0], cut[1], 4.0, template=template)
+        assert how["method"] == "localized slices, one offset"
+        assert float(np.mean(np.abs(placed - truth[:-3]))) * 200 <= 8.0

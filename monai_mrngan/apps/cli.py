@@ -58,10 +58,10 @@ def prepare(
         if grid["shape"] != (size, size) or abs(grid["spacing_mm"] - spacing) > 1e-3:
             raise ValueError(f"{place_with}: its stages work on {grid['shape'][0]} px at {grid['spacing_mm']:g} mm; "
                              f"prepare with --size {grid['shape'][0]} --spacing {grid['spacing_mm']:g} to place with them")
-        localizer = _components(place_with).localizer
+        localizer, template = _components(place_with).placer()
         if localizer is None:
             raise FileNotFoundError(f"{place_with}: no trained slice localizer here (slice_localization/models/model.pt)")
-        place = functools.partial(localize_with_offset, localizer)
+        place = functools.partial(localize_with_offset, localizer, template=template)
     report = prepare_dataset(src, dst, spacing=spacing, size=size, seed=seed, split=split, overwrite=overwrite, place=place)
     ok = sum(r["status"] == "ok" for r in report["inputs"])
     placed = sum("placement" in r.get("steps", {}) for r in report["inputs"])

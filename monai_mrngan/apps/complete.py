@@ -172,11 +172,14 @@ def _volume_positions(
     return None, None
 
 
-def _localize_positions(localizer: torch.nn.Module, scaled: np.ndarray, real_idx: np.ndarray, depth: int, step_p: float) -> tuple[np.ndarray, dict]:
-    """Localize every real slice and fit ``p = p0 + index * step_p`` (:func:`~monai_mrngan.inference.localize.localize_with_offset`)."""
-    found, info = localize_with_offset(localizer, np.moveaxis(scaled, 2, 0), real_idx * step_p)
+def _localize_positions(components: Components, scaled: np.ndarray, real_idx: np.ndarray, depth: int, step_p: float) -> tuple[np.ndarray, dict]:
+    """Localize every real slice and fit ``p = p0 + index * step_p`` (:func:`~monai_mrngan.inference.localize.localize_with_offset`,
+    the offset refined by the whole stack's match to the prior's mean brain when there is an atlas prior)."""
+    localizer, template = components.placer()
+    found, info = localize_with_offset(localizer, np.moveaxis(scaled, 2, 0), real_idx * step_p, template)
     p0 = float(found[0] - real_idx[0] * step_p)
-    return p0 + np.arange(depth) * step_p, {k: info[k] for k in ("localized_slices", "mean_abs_deviation_from_fit")}
+    keep = ("localized_slices", "mean_abs_deviation_from_fit", "offset_p_localizer", "offset_refined")
+    return p0 + np.arange(depth) * step_p, {k: info[k] for k in keep if k in info}
 
 
 def _complete_volume(
@@ -216,7 +219,7 @@ def _complete_volume(
     scaled, scale, unit = to_model_range(real, path)
     fit_info: dict = {}
     if positions is None and components.localizer is not None:
-        positions, fit_info = _localize_positions(components.localizer, scaled, real_idx, depth, step_p)
+        positions, fit_info = _localize_positions(components, scaled, real_idx, depth, step_p)
         source = "localizer"
     if positions is None and miss.any() and method not in POSITION_FREE_METHODS:
         raise InputError(

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..atlas.prior import load_prior
+from ..atlas.prior import BrainPrior, TemplateLocalizer, load_prior, template_localizer_for
 from ..data.datalist import load_split
 from ..data.io import load_weights
 from ..networks.contracts import next_fn_for
@@ -81,6 +81,15 @@ class Components:
     def __post_init__(self) -> None:
         if self.next_fn is None and self.generator is not None:
             self.next_fn = next_fn_for(self.generator)
+
+    def template(self) -> TemplateLocalizer | None:
+        """The prior's mean-brain template matcher, which places a whole stack by one offset (None without an atlas prior)."""
+        return template_localizer_for(self.prior) if isinstance(self.prior, BrainPrior) else None
+
+    def placer(self) -> tuple[torch.nn.Module | None, TemplateLocalizer | None]:
+        """What places a stack of slices: the localizer (on the components' device) and the template matcher."""
+        loc = self.localizer.to(self.device) if self.localizer is not None else None
+        return loc, self.template()
 
 
 def load_components(

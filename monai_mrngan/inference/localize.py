@@ -23,7 +23,7 @@ import glob
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -57,34 +57,45 @@ def localize(network: torch.nn.Module, slices: torch.Tensor, batch_size: int = 2
     return torch.cat(out).clamp(0.0, 1.0) if out else torch.zeros(0)
 
 
-def localize_with_offset(network: torch.nn.Module, slices: torch.Tensor | np.ndarray, offsets_p: Sequence[float]) -> tuple[np.ndarray, dict]:
+def localize_with_offset(network: torch.nn.Module, slices: torch.Tensor | np.ndarray, offsets_p: Sequence[float],
+                         template: Any = None, window: float = 0.25) -> tuple[np.ndarray, dict]:
     """Positions of slices whose places relative to each other are known: ``p_k = p0 + offsets_p[k]``.
 
     Every slice is localized and the one unknown ``p0`` is the median of (localized ``p`` minus the
-    slice's offset), so one badly localized slice cannot move the rest. Returns the positions and
+    slice's offset), so one badly localized slice cannot move the rest. With ``template`` (a
+    :class:`~monai_mrngan.atlas.prior.TemplateLocalizer`), that offset is then refined within
+    ``+- window`` by matching the whole stack against the mean brain at once
+    (:meth:`~monai_mrngan.atlas.prior.TemplateLocalizer.fit_offset`). Returns the positions and
     ``{"localized_slices", "offset_p", "mean_abs_deviation_from_fit", "spread_mm"}`` (the mean
-    distance, in p and in mm, between the localizer's answers and the fitted positions).
+    distance, in p and in mm, between the localizer's answers and the fitted positions), with
+    ``offset_p_localizer`` and ``offset_refined`` when refined.
     """
     x = torch.as_tensor(np.asarray(slices), dtype=torch.float32)
     x = x[:, None] if x.ndim == 3 else x
     rel = np.asarray(offsets_p, dtype=np.float64)
     found = localize(network, x).numpy().astype(np.float64)
     p0 = float(np.median(found - rel))
+    refined = {}
+    if template is not None and window > 0:
+        p_loc, p0 = p0, float(template.fit_offset(x, rel, p0, window))
+        refined = {"offset_p_localizer": round(p_loc, 6), "offset_refined": f"whole stack matched to the mean brain within +-{window:g} in p"}
     positions = p0 + rel
     dev = float(np.mean(np.abs(found - positions)))
     info = {"localized_slices": int(len(found)), "offset_p": round(p0, 6), "mean_abs_deviation_from_fit": round(dev, 6),
-            "spread_mm": round(dev * HEAD_HEIGHT_MM, 2)}
+            "spread_mm": round(dev * HEAD_HEIGHT_MM, 2), **refined}
     return positions, info
 
 
-def place_slices(network: torch.nn.Module | None, slices: np.ndarray, offsets_mm: Sequence[float], spacing_mm: float) -> tuple[np.ndarray, dict]:
+def place_slices(network: torch.nn.Module | None, slices: np.ndarray, offsets_mm: Sequence[float], spacing_mm: float,
+                 template: Any = None) -> tuple[np.ndarray, dict]:
     """Positions of a volume's axial slices (model grid, ``offsets_mm`` above the first) from the volume itself.
 
     When the top of the head is inside the field of view (the top slice shows less than
     ``VERTEX_MIN_AREA_MM2`` of head, as ``prepare`` defines the vertex), positions are counted from
     the vertex exactly as ``prepare`` counts them: no model is needed. Otherwise (a cut field of
     view, or a volume trimmed at the vertex) every slice is localized and one offset fitted
-    (:func:`localize_with_offset`). Returns the positions and how they were found.
+    (:func:`localize_with_offset`, refined by ``template`` when given; ``template`` alone places the
+    volume when there is no ``network``). Returns the positions and how they were found.
     """
     offsets = np.asarray(offsets_mm, dtype=np.float64)
     area = (np.asarray(slices) > HEAD_THRESHOLD).sum(axis=(1, 2)) * float(spacing_mm) ** 2
@@ -93,9 +104,9 @@ def place_slices(network: torch.nn.Module | None, slices: np.ndarray, offsets_mm
     if head.size and area[top] < VERTEX_MIN_AREA_MM2:
         vertex_mm = float(offsets[head].max())
         return (vertex_mm - offsets) / HEAD_HEIGHT_MM, {"method": "vertex in the field of view", "vertex_offset_mm": round(vertex_mm, 2)}
-    if network is None:
+    if network is None and template is None:
         raise ValueError("the volume's top of the head is outside its field of view and no localizer is there to place it")
-    positions, info = localize_with_offset(network, slices, -offsets / HEAD_HEIGHT_MM)
+    positions, info = localize_with_offset(network if network is not None else template, slices, -offsets / HEAD_HEIGHT_MM, template)
     return positions, {"method": "localized slices, one offset", **info}
 
 

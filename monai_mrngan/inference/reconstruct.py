@@ -146,8 +146,8 @@ def _stack_positions(components: Components, got: InputSlices, given: Sequence[f
             raise ValueError(f"a stack of {len(rel)} slices takes one position (its first slice) or {len(rel)}, got {len(given)}")
         positions = [float(p) for p in given] if len(given) == len(rel) else [float(given[0] + r) for r in rel]
         return positions, {"method": "given"}
-    localizer = components.localizer.to(components.device) if components.localizer is not None else None
-    found, info = place_slices(localizer, got.slices, got.offsets_mm, spacing_mm)
+    localizer, template = components.placer()
+    found, info = place_slices(localizer, got.slices, got.offsets_mm, spacing_mm, template=template)
     logger.info("stack placed: %s", info)
     return [float(p) for p in found], info
 
@@ -175,8 +175,8 @@ def _volume_position(components: Components, path: str, slice_index: int, size: 
     if len(whole.slices) < 8:
         return None, None  # too few slices to place by: the slice is localized on its own
     try:
-        positions, info = place_slices(components.localizer.to(components.device) if components.localizer is not None else None,
-                                       whole.slices, whole.offsets_mm, spacing_mm)
+        localizer, template = components.placer()
+        positions, info = place_slices(localizer, whole.slices, whole.offsets_mm, spacing_mm, template=template)
     except ValueError:
         return None, None
     p = float(positions[slice_index % len(whole.slices)])  # the stack holds every RAS axial slice, in index order
