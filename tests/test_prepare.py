@@ -115,7 +115,7 @@ def test_prepare_bids_outputs(bids, tmp_path):
         assert data.ndim == 3 and data.shape[:2] == (48, 48) and data.shape[2] == entry["num_slices"]
         assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
         assert np.allclose(np.abs(np.diag(img.affine)[:3]), SPACING)
-        assert img.get_data_dtype() == np.float32 and data.min() >= 0 and data.max() <= 1 and data.max() > 0.9
+        assert img.get_data_dtype() == np.float32 and data.min() >= 0 and data.max() <= 1 and data.max() > 0.5  # the head's 75th percentile lands at HEAD_LEVEL (0.66)
         pos = np.asarray(entry["positions"])
         assert len(pos) == data.shape[2] and pos.min() >= 0 and pos.max() <= 1 and np.all(np.diff(pos) < 0)
     assert not list(dst.rglob(".tmp*")), "no temporary files left behind"

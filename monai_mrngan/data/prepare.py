@@ -4,7 +4,8 @@ For each scan (see :func:`prepare_volume`):
 
 1. load and validate (3D, finite, not constant; see :mod:`monai_mrngan.data.io`);
 2. reorient to RAS and resample to isotropic ``spacing`` mm (MONAI ``Orientation``, ``Spacing``);
-3. scale intensities robustly: divide by the 99.5th percentile of the nonzero voxels, clip to [0, 1];
+3. scale intensities robustly: the 75th percentile of the head's voxels to a fixed level, clip to [0, 1]
+   (:func:`~monai_mrngan.data.grid.scale_intensity`, which says why);
 4. find the head: voxels above ``HEAD_THRESHOLD`` (0.1); per axial slice its area in mm^2 and its
    stray-signal fraction (pixels above threshold outside the slice's filled head mask);
 5. trim axially by the documented heuristics (the paper's "simple heuristics"):
@@ -162,7 +163,7 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256, plac
         "shape_in": list(data.shape),
         "spacing_in_mm": [round(float(s), 4) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))],
         "resampled_shape": list(vol.shape),
-        "intensity_p99_5": round(top, 4),
+        "intensity_scale": round(top, 4),
         "vertex_index": None if cut else vertex,
         "kept_slices": [int(keep[0]), int(keep[-1])],
         "dropped_slices": {

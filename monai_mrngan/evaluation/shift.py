@@ -2,7 +2,7 @@
 
 All training data here come from one scanner. :data:`SHIFTS` is a fixed, seeded set of simulated
 acquisitions, applied to each held-out (test) volume before it is prepared again the way
-``prepare`` scales a scan (99.5th percentile): contrast curves, a smooth bias field, noise, the
+``prepare`` scales a scan (:func:`~monai_mrngan.data.grid.scale_intensity`): contrast curves, a smooth bias field, noise, the
 smoothness of a 1 mm acquisition brought to 2 mm, a coarser quantisation, and one combination.
 None of them uses the settings of any training augmentation (they are fixed here, not drawn).
 
