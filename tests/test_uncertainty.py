@@ -79,8 +79,8 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     n = 20000
     sig = {"spread": rng.uniform(0, 0.3, n), "distance_mm": rng.uniform(0, 60, n), "gap_mm": rng.choice([0.0, 8.0, 16.0], n),
            "disagreement": rng.uniform(0, 0.5, n),
-           "prior_weight": rng.uniform(0, 1, n), "intensity": rng.uniform(0, 1, n)}
-    truth = 0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"]  # the expected error
+           "prior_weight": rng.uniform(0, 1, n), "intensity": rng.uniform(0, 1, n), "edge": rng.uniform(0, 0.4, n)}
+    truth = 0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"] + 0.1 * sig["edge"]  # the expected error
     err = rng.exponential(truth)
     cal = Calibration.fit(sig, err)
     assert all(w >= 0 for w in cal.weights) and np.all(np.diff(cal.iso_y) >= 0) and np.all(np.diff(cal.iso_x) > 0)
@@ -98,6 +98,11 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     again = load_calibration(tmp_path / "c.json")
     np.testing.assert_allclose(again.predict(sig), pred)
     assert load_calibration(tmp_path / "missing.json") is None
+    # a calibration fitted before a signal existed still loads and uses the signals it knows
+    older = Calibration.fit(sig, err, features=[f for f in FEATURES if f != "edge"])
+    older.save(tmp_path / "older.json")
+    np.testing.assert_allclose(load_calibration(tmp_path / "older.json").predict(sig), older.predict(sig))
+    assert "edge" not in older.features
     (tmp_path / "bad.json").write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(InputError, match="bad.json"):
         load_calibration(tmp_path / "bad.json")

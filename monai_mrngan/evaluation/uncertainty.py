@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from ..inference.volume import Reconstruction
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UNCERTAINTY_CASES", "head_samples", "UncertaintyScores", "calibrate", "plot_reliability"]
+__all__ = ["UNCERTAINTY_CASES", "head_samples", "UncertaintyScores", "reconstructions", "calibrate", "plot_reliability"]
 
 UNCERTAINTY_CASES = ("single_slice", "k4", "k8")
 DECILES = 10
@@ -130,6 +130,41 @@ def plot_reliability(scores: dict[str, Any], path: str | os.PathLike) -> None:
     save_figure(fig, path, dpi=100)
 
 
+def reconstructions(entries: Sequence[dict], comp: Components, input_positions: Sequence[float], few_slice_k: Sequence[int],
+                    use_loc: bool, refine_window: float, fit_prior: bool, few_slice_fit_prior: bool, t0: float | None = None
+                    ) -> Iterator[tuple[str, Reconstruction, np.ndarray, float, bool, np.ndarray | None]]:
+    """MRNGAN reconstructions of ``entries`` as the evaluation makes them: one slice at each input
+    position (localized and refined with ``use_loc``), then every k-th slice at its true positions.
+    Yields ``(case, reconstruction, true volume (H, W, D), spacing mm, prior fitted?, scored slices or None)``
+    (case: ``single_slice`` or ``k<k>``),
+    with the prior's spread kept for the uncertainty signals."""
+    gap_kw = dict(method="mrngan", model=comp.model, next_fn=comp.next_fn, prior=comp.prior, device=comp.device)
+    t0 = time.time() if t0 is None else t0
+    for n, entry in enumerate(entries, 1):
+        vol, _ = load_volume(entry["image"])
+        pos = np.asarray(entry["positions"], dtype=np.float64)
+        step_p = position_step(pos)
+        spacing = abs(step_p) * HEAD_HEIGHT_MM
+        depth = vol.shape[2]
+        target = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, 2, 0)))[:, None]
+        kw = dict(step_p=step_p, num_slices=depth, **gap_kw)
+        with track_spread(comp.prior):
+            for p_in in input_positions:
+                i0 = index_for_position(pos, p_in)
+                x = target[i0 : i0 + 1]
+                p0 = float(pos[i0])
+                if use_loc:
+                    p0 = float(refine_positions(comp.prior, x, localize(comp.localizer, x.to(comp.device)).cpu().reshape(-1)[:1], refine_window)[0])
+                yield "single_slice", reconstruct_volume(x, [p0], input_indices=[i0], fit_prior=fit_prior, **kw), vol, spacing, fit_prior, None
+            for k in few_slice_k:
+                given = list(range(0, depth, k))
+                if len(given) < 2:
+                    continue
+                rec = reconstruct_volume(target[given], pos[given].tolist(), input_indices=given, fit_prior=few_slice_fit_prior, **kw)
+                yield f"k{k}", rec, vol, spacing, few_slice_fit_prior, np.setdiff1d(np.arange(given[0], given[-1]), given)
+        logger.info("uncertainty: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
+
+
 def calibrate(
     dataset_dir: str | os.PathLike,
     components: Components,
@@ -171,29 +206,9 @@ def calibrate(
         sig_parts.append({k: v[pick] for k, v in sig.items()})
         err_parts.append(err[pick])
 
-    for n, entry in enumerate(entries, 1):
-        vol, _ = load_volume(entry["image"])
-        pos = np.asarray(entry["positions"], dtype=np.float64)
-        step_p = position_step(pos)
-        spacing = abs(step_p) * HEAD_HEIGHT_MM
-        depth = vol.shape[2]
-        target = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, 2, 0)))[:, None]
-        kw = dict(method="mrngan", model=comp.model, next_fn=comp.next_fn, prior=comp.prior, step_p=step_p, num_slices=depth, device=comp.device)
-        with track_spread(comp.prior):
-            for p_in in input_positions:
-                i0 = index_for_position(pos, p_in)
-                x = target[i0 : i0 + 1]
-                p0 = float(pos[i0])
-                if use_loc:
-                    p0 = float(refine_positions(comp.prior, x, localize(comp.localizer, x.to(comp.device)).cpu().reshape(-1)[:1], refine_window)[0])
-                take(reconstruct_volume(x, [p0], input_indices=[i0], fit_prior=fit_prior, **kw), vol, spacing, fit_prior)
-            for k in few_slice_k:
-                given = list(range(0, depth, k))
-                if len(given) < 2:
-                    continue
-                rec = reconstruct_volume(target[given], pos[given].tolist(), input_indices=given, fit_prior=few_slice_fit_prior, **kw)
-                take(rec, vol, spacing, few_slice_fit_prior, np.setdiff1d(np.arange(given[0], given[-1]), given))
-        logger.info("uncertainty calibration: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
+    for _, rec, vol, spacing, fitted, scored in reconstructions(entries, comp, input_positions, few_slice_k, use_loc, refine_window,
+                                                             fit_prior, few_slice_fit_prior, t0):
+        take(rec, vol, spacing, fitted, scored)
     signals = {k: np.concatenate([s[k] for s in sig_parts]) for k in FEATURES}
     err = np.concatenate(err_parts)
     info = {"split": split, "subjects": [e.get("subject") for e in entries], "input_positions": list(input_positions),

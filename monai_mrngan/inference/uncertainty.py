@@ -11,7 +11,9 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
 - ``disagreement``: ``|output - prior|``, how far the cell moved away from the prior (towards
   pix2pix, the previous slice or the far end);
 - ``prior_weight``: the MRNGAN cell's mean weight on the prior for that slice (0 for other methods);
-- ``intensity``: the output itself (error scales with tissue brightness; air is nearly exact).
+- ``intensity``: the output itself (error scales with tissue brightness; air is nearly exact);
+- ``edge``: the output's in-plane gradient magnitude (Gaussian, 1 px): errors gather at tissue
+  boundaries, where a slightly misplaced edge costs the most.
 
 :class:`Calibration` maps them to the expected absolute error in output intensity units: a
 log-linear model ``exp(b + sum_i w_i f_i)`` with ``w_i >= 0`` on increasing transforms ``f_i`` of
@@ -42,7 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FEATURES", "CALIBRATION_NAME", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means", "load_calibration",
            "track_spread"]
 
-FEATURES = ("spread", "distance_mm", "gap_mm", "disagreement", "prior_weight", "intensity")
+FEATURES = ("spread", "distance_mm", "gap_mm", "disagreement", "prior_weight", "intensity", "edge")
 CALIBRATION_NAME = "uncertainty_calibration.json"
 """The calibration's file name in the mrngan bundle's models folder."""
 EPS = 0.01  # floor inside the logs: 1 % of the intensity range
@@ -87,15 +89,17 @@ class Calibration:
         return save_json({"kind": "uncertainty_calibration", **asdict(self)}, path)
 
     @classmethod
-    def fit(cls, signals: Mapping[str, np.ndarray], abs_error: np.ndarray, iters: int = 200, info: dict | None = None) -> "Calibration":
-        """Fit on flat samples (``signals[name]`` (N,), ``abs_error`` (N,)) of generated voxels."""
+    def fit(cls, signals: Mapping[str, np.ndarray], abs_error: np.ndarray, iters: int = 200, info: dict | None = None,
+            features: Sequence[str] = FEATURES) -> "Calibration":
+        """Fit on flat samples (``signals[name]`` (N,), ``abs_error`` (N,)) of generated voxels, using ``features``."""
+        features = list(features)
         y = np.asarray(abs_error, dtype=np.float64).reshape(-1)
         if y.size < 100:
             raise ValueError(f"too few samples to calibrate the uncertainty ({y.size})")
-        X = torch.from_numpy(np.stack([_design(n, signals[n]).reshape(-1) for n in FEATURES], 1).astype(np.float64))
+        X = torch.from_numpy(np.stack([_design(n, signals[n]).reshape(-1) for n in features], 1).astype(np.float64))
         mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
         Z, t = (X - mu) / sd, torch.from_numpy(y)
-        raw = torch.zeros(len(FEATURES), dtype=torch.float64, requires_grad=True)
+        raw = torch.zeros(len(features), dtype=torch.float64, requires_grad=True)
         b = torch.tensor([math.log(max(float(y.mean()), 1e-6))], dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([raw, b], max_iter=iters, line_search_fn="strong_wolfe")
 
@@ -110,8 +114,8 @@ class Calibration:
         with torch.no_grad():
             w = torch.nn.functional.softplus(raw) / sd  # back to the unstandardised features
             bias = float(b - (w * mu).sum())
-        cal = cls(bias, [float(v) for v in w], [0.0], [0.0], info=dict(info or {}))
-        lin = cal.linear({n: np.asarray(signals[n]).reshape(-1) for n in FEATURES}).astype(np.float64)
+        cal = cls(bias, [float(v) for v in w], [0.0], [0.0], features=features, info=dict(info or {}))
+        lin = cal.linear({n: np.asarray(signals[n]).reshape(-1) for n in features}).astype(np.float64)
         cal.iso_x, cal.iso_y = _isotonic_table(lin, y)
         return cal
 
@@ -146,8 +150,9 @@ def load_calibration(path: str | os.PathLike | None) -> Calibration | None:
         cal = Calibration(**data)
     except (ValueError, TypeError) as err:
         raise InputError(path, f"unreadable uncertainty calibration ({err})") from err
-    if list(cal.features) != list(FEATURES) or len(cal.weights) != len(FEATURES) or len(cal.iso_x) != len(cal.iso_y) or not cal.iso_x:
-        raise InputError(path, f"uncertainty calibration for features {cal.features}, expected {list(FEATURES)}")
+    # a calibration fitted before a signal was added uses the signals it knows
+    if not set(cal.features) <= set(FEATURES) or len(cal.weights) != len(cal.features) or len(cal.iso_x) != len(cal.iso_y) or not cal.iso_x:
+        raise InputError(path, f"uncertainty calibration for features {cal.features}, expected some of {list(FEATURES)}")
     return cal
 
 
@@ -213,7 +218,15 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         "disagreement": np.abs(vol - prior_vol),
         "prior_weight": np.nan_to_num(weight, nan=0.0),
         "intensity": vol,
+        "edge": edge_strength(vol),
     }
+
+
+def edge_strength(vol: np.ndarray, sigma_px: float = 1.0) -> np.ndarray:
+    """In-plane gradient magnitude (H, W, D) of a volume, Gaussian-smoothed by ``sigma_px`` (scipy)."""
+    from scipy import ndimage
+
+    return ndimage.gaussian_gradient_magnitude(np.asarray(vol, dtype=np.float32), sigma=(sigma_px, sigma_px, 0.0)).astype(np.float32)
 
 
 def broadcast(signals: Mapping[str, np.ndarray], shape: Sequence[int]) -> dict[str, np.ndarray]:
