@@ -108,15 +108,11 @@ PRESETS: dict[str, dict[str, dict]] = {
         # gives back 50 s of its old 150 s
         "mrngan": {"epochs": 100, "time_limit_s": 100, "lr": 0.001, "use_prior_cache": True, "train_limit": 12},
     },
-    # ixi2mm, measured before the cache (2 cores): localization 15 min, mean brain + bank + its
-    # evaluation 2.5, pix2pix 25.6 + 4.4, MRNGAN 20 + 5 = 72.5 min. The fitted-prior cache (9 fits
-    # per volume with prior_fit, 120-atlas bank, 128 px) costs 34-39 s per volume on one core at
-    # load 1 (73 s at load 7): the first 24 training + 5 validation volumes, 2 workers, about
-    # 29 x 37 s / 2 = 9 min (the 2-worker speed-up was not measured on an idle machine). To stay
-    # within 75 min, localization gives 3 min (900 -> 720 s) and MRNGAN's training 5 min
-    # (1200 -> 900 s; its iterations cost what they cost with the plain prior): about 74 min.
-    # MRNGAN then trains on those 24 volumes only (train_limit: each run needs its volume's cached
-    # fits); the whole training set (125 volumes with validation) would cost about 38 min.
+    # ixi2mm (2 cores, measured 2026-12-02 with the batched fit): localization 12.4 + 1.2 min, mean brain
+    # + bank + its evaluation 2 min, pix2pix 25.3 + 1.5 min; MRNGAN: the fitted-prior cache of the
+    # first 24 training + 5 validation volumes took 73 s with 2 workers (2.5 s a volume), training
+    # 15 min, calibration 2.5 min, evaluation about 8 min. With the cache that cheap, MRNGAN trains on
+    # every training volume (120 + 5 validation: about 5.5 min of cache) instead of the first 24.
     # ixi2mm trains with intensity_augmentation (randomised bias field, gamma, histogram, blur, noise,
     # gain per training volume) so the stages do not learn IXI's one scanner; the time limits hold, the
     # augmentation costing some iterations (about 0.25 s per volume drawn, 128 x 128 x 101, busy 2 cores).
@@ -126,7 +122,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         # the GAN route is not what MRNGAN leans on (the fitted atlas prior is): skipped to save budget
         "brain_generalization": {"skip_steps": ["train", "inference"]},
         "flow_generation": {"epochs": 100, "time_limit_s": 1500, "lr": 0.001, "intensity_augmentation": True},
-        "mrngan": {"epochs": 100, "time_limit_s": 900, "lr": 0.001, "run_length": 12, "use_prior_cache": True, "train_limit": 24,
+        "mrngan": {"epochs": 100, "time_limit_s": 900, "lr": 0.001, "run_length": 12, "use_prior_cache": True,
                    "intensity_augmentation": True},
     },
     "paper": {
