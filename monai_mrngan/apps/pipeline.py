@@ -115,7 +115,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     # every training volume (120 + 5 validation: about 5 min of cache) instead of the first 24. The
     # time comes from pix2pix (1500 -> 1200 s): its kept weights (best validation PSNR, 22.74 dB) were
     # from epoch 12 of 62, about 5 min in; validation fell to 21.2-21.9 dB after. That run's stages
-    # took 74.4 min in all ; with both changes about 73.
+    # took 74.4 min in all; with both changes about 73.
     # ixi2mm trains with intensity_augmentation (randomised bias field, gamma, histogram, blur, noise,
     # gain per training volume) so the stages do not learn IXI's one scanner; the time limits hold, the
     # augmentation costing some iterations (about 0.25 s per volume drawn, 128 x 128 x 101, busy 2 cores).
