@@ -94,6 +94,8 @@ def _overlay(out: Path, slices: list[tuple[np.ndarray, np.ndarray, float]]) -> l
     for plane, affine, k in slices:
         got = _sample(out, _world(affine, plane.shape, k)).reshape(plane.shape)
         head = plane > 0.1 * plane.max()
+        if head.sum() < 100 or float(got[head].std()) == 0.0:
+            continue  # no head here, or a slice left out of the output (beyond the model grid)
         corr.append(float(np.corrcoef(got[head], plane[head])[0, 1]))
     return corr
 
@@ -142,8 +144,9 @@ def check_subject(entry: dict, workdir: Path, out: Path, p_target: float = 0.45)
     stack = out / "thick_5mm.nii.gz"
     nib.save(nib.Nifti1Image(np.rint(thick).astype(np.int16), thick_aff2), str(stack))
     rc, err, sec = _run(workdir, ["--input", str(stack), "--stack", "--out", str(out / "stack.nii.gz")], out / "stack.log")
+    mid_z = float((thick_aff2 @ np.array([0, 0, thick.shape[2] // 2, 1.0]))[2])
     rows["stack_5mm"] = _case(rc, err, sec, out / "stack.nii.gz", [(thick[:, :, j], thick_aff2, j) for j in range(thick.shape[2])],
-                              entry, float(thick_aff2[2, 3]))
+                              entry, mid_z, step_mm=5.0)
 
     # (4) one file of the sagittal series: must be refused
     rc, err, sec = _run(workdir, ["--input", str(files[len(files) // 2]), "--out", str(out / "single.nii.gz")], out / "single.log")
@@ -151,16 +154,21 @@ def check_subject(entry: dict, workdir: Path, out: Path, p_target: float = 0.45)
     return rows
 
 
-def _case(rc: int, err: str, sec: float, out: Path, slices: list, entry: dict, world_z: float, **extra) -> dict:
+def _case(rc: int, err: str, sec: float, out: Path, slices: list, entry: dict, world_z: float, step_mm: float = 0.0, **extra) -> dict:
+    """``world_z``: height of the input slice whose placement is checked; for a stack (``step_mm`` > 0)
+    its middle slice, placed at the stack's fitted offset minus its distance from the first slice."""
     row = {"exit_status": rc, "seconds": round(sec, 1), **extra}
     if rc != 0:
         return {**row, "message": err}
     corr = _overlay(out, slices)
     meta = json.loads(out.with_name(out.name.replace(".nii.gz", "_positions.json")).read_text())
-    placed = float(meta["input_positions"][0])
-    row.update(overlay_corr_min=round(min(corr), 4), overlay_corr_mean=round(float(np.mean(corr)), 4), n_inputs=len(corr),
-               placed_p=round(placed, 4), true_p=round(_true_p(entry, world_z), 4),
-               placement_error_mm=round(abs(placed - _true_p(entry, world_z)) * 200, 1))
+    if step_mm > 0:
+        placed = float(meta["placement"].get("offset_p", meta["input_positions"][0])) - (len(slices) // 2) * step_mm / 200.0
+    else:
+        placed = float(meta["input_positions"][0])
+    true = _true_p(entry, world_z)
+    row.update(overlay_corr_min=round(min(corr), 4), overlay_corr_mean=round(float(np.mean(corr)), 4), slices_scored=len(corr),
+               n_inputs=len(slices), placed_p=round(placed, 4), true_p=round(true, 4), placement_error_mm=round(abs(placed - true) * 200, 1))
     return row
 
 
