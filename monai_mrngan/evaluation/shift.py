@@ -31,7 +31,7 @@ from .reconstruction import evaluate_reconstruction
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHIFTS", "simulate", "shifted_dataset", "evaluate_shifted"]
+__all__ = ["SHIFTS", "acquire", "simulate", "shifted_dataset", "evaluate_shifted"]
 
 
 def _bias(shape: tuple[int, ...], amplitude: float, rng: np.random.Generator) -> np.ndarray:
@@ -75,8 +75,8 @@ SHIFTS: dict[str, list[tuple[Callable[..., np.ndarray], float]]] = {
 """Name -> steps applied in order to a prepared [0, 1] volume (then scaled again like ``prepare``)."""
 
 
-def simulate(volume: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
-    """``volume`` (H, W, D) in [0, 1] as the scanner ``name`` of :data:`SHIFTS` would have given it, prepared again."""
+def acquire(volume: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
+    """``volume`` (H, W, D) in [0, 1] as the scanner ``name`` of :data:`SHIFTS` would have stored it (not scaled again)."""
     if name not in SHIFTS:
         raise ValueError(f"unknown scanner shift {name!r}; expected one of {sorted(SHIFTS)}")
     rng = np.random.default_rng(seed)
@@ -84,8 +84,12 @@ def simulate(volume: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
     head = v > HEAD_THRESHOLD
     for step, arg in SHIFTS[name]:
         v = step(v, arg, rng)
-    v = np.where(ndimage.binary_dilation(head, iterations=2) | (v > 0), v, 0.0)  # air stays air where it was
-    return scale_intensity(v.astype(np.float32))[0]
+    return np.where(ndimage.binary_dilation(head, iterations=2) | (v > 0), v, 0.0)  # air stays air where it was
+
+
+def simulate(volume: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
+    """``volume`` (H, W, D) in [0, 1] as the scanner ``name`` of :data:`SHIFTS` would have given it, prepared again."""
+    return scale_intensity(acquire(volume, name, seed).astype(np.float32))[0]
 
 
 def shifted_dataset(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str, split: str = "test", limit: int | None = None,

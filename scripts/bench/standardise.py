@@ -34,7 +34,7 @@ from scipy import ndimage
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import load_volume
 from monai_mrngan.data.positions import HEAD_THRESHOLD
-from monai_mrngan.evaluation.shift import SHIFTS
+from monai_mrngan.evaluation.shift import SHIFTS, acquire
 
 
 def _p995(v: np.ndarray, head: np.ndarray) -> float:
@@ -77,14 +77,9 @@ def _bright_tail(v: np.ndarray, head: np.ndarray, rng: np.random.Generator) -> n
 
 def shifted(v: np.ndarray, name: str, seed: int) -> np.ndarray:
     """``v`` as scanner ``name`` would store it (before any scaling)."""
-    rng = np.random.default_rng(seed)
-    head = v > HEAD_THRESHOLD
     if name == "bright_tail":
-        return _bright_tail(v, head, rng)
-    out = v.astype(np.float64)
-    for step, arg in SHIFTS[name]:
-        out = step(out, arg, rng)
-    return np.where(ndimage.binary_dilation(head, iterations=2) | (out > 0), out, 0.0)
+        return _bright_tail(v, v > HEAD_THRESHOLD, np.random.default_rng(seed))
+    return acquire(v, name, seed)
 
 
 def main(argv: list[str] | None = None) -> None:
