@@ -84,26 +84,29 @@ def test_train_and_inference_network_def_agree():
         nets[1].load_state_dict(nets[0].state_dict())
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru"])
+@pytest.mark.parametrize("cell,state_scale", [("rnn", 1), ("gru", 1), ("rnn", 2)])
 @pytest.mark.parametrize("output", ["blend", "residual", "direct"])
-def test_mrngan_forward_is_one_step(cell, output):
-    """MRNGAN(x) == one step of the step path from a zero state; with a state, the unroll's own step."""
+def test_mrngan_forward_is_one_step(cell, output, state_scale):
+    """MRNGAN(x) == one step of the step path from a zero state; with a state, the unroll's own step
+    (at full size, and with the state at half size)."""
     import torch
 
     from monai_mrngan.networks.recurrent import MRNGAN
 
     torch.manual_seed(0)
-    model = MRNGAN(cell=cell, hidden_channels=6, features=4, output=output).eval()
+    model = MRNGAN(cell=cell, hidden_channels=6, features=4, output=output, state_scale=state_scale).eval()
     with torch.no_grad():  # non-trivial head (its last conv starts at zero)
         for prm in model.head[-1].parameters():
             prm.normal_(0, 0.3)
     x = torch.rand(2, 5, 16, 16)
-    zeros = torch.zeros(2, 6, 16, 16)
+    state_hw = (16 // state_scale, 16 // state_scale)
+    zeros = torch.zeros(2, 6, *state_hw)
+    maps = lambda p, dist: torch.stack([p, (5 * dist).clamp(max=1.0)], 1).view(2, 2, 1, 1).expand(2, 2, 16, 16)  # noqa: E731
     with torch.no_grad():
         out = model(x)
         assert out.shape == (2, 1, 16, 16) and out.dtype == torch.float32
         assert torch.equal(out, model.step(x, zeros)[0])
-        s = torch.randn(2, 6, 16, 16).tanh()
+        s = torch.randn(2, 6, *state_hw).tanh()
         assert torch.equal(model(x, s), model.step(x, s)[0])
 
         # the first generated slice of unroll is forward(x_1, s_0) with x_1 stacked as unroll stacks it
@@ -114,8 +117,8 @@ def test_mrngan_forward_is_one_step(cell, output):
         priors = torch.rand(2, 3, 1, 16, 16)
         gen = model.unroll(start, pos, direction, pix, lambda p: priors)
         p0 = pos[:, 0]
-        x0 = torch.cat([start, start, priors[:, 0], model._maps(start, p0, torch.zeros_like(p0))], 1)
-        x1 = torch.cat([start, pix(start, direction), priors[:, 1], model._maps(start, pos[:, 1], (pos[:, 1] - p0).abs())], 1)
+        x0 = torch.cat([start, start, priors[:, 0], maps(p0, torch.zeros_like(p0))], 1)
+        x1 = torch.cat([start, pix(start, direction), priors[:, 1], maps(pos[:, 1], (pos[:, 1] - p0).abs())], 1)
         assert torch.allclose(gen[:, 0:1], model(x1, model.init_state(x0)), atol=1e-6)
 
 

@@ -106,9 +106,10 @@ def test_far_end_enters_the_blend_at_its_linear_weight_and_stops_after_it_is_pas
     assert float(open_run[0, 0, 0, 0]) == pytest.approx(mix, abs=1e-5)
 
 
-def test_untrained_gap_cell_starts_at_linear_interpolation():
+@pytest.mark.parametrize("state_scale", [1, 2])
+def test_untrained_gap_cell_starts_at_linear_interpolation(state_scale):
     """All blend weight on the previous output: one run per gap reproduces linear interpolation."""
-    model = MRNGAN(hidden_channels=4, features=4, far_end=True, init_weights=(1.0, 1e-6, 1e-6))
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True, init_weights=(1.0, 1e-6, 1e-6), state_scale=state_scale)
     prior = type("P", (), {"slice_at": staticmethod(lambda positions, **kw: torch.full((len(positions), 1, 8, 8), 0.5))})()
     run = make_runner("mrngan", model=model, next_fn=_identity_next, prior=prior, fit_prior=False)
     given, idx = torch.rand(4, 1, 8, 8), [1, 5, 13, 14]
@@ -136,11 +137,13 @@ def test_far_end_off_is_the_paper_cell():
         paper.load_state_dict(MRNGAN(hidden_channels=4, features=4, far_end=True).state_dict())
 
 
-def test_step_inputs_are_stacked_as_documented():
-    """x_t built by hand (maps min(1, 5 |p_t - p_0|), min(1, 5 |p_far - p_t|), flag, linear weight) gives unroll's first slice."""
+@pytest.mark.parametrize("state_scale", [1, 2])
+def test_step_inputs_are_stacked_as_documented(state_scale):
+    """x_t built by hand (maps min(1, 5 |p_t - p_0|), min(1, 5 |p_far - p_t|), flag, linear weight) gives unroll's first slice
+    (at half size too: unroll makes its reduced input directly, forward averages the full-size one)."""
     torch.manual_seed(0)
     for far_end in (False, True):
-        model = MRNGAN(hidden_channels=4, features=4, far_end=far_end)
+        model = MRNGAN(hidden_channels=4, features=4, far_end=far_end, state_scale=state_scale)
         with torch.no_grad():
             for prm in model.head[-1].parameters():
                 prm.normal_(0, 0.3)
@@ -306,3 +309,44 @@ def test_positions_json_reports_the_cells_weight_on_the_prior(tiny_dataset, tmp_
     generated = [s for s in slices if not s["real"]]
     assert generated and all(0.0 <= s["prior_weight"] <= 1.0 for s in generated)
     assert all("prior_weight" not in s for s in slices if s["real"])
+
+
+def test_a_half_size_state_keeps_the_weights_and_refuses_weights_of_another_scale():
+    """state_scale 2: the same parameters, a state of ceil(H/2) x ceil(W/2) at any slice size, full-size output;
+    weights remember their scale (older weights count as 1) and a cell built at another scale refuses them."""
+    full, half = MRNGAN(hidden_channels=4, features=4, far_end=True), MRNGAN(hidden_channels=4, features=4, far_end=True, state_scale=2)
+    assert {k: v.shape for k, v in full.state_dict().items()} == {k: v.shape for k, v in half.state_dict().items()}
+    start, pos = torch.rand(2, 1, 15, 17), torch.tensor([[0.5, 0.49, 0.48], [0.3, 0.31, 0.32]])
+    with torch.no_grad():
+        out = half.unroll(start, pos, torch.tensor([1.0, -1.0]), _identity_next, lambda p: torch.full((*p.shape, 1, 15, 17), 0.4))
+        assert out.shape == (2, 2, 15, 17) and half.zero_state(torch.zeros(2, 9, 15, 17)).shape == (2, 4, 8, 9)
+    with pytest.raises(ValueError, match="trained with state_scale 1, the network is built with 2"):
+        half.load_state_dict(full.state_dict())
+    older = {k: v for k, v in full.state_dict().items() if k != "trained_state_scale"}  # saved before the option
+    full.load_state_dict(older)
+    with pytest.raises(ValueError, match="state_scale 1"):
+        half.load_state_dict(older)
+
+
+def test_far_next_mixes_pix2pix_one_step_back_from_the_far_end_into_the_far_candidate():
+    """far_next: one pix2pix call per run (far, -direction); untrained, the far candidate is half far slice,
+    half that prediction; past the far end (or with none) it counts for nothing; far_next needs far_end."""
+    calls = []
+
+    def next_fn(prev, direction):
+        calls.append(direction.clone())
+        return (prev * 0.5).clamp(0, 1)
+
+    with pytest.raises(ValueError, match="far_next needs far_end"):
+        MRNGAN(far_next=True)
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True, far_next=True, init_weights=(1.0, 1e-6, 1e-6))
+    assert model.in_channels == 10
+    start, far = torch.full((1, 1, 8, 8), 0.6), torch.full((1, 1, 8, 8), 1.0)
+    pos = torch.tensor([[0.5, 0.49, 0.48, 0.47]])
+    with torch.no_grad():  # (pix2pix and the prior keep the blend's floor weight of 1e-3 each: tolerance 2e-3)
+        out = model.unroll(start, pos, torch.ones(1), next_fn, _const_prior(0.3), far, torch.tensor([0.48]))
+    assert len(calls) == 4 and float(calls[0][0]) == -1.0  # the step back from the far end, then one per step
+    far_candidate = 0.5 * 1.0 + 0.5 * 0.5
+    assert float(out[0, 0, 0, 0]) == pytest.approx(0.5 * 0.6 + 0.5 * far_candidate, abs=2e-3)
+    assert float(out[0, 1, 0, 0]) == pytest.approx(far_candidate, abs=2e-3)  # at the far end
+    assert float(out[0, 2, 0, 0]) == pytest.approx(far_candidate, abs=2e-3)  # past it: the previous output

@@ -20,6 +20,18 @@ has passed its far end) the far slice is zeros, the distance 1, the flag and ``w
 candidate's weight is 0, so one set of weights serves both modes. ``far_end=False`` is the paper's
 three-input cell (old weights load).
 
+With ``far_next=True`` (needs ``far_end``) the cell also sees pix2pix's prediction one step back
+from the far end (``pix2pix(far, -direction)``, one call per run), and the far candidate becomes a
+learned per-pixel mix of the far slice and that prediction (half each before training): the slices
+just before a given one get pix2pix's estimate from that side, not a copy of it.
+
+With ``state_scale=2`` the encoder, the recurrent state and the head run on the step input
+area-averaged to half the slice size, and only the blend (the head's weights and correction, upsampled
+bilinearly) runs at full size, on the full-size candidates: a step costs about a third (most of it was
+convolutions and ``tanh`` over 16 full-size channels), and fine detail still comes from the candidates.
+The parameters are the same at any scale, so weights load across scales (though a cell behaves as it
+was trained).
+
 - :class:`ConvRNNCell`: the paper's Elman cell, convolutional.
 - :class:`ConvGRUCell`: a convolutional GRU (selectable with ``cell="gru"``).
 - :class:`MRNGAN`: cell + output head; :meth:`MRNGAN.unroll` generates ``T`` slices from a start
@@ -33,7 +45,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ConvRNNCell", "ConvGRUCell", "MRNGAN", "NextFn", "PriorFn", "OUTPUT_MODES", "CELLS"]
@@ -48,6 +63,7 @@ CELLS = ("rnn", "gru")
 DIST_SCALE = 5.0  # distance map = min(1, 5 |p_t - p_0|): 1 from 40 mm away on
 BASE_CHANNELS = 5  # previous, pix2pix, prior, p_t map, distance map
 FAR_CHANNELS = 4  # far slice, far distance map, far flag map, far-end linear weight map
+FAR_NEXT_CHANNELS = 1  # pix2pix's prediction one step back from the far slice (far_next)
 
 
 def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
@@ -98,6 +114,10 @@ class MRNGAN(nn.Module):
         far_end: the step input also holds the far end of the gap (slice, distance, flag, linear
             weight) and the far slice is a blend candidate, starting at its linear-interpolation
             weight; False: the paper's cell.
+        far_next: with ``far_end``, pix2pix's prediction one step back from the far slice is one
+            more input and mixes into the far candidate (a learned per-pixel share).
+        state_scale: encoder, state and head run at ``1 / state_scale`` of the slice size (the
+            blend of the candidates stays at full size); 1: everything at full size.
     """
 
     def __init__(
@@ -110,14 +130,24 @@ class MRNGAN(nn.Module):
         max_correction: float = 0.25,
         init_weights: tuple[float, float, float] = (0.2, 0.6, 0.2),
         far_end: bool = False,
+        state_scale: int = 1,
+        far_next: bool = False,
     ) -> None:
         super().__init__()
+        if far_next and not far_end:
+            raise ValueError("far_next needs far_end")
+        self.far_next = bool(far_next)
+        if int(state_scale) < 1:
+            raise ValueError(f"state_scale must be a positive integer, got {state_scale!r}")
+        self.state_scale = int(state_scale)
+        # saved with the weights, so a cell is never run at another scale than it was trained at
+        self.register_buffer("trained_state_scale", torch.tensor(self.state_scale))
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
         if output not in OUTPUT_MODES:
             raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
         self.output, self.max_correction, self.far_end = output, float(max_correction), bool(far_end)
-        in_ch = BASE_CHANNELS + (FAR_CHANNELS if self.far_end else 0)
+        in_ch = BASE_CHANNELS + (FAR_CHANNELS if self.far_end else 0) + (FAR_NEXT_CHANNELS if self.far_next else 0)
         self.in_channels = in_ch
         if features > 0:
             self.encoder: nn.Module = nn.Sequential(
@@ -127,7 +157,7 @@ class MRNGAN(nn.Module):
         else:
             self.encoder, cell_in = nn.Identity(), in_ch
         self.cell = (ConvRNNCell if cell == "rnn" else ConvGRUCell)(cell_in, hidden_channels, kernel_size)
-        head_out = {"blend": 5 if self.far_end else 4, "residual": 1, "direct": 1}[output]
+        head_out = {"blend": (5 if self.far_end else 4) + int(self.far_next), "residual": 1, "direct": 1}[output]
         self.head = nn.Sequential(
             _conv(hidden_channels + in_ch, hidden_channels, kernel_size), nn.LeakyReLU(0.1), _conv(hidden_channels, head_out, 1)
         )
@@ -139,6 +169,15 @@ class MRNGAN(nn.Module):
             with torch.no_grad():  # the far logit's bias stays 0: its weight starts at the linear weight
                 last.bias[:3] = torch.log(w / w.sum())
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        key = prefix + "trained_state_scale"
+        trained = int(state_dict.get(key, 1))  # weights from before the option ran at full size
+        if trained != self.state_scale:
+            raise ValueError(f"these MRNGAN weights were trained with state_scale {trained}, the network is built with "
+                             f"{self.state_scale}: set network_def#state_scale {trained}")
+        state_dict[key] = torch.tensor(trained)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def use_channels_last(self) -> "MRNGAN":
         """Hold the weights, and run every step, in the channels-last layout (inference on a CPU): the
         cell's small 3x3 convolutions ran a step 1.3-1.5x faster that way (128 px, two runs, 2 threads:
@@ -147,34 +186,56 @@ class MRNGAN(nn.Module):
         self._channels_last = True
         return self
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if getattr(self, "_channels_last", False) else x
+
+    def _reduced(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` area-averaged to the state's size (itself at ``state_scale`` 1), in the module's layout."""
+        if self.state_scale > 1:  # ceil_mode: a last partial window averages what it covers (any size)
+            x = F.avg_pool2d(x, self.state_scale, ceil_mode=True)
+        return self._layout(x)
+
+    def state_size(self, size: tuple[int, int] | torch.Size) -> tuple[int, int]:
+        """The state's (H, W) for slices of ``size`` (H, W)."""
+        return tuple(math.ceil(int(n) / self.state_scale) for n in size)  # type: ignore[return-value]
+
+    def zero_state(self, x: torch.Tensor) -> torch.Tensor:
+        """``s = 0`` for step inputs like ``x`` (B,C,H,W)."""
+        return x.new_zeros(x.shape[0], self.cell.hidden_channels, *self.state_size(x.shape[-2:]))
+
     def init_state(self, x0: torch.Tensor) -> torch.Tensor:
         """``s_0`` from the input step ``x_0`` (the start slice, itself, the prior at ``p_0``)."""
-        if getattr(self, "_channels_last", False):
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        feat = self.encoder(x0)
-        return self.cell(feat, torch.zeros(x0.shape[0], self.cell.hidden_channels, *x0.shape[2:], device=x0.device, dtype=x0.dtype))
+        return self.cell(self.encoder(self._reduced(x0)), self.zero_state(x0))
 
     def step(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step: ``x`` (B,C,H,W) (channels as in :meth:`forward`) -> (slice (B,1,H,W), new state)."""
         if x.shape[1] != self.in_channels:
             raise ValueError(f"step input must have {self.in_channels} channels (far_end={self.far_end}), got {x.shape[1]}")
-        if getattr(self, "_channels_last", False):
-            x = x.contiguous(memory_format=torch.channels_last)
-        s = self.cell(self.encoder(x), s)
-        h = self.head(torch.cat([s, x], 1))
-        prev, pix, prior = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+        candidates = [x[:, 0:1], x[:, 1:2], x[:, 2:3]] + ([x[:, 5:6]] if self.far_end else []) + ([x[:, 9:10]] if self.far_next else [])
+        return self._advance(self._reduced(x), s, candidates)
+
+    def _advance(self, xs: torch.Tensor, s: torch.Tensor, candidates: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step from its input at the state's size ``xs`` and the full-size candidate slices
+        (previous, pix2pix, prior, [far]): encoder, cell and head at the state's size, blend at full size."""
+        s = self.cell(self.encoder(xs), s)
+        h = self.head(torch.cat([s, xs], 1))
+        n = 4 if self.far_end else 3
+        if self.output == "blend" and self.far_end:  # logit(linear weight) offset; no far end (flag 0): no weight
+            lin = xs[:, 8:9].clamp(1e-4, 1.0 - 1e-4)
+            far_logit = h[:, 3:4] + torch.log(lin / (1.0 - lin)) - 1e4 * (1.0 - xs[:, 7:8])
+            h = torch.cat([h[:, :3], far_logit, h[:, 4:]], 1)
+        if self.state_scale > 1:  # the blend logits and the correction, back to the slice size
+            h = F.interpolate(h, size=candidates[0].shape[-2:], mode="bilinear", align_corners=False)
+        prev = candidates[0]
         if self.output == "blend":
-            n = 4 if self.far_end else 3
-            logits = h[:, :n]
-            if self.far_end:  # logit(linear weight) offset; no far end (flag 0): no weight
-                lin = x[:, 8:9].clamp(1e-4, 1.0 - 1e-4)
-                far_logit = logits[:, 3:4] + torch.log(lin / (1.0 - lin)) - 1e4 * (1.0 - x[:, 7:8])
-                logits = torch.cat([logits[:, :3], far_logit], 1)
-            w = torch.softmax(logits, 1)
+            w = torch.softmax(h[:, :n], 1)
             self.last_weights = w.detach()  # read by unroll: how much each candidate counted
-            out = w[:, 0:1] * prev + w[:, 1:2] * pix + w[:, 2:3] * prior + self.max_correction * torch.tanh(h[:, n : n + 1])
-            if self.far_end:
-                out = out + w[:, 3:4] * x[:, 5:6]
+            out = self.max_correction * torch.tanh(h[:, n : n + 1])
+            if self.far_next:  # the far candidate: far slice and pix2pix's step back from it, mixed per pixel
+                share = torch.sigmoid(h[:, n + 1 : n + 2])
+                candidates = candidates[:3] + [(1.0 - share) * candidates[3] + share * candidates[4]]
+            for i, c in enumerate(candidates):
+                out = out + w[:, i : i + 1] * c
         elif self.output == "residual":
             out = prev + self.max_correction * torch.tanh(h)
         else:
@@ -189,36 +250,44 @@ class MRNGAN(nn.Module):
         ``min(1, 5 |p_t - p_0|)``; with ``far_end`` also the far slice, the far distance map
         ``min(1, 5 |p_far - p_t|)``, the far flag map and the far end's linear weight map
         ``|p_t - p_{t-1}| / |p_far - p_{t-1}|``; slices in [0, 1]; C = 5 or 9);
-        ``state`` is ``s_{t-1}`` (B,hidden,H,W), zeros when
+        ``state`` is ``s_{t-1}`` (B,hidden,H/state_scale,W/state_scale), zeros when
         None. Equals ``self.step(x, state)[0]``; this is the single-tensor entry point MONAI's
         ``verify_net_in_out`` and exporters call. Generating a volume needs :meth:`unroll` (it carries the state).
         """
         if state is None:
-            state = x.new_zeros(x.shape[0], self.cell.hidden_channels, *x.shape[2:])
+            state = self.zero_state(x)
         return self.step(x, state)[0]
 
-    @staticmethod
-    def _const(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
-        """Constant maps (B,len(values),H,W) of per-sample values (B,)."""
-        b, _, hh, ww = x.shape
-        return torch.stack([v.reshape(b) for v in values], 1).view(b, -1, 1, 1).expand(b, -1, hh, ww).to(x)
+    def _step_input(self, candidates: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """The step input at the state's size: the candidate slices (B,1,H,W) area-averaged, the
+        constant maps made at that size from per-sample ``values`` (B,), in :meth:`forward`'s channel order."""
+        imgs = torch.cat(candidates, 1)
+        if self.state_scale > 1:
+            imgs = F.avg_pool2d(imgs, self.state_scale, ceil_mode=True)
+        b, _, hh, ww = imgs.shape
+        maps = torch.stack([v.reshape(b) for v in values], 1).to(imgs).view(b, -1, 1, 1).expand(b, -1, hh, ww)
+        parts = [imgs[:, :3], maps[:, :2]] + ([imgs[:, 3:4], maps[:, 2:]] if self.far_end else []) + ([imgs[:, 4:5]] if self.far_next else [])
+        return self._layout(torch.cat(parts, 1))
 
-    @classmethod
-    def _maps(cls, x: torch.Tensor, p: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-        """The ``p_t`` map and the travelled-distance map ``min(1, 5 |p_t - p_0|)`` (``dist`` = ``|p_t - p_0|``)."""
-        return cls._const(x, p, (DIST_SCALE * dist).clamp(max=1.0))
-
-    def _far_maps(self, start: torch.Tensor, far: torch.Tensor | None, far_p: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor, p_prev: torch.Tensor) -> list[torch.Tensor]:
-        """Far-end channels at ``p_t``: [far slice, far distance map, flag map, linear weight map]; none once past it."""
-        if not self.far_end:
-            return []
-        ahead = torch.isfinite(far_p) & ((pt - p0).abs() <= (far_p - p0).abs() + 1e-6)  # NaN: no far end
+    def _far_values(self, far_p: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor, p_prev: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Far-end values at ``p_t``: its flag (1: a far end still ahead) and [far distance
+        ``min(1, 5 |p_far - p_t|)``, flag, linear weight]; none once past it (NaN ``far_p``: none)."""
+        ahead = torch.isfinite(far_p) & ((pt - p0).abs() <= (far_p - p0).abs() + 1e-6)
         flag = ahead.to(pt.dtype)
         far_p = torch.where(ahead, far_p, pt)
         dist = torch.where(ahead, (DIST_SCALE * (far_p - pt).abs()).clamp(max=1.0), torch.ones_like(pt))
         lin = torch.where(ahead, (pt - p_prev).abs() / (far_p - p_prev).abs().clamp_min(1e-8), torch.zeros_like(pt)).clamp(0.0, 1.0)
-        far_slice = far * flag.view(-1, 1, 1, 1) if far is not None else torch.zeros_like(start)
-        return [far_slice, self._const(start, dist, flag, lin)]
+        return flag, [dist, flag, lin]
+
+    def _inputs(self, prev, pix, prior, far, far_next, far_p, p0, pt, p_prev) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(step input at the state's size, full-size candidates) at ``p_t``."""
+        candidates, values = [prev, pix, prior], [pt, (DIST_SCALE * (pt - p0).abs()).clamp(max=1.0)]
+        if self.far_end:
+            flag, far_values = self._far_values(far_p, p0, pt, p_prev)
+            for slice_ in [far] + ([far_next] if self.far_next else []):
+                candidates.append(slice_ * flag.view(-1, 1, 1, 1) if slice_ is not None else torch.zeros_like(prev))
+            values += far_values
+        return self._step_input(candidates, values), candidates
 
     def unroll(
         self,
@@ -250,15 +319,16 @@ class MRNGAN(nn.Module):
                 raise ValueError(f"far must be (B,1,H,W) like start {tuple(start.shape)} when far_positions are given")
             far = torch.nan_to_num(far.to(start))
         priors = prior_fn(positions).to(start)  # (B,T,1,H,W)
+        # pix2pix one step back from the far end, once per run (far_next)
+        far_next = next_fn(far, -direction).to(start) if (self.far_next and far is not None) else None
         p0 = positions[:, 0]
-        x0 = torch.cat([start, start, priors[:, 0], self._maps(start, p0, torch.zeros_like(p0)), *self._far_maps(start, far, far_p, p0, p0, p0)], 1)
-        s = self.init_state(x0)
+        x0, _ = self._inputs(start, start, priors[:, 0], far, far_next, far_p, p0, p0, p0)
+        s = self.cell(self.encoder(x0), self.zero_state(start))
         prev, outs, prior_w = start, [], []
         for t in range(1, positions.shape[1]):
-            pix = next_fn(prev, direction)
-            pt = positions[:, t]
-            x = torch.cat([prev, pix.to(start), priors[:, t], self._maps(start, pt, (pt - p0).abs()), *self._far_maps(start, far, far_p, p0, pt, positions[:, t - 1])], 1)
-            prev, s = self.step(x, s)
+            pix = next_fn(prev, direction).to(start)
+            xs, candidates = self._inputs(prev, pix, priors[:, t], far, far_next, far_p, p0, positions[:, t], positions[:, t - 1])
+            prev, s = self._advance(xs, s, candidates)
             outs.append(prev)
             if self.output == "blend":
                 prior_w.append(self.last_weights[:, 2].mean((1, 2)))
