@@ -95,7 +95,10 @@ def resized_subset(src: Path, size: int, dst: Path, subjects: int) -> Path:
 
 
 def atlas_bank(dataset_dir: Path, atlases: int, path: Path) -> tuple[Path, dict]:
-    """The prepared training volumes as an atlas bank (``save_bank`` format), repeated up to ``atlases``."""
+    """The prepared training volumes as an atlas bank (``save_bank`` format), repeated up to ``atlases``.
+
+    The bank records its subjects (repeats under their own names, ``<subject>#copy<r>``), so the prior
+    cache can leave a training volume's subject out as training does: 119 atlases per fit, as with IXI."""
     from monai.bundle import ConfigParser
 
     from monai_mrngan.data.datalist import load_split
@@ -105,12 +108,14 @@ def atlas_bank(dataset_dir: Path, atlases: int, path: Path) -> tuple[Path, dict]
     mean_cfg = ConfigParser.load_config_file(str(BUNDLES / "brain_generalization" / "configs" / "mean_brain.json"))
     entries = load_split(dataset_dir, "training")
     bank, grid = build_bank(entries, int(mean_cfg["num_positions"]))
-    save_bank(bank, grid, path)
+    subjects = [str(e.get("subject") or e["image"]) for e in entries]
+    save_bank(bank, grid, path, subjects)
     state = torch.load(path, weights_only=True)
     k = state["bank"].shape[0]
     if atlases > k:
         reps = math.ceil(atlases / k)
         state["bank"] = state["bank"].repeat(reps, 1, 1, 1)[:atlases].contiguous()
+        state["subjects"] = [s if r == 0 else f"{s}#copy{r}" for r in range(reps) for s in subjects][:atlases]
         atomic_torch_save(state, path)
     return path, {"volumes": k, "atlases": int(state["bank"].shape[0]), "positions": len(grid)}
 
