@@ -350,3 +350,7 @@ def test_far_next_mixes_pix2pix_one_step_back_from_the_far_end_into_the_far_cand
     assert float(out[0, 0, 0, 0]) == pytest.approx(0.5 * 0.6 + 0.5 * far_candidate, abs=2e-3)
     assert float(out[0, 1, 0, 0]) == pytest.approx(far_candidate, abs=2e-3)  # at the far end
     assert float(out[0, 2, 0, 0]) == pytest.approx(far_candidate, abs=2e-3)  # past it: the previous output
+    calls.clear()
+    with torch.no_grad():  # no far end in the batch (one-slice runs): no extra call
+        model.unroll(start, pos, torch.ones(1), next_fn, _const_prior(0.3), far, torch.tensor([float("nan")]))
+    assert len(calls) == 3

@@ -320,7 +320,8 @@ class MRNGAN(nn.Module):
             far = torch.nan_to_num(far.to(start))
         priors = prior_fn(positions).to(start)  # (B,T,1,H,W)
         # pix2pix one step back from the far end, once per run (far_next)
-        far_next = next_fn(far, -direction).to(start) if (self.far_next and far is not None) else None
+        with_far = self.far_next and far is not None and bool(torch.isfinite(far_p).any())  # none: no call
+        far_next = next_fn(far, -direction).to(start) if with_far else None
         p0 = positions[:, 0]
         x0, _ = self._inputs(start, start, priors[:, 0], far, far_next, far_p, p0, p0, p0)
         s = self.cell(self.encoder(x0), self.zero_state(start))
