@@ -108,14 +108,12 @@ PRESETS: dict[str, dict[str, dict]] = {
         # gives back 50 s of its old 150 s
         "mrngan": {"epochs": 100, "time_limit_s": 100, "lr": 0.001, "use_prior_cache": True, "train_limit": 12},
     },
-    # ixi2mm (2 cores, measured 2026-12-02 with the batched fit): localization 12.4 + 1.2 min, mean brain
-    # + bank + its evaluation 2 min, pix2pix 25.3 + 1.5 min, MRNGAN cache 1.4 min (the first 24
-    # training + 5 validation volumes, 2 workers, 2.5 s a volume), training 15 min, calibration 2.6 min,
-    # evaluation 12.9 min: 74.4 min. The calibration now fits the few-slice prior as evaluate does
-    # (8.1 min), so pix2pix gives 5 min (1500 -> 1200 s): its kept best-validation weights (22.74 dB)
-    # came from epoch 12 of 62, about 5 min in. About 75 min in all. Training MRNGAN on all 120
-    # volumes (cache 4.9 min) was measured no better (few slices -0.07 to -0.10 dB, one slice +0.10 dB,
-    # same 15 min of training), so the first 24 stay.
+    # ixi2mm (2 cores, measured 2026-12-02, second run): localization 12.3 + 1.2 min, mean brain + bank +
+    # its evaluation 1.8 min, pix2pix 20.2 + 1.4 min, MRNGAN cache 1.1 min (the first 24 training + 5
+    # validation volumes, 2 workers), training 150 epochs in 10.4 min (state_scale 4; the 900 s limit
+    # is a cap), calibration 6.2 min (measured with the state_scale 2 cell), evaluation 8.8 min: about
+    # 64 min. Training MRNGAN on all 120 volumes (cache 4.9 min) was measured no better (few slices
+    # -0.07 to -0.10 dB, one slice +0.10 dB, same 15 min of training), so the first 24 stay.
     # ixi2mm trains with intensity_augmentation (randomised bias field, gamma, histogram, blur, noise,
     # gain per training volume) so the stages do not learn IXI's one scanner; the time limits hold, the
     # augmentation costing some iterations (about 0.25 s per volume drawn, 128 x 128 x 101, busy 2 cores).
@@ -125,7 +123,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         # the GAN route is not what MRNGAN leans on (the fitted atlas prior is): skipped to save budget
         "brain_generalization": {"skip_steps": ["train", "inference"]},
         "flow_generation": {"epochs": 100, "time_limit_s": 1200, "lr": 0.001, "intensity_augmentation": True},
-        "mrngan": {"epochs": 100, "time_limit_s": 900, "lr": 0.001, "run_length": 12, "use_prior_cache": True, "train_limit": 24,
+        "mrngan": {"epochs": 150, "time_limit_s": 900, "lr": 0.001, "run_length": 12, "use_prior_cache": True, "train_limit": 24,
                    "intensity_augmentation": True},
     },
     "paper": {
