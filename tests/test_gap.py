@@ -311,21 +311,25 @@ def test_positions_json_reports_the_cells_weight_on_the_prior(tiny_dataset, tmp_
     assert all("prior_weight" not in s for s in slices if s["real"])
 
 
-def test_a_half_size_state_keeps_the_weights_and_refuses_weights_of_another_scale():
+def test_a_half_size_state_keeps_the_weights_and_runs_weights_at_their_own_scale(caplog):
     """state_scale 2: the same parameters, a state of ceil(H/2) x ceil(W/2) at any slice size, full-size output;
-    weights remember their scale (older weights count as 1) and a cell built at another scale refuses them."""
+    weights remember their scale (older weights count as 1) and a cell built at another scale takes theirs."""
     full, half = MRNGAN(hidden_channels=4, features=4, far_end=True), MRNGAN(hidden_channels=4, features=4, far_end=True, state_scale=2)
     assert {k: v.shape for k, v in full.state_dict().items()} == {k: v.shape for k, v in half.state_dict().items()}
     start, pos = torch.rand(2, 1, 15, 17), torch.tensor([[0.5, 0.49, 0.48], [0.3, 0.31, 0.32]])
+    args = (start, pos, torch.tensor([1.0, -1.0]), _identity_next, lambda p: torch.full((*p.shape, 1, 15, 17), 0.4))
     with torch.no_grad():
-        out = half.unroll(start, pos, torch.tensor([1.0, -1.0]), _identity_next, lambda p: torch.full((*p.shape, 1, 15, 17), 0.4))
+        out = half.unroll(*args)
         assert out.shape == (2, 2, 15, 17) and half.zero_state(torch.zeros(2, 9, 15, 17)).shape == (2, 4, 8, 9)
-    with pytest.raises(ValueError, match="trained with state_scale 1, the network is built with 2"):
-        half.load_state_dict(full.state_dict())
     older = {k: v for k, v in full.state_dict().items() if k != "trained_state_scale"}  # saved before the option
-    full.load_state_dict(older)
-    with pytest.raises(ValueError, match="state_scale 1"):
+    with caplog.at_level("WARNING"):
         half.load_state_dict(older)
+    assert half.state_scale == 1 and int(half.trained_state_scale) == 1 and "running at 1, as trained" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(half.unroll(*args), full.unroll(*args), atol=1e-6, rtol=0)
+    again = MRNGAN(hidden_channels=4, features=4, far_end=True)
+    again.load_state_dict(MRNGAN(hidden_channels=4, features=4, far_end=True, state_scale=2).state_dict())
+    assert again.state_scale == 2
 
 
 def test_far_next_mixes_pix2pix_one_step_back_from_the_far_end_into_the_far_candidate():

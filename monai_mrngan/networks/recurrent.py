@@ -29,8 +29,8 @@ With ``state_scale=2`` the encoder, the recurrent state and the head run on the 
 area-averaged to half the slice size, and only the blend (the head's weights and correction, upsampled
 bilinearly) runs at full size, on the full-size candidates: a step costs about a third (most of it was
 convolutions and ``tanh`` over 16 full-size channels), and fine detail still comes from the candidates.
-The parameters are the same at any scale, so weights load across scales (though a cell behaves as it
-was trained).
+The parameters are the same at any scale; the weights record the scale they were trained at and a
+cell loading them runs at that scale.
 
 - :class:`ConvRNNCell`: the paper's Elman cell, convolutional.
 - :class:`ConvGRUCell`: a convolutional GRU (selectable with ``cell="gru"``).
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import logging
 import math
 
 import torch
@@ -52,6 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ConvRNNCell", "ConvGRUCell", "MRNGAN", "NextFn", "PriorFn", "OUTPUT_MODES", "CELLS"]
+
+logger = logging.getLogger(__name__)
 
 NextFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``next_fn(slices (B,1,H,W) [0,1], direction (B,) +-1) -> (B,1,H,W)`` (pix2pix's prediction)."""
@@ -140,7 +143,7 @@ class MRNGAN(nn.Module):
         if int(state_scale) < 1:
             raise ValueError(f"state_scale must be a positive integer, got {state_scale!r}")
         self.state_scale = int(state_scale)
-        # saved with the weights, so a cell is never run at another scale than it was trained at
+        # saved with the weights, so a cell always runs at the scale it was trained at
         self.register_buffer("trained_state_scale", torch.tensor(self.state_scale))
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
@@ -170,11 +173,14 @@ class MRNGAN(nn.Module):
                 last.bias[:3] = torch.log(w / w.sum())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        """Weights run at the scale they were trained at: a cell built at another scale takes theirs
+        (with a warning; the parameters are the same at every scale). Older weights ran at full size."""
         key = prefix + "trained_state_scale"
-        trained = int(state_dict.get(key, 1))  # weights from before the option ran at full size
+        trained = int(state_dict.get(key, 1))
         if trained != self.state_scale:
-            raise ValueError(f"these MRNGAN weights were trained with state_scale {trained}, the network is built with "
-                             f"{self.state_scale}: set network_def#state_scale {trained}")
+            logger.warning("MRNGAN weights trained with state_scale %d loaded into a cell built with %d: "
+                           "running at %d, as trained", trained, self.state_scale, trained)
+            self.state_scale = trained
         state_dict[key] = torch.tensor(trained)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
