@@ -195,11 +195,15 @@ class MRNGAN(nn.Module):
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if getattr(self, "_channels_last", False) else x
 
-    def _reduced(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` area-averaged to the state's size (itself at ``state_scale`` 1), in the module's layout."""
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` area-averaged to the state's size (itself at ``state_scale`` 1)."""
         if self.state_scale > 1:  # ceil_mode: a last partial window averages what it covers (any size)
             x = F.avg_pool2d(x, self.state_scale, ceil_mode=True)
-        return self._layout(x)
+        return x
+
+    def _reduced(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` at the state's size, in the module's layout."""
+        return self._layout(self._pool(x))
 
     def state_size(self, size: tuple[int, int] | torch.Size) -> tuple[int, int]:
         """The state's (H, W) for slices of ``size`` (H, W)."""
@@ -267,9 +271,7 @@ class MRNGAN(nn.Module):
     def _step_input(self, candidates: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         """The step input at the state's size: the candidate slices (B,1,H,W) area-averaged, the
         constant maps made at that size from per-sample ``values`` (B,), in :meth:`forward`'s channel order."""
-        imgs = torch.cat(candidates, 1)
-        if self.state_scale > 1:
-            imgs = F.avg_pool2d(imgs, self.state_scale, ceil_mode=True)
+        imgs = self._pool(torch.cat(candidates, 1))
         b, _, hh, ww = imgs.shape
         maps = torch.stack([v.reshape(b) for v in values], 1).to(imgs).view(b, -1, 1, 1).expand(b, -1, hh, ww)
         parts = [imgs[:, :3], maps[:, :2]] + ([imgs[:, 3:4], maps[:, 2:]] if self.far_end else []) + ([imgs[:, 4:5]] if self.far_next else [])
