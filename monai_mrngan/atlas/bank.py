@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 PRIOR_SIDECAR_SUFFIX = ".positions.json"
 
-__all__ = ["position_grid", "resample_to_positions", "build_bank", "mean_brain", "save_prior_volume", "save_bank", "sidecar_path",
+__all__ = ["position_grid", "resample_to_positions", "build_bank", "mean_brain", "save_prior_volume", "save_bank", "bank_subjects", "sidecar_path",
            "build_mean_prior", "gan_general_brain", "position_items", "PRIOR_SIDECAR_SUFFIX"]
 
 
@@ -100,6 +100,11 @@ def save_prior_volume(volume_phw: np.ndarray, grid: Sequence[float], path: str |
     return path
 
 
+def bank_subjects(entries: Sequence[dict]) -> list[str]:
+    """The subject each datalist entry adds to an atlas bank (its image path where it names none)."""
+    return [str(e.get("subject") or e["image"]) for e in entries]
+
+
 def save_bank(bank: np.ndarray, grid: Sequence[float], path: str | os.PathLike, subjects: Sequence[str] | None = None) -> Path:
     """Write an atlas bank (K, P, H, W) compactly (uint8) with its grid (and each volume's subject), for ``load_prior``."""
     q = np.clip(np.nan_to_num(bank, nan=0.0), 0, 1) * 255.0 + 0.5
@@ -131,7 +136,7 @@ def build_mean_prior(
     spacing = float(entries[0].get("spacing", [2.0])[0]) if entries else 2.0
     out = save_prior_volume(mean_brain(bank), grid, output, spacing_mm=spacing)
     if bank_path:
-        subjects = [str(e.get("subject") or e["image"]) for e in entries]
+        subjects = bank_subjects(entries)
         save_bank(bank[: max_atlases or None], grid, bank_path, subjects[: max_atlases or None])
     logger.info("mean brain of %d volumes over %d positions written to %s", len(bank), len(grid), out)
     return out

@@ -102,13 +102,13 @@ def atlas_bank(dataset_dir: Path, atlases: int, path: Path) -> tuple[Path, dict]
     from monai.bundle import ConfigParser
 
     from monai_mrngan.data.datalist import load_split
-    from monai_mrngan.atlas.bank import build_bank, save_bank
+    from monai_mrngan.atlas.bank import bank_subjects, build_bank, save_bank
     from monai_mrngan.data.io import atomic_torch_save
 
     mean_cfg = ConfigParser.load_config_file(str(BUNDLES / "brain_generalization" / "configs" / "mean_brain.json"))
     entries = load_split(dataset_dir, "training")
     bank, grid = build_bank(entries, int(mean_cfg["num_positions"]))
-    subjects = [str(e.get("subject") or e["image"]) for e in entries]
+    subjects = bank_subjects(entries)
     save_bank(bank, grid, path, subjects)
     state = torch.load(path, weights_only=True)
     k = state["bank"].shape[0]
