@@ -159,6 +159,12 @@ def test_step_inputs_are_stacked_as_documented(state_scale):
             x0 = torch.cat([start, start, priors[:, 0], const(0.5), const(0.0), *far0], 1)
             x1 = torch.cat([start, start, priors[:, 1], const(0.44), const(5 * 0.06), *far1], 1)
             torch.testing.assert_close(gen[:, 0:1], model(x1, model.init_state(x0)), atol=1e-6, rtol=0)
+            if far_end:  # no far end: unroll leaves the far candidate out; the full step (flag 0, zeros) gives the same
+                alone = model.unroll(start, pos, torch.ones(1), _identity_next, lambda p: priors)
+                none0 = [const(0.0), const(1.0), const(0.0), const(0.0)]
+                x0 = torch.cat([start, start, priors[:, 0], const(0.5), const(0.0), *none0], 1)
+                x1 = torch.cat([start, start, priors[:, 1], const(0.44), const(5 * 0.06), *none0], 1)
+                torch.testing.assert_close(alone[:, 0:1], model(x1, model.init_state(x0)), atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------ one run per gap

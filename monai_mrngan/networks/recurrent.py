@@ -226,14 +226,19 @@ class MRNGAN(nn.Module):
 
     def _advance(self, xs: torch.Tensor, s: torch.Tensor, candidates: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The step from its input at the state's size ``xs`` and the full-size candidate slices
-        (previous, pix2pix, prior, [far]): encoder, cell and head at the state's size, blend at full size."""
+        (previous, pix2pix, prior, [far, [far_next]]): encoder, cell and head at the state's size, blend at
+        full size. A far-end cell given only the first three (a run with no far end: its far weight would
+        be exactly 0) leaves the far candidate out of the blend and upsamples only what the blend reads."""
         s = self.cell(self.encoder(xs), s)
         h = self.head(torch.cat([s, xs], 1))
-        n = 4 if self.far_end else 3
-        if self.output == "blend" and self.far_end:  # logit(linear weight) offset; no far end (flag 0): no weight
+        with_far = self.far_end and len(candidates) > 3
+        n = 4 if with_far else 3
+        if self.output == "blend" and with_far:  # logit(linear weight) offset; no far end (flag 0): no weight
             lin = xs[:, 8:9].clamp(1e-4, 1.0 - 1e-4)
             far_logit = h[:, 3:4] + torch.log(lin / (1.0 - lin)) - 1e4 * (1.0 - xs[:, 7:8])
             h = torch.cat([h[:, :3], far_logit, h[:, 4:]], 1)
+        elif self.output == "blend" and self.far_end:  # the three logits and the correction only
+            h = torch.cat([h[:, :3], h[:, 4:5]], 1)
         if self.state_scale > 1:  # the blend logits and the correction, back to the slice size
             h = F.interpolate(h, size=candidates[0].shape[-2:], mode="bilinear", align_corners=False)
         prev = candidates[0]
@@ -241,10 +246,10 @@ class MRNGAN(nn.Module):
             w = torch.softmax(h[:, :n], 1)
             self.last_weights = w.detach()  # read by unroll: how much each candidate counted
             out = self.max_correction * torch.tanh(h[:, n : n + 1])
-            if self.far_next:  # the far candidate: far slice and pix2pix's step back from it, mixed per pixel
+            if with_far and self.far_next:  # the far candidate: far slice and pix2pix's step back from it, mixed per pixel
                 share = torch.sigmoid(h[:, n + 1 : n + 2])
                 candidates = candidates[:3] + [(1.0 - share) * candidates[3] + share * candidates[4]]
-            for i, c in enumerate(candidates):
+            for i, c in enumerate(candidates[:n]):
                 out = out + w[:, i : i + 1] * c
         elif self.output == "residual":
             out = prev + self.max_correction * torch.tanh(h)
@@ -268,13 +273,12 @@ class MRNGAN(nn.Module):
             state = self.zero_state(x)
         return self.step(x, state)[0]
 
-    def _step_input(self, candidates: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-        """The step input at the state's size: the candidate slices (B,1,H,W) area-averaged, the
-        constant maps made at that size from per-sample ``values`` (B,), in :meth:`forward`'s channel order."""
-        imgs = self._pool(torch.cat(candidates, 1))
-        b, _, hh, ww = imgs.shape
-        maps = torch.stack([v.reshape(b) for v in values], 1).to(imgs).view(b, -1, 1, 1).expand(b, -1, hh, ww)
-        parts = [imgs[:, :3], maps[:, :2]] + ([imgs[:, 3:4], maps[:, 2:]] if self.far_end else []) + ([imgs[:, 4:5]] if self.far_next else [])
+    def _step_input(self, images: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+        """The step input at the state's size from the candidate slices already at that size
+        (B,3[+1[+1]],h,w) and per-sample ``values`` (B,) of the constant maps, in :meth:`forward`'s channel order."""
+        b, _, hh, ww = images.shape
+        maps = torch.stack([v.reshape(b) for v in values], 1).to(images).view(b, -1, 1, 1).expand(b, -1, hh, ww)
+        parts = [images[:, :3], maps[:, :2]] + ([images[:, 3:4], maps[:, 2:]] if self.far_end else []) + ([images[:, 4:5]] if self.far_next else [])
         return self._layout(torch.cat(parts, 1))
 
     def _far_values(self, far_p: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor, p_prev: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -287,15 +291,24 @@ class MRNGAN(nn.Module):
         lin = torch.where(ahead, (pt - p_prev).abs() / (far_p - p_prev).abs().clamp_min(1e-8), torch.zeros_like(pt)).clamp(0.0, 1.0)
         return flag, [dist, flag, lin]
 
-    def _inputs(self, prev, pix, prior, far, far_next, far_p, p0, pt, p_prev) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(step input at the state's size, full-size candidates) at ``p_t``."""
-        candidates, values = [prev, pix, prior], [pt, (DIST_SCALE * (pt - p0).abs()).clamp(max=1.0)]
+    def _inputs(self, prev, pix, prior, prior_small, ends, far_p, p0, pt, p_prev) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(step input at the state's size, full-size candidates) at ``p_t``. ``prior_small``: the prior
+        slice already at the state's size; ``ends``: the run's far slices ([far, [far_next]] at full size,
+        the same at the state's size) or None (no run has a far end: the far channels are zeros and
+        there is no far candidate). Only the previous output and its pix2pix prediction are pooled here."""
+        near = self._pool(torch.cat([prev, pix], 1))
+        small, candidates = [near, prior_small], [prev, pix, prior]
+        values = [pt, (DIST_SCALE * (pt - p0).abs()).clamp(max=1.0)]
         if self.far_end:
             flag, far_values = self._far_values(far_p, p0, pt, p_prev)
-            for slice_ in [far] + ([far_next] if self.far_next else []):
-                candidates.append(slice_ * flag.view(-1, 1, 1, 1) if slice_ is not None else torch.zeros_like(prev))
             values += far_values
-        return self._step_input(candidates, values), candidates
+            if ends is None:
+                small.append(near.new_zeros(near.shape[0], 1 + int(self.far_next), *near.shape[-2:]))
+            else:  # a far end behind a run counts no more (flag 0): its slices are zeros
+                f = flag.to(prev).view(-1, 1, 1, 1)
+                candidates += [x * f for x in ends[0]]
+                small += [x * f for x in ends[1]]
+        return self._step_input(torch.cat(small, 1), values), candidates
 
     def unroll(
         self,
@@ -327,16 +340,19 @@ class MRNGAN(nn.Module):
                 raise ValueError(f"far must be (B,1,H,W) like start {tuple(start.shape)} when far_positions are given")
             far = torch.nan_to_num(far.to(start))
         priors = prior_fn(positions).to(start)  # (B,T,1,H,W)
-        # pix2pix one step back from the far end, once per run (far_next)
-        with_far = self.far_next and far is not None and bool(torch.isfinite(far_p).any())  # none: no call
-        far_next = next_fn(far, -direction).to(start) if with_far else None
+        priors_small = self._pool(priors.flatten(0, 1)).unflatten(0, priors.shape[:2])  # at the state's size, once per run
+        ends = None  # the far slices at full and at the state's size, once per run; none: no far candidate
+        if self.far_end and far is not None and bool(torch.isfinite(far_p).any()):
+            # pix2pix one step back from the far end, once per run (far_next)
+            full = [far] + ([next_fn(far, -direction).to(start)] if self.far_next else [])
+            ends = (full, [self._pool(x) for x in full])
         p0 = positions[:, 0]
-        x0, _ = self._inputs(start, start, priors[:, 0], far, far_next, far_p, p0, p0, p0)
+        x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0)
         s = self.cell(self.encoder(x0), self.zero_state(start))
         prev, outs, prior_w = start, [], []
         for t in range(1, positions.shape[1]):
             pix = next_fn(prev, direction).to(start)
-            xs, candidates = self._inputs(prev, pix, priors[:, t], far, far_next, far_p, p0, positions[:, t], positions[:, t - 1])
+            xs, candidates = self._inputs(prev, pix, priors[:, t], priors_small[:, t], ends, far_p, p0, positions[:, t], positions[:, t - 1])
             prev, s = self._advance(xs, s, candidates)
             outs.append(prev)
             if self.output == "blend":
