@@ -131,7 +131,14 @@ def test_prior_cache_step_runs_before_train_when_the_preset_uses_it(tiny_dataset
     from monai_mrngan.apps import pipeline
 
     ran = []
-    monkeypatch.setattr(pipeline, "_run_logged", lambda cmd, log: ran.append((log.parent.name, log.stem, cmd)))
+
+    def run(cmd, log):  # a stand-in for the bundle commands: training leaves its weights
+        ran.append((log.parent.name, log.stem, cmd))
+        if log.stem == "train":
+            (log.parent / "models").mkdir(parents=True, exist_ok=True)
+            (log.parent / "models" / "model.pt").touch()
+
+    monkeypatch.setattr(pipeline, "_run_logged", run)
     for use in (True, False):
         ran.clear()
         PRESETS["tiny-test"] = {"mrngan": {"use_prior_cache": use}}
@@ -142,6 +149,17 @@ def test_prior_cache_step_runs_before_train_when_the_preset_uses_it(tiny_dataset
         assert [step for _, step, _ in ran] == (["prior_cache", "train", "calibrate", "evaluate"] if use else ["train", "calibrate", "evaluate"])
     cmd = ran[0][2]
     assert cmd[cmd.index("--use_prior_cache") + 1] == "False"  # a Python literal: fire reads JSON's false as the string 'false'
+
+
+def test_a_training_stopped_before_its_first_validation_is_not_marked_done(tiny_dataset, tmp_path, monkeypatch):
+    """A time limit that ends training inside its first epoch leaves no weights: the pipeline says so, and does not
+    mark the stage finished (before, it wrote done.json and the next stage failed on the missing checkpoint)."""
+    from monai_mrngan.apps import pipeline
+
+    monkeypatch.setattr(pipeline, "_run_logged", lambda cmd, log: None)  # training that saved nothing
+    with pytest.raises(RuntimeError, match="before its first validation, so no weights were saved"):
+        run_pipeline(tiny_dataset, tmp_path / "w", preset="demo", stages=["slice_localization"])
+    assert not (tmp_path / "w" / "slice_localization" / "done.json").exists()
 
 
 def test_override_args_reach_the_bundle_with_their_types():

@@ -264,6 +264,9 @@ def run_pipeline(
             _run_logged(bundle_command(stage, step, dataset_dir, workdir, overrides, bundles_dir, sizes),
                         workdir / stage / f"{step.name}.log")
             record["seconds"][step.name] = round(time.time() - t0, 1)
+            if step.name == "train" and not Path(_weights(workdir, stage)).is_file():  # every stage keeps its best at validation
+                raise RuntimeError(f"{workdir / stage / 'train.log'}: training stopped before its first validation, so no weights "
+                                   f"were saved (time_limit_s {overrides.get('time_limit_s')}); give it more time")
         save_json(record, done)
         results[stage] = record
     return results
