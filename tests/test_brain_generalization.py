@@ -404,3 +404,17 @@ def test_fit_warps_only_the_slices_asked_for_and_the_rest_later(tiny_dataset, mo
 
     monkeypatch.setattr(prior_module, "fit_batch", lambda *a, **k: pytest.fail("refitted"))
     assert torch.allclose(part.fit(ref, p0), whole, atol=1e-5)
+
+
+def test_the_displacement_upsampling_is_bicubic_interpolation_in_the_grid_layout():
+    """The deformable fit's matrix upsampling of the coarse displacement equals F.interpolate (bicubic, corners
+    aligned), laid out as a sampling-grid offset (K, s, s, 2) and contiguous."""
+    from torch.nn import functional as F
+
+    from monai_mrngan.atlas.registration import bicubic_matrix, upsample_displacement
+
+    disp = torch.randn(3, 2, 6, 6)
+    got = upsample_displacement(disp, bicubic_matrix(6, 20))
+    ref = F.interpolate(disp, size=(20, 20), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)

@@ -173,6 +173,16 @@ def bicubic_matrix(n: int, size: int, device: torch.device | str = "cpu") -> tor
     return F.interpolate(delta, size=(size, 2), mode="bicubic", align_corners=True)[:, 0, :, 0].T.contiguous()
 
 
+def upsample_displacement(disp: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``(up @ disp @ up.T)`` of (K, 2, g, g) ``disp`` laid out as a sampling-grid offset (K, s, s, 2), contracted so
+    the result comes out contiguous in that layout: with a permuted ``(K, 2, s, s)`` product the grid sum and its
+    backward ran on strided memory (an iteration's upsampling and sum, 260 pairs at 64 px: 33 -> 17 ms)."""
+    k, _, g, _ = disp.shape
+    s = up.shape[0]
+    cols = torch.matmul(disp, up.T).permute(0, 2, 3, 1).reshape(k, g, s * 2)  # [k, a, (j, c)]
+    return torch.matmul(up, cols).view(k, s, s, 2)  # [k, i, j, c]
+
+
 def warp(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -277,7 +287,7 @@ def align(mv: torch.Tensor, fx: torch.Tensor, theta0: torch.Tensor, cfg: FitConf
         opt = torch.optim.Adam([disp], lr=cfg.lr_deform / cfg.grid_points)
         for _ in range(cfg.deform_iters):
             opt.zero_grad()
-            d = (up @ disp @ up.T).permute(0, 2, 3, 1)
+            d = upsample_displacement(disp, up)
             sim = 1 - ncc(warp(mv, base + d), fx)
             smooth = (disp[:, :, 1:] - disp[:, :, :-1]).pow(2).mean((1, 2, 3)) + (disp[..., 1:] - disp[..., :-1]).pow(2).mean((1, 2, 3))
             loss = (sim + cfg.smooth_weight * smooth * cfg.grid_points**2).sum()
