@@ -16,7 +16,7 @@ from monai_mrngan.data.io import InputError, load_volume, save_png
 from monai_mrngan.inference.components import Components, reference_grid
 from monai_mrngan.inference.output import montage
 from monai_mrngan.inference.reconstruct import reconstruct_files
-from monai_mrngan.inference.uncertainty import FEATURES, Calibration, load_calibration
+from monai_mrngan.inference.uncertainty import FEATURES, Calibration, edge_strength, load_calibration
 from monai_mrngan.networks.pix2pix import Pix2PixGenerator
 from monai_mrngan.networks.recurrent import MRNGAN
 
@@ -74,13 +74,25 @@ def test_per_slice_signals_distance_and_gap():
     assert not sig["prior_weight"].any() and not sig["spread"].any()  # no prior: nothing to disagree with
 
 
+def test_the_edge_signal_is_the_in_plane_gradient_only():
+    """0 on a flat volume (the old signal gave the intensity there), the same on every slice of a volume constant
+    along the axial axis, largest at an in-plane step."""
+    flat = np.full((16, 16, 4), 0.7, np.float32)
+    assert edge_strength(flat).max() == 0
+    step = np.zeros((16, 16, 4), np.float32)
+    step[8:] = 1.0
+    e = edge_strength(step)
+    np.testing.assert_allclose(e[..., 0], e[..., 3])
+    assert e[7:9].min() > 0.3 and e[:3].max() < 1e-3
+
+
 def test_calibration_is_monotone_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     n = 20000
     sig = {"spread": rng.uniform(0, 0.3, n), "distance_mm": rng.uniform(0, 60, n), "gap_mm": rng.choice([0.0, 8.0, 16.0], n),
            "disagreement": rng.uniform(0, 0.5, n),
-           "prior_weight": rng.uniform(0, 1, n), "intensity": rng.uniform(0, 1, n), "edge": rng.uniform(0, 0.4, n)}
-    truth = 0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"] + 0.1 * sig["edge"]  # the expected error
+           "prior_weight": rng.uniform(0, 1, n), "intensity": rng.uniform(0, 1, n), "edge_xy": rng.uniform(0, 0.4, n)}
+    truth = 0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"] + 0.1 * sig["edge_xy"]  # the expected error
     err = rng.exponential(truth)
     cal = Calibration.fit(sig, err)
     assert all(w >= 0 for w in cal.weights) and np.all(np.diff(cal.iso_y) >= 0) and np.all(np.diff(cal.iso_x) > 0)
@@ -99,10 +111,15 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     np.testing.assert_allclose(again.predict(sig), pred)
     assert load_calibration(tmp_path / "missing.json") is None
     # a calibration fitted before a signal existed still loads and uses the signals it knows
-    older = Calibration.fit(sig, err, features=[f for f in FEATURES if f != "edge"])
+    older = Calibration.fit(sig, err, features=[f for f in FEATURES if f != "edge_xy"])
     older.save(tmp_path / "older.json")
     np.testing.assert_allclose(load_calibration(tmp_path / "older.json").predict(sig), older.predict(sig))
-    assert "edge" not in older.features
+    assert "edge_xy" not in older.features
+    # one fitted on a retired signal (the old 'edge', which held the intensity too) is not used
+    retired = json.loads((tmp_path / "c.json").read_text())
+    retired["features"] = [f if f != "edge_xy" else "edge" for f in retired["features"]]
+    (tmp_path / "retired.json").write_text(json.dumps(retired))
+    assert load_calibration(tmp_path / "retired.json") is None
     (tmp_path / "bad.json").write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(InputError, match="bad.json"):
         load_calibration(tmp_path / "bad.json")

@@ -12,8 +12,11 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
   pix2pix, the previous slice or the far end);
 - ``prior_weight``: the MRNGAN cell's mean weight on the prior for that slice (0 for other methods);
 - ``intensity``: the output itself (error scales with tissue brightness; air is nearly exact);
-- ``edge``: the output's in-plane gradient magnitude (Gaussian, 1 px): errors gather at tissue
-  boundaries, where a slightly misplaced edge costs the most.
+- ``edge_xy``: the output's in-plane gradient magnitude (Gaussian, 1 px): errors gather at tissue
+  boundaries, where a slightly misplaced edge costs the most. (Its predecessor ``edge`` was scipy's
+  ``gaussian_gradient_magnitude`` with sigma 0 along the axial axis, which skips that axis's
+  derivative and so added the smoothed intensity itself: 0.7 on a flat 0.7 volume. Calibrations
+  fitted on it are not used; the calibrate step refits one.)
 
 :class:`Calibration` maps them to the expected absolute error in output intensity units: a
 log-linear model ``exp(b + sum_i w_i f_i)`` with ``w_i >= 0`` on increasing transforms ``f_i`` of
@@ -44,7 +47,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["FEATURES", "CALIBRATION_NAME", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means", "load_calibration",
            "track_spread"]
 
-FEATURES = ("spread", "distance_mm", "gap_mm", "disagreement", "prior_weight", "intensity", "edge")
+FEATURES = ("spread", "distance_mm", "gap_mm", "disagreement", "prior_weight", "intensity", "edge_xy")
+RETIRED = {"edge": "its 'edge' signal held the intensity too"}
+"""Signals a calibration may have been fitted on that are no longer computed, and why."""
 CALIBRATION_NAME = "uncertainty_calibration.json"
 """The calibration's file name in the mrngan bundle's models folder."""
 EPS = 0.01  # floor inside the logs: 1 % of the intensity range
@@ -52,13 +57,13 @@ ISOTONIC_BINS = 50
 
 
 def _design(name: str, x: np.ndarray) -> np.ndarray:
-    """The increasing transform of one signal the log-linear model uses."""
-    x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
+    """The increasing transform of one signal the log-linear model uses (NaN counts as 0)."""
+    x = np.asarray(x, dtype=np.float32)
     if name == "prior_weight":
-        return x
+        return np.nan_to_num(x, nan=0.0)
     if name in ("distance_mm", "gap_mm"):
-        return np.log1p(np.maximum(x, 0.0))
-    return np.log(np.maximum(x, 0.0) + EPS)
+        return np.log1p(np.fmax(x, 0.0))  # fmax: NaN -> 0 without nan_to_num's extra passes over a volume
+    return np.log(np.fmax(x, 0.0) + EPS)
 
 
 @dataclass
@@ -74,7 +79,8 @@ class Calibration:
     info: dict = field(default_factory=dict)
 
     def linear(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
-        """``b + sum_i w_i f_i`` (the log of the log-linear prediction), shaped like the signals."""
+        """``b + sum_i w_i f_i`` (the log of the log-linear prediction), shaped like the signals (per-slice (D,)
+        signals beside (H, W, D) ones broadcast along the last axis, after their transform)."""
         out = None
         for name, w in zip(self.features, self.weights):
             term = np.float32(w) * _design(name, signals[name])
@@ -150,6 +156,10 @@ def load_calibration(path: str | os.PathLike | None) -> Calibration | None:
         cal = Calibration(**data)
     except (ValueError, TypeError) as err:
         raise InputError(path, f"unreadable uncertainty calibration ({err})") from err
+    retired = [f for f in cal.features if f in RETIRED]
+    if retired:  # not used: its predictions would be off; reconstructions say there is no map and why
+        logger.warning("%s: not used (%s); re-run the mrngan calibrate step", path, "; ".join(RETIRED[f] for f in retired))
+        return None
     # a calibration fitted before a signal was added uses the signals it knows
     if not set(cal.features) <= set(FEATURES) or len(cal.weights) != len(cal.features) or len(cal.iso_x) != len(cal.iso_y) or not cal.iso_x:
         raise InputError(path, f"uncertainty calibration for features {cal.features}, expected some of {list(FEATURES)}")
@@ -218,15 +228,20 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         "disagreement": np.abs(vol - prior_vol),
         "prior_weight": np.nan_to_num(weight, nan=0.0),
         "intensity": vol,
-        "edge": edge_strength(vol),
+        "edge_xy": edge_strength(vol),
     }
 
 
 def edge_strength(vol: np.ndarray, sigma_px: float = 1.0) -> np.ndarray:
-    """In-plane gradient magnitude (H, W, D) of a volume, Gaussian-smoothed by ``sigma_px`` (scipy)."""
+    """In-plane gradient magnitude (H, W, D) of a volume: Gaussian derivatives (``sigma_px``) along the two in-plane
+    axes, none along the axial one (scipy's ``gaussian_gradient_magnitude`` would differentiate all three)."""
     from scipy import ndimage
 
-    return ndimage.gaussian_gradient_magnitude(np.asarray(vol, dtype=np.float32), sigma=(sigma_px, sigma_px, 0.0)).astype(np.float32)
+    vol = np.asarray(vol, dtype=np.float32)
+    sigma = (sigma_px, sigma_px, 0.0)
+    gx = ndimage.gaussian_filter(vol, sigma, order=(1, 0, 0))
+    gy = ndimage.gaussian_filter(vol, sigma, order=(0, 1, 0))
+    return np.sqrt(gx * gx + gy * gy)
 
 
 def broadcast(signals: Mapping[str, np.ndarray], shape: Sequence[int]) -> dict[str, np.ndarray]:
@@ -238,7 +253,7 @@ def uncertainty_map(rec: Reconstruction, prior: Any, calibration: Calibration, s
                     gap_aware: bool = False) -> np.ndarray:
     """Expected absolute error (H, W, D) float32 in the output's [0, 1] units; 0 on the real slices."""
     sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, gap_aware)
-    unc = calibration.predict(broadcast(sig, rec.volume.shape))
+    unc = np.array(np.broadcast_to(calibration.predict(sig), rec.volume.shape))  # per-slice signals transformed per slice
     unc[:, :, [int(i) for i in rec.input_indices]] = 0.0
     return unc
 

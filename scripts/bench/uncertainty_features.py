@@ -26,7 +26,7 @@ from monai_mrngan.evaluation.uncertainty import head_samples, reconstructions
 from monai_mrngan.apps.cli import _components  # the workdir loader reconstruct uses
 from monai_mrngan.inference.uncertainty import FEATURES, Calibration
 
-SETS = {"all": list(FEATURES), "without edge": [f for f in FEATURES if f != "edge"]}
+SETS = {"all": list(FEATURES), "without edge": [f for f in FEATURES if f != "edge_xy"]}
 
 
 def collect(entries: list, comp, head_only: bool, voxels: int, rng: np.random.Generator) -> list[tuple[str, dict, np.ndarray, np.ndarray]]:
