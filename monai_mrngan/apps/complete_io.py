@@ -15,7 +15,7 @@ import numpy as np
 
 from ..data.io import InputError, check_destination, is_nifti, read_image, save_nifti, strip_image_suffix
 from ..data.grid import unit_range_and_scale
-from ..inference.uncertainty import slice_means
+from ..inference.uncertainty import MAP_STORED, slice_means
 
 REPORT_NAME = "complete_report.json"
 MISSING_RULES = ("empty", "zero", "nan")
@@ -207,12 +207,12 @@ def write_image(done: Completed, path: Path) -> Path:
 
 
 def write_uncertainty(done: Completed, path: Path) -> dict:
-    """Write ``<name>_uncertainty.nii.gz`` beside the completed ``path`` (same affine; float32) when there is a map;
+    """Write ``<name>_uncertainty.nii.gz`` beside the completed ``path`` (same affine; stored as ``MAP_STORED``) when there is a map;
     returns the sidecar's ``uncertainty`` entry (file, units, per-slice mean over head voxels along the axial axis)."""
     if done.uncertainty is None:
         return {"uncertainty": None}
     unc_path = path.with_name(strip_image_suffix(path.name) + "_uncertainty.nii.gz")
-    save_nifti(done.uncertainty, done.affine, unc_path)
+    save_nifti(done.uncertainty, done.affine, unc_path, stored=MAP_STORED)
     axis = done.meta.get("axial_axis")
     scale = float(done.meta["intensity"]["scale"])
     unc = done.uncertainty if done.uncertainty.ndim == 3 else done.uncertainty[:, :, None]

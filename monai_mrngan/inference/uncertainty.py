@@ -44,12 +44,15 @@ from .volume import Reconstruction
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FEATURES", "CALIBRATION_NAME", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means", "load_calibration",
+__all__ = ["FEATURES", "MAP_STORED", "CALIBRATION_NAME", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means", "load_calibration",
            "track_spread"]
 
 FEATURES = ("spread", "distance_mm", "gap_mm", "disagreement", "prior_weight", "intensity", "edge_xy")
 RETIRED = {"edge": "its 'edge' signal held the intensity too"}
 """Signals a calibration may have been fitted on that are no longer computed, and why."""
+MAP_STORED = np.int16
+"""How an uncertainty map is stored in its NIfTI: scaled int16 (``scl_slope``), within 1e-6 of the float map
+at a third of float32's writing time (``reconstruct`` and ``complete`` alike)."""
 CALIBRATION_NAME = "uncertainty_calibration.json"
 """The calibration's file name in the mrngan bundle's models folder."""
 EPS = 0.01  # floor inside the logs: 1 % of the intensity range
