@@ -11,7 +11,7 @@ import torch
 
 from monai_mrngan.engines.recurrent import RecurrentUnroll, RunBatch, WeightedL1L2Loss
 from monai_mrngan.inference.reconstruct import reconstruct_volume
-from monai_mrngan.inference.runners import copy_runner, is_gap_aware, make_runner
+from monai_mrngan.inference.runners import copy_runner, is_gap_aware, make_runner, one_pass_gaps
 from monai_mrngan.inference.volume import cubic_fill, fill_volume, linear_fill
 from monai_mrngan.networks.recurrent import MRNGAN
 from monai_mrngan.transforms import GapRund
@@ -200,6 +200,43 @@ def test_gap_aware_fill_makes_one_run_per_gap():
     np.testing.assert_allclose(vol[13:, 0, 0].numpy(), 0.9, atol=1e-6)
     lin = fill_volume(copy_runner(), slices, idx, 16, grid, -1 / 15)  # not gap-aware: exact linear interpolation
     np.testing.assert_allclose(lin[5, 0, 0].item(), 0.1 + (0.5 - 0.1) * 2 / 4, atol=1e-6)
+
+
+class _BothWays(_Recorder):
+    both_ways = True
+
+
+def test_both_ways_fill_runs_from_each_end_with_the_other_as_far_end_and_blends_by_distance():
+    slices = torch.stack([torch.full((1, 4, 4), v) for v in (0.1, 0.5, 0.9)])
+    idx, grid = [3, 7, 12], torch.linspace(1.0, 0.0, 16)
+    run = _BothWays()
+    assert one_pass_gaps(_Recorder()) and not one_pass_gaps(run)
+    signals = {}
+    vol = fill_volume(run, slices, idx, 16, grid, -1 / 15, signals=signals)
+    (starts, start_pos, dirs, steps, (far, far_pos)), = run.calls
+    assert dirs.tolist() == [-1.0, 1.0, 1.0, -1.0, 1.0, -1.0] and steps == 4  # 2 outward runs + 2 runs per gap
+    assert starts[:, 0, 0, 0].tolist() == pytest.approx([0.1, 0.9, 0.1, 0.5, 0.5, 0.9])
+    assert math.isnan(far_pos[0]) and math.isnan(far_pos[1])
+    assert far_pos[2:].tolist() == pytest.approx([float(grid[i]) for i in (7, 3, 12, 7)])  # each run's far end is the other end
+    assert far[2:, 0, 0, 0].tolist() == pytest.approx([0.5, 0.1, 0.9, 0.5]) and float(far[:2].abs().sum()) == 0
+    # the recorder fills a run with its far slice; the +1 run weighs (7 - i) / 4 at slice i, the -1 run the rest
+    np.testing.assert_allclose(vol[4:7, 0, 0].numpy(), [0.75 * 0.5 + 0.25 * 0.1, 0.3, 0.25 * 0.5 + 0.75 * 0.1], atol=1e-6)
+    np.testing.assert_allclose(vol[:3, 0, 0].numpy(), 0.1, atol=1e-6)
+    spread = signals["run_spread"][:, 0, 0].numpy()  # |a - b| where the two runs of a gap meet, 0 where one run fills
+    np.testing.assert_allclose(spread[[4, 5, 6, 8, 11]], [0.4, 0.4, 0.4, 0.4, 0.4], atol=1e-6)
+    assert spread[[0, 1, 2, 3, 7, 12, 13, 14, 15]].tolist() == [0.0] * 9 and signals["run_spread"].shape == (16, 4, 4)
+    one = {}
+    fill_volume(_Recorder(), slices, idx, 16, grid, -1 / 15, signals=one)
+    assert float(one["run_spread"].abs().sum()) == 0.0
+
+
+def test_mrngan_fills_gaps_both_ways_unless_told_not_to():
+    assert not one_pass_gaps(MRNGAN(hidden_channels=4, features=4, far_end=True))
+    assert one_pass_gaps(MRNGAN(hidden_channels=4, features=4, far_end=True, both_ways=False))
+    assert not one_pass_gaps(MRNGAN(hidden_channels=4, features=4))  # the paper cell: one-sided runs, no far end
+    prior = type("P", (), {"slice_at": staticmethod(lambda positions, **kw: torch.full((len(positions), 1, 8, 8), 0.3))})()
+    run = make_runner("mrngan", model=MRNGAN(hidden_channels=4, features=4, far_end=True), next_fn=_identity_next, prior=prior, fit_prior=False)
+    assert is_gap_aware(run) and not one_pass_gaps(run)
 
 
 def test_few_slice_reconstruction_with_the_far_end_cell():

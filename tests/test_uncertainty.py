@@ -72,6 +72,11 @@ def test_per_slice_signals_distance_and_gap():
     np.testing.assert_array_equal(sig["distance_mm"], [4, 2, 0, 2, 4, 2, 0, 2, 4, 6])
     np.testing.assert_array_equal(sig["gap_mm"], [0, 0, 0, 8, 8, 8, 8, 0, 0, 0])  # open runs beyond the ends: no gap
     assert not sig["prior_weight"].any() and not sig["spread"].any()  # no prior: nothing to disagree with
+    assert not sig["run_spread"].any()  # no runs recorded: nothing to disagree
+    runs = np.zeros((4, 4, 10), np.float32)
+    runs[:, :, 3:6] = 0.2
+    rec.extra["run_spread"] = runs
+    np.testing.assert_array_equal(uncertainty_signals(rec, None, spacing_mm=2.0)["run_spread"], runs)
 
 
 def test_the_edge_signal_is_the_in_plane_gradient_only():
@@ -91,8 +96,9 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     n = 20000
     sig = {"spread": rng.uniform(0, 0.3, n), "distance_mm": rng.uniform(0, 60, n), "gap_mm": rng.choice([0.0, 8.0, 16.0], n),
            "disagreement": rng.uniform(0, 0.5, n),
-           "prior_weight": rng.uniform(0, 1, n), "intensity": rng.uniform(0, 1, n), "edge_xy": rng.uniform(0, 0.4, n)}
-    truth = 0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"] + 0.1 * sig["edge_xy"]  # the expected error
+           "prior_weight": rng.uniform(0, 1, n), "run_spread": rng.uniform(0, 0.3, n) * rng.choice([0.0, 1.0], n),
+           "intensity": rng.uniform(0, 1, n), "edge_xy": rng.uniform(0, 0.4, n)}
+    truth = 0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"] + 0.1 * sig["edge_xy"] + 0.2 * sig["run_spread"]  # the expected error
     err = rng.exponential(truth)
     cal = Calibration.fit(sig, err)
     assert all(w >= 0 for w in cal.weights) and np.all(np.diff(cal.iso_y) >= 0) and np.all(np.diff(cal.iso_x) > 0)
@@ -111,10 +117,10 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     np.testing.assert_allclose(again.predict(sig), pred)
     assert load_calibration(tmp_path / "missing.json") is None
     # a calibration fitted before a signal existed still loads and uses the signals it knows
-    older = Calibration.fit(sig, err, features=[f for f in FEATURES if f != "edge_xy"])
+    older = Calibration.fit(sig, err, features=[f for f in FEATURES if f not in ("edge_xy", "run_spread")])
     older.save(tmp_path / "older.json")
     np.testing.assert_allclose(load_calibration(tmp_path / "older.json").predict(sig), older.predict(sig))
-    assert "edge_xy" not in older.features
+    assert "edge_xy" not in older.features and "run_spread" not in older.features
     # one fitted on a retired signal (the old 'edge', which held the intensity too) is not used
     retired = json.loads((tmp_path / "c.json").read_text())
     retired["features"] = [f if f != "edge_xy" else "edge" for f in retired["features"]]

@@ -38,7 +38,7 @@ from ..data.positions import HEAD_HEIGHT_MM, index_for_position, position_step
 from ..inference.components import Components
 from ..inference.localize import localize
 from ..inference.reconstruct import reconstruct_volume, refine_positions
-from ..inference.runners import make_runner
+from ..inference.runners import make_runner, one_pass_gaps
 from ..inference.uncertainty import track_spread
 from ..metrics import METRIC_NAMES, slice_metrics, summarize
 from .uncertainty import UncertaintyScores, plot_reliability
@@ -122,7 +122,7 @@ def evaluate_reconstruction(
     loc_err, raw_err, spacing = [], [], None
     cal = calibration if calibration is not None else getattr(comp, "calibration", None)
     unc = UncertaintyScores(cal) if cal is not None and "mrngan" in single + few else None
-    gap_aware = bool(getattr(comp.model, "far_end", False))
+    one_pass = one_pass_gaps(comp.model)
     t0 = time.time()
     for n, entry in enumerate(entries, 1):
         vol, _ = load_volume(entry["image"])
@@ -147,7 +147,7 @@ def evaluate_reconstruction(
                 with track_spread(comp.prior, unc is not None and m == "mrngan"):
                     rec = reconstruct_volume(x, [p0], method=m, input_indices=[i0], fit_prior=fit_prior, **kw)
                 if unc is not None and m == "mrngan":
-                    unc.add("single_slice", rec, vol, comp.prior, spacing, fit_prior, gap_aware)
+                    unc.add("single_slice", rec, vol, comp.prior, spacing, fit_prior, one_pass)
                 pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
                 met = slice_metrics(pred[keep], target[keep])
                 for dist in torch.unique(d[keep]).tolist():
@@ -164,7 +164,7 @@ def evaluate_reconstruction(
                 with track_spread(comp.prior, scored):
                     rec = reconstruct_volume(target[given], pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
                 if scored:
-                    unc.add(f"k{k}", rec, vol, comp.prior, spacing, few_slice_fit_prior, gap_aware, missing.numpy())
+                    unc.add(f"k{k}", rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, missing.numpy())
                 pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
                 met = slice_metrics(pred[missing], target[missing])
                 few_rows[k][m].append(met)

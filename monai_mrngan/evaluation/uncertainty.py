@@ -33,6 +33,7 @@ from ..data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, index_for_position,
 from ..inference.components import Components
 from ..inference.localize import localize
 from ..inference.reconstruct import reconstruct_volume, refine_positions
+from ..inference.runners import one_pass_gaps
 from ..inference.uncertainty import FEATURES, Calibration, broadcast, track_spread, uncertainty_signals
 from ..inference.volume import Reconstruction
 
@@ -44,7 +45,7 @@ UNCERTAINTY_CASES = ("single_slice", "k4", "k8")
 DECILES = 10
 
 
-def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, gap_aware: bool,
+def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, one_pass: bool,
                  scored: np.ndarray | None = None, head_only: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Signals (flat, per voxel), true absolute error and slice index of every head voxel of the
     generated slices (``scored``: which slices count, default every non-input slice; ``head_only``
@@ -52,7 +53,7 @@ def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm
     d = rec.volume.shape[2]
     if scored is None:
         scored = np.setdiff1d(np.arange(d), rec.input_indices)
-    sig = broadcast(uncertainty_signals(rec, prior, spacing_mm, fit_prior, gap_aware), rec.volume.shape)
+    sig = broadcast(uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass), rec.volume.shape)
     mask = np.zeros(rec.volume.shape, dtype=bool)
     mask[:, :, scored] = target[:, :, scored] > HEAD_THRESHOLD
     slice_id = np.broadcast_to(np.arange(d), rec.volume.shape)[mask]
@@ -77,9 +78,9 @@ class UncertaintyScores:
         self.vox: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {c: [] for c in UNCERTAINTY_CASES}
         self.slices: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {c: [] for c in UNCERTAINTY_CASES}
 
-    def add(self, case: str, rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, gap_aware: bool,
+    def add(self, case: str, rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, one_pass: bool,
             scored: np.ndarray | None = None) -> None:
-        sig, err, sid = head_samples(rec, target, prior, spacing_mm, fit_prior, gap_aware, scored)
+        sig, err, sid = head_samples(rec, target, prior, spacing_mm, fit_prior, one_pass, scored)
         if err.size == 0:
             return
         pred = self.cal.predict(sig)
@@ -194,12 +195,12 @@ def calibrate(
         raise ValueError(f"{dataset_dir}: split {split!r} is empty; the calibration is fitted on it")
     rng = np.random.default_rng(seed)
     use_loc = localize_inputs and comp.localizer is not None
-    gap_aware = bool(getattr(comp.model, "far_end", False))
+    one_pass = one_pass_gaps(comp.model)
     sig_parts, err_parts = [], []
     t0 = time.time()
 
     def take(rec: Reconstruction, target: np.ndarray, spacing: float, fitted: bool, scored: np.ndarray | None = None) -> None:
-        sig, err, sid = head_samples(rec, target, comp.prior, spacing, fitted, gap_aware, scored, head_only=False)
+        sig, err, sid = head_samples(rec, target, comp.prior, spacing, fitted, one_pass, scored, head_only=False)
         head, air = np.nonzero(sid >= 0)[0], np.nonzero(sid < 0)[0]
         pick = np.concatenate([rng.choice(head, min(voxels, head.size), replace=False),
                                rng.choice(air, min(voxels // 4, air.size), replace=False)])

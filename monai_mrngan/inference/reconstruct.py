@@ -25,7 +25,7 @@ from ..transforms.shapes import as_slice_batch
 from .components import Components
 from .localize import localize, place_slices
 from .output import save_reconstruction
-from .runners import is_gap_aware, make_runner
+from .runners import is_gap_aware, make_runner, one_pass_gaps
 from .uncertainty import track_spread, uncertainty_map
 from .volume import Reconstruction, cubic_fill, fill_volume, volume_affine, volume_grid
 
@@ -100,6 +100,7 @@ def reconstruct_volume(
         return out
 
     run_on_device.gap_aware = is_gap_aware(run)
+    run_on_device.both_ways = getattr(run, "both_ways", False)
     signals: dict = {}
     if calibration is not None and method != "mrngan":
         raise ValueError(f"the uncertainty calibration is fitted for mrngan, not {method}")
@@ -114,10 +115,10 @@ def reconstruct_volume(
         input_indices=list(idx),
         input_positions=[float(p) for p in pos],
         method=method,
-        extra={name: v.numpy() for name, v in signals.items()},
+        extra={name: (v.permute(1, 2, 0) if v.ndim == 3 else v).numpy() for name, v in signals.items()},  # voxel signals as (H, W, D)
     )
     if calibration is not None:
-        rec.extra["uncertainty"] = uncertainty_map(rec, prior, calibration, abs(step_p) * HEAD_HEIGHT_MM, fit_prior, is_gap_aware(run))
+        rec.extra["uncertainty"] = uncertainty_map(rec, prior, calibration, abs(step_p) * HEAD_HEIGHT_MM, fit_prior, one_pass_gaps(run))
     return rec
 
 

@@ -5,8 +5,10 @@ from each start slice, ``steps`` slices in its direction (+1 towards the vertex,
 neck), position ``p_t = p_0 + t * direction * step_p``. ``far``: optional (slices (N,1,H,W),
 positions (N,)), the given slice at the far end of each run's gap (position NaN: none). Only a
 *gap-aware* runner (attribute ``gap_aware`` true: MRNGAN with ``far_end``) reads it, and
-:func:`~monai_mrngan.inference.volume.fill_volume` then fills each gap with one run; every other
-runner ignores it and gaps are filled from both sides and blended, as before.
+:func:`~monai_mrngan.inference.volume.fill_volume` then fills each gap with runs that know both
+ends: one from each end, blended by distance (attribute ``both_ways``, MRNGAN's default), or one
+from the lower end (:func:`one_pass_gaps`). Every other runner ignores it and gaps are filled from
+both sides with one-sided runs, blended by distance.
 
 - ``mrngan``: the trained cell unrolled with pix2pix and the prior (:func:`mrngan_runner`);
 - ``copy``: the input slice repeated (:func:`copy_runner`);
@@ -29,7 +31,7 @@ import torch
 from ..networks.contracts import prior_fn_for
 from ..networks.recurrent import MRNGAN, NextFn
 
-__all__ = ["Runner", "FarEnd", "METHODS", "is_gap_aware", "run_positions", "mrngan_runner", "copy_runner", "prior_runner", "pix2pix_runner", "make_runner"]
+__all__ = ["Runner", "FarEnd", "METHODS", "is_gap_aware", "one_pass_gaps", "run_positions", "mrngan_runner", "copy_runner", "prior_runner", "pix2pix_runner", "make_runner"]
 
 FarEnd = Optional[Tuple[torch.Tensor, torch.Tensor]]
 """``(far slices (N,1,H,W), far positions (N,))``; a NaN position means the run has no far end."""
@@ -49,6 +51,16 @@ def is_gap_aware(run: Runner) -> bool:
     return bool(getattr(run, "gap_aware", False))
 
 
+def one_pass_gaps(run: Runner | MRNGAN | None) -> bool:
+    """Whether each gap is filled by ONE gap-aware run from its lower slice (a runner, or the MRNGAN it unrolls).
+
+    Then every generated slice of a gap used the lower slice's fitted prior; otherwise the nearer input's.
+    """
+    if isinstance(run, MRNGAN):
+        return run.far_end and not run.both_ways
+    return is_gap_aware(run) and not getattr(run, "both_ways", False)
+
+
 def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = True) -> Runner:
     """Runner that unrolls the trained MRNGAN cell (eval mode, no grad); gap-aware when the cell has ``far_end``."""
 
@@ -66,6 +78,7 @@ def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = 
         return out[:, :, None]
 
     run.gap_aware = bool(getattr(model, "far_end", False))
+    run.both_ways = bool(getattr(model, "both_ways", False))
     return run
 
 

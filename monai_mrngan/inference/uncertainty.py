@@ -11,6 +11,9 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
 - ``disagreement``: ``|output - prior|``, how far the cell moved away from the prior (towards
   pix2pix, the previous slice or the far end);
 - ``prior_weight``: the MRNGAN cell's mean weight on the prior for that slice (0 for other methods);
+- ``run_spread``: inside a gap filled from both ends, how much the two runs disagree there
+  (``|a - b|``, from :func:`~monai_mrngan.inference.volume.fill_volume`); 0 where one run fills it
+  (beyond the outermost real slices, one slice given, or a cell that fills a gap in one pass);
 - ``intensity``: the output itself (error scales with tissue brightness; air is nearly exact);
 - ``edge_xy``: the output's in-plane gradient magnitude (Gaussian, 1 px): errors gather at tissue
   boundaries, where a slightly misplaced edge costs the most. (Its predecessor ``edge`` was scipy's
@@ -47,7 +50,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FEATURES", "MAP_STORED", "CALIBRATION_NAME", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means", "load_calibration",
            "track_spread"]
 
-FEATURES = ("spread", "distance_mm", "gap_mm", "disagreement", "prior_weight", "intensity", "edge_xy")
+FEATURES = ("spread", "distance_mm", "gap_mm", "disagreement", "prior_weight", "run_spread", "intensity", "edge_xy")
 RETIRED = {"edge": "its 'edge' signal held the intensity too"}
 """Signals a calibration may have been fitted on that are no longer computed, and why."""
 MAP_STORED = np.int16
@@ -185,18 +188,18 @@ class track_spread:
             self.prior.keep_spread = self.old
 
 
-def _sources(num_slices: int, inputs: Sequence[int], gap_aware: bool) -> np.ndarray:
-    """Per output slice the input whose fitted prior its run used: the lower input of a gap for a
-    gap-aware (one-pass) runner, else the nearest one."""
+def _sources(num_slices: int, inputs: Sequence[int], one_pass: bool) -> np.ndarray:
+    """Per output slice the input whose fitted prior its run used: the lower input of a gap when each
+    gap is one run from its lower slice (``one_pass``), else the nearest one (the larger blend weight)."""
     idx = np.sort(np.asarray(inputs))
     k = np.arange(num_slices)
-    if gap_aware:
+    if one_pass:
         return idx[np.clip(np.searchsorted(idx, k, side="right") - 1, 0, len(idx) - 1)]
     return idx[np.abs(k[:, None] - idx[None]).argmin(1)]
 
 
 @torch.no_grad()
-def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_prior: bool = True, gap_aware: bool = False) -> dict[str, np.ndarray]:
+def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_prior: bool = True, one_pass: bool = False) -> dict[str, np.ndarray]:
     """The signals of the module docstring for every voxel of ``rec`` (each (H, W, D) float32, or (D,) per slice).
 
     The prior's fits are read from its cache when the reconstruction ran inside :class:`track_spread`.
@@ -211,10 +214,12 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
     gap = np.zeros(d, dtype=np.float32)
     gap[inside] = (given[hi[inside]] - given[hi[inside] - 1]) * float(spacing_mm)
     weight = np.asarray(rec.extra.get("prior_weight", np.zeros(d)), dtype=np.float32)
+    runs = rec.extra.get("run_spread")
+    runs = np.zeros(d, dtype=np.float32) if runs is None else np.asarray(runs, dtype=np.float32)
     spread = np.zeros_like(vol)
     prior_vol = np.zeros_like(vol)
     if prior is not None and hasattr(prior, "slice_at"):
-        src = _sources(d, idx, gap_aware)
+        src = _sources(d, idx, one_pass)
         for s in np.unique(src):
             ks = np.nonzero(src == s)[0]
             pos = torch.as_tensor(np.asarray(rec.positions)[ks], dtype=torch.float64)
@@ -230,6 +235,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         "gap_mm": gap,
         "disagreement": np.abs(vol - prior_vol),
         "prior_weight": np.nan_to_num(weight, nan=0.0),
+        "run_spread": runs,
         "intensity": vol,
         "edge_xy": edge_strength(vol),
     }
@@ -253,9 +259,9 @@ def broadcast(signals: Mapping[str, np.ndarray], shape: Sequence[int]) -> dict[s
 
 
 def uncertainty_map(rec: Reconstruction, prior: Any, calibration: Calibration, spacing_mm: float, fit_prior: bool = True,
-                    gap_aware: bool = False) -> np.ndarray:
+                    one_pass: bool = False) -> np.ndarray:
     """Expected absolute error (H, W, D) float32 in the output's [0, 1] units; 0 on the real slices."""
-    sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, gap_aware)
+    sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass)
     unc = np.array(np.broadcast_to(calibration.predict(sig), rec.volume.shape))  # per-slice signals transformed per slice
     unc[:, :, [int(i) for i in rec.input_indices]] = 0.0
     return unc

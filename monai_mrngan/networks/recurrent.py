@@ -121,6 +121,9 @@ class MRNGAN(nn.Module):
             more input and mixes into the far candidate (a learned per-pixel share).
         state_scale: encoder, state and head run at ``1 / state_scale`` of the slice size (the
             blend of the candidates stays at full size); 1: everything at full size.
+        both_ways: with ``far_end``, how reconstruction fills a gap between two given slices: two
+            runs, one from each end (each knowing the other), blended by distance (True), or one
+            run from the lower end (False). Not a weight: it does not change training.
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class MRNGAN(nn.Module):
         far_end: bool = False,
         state_scale: int = 1,
         far_next: bool = False,
+        both_ways: bool = True,
     ) -> None:
         super().__init__()
         if far_next and not far_end:
@@ -150,6 +154,7 @@ class MRNGAN(nn.Module):
         if output not in OUTPUT_MODES:
             raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
         self.output, self.max_correction, self.far_end = output, float(max_correction), bool(far_end)
+        self.both_ways = bool(both_ways) and self.far_end
         in_ch = BASE_CHANNELS + (FAR_CHANNELS if self.far_end else 0) + (FAR_NEXT_CHANNELS if self.far_next else 0)
         self.in_channels = in_ch
         if features > 0:

@@ -24,17 +24,18 @@ from scipy.stats import spearmanr
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.evaluation.uncertainty import head_samples, reconstructions
 from monai_mrngan.apps.cli import _components  # the workdir loader reconstruct uses
+from monai_mrngan.inference.runners import one_pass_gaps
 from monai_mrngan.inference.uncertainty import FEATURES, Calibration
 
-SETS = {"all": list(FEATURES), "without edge": [f for f in FEATURES if f != "edge_xy"]}
+SETS = {"all": list(FEATURES), "without edge": [f for f in FEATURES if f != "edge_xy"], "without run_spread": [f for f in FEATURES if f != "run_spread"]}
 
 
 def collect(entries: list, comp, head_only: bool, voxels: int, rng: np.random.Generator) -> list[tuple[str, dict, np.ndarray, np.ndarray]]:
-    gap_aware = bool(getattr(comp.model, "far_end", False))
+    one_pass = one_pass_gaps(comp.model)
     out = []
     for case, rec, vol, spacing, fitted, scored in reconstructions(entries, comp, (0.3, 0.5, 0.7), (4, 8), comp.localizer is not None,
                                                                    0.12, True, True):
-        sig, err, sid = head_samples(rec, vol, comp.prior, spacing, fitted, gap_aware, scored, head_only=head_only)
+        sig, err, sid = head_samples(rec, vol, comp.prior, spacing, fitted, one_pass, scored, head_only=head_only)
         pick = rng.choice(err.size, min(voxels, err.size), replace=False) if not head_only else np.arange(err.size)
         out.append((case, {k: v[pick] for k, v in sig.items()}, err[pick], sid[pick]))
     return out
