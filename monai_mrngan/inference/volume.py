@@ -151,8 +151,9 @@ def fill_volume(run: Runner, slices: torch.Tensor, indices: Sequence[int], num_s
             weight = torch.ones(nsteps)
         acc[target] += weight.view(-1, 1, 1) * gen[n, :nsteps]
         wsum[target] += weight
-        signed[target] += float(d) * gen[n, :nsteps]
-        count[target] += 1
+        if signals is not None:
+            signed[target] += float(d) * gen[n, :nsteps]
+            count[target] += 1
         for total, per_step in side.values():
             total[target] += weight * per_step[n, :nsteps]
     filled = wsum > 0
