@@ -220,7 +220,11 @@ class MRNGAN(nn.Module):
 
     def init_state(self, x0: torch.Tensor) -> torch.Tensor:
         """``s_0`` from the input step ``x_0`` (the start slice, itself, the prior at ``p_0``)."""
-        return self.cell(self.encoder(self._reduced(x0)), self.zero_state(x0))
+        return self._first_state(self._reduced(x0), x0)
+
+    def _first_state(self, xs: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``s_0`` from the first step input already at the state's size ``xs``; ``like``: a full-size slice of the run."""
+        return self.cell(self.encoder(xs), self.zero_state(like))
 
     def step(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step: ``x`` (B,C,H,W) (channels as in :meth:`forward`) -> (slice (B,1,H,W), new state)."""
@@ -353,7 +357,7 @@ class MRNGAN(nn.Module):
             ends = (full, [self._pool(x) for x in full])
         p0 = positions[:, 0]
         x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0)
-        s = self.cell(self.encoder(x0), self.zero_state(start))
+        s = self._first_state(x0, start)
         prev, outs, prior_w = start, [], []
         for t in range(1, positions.shape[1]):
             pix = next_fn(prev, direction).to(start)
