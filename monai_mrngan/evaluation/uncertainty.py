@@ -100,7 +100,9 @@ class UncertaintyScores:
             pv, tv = (np.concatenate(x) for x in zip(*self.vox[case]))
             ps, ts = (np.concatenate(x) for x in zip(*self.slices[case]))
             order = np.argsort(pv, kind="stable")
-            rows = [{"predicted": float(pv[b].mean()), "true": float(tv[b].mean())} for b in np.array_split(order, DECILES) if b.size]
+            # float64: a decile of one repeated value has exactly that mean (float32 sums were 1e-8 off and put tied deciles out of order)
+            rows = [{"predicted": float(pv[b].mean(dtype=np.float64)), "true": float(tv[b].mean(dtype=np.float64))}
+                    for b in np.array_split(order, DECILES) if b.size]
             out[case] = {
                 "spearman_voxel": float(spearmanr(pv, tv)[0]),
                 "spearman_slice": float(spearmanr(ps, ts)[0]) if ps.size > 2 else float("nan"),
