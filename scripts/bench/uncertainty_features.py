@@ -27,8 +27,8 @@ from monai_mrngan.apps.cli import _components  # the workdir loader reconstruct 
 from monai_mrngan.inference.runners import one_pass_gaps
 from monai_mrngan.inference.uncertainty import FEATURES, Calibration
 
-SETS = {"all": list(FEATURES), "without edge": [f for f in FEATURES if f != "edge_xy"], "without run_spread": [f for f in FEATURES if f != "run_spread"],
-        "without spread_local": [f for f in FEATURES if f != "spread_local"]}
+LEFT_OUT = ("edge_xy", "run_spread", "spread_local")  # the signals whose worth is checked by leaving each out
+SETS = {"all": list(FEATURES), **{f"without {name}": [f for f in FEATURES if f != name] for name in LEFT_OUT}}
 
 
 def collect(entries: list, comp, head_only: bool, voxels: int, rng: np.random.Generator) -> list[tuple[str, dict, np.ndarray, np.ndarray]]:
