@@ -20,7 +20,8 @@ What is measured, for every image size (and on every device: the CPU always, a G
   prior fitted as ``bundles/mrngan/configs/inference.json::prior_fit`` says, through
   ``monai_mrngan.inference.reconstruct.reconstruct_volume``. Reported apart: localization of the
   input slice, prior fitting (``BrainPrior.fit``), generation (pix2pix calls, prior slices, cell
-  steps); the same slice rolled out by ``pix2pix_iterative`` in the same run, and the ratio;
+  steps); the same slice rolled out by ``pix2pix_iterative`` in the same run from where the localized
+  reconstruction placed it (so both generate the same slices), and the ratio;
   the same from every 8th slice of the volume; the one-slice case again on a volume half as long,
   to show which parts grow with the number of slices;
 - **peak memory** of each part: on the CPU the process's resident set, sampled every 5 ms during the
@@ -64,7 +65,8 @@ test (tests/test_benchmark.py), not a measurement.
 CPU 128 px column (the 64 px one under ``--quick``), stable keys, seconds unless named:
 
 - ``one_slice_s``: one localized slice to a whole volume (localization + refinement + fit + generation);
-- ``rollout_s``: the pix2pix_iterative rollout of the same slice, same run;
+- ``rollout_s``: the pix2pix_iterative rollout of the same slice, same run, placed where the localized
+  one-slice reconstruction placed it (the same slices generated);
 - ``every8_s``: every 8th slice of the volume given (positions known): fits + generation;
 - ``generation_ratio``: MRNGAN generation (no localization, no fit) / ``rollout_s``;
 - ``peak_rss_gib``: peak resident memory (GiB) of a one-slice reconstruction in a fresh process;

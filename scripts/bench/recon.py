@@ -183,18 +183,20 @@ def bench_reconstruction(dataset_dir: Path, device: str, work: Path, bank: Path,
         total = time.perf_counter() - t0
         loc = cnn_clock.total + refine_clock.total
         fit_s = fit_clock.total + many_clock.total
-        return {"slices": int(rec.volume.shape[2]), "inputs": len(rec.input_positions), "total_s": total,
+        return {"slices": int(rec.volume.shape[2]), "inputs": len(rec.input_positions), "input_positions": [float(q) for q in rec.input_positions], "total_s": total,
                 "localization_cnn_s": cnn_clock.total, "localization_refine_s": refine_clock.total, "localization_s": loc,
                 "prior_fit_s": fit_s, "prior_fits": len(fits), "prior_fit_calls": fit_clock.calls + many_clock.calls,
                 "generation_s": total - loc - fit_s, "pix2pix_s": next_clock.total, "pix2pix_calls": next_clock.calls,
                 "prior_slices_s": prior_clock.total - fit_clock.total,
                 "cell_and_rest_s": total - loc - fit_s - (prior_clock.total - fit_clock.total) - next_clock.total}
 
-    def pix2pix(ref: np.ndarray) -> dict:
+    def pix2pix(ref: np.ndarray, at: float) -> dict:
+        """The rollout of the slice placed at ``at``: where the localized reconstruction placed it, so both
+        generate the same slices (the random-init localizer moves it some slices off ``p0``)."""
         next_clock = Clock(device)
         sync(device)
         t0 = time.perf_counter()
-        rec = reconstruct_volume(one, [p0], method="pix2pix_iterative", next_fn=next_clock.wrap(next_fn), reference_positions=ref, device=device)
+        rec = reconstruct_volume(one, [at], method="pix2pix_iterative", next_fn=next_clock.wrap(next_fn), reference_positions=ref, device=device)
         sync(device)
         return {"slices": int(rec.volume.shape[2]), "total_s": time.perf_counter() - t0, "pix2pix_calls": next_clock.calls}
 
@@ -213,7 +215,7 @@ def bench_reconstruction(dataset_dir: Path, device: str, work: Path, bank: Path,
     reconstruct_volume(one, [p0], method="mrngan", model=model, next_fn=next_fn, prior=warm, reference_positions=half, device=device)
     est = localize(localizer, torch.as_tensor(one)[None, None].to(device)).cpu()
     refine_positions(prior.with_fit(prior.config), torch.as_tensor(one)[None, None], est)
-    pix2pix(half)
+    pix2pix(half, p0)
 
     res: dict = {"input_index": i0, "input_position": round(p0, 4), "grid_slices": depth}
     # the batching check: both directions of a one-slice reconstruction go through every network together
@@ -224,6 +226,8 @@ def bench_reconstruction(dataset_dir: Path, device: str, work: Path, bank: Path,
     mem.__exit__(None, None, None)
     for h in hooks:
         h.remove()
+    placed = first["input_positions"][0]  # the rollouts start where the localized slice was placed
+    res["rollout_position"] = round(placed, 4)
     res["batch_sizes"] = {k: sorted(set(v)) for k, v in sizes.items()}
     res["batch_calls"] = {k: len(v) for k, v in sizes.items()}
     res["memory"] = mem.as_dict()
@@ -234,9 +238,9 @@ def bench_reconstruction(dataset_dir: Path, device: str, work: Path, bank: Path,
     for r in range(args.repeats):  # interleaved, so a burst of load from other jobs hits all of them alike
         if r:
             runs["one_slice"].append(mrngan(one, None, grid))
-        runs["pix2pix_iterative"].append(pix2pix(grid))
+        runs["pix2pix_iterative"].append(pix2pix(grid, placed))
         runs["one_slice_half"].append(mrngan(one, None, half))
-        runs["pix2pix_iterative_half"].append(pix2pix(half))
+        runs["pix2pix_iterative_half"].append(pix2pix(half, placed))
     for key, value in runs.items():
         res[key] = best(value)
     for key in ("localization_cnn_s", "localization_refine_s", "localization_s"):
