@@ -101,14 +101,41 @@ def test_the_edge_signal_is_the_in_plane_gradient_only():
     assert e[7:9].min() > 0.3 and e[:3].max() < 1e-3
 
 
+def test_the_misfit_signal_carries_each_inputs_miss_along_its_runs(tiny_dataset):
+    """``misfit_xy``: the smoothed |input - fitted prior| at each input's position, the same on every slice that
+    input's prior serves (the nearer input; the lower one for a one-pass cell), larger where the input departs
+    from what the atlases say; without a prior there is nothing to miss."""
+    from monai_mrngan.inference.uncertainty import misfit_map, uncertainty_signals
+    from monai_mrngan.inference.volume import Reconstruction
+
+    prior = _atlas_prior(tiny_dataset)
+    vol, _ = load_volume(load_split(tiny_dataset, "test")[0]["image"])
+    grid = np.asarray(prior.positions)
+    out = vol.astype(np.float32).copy()
+    out[4:10, 4:10, 8] = 1.0  # input 8 holds a bright patch no atlas has
+    rec = Reconstruction(out, grid, [8, 16], [float(grid[8]), float(grid[16])])
+    sig = uncertainty_signals(rec, prior, spacing_mm=2.0)
+    m = sig["misfit_xy"]
+    fitted = prior.slice_at(torch.as_tensor(grid[[8]]), torch.from_numpy(out[:, :, 8])[None, None], float(np.float32(grid[8])))[0, 0].numpy()
+    np.testing.assert_allclose(m[:, :, 8], misfit_map(out[:, :, 8], fitted), atol=1e-5)
+    np.testing.assert_array_equal(m[:, :, 3], m[:, :, 8])  # below input 8: its runs
+    np.testing.assert_array_equal(m[:, :, 12], m[:, :, 8])  # the lower half of the gap: nearer input 8
+    np.testing.assert_array_equal(m[:, :, 13], m[:, :, 16])  # the upper half: nearer input 16
+    assert m[6, 6, 8] > 2 * m[6, 6, 16]  # the patch the atlases miss
+    one_pass = uncertainty_signals(rec, prior, spacing_mm=2.0, one_pass=True)["misfit_xy"]
+    np.testing.assert_array_equal(one_pass[:, :, 15], m[:, :, 8])  # one run from the lower input fills the whole gap
+    assert not uncertainty_signals(rec, None, spacing_mm=2.0)["misfit_xy"].any()
+
+
 def test_calibration_is_monotone_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     n = 20000
     sig = {"spread": rng.uniform(0, 0.3, n), "spread_local": rng.uniform(0, 0.2, n), "distance_mm": rng.uniform(0, 60, n), "gap_mm": rng.choice([0.0, 8.0, 16.0], n),
            "disagreement": rng.uniform(0, 0.5, n),
            "prior_weight": rng.uniform(0, 1, n), "run_spread": rng.uniform(0, 0.3, n) * rng.choice([0.0, 1.0], n),
-           "intensity": rng.uniform(0, 1, n), "edge_xy": rng.uniform(0, 0.4, n)}
-    truth = 0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"] + 0.1 * sig["edge_xy"] + 0.2 * sig["run_spread"]  # the expected error
+           "intensity": rng.uniform(0, 1, n), "edge_xy": rng.uniform(0, 0.4, n), "misfit_xy": rng.uniform(0, 0.2, n)}
+    truth = (0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"] + 0.1 * sig["edge_xy"] + 0.2 * sig["run_spread"]
+             + 0.3 * sig["misfit_xy"])  # the expected error
     err = rng.exponential(truth)
     cal = Calibration.fit(sig, err)
     assert all(w >= 0 for w in cal.weights) and np.all(np.diff(cal.iso_y) >= 0) and np.all(np.diff(cal.iso_x) > 0)
@@ -127,10 +154,10 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     np.testing.assert_allclose(again.predict(sig), pred)
     assert load_calibration(tmp_path / "missing.json") is None
     # a calibration fitted before a signal existed still loads and uses the signals it knows
-    older = Calibration.fit(sig, err, features=[f for f in FEATURES if f not in ("edge_xy", "run_spread")])
+    older = Calibration.fit(sig, err, features=[f for f in FEATURES if f not in ("edge_xy", "run_spread", "misfit_xy")])
     older.save(tmp_path / "older.json")
     np.testing.assert_allclose(load_calibration(tmp_path / "older.json").predict(sig), older.predict(sig))
-    assert "edge_xy" not in older.features and "run_spread" not in older.features
+    assert not {"edge_xy", "run_spread", "misfit_xy"} & set(older.features)
     # one fitted on a retired signal (the old 'edge', which held the intensity too) is not used
     retired = json.loads((tmp_path / "c.json").read_text())
     retired["features"] = [f if f != "edge_xy" else "edge" for f in retired["features"]]

@@ -18,6 +18,11 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
   (``|a - b|``, from :func:`~monai_mrngan.inference.volume.fill_volume`); 0 where one run fills it
   (beyond the outermost real slices, one slice given, or a cell that fills a gap in one pass);
 - ``intensity``: the output itself (error scales with tissue brightness; air is nearly exact);
+- ``misfit_xy``: how far the fitted prior misses the real slice a voxel's run started from, at the
+  voxel's in-plane place: ``|input - fitted prior|`` at the input's position, Gaussian-smoothed (3 px,
+  :func:`misfit_map`) and carried along the axial axis to every slice that input's prior serves
+  (a region where the atlases miss this head at the input, e.g. larger ventricles, tends to stay
+  missed in the slices around it; a noisy or differently contrasted input raises it everywhere);
 - ``edge_xy``: the output's in-plane gradient magnitude (Gaussian, 1 px): errors gather at tissue
   boundaries, where a slightly misplaced edge costs the most. (Its predecessor ``edge`` was scipy's
   ``gaussian_gradient_magnitude`` with sigma 0 along the axial axis, which skips that axis's
@@ -51,9 +56,9 @@ from .volume import Reconstruction
 logger = logging.getLogger(__name__)
 
 __all__ = ["FEATURES", "MAP_STORED", "CALIBRATION_NAME", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means", "load_calibration", "neighbourhood",
-           "track_spread"]
+           "misfit_map", "track_spread"]
 
-FEATURES = ("spread", "spread_local", "distance_mm", "gap_mm", "disagreement", "prior_weight", "run_spread", "intensity", "edge_xy")
+FEATURES = ("spread", "spread_local", "distance_mm", "gap_mm", "disagreement", "prior_weight", "run_spread", "intensity", "edge_xy", "misfit_xy")
 RETIRED = {"edge": "its 'edge' signal held the intensity too"}
 """Signals a calibration may have been fitted on that are no longer computed, and why."""
 MAP_STORED = np.int16
@@ -221,8 +226,9 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
     runs = np.zeros(d, dtype=np.float32) if runs is None else np.asarray(runs, dtype=np.float32)
     spread = np.zeros_like(vol)
     prior_vol = np.zeros_like(vol)
+    misfit = np.zeros_like(vol)
     if prior is not None and hasattr(prior, "slice_at"):
-        src = _sources(d, idx, one_pass)
+        src = _sources(d, idx, one_pass)  # every input is its own source: its fitted prior at its position is read too
         for s in np.unique(src):
             ks = np.nonzero(src == s)[0]
             pos = torch.as_tensor(np.asarray(rec.positions)[ks], dtype=torch.float64)
@@ -232,6 +238,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
             prior_vol[:, :, ks] = prior.slice_at(pos, **kw)[:, 0].float().cpu().numpy().transpose(1, 2, 0)
             if hasattr(prior, "spread_at"):
                 spread[:, :, ks] = prior.spread_at(pos, **kw)[:, 0].float().cpu().numpy().transpose(1, 2, 0)
+            misfit[:, :, ks] = misfit_map(vol[:, :, s], prior_vol[:, :, s])[:, :, None]
     return {
         "spread": spread,
         "spread_local": neighbourhood(spread),
@@ -242,7 +249,18 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         "run_spread": runs,
         "intensity": vol,
         "edge_xy": edge_strength(vol),
+        "misfit_xy": misfit,
     }
+
+
+def misfit_map(real: np.ndarray, fitted: np.ndarray, sigma_px: float = 3.0) -> np.ndarray:
+    """(H, W) ``|real - fitted|`` of a real slice and the prior fitted to it at its position, Gaussian-smoothed in-plane.
+
+    3 px chosen on IXI (5 validation, 8 test subjects; ``bundles/mrngan/docs/README.md``): 1.5 px ranked the
+    voxels a little better, 6 px the slices; 3 px sits between and held best under the scanner shift."""
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(np.abs(np.asarray(real, np.float32) - np.asarray(fitted, np.float32)), sigma_px)
 
 
 def neighbourhood(vol: np.ndarray, sigma_px: tuple[float, float, float] = (2.0, 2.0, 1.0)) -> np.ndarray:
