@@ -68,6 +68,9 @@ CALIBRATION_NAME = "uncertainty_calibration.json"
 """The calibration's file name in the mrngan bundle's models folder."""
 EPS = 0.01  # floor inside the logs: 1 % of the intensity range
 ISOTONIC_BINS = 50
+NEGLIGIBLE_WEIGHT = 1e-6
+"""A weight below this is left out of :meth:`Calibration.linear`: it moves the log prediction by < 1e-5 (the fit's
+non-negative weights reach 1e-9 for signals it does not use, e.g. ``intensity`` on IXI)."""
 
 
 def _design(name: str, x: np.ndarray) -> np.ndarray:
@@ -94,12 +97,18 @@ class Calibration:
 
     def linear(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
         """``b + sum_i w_i f_i`` (the log of the log-linear prediction), shaped like the signals (per-slice (D,)
-        signals beside (H, W, D) ones broadcast along the last axis, after their transform)."""
-        out = None
+        signals beside (H, W, D) ones broadcast along the last axis, after their transform).
+
+        Summed in place, and a signal whose weight the fit drove to (nearly) 0 is not transformed at all
+        (:data:`NEGLIGIBLE_WEIGHT`): a 128 px volume's sum took 0.13 s with a new array per term."""
+        shape = np.broadcast_shapes(*(np.shape(signals[n]) for n in self.features))
+        out = np.full(shape, np.float32(self.bias), dtype=np.float32)
         for name, w in zip(self.features, self.weights):
-            term = np.float32(w) * _design(name, signals[name])
-            out = term if out is None else out + term
-        return out + np.float32(self.bias)
+            if w >= NEGLIGIBLE_WEIGHT:
+                term = _design(name, signals[name])
+                term *= np.float32(w)
+                out += term
+        return out
 
     def predict(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
         """Expected absolute error (float32, shaped like the signals; broadcast per-slice signals first)."""
@@ -239,16 +248,22 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
             if hasattr(prior, "spread_at"):
                 spread[:, :, ks] = prior.spread_at(pos, **kw)[:, 0].float().cpu().numpy().transpose(1, 2, 0)
             misfit[:, :, ks] = misfit_map(vol[:, :, s], prior_vol[:, :, s])[:, :, None]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # scipy's filters release the GIL: the two run side by side (2 cores: 0.11 -> 0.07 s)
+        local = pool.submit(neighbourhood, spread)
+        edges = edge_strength(vol)
+        spread_local = local.result()
     return {
         "spread": spread,
-        "spread_local": neighbourhood(spread),
+        "spread_local": spread_local,
         "distance_mm": dist,
         "gap_mm": gap,
         "disagreement": np.abs(vol - prior_vol),
         "prior_weight": np.nan_to_num(weight, nan=0.0),
         "run_spread": runs,
         "intensity": vol,
-        "edge_xy": edge_strength(vol),
+        "edge_xy": edges,
         "misfit_xy": misfit,
     }
 
