@@ -105,7 +105,7 @@ def test_the_misfit_signal_carries_each_inputs_miss_along_its_runs(tiny_dataset)
     """``misfit_xy``: the smoothed |input - fitted prior| at each input's position, the same on every slice that
     input's prior serves (the nearer input; the lower one for a one-pass cell), larger where the input departs
     from what the atlases say; without a prior there is nothing to miss."""
-    from monai_mrngan.inference.uncertainty import misfit_map, uncertainty_signals
+    from monai_mrngan.inference.uncertainty import MISFIT_SIGMA_PX, uncertainty_signals
     from monai_mrngan.inference.volume import Reconstruction
 
     prior = _atlas_prior(tiny_dataset)
@@ -117,7 +117,7 @@ def test_the_misfit_signal_carries_each_inputs_miss_along_its_runs(tiny_dataset)
     sig = uncertainty_signals(rec, prior, spacing_mm=2.0)
     m = sig["misfit_xy"]
     fitted = prior.slice_at(torch.as_tensor(grid[[8]]), torch.from_numpy(out[:, :, 8])[None, None], float(np.float32(grid[8])))[0, 0].numpy()
-    np.testing.assert_allclose(m[:, :, 8], misfit_map(out[:, :, 8], fitted), atol=1e-5)
+    np.testing.assert_allclose(m[:, :, 8], neighbourhood(np.abs(out[:, :, 8] - fitted), MISFIT_SIGMA_PX), atol=1e-5)
     np.testing.assert_array_equal(m[:, :, 3], m[:, :, 8])  # below input 8: its runs
     np.testing.assert_array_equal(m[:, :, 12], m[:, :, 8])  # the lower half of the gap: nearer input 8
     np.testing.assert_array_equal(m[:, :, 13], m[:, :, 16])  # the upper half: nearer input 16

@@ -19,8 +19,8 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
   (beyond the outermost real slices, one slice given, or a cell that fills a gap in one pass);
 - ``intensity``: the output itself (error scales with tissue brightness; air is nearly exact);
 - ``misfit_xy``: how far the fitted prior misses the real slice a voxel's run started from, at the
-  voxel's in-plane place: ``|input - fitted prior|`` at the input's position, Gaussian-smoothed (3 px,
-  :func:`misfit_map`) and carried along the axial axis to every slice that input's prior serves
+  voxel's in-plane place: ``disagreement`` on that input slice (``|input - fitted prior|`` at its
+  position), Gaussian-smoothed in-plane (:data:`MISFIT_SIGMA_PX`, :func:`neighbourhood`) and carried along the axial axis to every slice that input's prior serves
   (a region where the atlases miss this head at the input, e.g. larger ventricles, tends to stay
   missed in the slices around it; a noisy or differently contrasted input raises it everywhere);
 - ``edge_xy``: the output's in-plane gradient magnitude (Gaussian, 1 px): errors gather at tissue
@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -55,8 +56,8 @@ from .volume import Reconstruction
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FEATURES", "MAP_STORED", "CALIBRATION_NAME", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means", "load_calibration", "neighbourhood",
-           "misfit_map", "track_spread"]
+__all__ = ["FEATURES", "MAP_STORED", "CALIBRATION_NAME", "MISFIT_SIGMA_PX", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means",
+           "load_calibration", "neighbourhood", "track_spread"]
 
 FEATURES = ("spread", "spread_local", "distance_mm", "gap_mm", "disagreement", "prior_weight", "run_spread", "intensity", "edge_xy", "misfit_xy")
 RETIRED = {"edge": "its 'edge' signal held the intensity too"}
@@ -68,6 +69,9 @@ CALIBRATION_NAME = "uncertainty_calibration.json"
 """The calibration's file name in the mrngan bundle's models folder."""
 EPS = 0.01  # floor inside the logs: 1 % of the intensity range
 ISOTONIC_BINS = 50
+MISFIT_SIGMA_PX = (3.0, 3.0)
+"""In-plane Gaussian of ``misfit_xy``, chosen on IXI (5 validation, 8 test subjects; ``bundles/mrngan/docs/README.md``):
+1.5 px ranked the voxels a little better, 6 px the slices; 3 px sits between and held best under the scanner shift."""
 NEGLIGIBLE_WEIGHT = 1e-6
 """A weight below this is left out of :meth:`Calibration.linear`: it moves the log prediction by < 1e-5 (the fit's
 non-negative weights reach 1e-9 for signals it does not use, e.g. ``intensity`` on IXI)."""
@@ -235,7 +239,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
     runs = np.zeros(d, dtype=np.float32) if runs is None else np.asarray(runs, dtype=np.float32)
     spread = np.zeros_like(vol)
     prior_vol = np.zeros_like(vol)
-    misfit = np.zeros_like(vol)
+    src = None
     if prior is not None and hasattr(prior, "slice_at"):
         src = _sources(d, idx, one_pass)  # every input is its own source: its fitted prior at its position is read too
         for s in np.unique(src):
@@ -247,9 +251,11 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
             prior_vol[:, :, ks] = prior.slice_at(pos, **kw)[:, 0].float().cpu().numpy().transpose(1, 2, 0)
             if hasattr(prior, "spread_at"):
                 spread[:, :, ks] = prior.spread_at(pos, **kw)[:, 0].float().cpu().numpy().transpose(1, 2, 0)
-            misfit[:, :, ks] = misfit_map(vol[:, :, s], prior_vol[:, :, s])[:, :, None]
-    from concurrent.futures import ThreadPoolExecutor
-
+    disagreement = np.abs(vol - prior_vol)
+    misfit = np.zeros_like(vol)
+    if src is not None:  # each input's disagreement, smoothed, carried to the slices its prior serves
+        for s in np.unique(src):
+            misfit[:, :, src == s] = neighbourhood(disagreement[:, :, s], MISFIT_SIGMA_PX)[:, :, None]
     with ThreadPoolExecutor(max_workers=1) as pool:  # scipy's filters release the GIL: the two run side by side (2 cores: 0.11 -> 0.07 s)
         local = pool.submit(neighbourhood, spread)
         edges = edge_strength(vol)
@@ -259,7 +265,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         "spread_local": spread_local,
         "distance_mm": dist,
         "gap_mm": gap,
-        "disagreement": np.abs(vol - prior_vol),
+        "disagreement": disagreement,
         "prior_weight": np.nan_to_num(weight, nan=0.0),
         "run_spread": runs,
         "intensity": vol,
@@ -268,18 +274,9 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
     }
 
 
-def misfit_map(real: np.ndarray, fitted: np.ndarray, sigma_px: float = 3.0) -> np.ndarray:
-    """(H, W) ``|real - fitted|`` of a real slice and the prior fitted to it at its position, Gaussian-smoothed in-plane.
-
-    3 px chosen on IXI (5 validation, 8 test subjects; ``bundles/mrngan/docs/README.md``): 1.5 px ranked the
-    voxels a little better, 6 px the slices; 3 px sits between and held best under the scanner shift."""
-    from scipy import ndimage
-
-    return ndimage.gaussian_filter(np.abs(np.asarray(real, np.float32) - np.asarray(fitted, np.float32)), sigma_px)
-
-
-def neighbourhood(vol: np.ndarray, sigma_px: tuple[float, float, float] = (2.0, 2.0, 1.0)) -> np.ndarray:
-    """``vol`` (H, W, D) averaged over each voxel's neighbourhood: a Gaussian of ``sigma_px`` (in-plane, in-plane, axial)."""
+def neighbourhood(vol: np.ndarray, sigma_px: tuple[float, ...] = (2.0, 2.0, 1.0)) -> np.ndarray:
+    """``vol`` (H, W, D) averaged over each voxel's neighbourhood: a Gaussian of ``sigma_px`` (in-plane, in-plane, axial);
+    a slice (H, W) with two in-plane sigmas."""
     from scipy import ndimage
 
     return ndimage.gaussian_filter(np.asarray(vol, dtype=np.float32), sigma_px)
