@@ -283,8 +283,10 @@ def test_locate_and_position_search_correct_a_wrong_position():
     assert abs(located - 0.56) < 0.04  # from 0.11 off; squares move 0.2 px per 0.01 in p, so 0.03 is pixel-level
     assert abs(float(refine_positions(prior, ref, [0.45], 0.15)[0]) - located) < 1e-6
     assert float(refine_positions(prior, ref, [0.45], 0.0)[0]) == pytest.approx(0.45)  # window 0: unchanged
-    # a localizer far off (0.5 in p, beyond its window): the search moves to the mean-brain template's answer
+    # a localizer far off (0.5 in p, beyond its window): the mean-brain template's window is scanned too
     assert prior.locate(ref, 0.05, window=0.12) < 0.2  # alone, the search stays near the wrong estimate
+    assert abs(prior.locate(ref, [0.05, 0.6], window=0.12) - located) < 1e-6  # one scan over both windows: the better match
+    assert abs(prior.locate(ref, [0.6, 0.05], window=0.12) - located) < 1e-6  # whichever estimate comes first
     assert abs(float(refine_positions(prior, ref, [0.05], 0.12)[0]) - 0.56) < 0.04
     one = BrainPrior(atlases[0], grid)
     assert float(refine_positions(one, ref, [0.45], 0.15)[0]) == pytest.approx(0.45)  # one volume: nothing to vote

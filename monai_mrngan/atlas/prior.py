@@ -200,18 +200,26 @@ class BrainPrior:
         res = self._scan(ref, self._candidates(reference_position, window, step))
         return res.cands, res.score
 
-    def locate(self, reference: torch.Tensor, reference_position: float, window: float = 0.12, step: float = 0.01, top_k: int | None = None) -> float:
-        """Refine an estimated position of ``reference``: the ``p`` within ``+- window`` where the
-        ``top_k`` best-matching atlases (default: the fit's ``top_k``) match it best on average.
+    def locate(self, reference: torch.Tensor, reference_position: float | Sequence[float], window: float = 0.12, step: float = 0.01,
+               top_k: int | None = None) -> float:
+        """Refine an estimated position of ``reference``: the ``p`` within ``+- window`` of the estimate
+        where the ``top_k`` best-matching atlases (default: the fit's ``top_k``) match it best on average.
 
+        Several estimates: one scan over the union of their windows, on the first one's lattice of
+        ``step`` (windows that overlap share their candidates), and the best match among all wins.
         Matching the input against 120 atlases' slices corrects most of a CNN localizer's error
         (on IXI test subjects, 2 mm data: mean error 10.7 mm -> 4.1 mm). The scan is kept: a fit of
         the same slice at the found position reuses it.
         """
+        starts = torch.as_tensor(reference_position, dtype=torch.float64).reshape(-1).tolist()
+        ref = self._check_reference(reference, starts[0])
+        n = int(round(window / step))
+        k = torch.cat([torch.arange(-n, n + 1) + round((s - starts[0]) / step) for s in starts]).unique()
+        cands = (starts[0] + step * k.double()).clamp(float(self.positions[0]), float(self.positions[-1])).unique().to(self.device)
         with torch_threads(self.config.num_threads):
-            cands, score = self.scan(reference, reference_position, window, step)
-        k = min(int(top_k or self.config.top_k), score.shape[0])
-        return float(cands[score.topk(k, dim=0).values.mean(0).argmax()])
+            res = self._scan(ref, cands)
+        best = res.score.topk(min(int(top_k or self.config.top_k), res.score.shape[0]), dim=0).values.mean(0)
+        return float(res.cands[best.argmax()])
 
     def fit(self, reference: torch.Tensor, reference_position: float, exclude: str | None = None) -> torch.Tensor:
         """Fit the prior to the input slice; returns and caches the fitted (P, H, W) volume on the grid.

@@ -126,13 +126,12 @@ def reconstruct_volume(
 def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor | Sequence[float], window: float = 0.12) -> torch.Tensor:
     """Localized positions refined by the prior's atlas matching (``prior.locate``), one per slice.
 
-    The search covers ``+- window`` around the localizer's estimate when the mean-brain template
-    (:func:`~monai_mrngan.atlas.prior.template_localizer_for`, one matrix product) agrees with it within
-    ``window``, else around the template's: a localizer far off cannot pull the search away from the
-    head's region, and the scan stays one window long. Per-slice error after refinement (``p`` 0.1-0.9,
-    one full-range scan per slice, windows emulated): IXI test subjects 4.3 -> 3.6 mm (4 subjects,
-    ``ixi2mm`` stages), demo phantoms 19.9 -> 11.8 mm (test split) and 8.9 -> 7.0 mm (validation);
-    around the template's answer always: 3.8 / 12.0 / 7.3 mm.
+    The search covers ``+- window`` around the localizer's estimate and around the mean-brain
+    template's (:func:`~monai_mrngan.atlas.prior.template_localizer_for`, one matrix product), in one
+    scan (overlapping windows share their candidates), and the atlases' best match wins: a localizer
+    far off cannot hold the search away from the right region, nor can the template (which puts a
+    few mid-brain slices near the skull base). Error after refinement (``python -m
+    scripts.bench.localization``) is in the slice_localization docs.
     Unchanged when ``window`` is 0 or the prior cannot locate (a one-volume general brain has no
     atlases to vote).
     """
@@ -140,11 +139,9 @@ def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor |
     if window <= 0 or not hasattr(prior, "locate") or len(prior.bank) < 2:
         return pos
     x = as_slice_batch(slices).cpu()
-    if isinstance(prior, BrainPrior):
-        template = template_localizer_for(prior)(x.float().to(prior.device)).cpu()
-        pos = torch.where((pos - template).abs() <= window, pos, template)
+    also = template_localizer_for(prior)(x.float().to(prior.device)).cpu().tolist() if isinstance(prior, BrainPrior) else None
     for i in range(len(pos)):
-        pos[i] = prior.locate(x[i : i + 1], float(pos[i]), window=window)
+        pos[i] = prior.locate(x[i : i + 1], [float(pos[i])] + ([also[i]] if also else []), window=window)
     return pos
 
 
