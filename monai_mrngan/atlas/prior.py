@@ -169,9 +169,13 @@ class BrainPrior:
         w = torch.linspace(0, 1, ref.numel(), device=ref.device).view_as(ref)
         return tuple(torch.stack([ref.sum(), (ref * ref).sum(), (ref * w).sum()]).tolist())
 
-    def _candidates(self, p0: float, window: float, step: float) -> torch.Tensor:
+    def _candidates(self, p0: float | Sequence[float], window: float, step: float) -> torch.Tensor:
+        """Positions within ``+- window`` of the estimate ``p0`` (or of each of several), on the first one's
+        lattice of ``step`` (overlapping windows share their candidates), clamped to the bank's range, ascending."""
+        starts = torch.as_tensor(p0, dtype=torch.float64).reshape(-1).tolist()
         n = int(round(window / step))
-        return (float(p0) + step * torch.arange(-n, n + 1, dtype=torch.float64)).clamp(float(self.positions[0]), float(self.positions[-1])).to(self.device)
+        k = torch.cat([torch.arange(-n, n + 1) + round((s - starts[0]) / step) for s in starts]).unique()
+        return (starts[0] + step * k.double()).clamp(float(self.positions[0]), float(self.positions[-1])).unique().to(self.device)
 
     @torch.no_grad()
     def _scan(self, ref: torch.Tensor, cands: torch.Tensor, mode: str = "affine") -> ScanResult:
@@ -188,38 +192,34 @@ class BrainPrior:
         return res
 
     @torch.no_grad()
-    def scan(self, reference: torch.Tensor, reference_position: float, window: float, step: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    def scan(self, reference: torch.Tensor, reference_position: float | Sequence[float], window: float, step: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
         """How well each atlas matches ``reference`` at positions around ``reference_position``.
 
-        Returns the candidate positions (C,) within ``reference_position +- window`` (clamped to the
-        bank's range) and the NCC (K, C) of every atlas slice there with the input, after the
-        head-moment (centroid and size) alignment of :func:`register_slices`, at ``work_size``;
-        all atlases and candidates in one batch (:func:`~monai_mrngan.atlas.fit.scan`).
+        Returns the candidate positions (C,) within ``+- window`` of the estimate (of any of several
+        estimates: one scan over the union of their windows), clamped to the bank's range, and the NCC
+        (K, C) of every atlas slice there with the input, after the head-moment (centroid and size)
+        alignment of :func:`register_slices`, at ``work_size``; all atlases and candidates in one batch
+        (:func:`~monai_mrngan.atlas.fit.scan`).
         """
-        ref = self._check_reference(reference, reference_position)
-        res = self._scan(ref, self._candidates(reference_position, window, step))
+        starts = torch.as_tensor(reference_position, dtype=torch.float64).reshape(-1)
+        ref = self._check_reference(reference, float(starts[0]))
+        res = self._scan(ref, self._candidates(starts, window, step))
         return res.cands, res.score
 
     def locate(self, reference: torch.Tensor, reference_position: float | Sequence[float], window: float = 0.12, step: float = 0.01,
                top_k: int | None = None) -> float:
         """Refine an estimated position of ``reference``: the ``p`` within ``+- window`` of the estimate
-        where the ``top_k`` best-matching atlases (default: the fit's ``top_k``) match it best on average.
+        (or of any of several, in one :meth:`scan`) where the ``top_k`` best-matching atlases (default:
+        the fit's ``top_k``) match it best on average.
 
-        Several estimates: one scan over the union of their windows, on the first one's lattice of
-        ``step`` (windows that overlap share their candidates), and the best match among all wins.
         Matching the input against 120 atlases' slices corrects most of a CNN localizer's error
         (on IXI test subjects, 2 mm data: mean error 10.7 mm -> 4.1 mm). The scan is kept: a fit of
         the same slice at the found position reuses it.
         """
-        starts = torch.as_tensor(reference_position, dtype=torch.float64).reshape(-1).tolist()
-        ref = self._check_reference(reference, starts[0])
-        n = int(round(window / step))
-        k = torch.cat([torch.arange(-n, n + 1) + round((s - starts[0]) / step) for s in starts]).unique()
-        cands = (starts[0] + step * k.double()).clamp(float(self.positions[0]), float(self.positions[-1])).unique().to(self.device)
         with torch_threads(self.config.num_threads):
-            res = self._scan(ref, cands)
-        best = res.score.topk(min(int(top_k or self.config.top_k), res.score.shape[0]), dim=0).values.mean(0)
-        return float(res.cands[best.argmax()])
+            cands, score = self.scan(reference, reference_position, window, step)
+        k = min(int(top_k or self.config.top_k), score.shape[0])
+        return float(cands[score.topk(k, dim=0).values.mean(0).argmax()])
 
     def fit(self, reference: torch.Tensor, reference_position: float, exclude: str | None = None) -> torch.Tensor:
         """Fit the prior to the input slice; returns and caches the fitted (P, H, W) volume on the grid.
