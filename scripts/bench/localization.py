@@ -29,6 +29,7 @@ def errors(workdir: str, dataset_dir: str | None, split: str = "test", limit: in
     from monai_mrngan.data.positions import HEAD_HEIGHT_MM
     from monai_mrngan.inference.localize import localize
     from monai_mrngan.inference.reconstruct import refine_positions
+    from monai_mrngan.metrics.localization import localization_metrics
 
     comp = _components(workdir)
     if comp.localizer is None or comp.prior is None:
@@ -49,11 +50,11 @@ def errors(workdir: str, dataset_dir: str | None, split: str = "test", limit: in
     truth = np.concatenate(found.pop("truth"))
     out = {}
     for name, parts in found.items():
-        err = (np.concatenate(parts).astype(np.float64) - truth) * HEAD_HEIGHT_MM
-        row = {"mae_mm": float(np.abs(err).mean()), "bias_mm": float(err.mean()), "n": int(err.size)}
+        pred = np.concatenate(parts).astype(np.float64)
+        row = {"mae_mm": localization_metrics(pred, truth)["mae_mm"], "bias_mm": float((pred - truth).mean() * HEAD_HEIGHT_MM), "n": int(pred.size)}
         for lo, hi in zip(BANDS[:-1], BANDS[1:]):
             sel = (truth >= lo) & (truth < hi)
-            row[f"mae_mm_p{lo:.1f}-{hi:.1f}"] = float(np.abs(err[sel]).mean()) if sel.any() else None
+            row[f"mae_mm_p{lo:.1f}-{hi:.1f}"] = localization_metrics(pred[sel], truth[sel])["mae_mm"] if sel.any() else None
         out[name] = row
     return out
 

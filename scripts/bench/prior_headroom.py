@@ -48,7 +48,7 @@ def headroom(workdir: str, dataset_dir: str | None, limit: int | None = 8, input
                 xm, ym = x[head] - x[head].mean(), y[head] - y[head].mean()
                 gain = float((xm * ym).sum() / (xm * xm).sum().clamp_min(1e-12))
                 corrected = x.clone()
-                corrected[head] = ((x[head] - x[head].mean()) * gain + y[head].mean()).clamp(0, 1)
+                corrected[head] = (xm * gain + y[head].mean()).clamp(0, 1)
                 rows.append((abs(i - i0), float(((x - y) ** 2).mean()), float(((corrected - y) ** 2).mean()), gain))
         log(f"{entry.get('subject', entry['image'])}: done")
     r = np.asarray(rows)
