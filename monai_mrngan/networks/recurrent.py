@@ -64,9 +64,15 @@ PriorFn = Callable[[torch.Tensor], torch.Tensor]
 OUTPUT_MODES = ("blend", "residual", "direct")
 CELLS = ("rnn", "gru")
 DIST_SCALE = 5.0  # distance map = min(1, 5 |p_t - p_0|): 1 from 40 mm away on
-BASE_CHANNELS = 5  # previous, pix2pix, prior, p_t map, distance map
-FAR_CHANNELS = 4  # far slice, far distance map, far flag map, far-end linear weight map
-FAR_NEXT_CHANNELS = 1  # pix2pix's prediction one step back from the far slice (far_next)
+STEP_CHANNELS = ("previous", "pix2pix", "prior", "p", "distance",  # every cell
+                 "far", "far_distance", "far_flag", "far_weight",  # far_end
+                 "far_next")  # far_next
+"""The step input's channels in order, the one home of that order (:meth:`MRNGAN.forward` describes
+each): a cell reads the first 5, with ``far_end`` the first 9, with ``far_next`` all 10."""
+CH = {name: i for i, name in enumerate(STEP_CHANNELS)}
+"""Channel index of each name in :data:`STEP_CHANNELS`."""
+CANDIDATES = ("previous", "pix2pix", "prior", "far", "far_next")
+"""The step input's slices that the blend mixes, in the order of the blend's logits."""
 
 
 def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
@@ -155,7 +161,8 @@ class MRNGAN(nn.Module):
             raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
         self.output, self.max_correction, self.far_end = output, float(max_correction), bool(far_end)
         self.both_ways = bool(both_ways) and self.far_end
-        in_ch = BASE_CHANNELS + (FAR_CHANNELS if self.far_end else 0) + (FAR_NEXT_CHANNELS if self.far_next else 0)
+        last = "far_next" if self.far_next else "far_weight" if self.far_end else "distance"  # the step input's last channel
+        in_ch = CH[last] + 1
         self.in_channels = in_ch
         if features > 0:
             self.encoder: nn.Module = nn.Sequential(
@@ -230,7 +237,7 @@ class MRNGAN(nn.Module):
         """One step: ``x`` (B,C,H,W) (channels as in :meth:`forward`) -> (slice (B,1,H,W), new state)."""
         if x.shape[1] != self.in_channels:
             raise ValueError(f"step input must have {self.in_channels} channels (far_end={self.far_end}), got {x.shape[1]}")
-        candidates = [x[:, 0:1], x[:, 1:2], x[:, 2:3]] + ([x[:, 5:6]] if self.far_end else []) + ([x[:, 9:10]] if self.far_next else [])
+        candidates = [x[:, CH[name] : CH[name] + 1] for name in CANDIDATES if CH[name] < self.in_channels]
         return self._advance(self._reduced(x), s, candidates)
 
     def _advance(self, xs: torch.Tensor, s: torch.Tensor, candidates: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,8 +250,8 @@ class MRNGAN(nn.Module):
         with_far = self.far_end and len(candidates) > 3
         n = 4 if with_far else 3
         if self.output == "blend" and with_far:  # logit(linear weight) offset; no far end (flag 0): no weight
-            lin = xs[:, 8:9].clamp(1e-4, 1.0 - 1e-4)
-            far_logit = h[:, 3:4] + torch.log(lin / (1.0 - lin)) - 1e4 * (1.0 - xs[:, 7:8])
+            lin = xs[:, CH["far_weight"] : CH["far_weight"] + 1].clamp(1e-4, 1.0 - 1e-4)
+            far_logit = h[:, 3:4] + torch.log(lin / (1.0 - lin)) - 1e4 * (1.0 - xs[:, CH["far_flag"] : CH["far_flag"] + 1])
             h = torch.cat([h[:, :3], far_logit, h[:, 4:]], 1)
         elif self.output == "blend" and self.far_end:  # the three logits and the correction only
             h = torch.cat([h[:, :3], h[:, 4:5]], 1)
@@ -282,23 +289,24 @@ class MRNGAN(nn.Module):
             state = self.zero_state(x)
         return self.step(x, state)[0]
 
-    def _step_input(self, images: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+    def _step_input(self, images: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """The step input at the state's size from the candidate slices already at that size
-        (B,3[+1[+1]],h,w) and per-sample ``values`` (B,) of the constant maps, in :meth:`forward`'s channel order."""
+        (B,3[+1[+1]],h,w; :data:`CANDIDATES` order) and per-sample ``values`` (B,) of the constant maps,
+        by channel name, in :data:`STEP_CHANNELS` order."""
         b, _, hh, ww = images.shape
-        maps = torch.stack([v.reshape(b) for v in values], 1).to(images).view(b, -1, 1, 1).expand(b, -1, hh, ww)
-        parts = [images[:, :3], maps[:, :2]] + ([images[:, 3:4], maps[:, 2:]] if self.far_end else []) + ([images[:, 4:5]] if self.far_next else [])
-        return self._layout(torch.cat(parts, 1))
+        parts = {name: images[:, i : i + 1] for i, name in enumerate(CANDIDATES[: images.shape[1]])}
+        parts.update({name: v.reshape(b, 1, 1, 1).to(images).expand(b, 1, hh, ww) for name, v in values.items()})
+        return self._layout(torch.cat([parts[name] for name in STEP_CHANNELS[: self.in_channels]], 1))
 
-    def _far_values(self, far_p: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor, p_prev: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Far-end values at ``p_t``: its flag (1: a far end still ahead) and [far distance
-        ``min(1, 5 |p_far - p_t|)``, flag, linear weight]; none once past it (NaN ``far_p``: none)."""
+    def _far_values(self, far_p: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor, p_prev: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Far-end values at ``p_t``: its flag (1: a far end still ahead) and the far channels' values (far
+        distance ``min(1, 5 |p_far - p_t|)``, flag, linear weight); none once past it (NaN ``far_p``: none)."""
         ahead = torch.isfinite(far_p) & ((pt - p0).abs() <= (far_p - p0).abs() + 1e-6)
         flag = ahead.to(pt.dtype)
         far_p = torch.where(ahead, far_p, pt)
         dist = torch.where(ahead, (DIST_SCALE * (far_p - pt).abs()).clamp(max=1.0), torch.ones_like(pt))
         lin = torch.where(ahead, (pt - p_prev).abs() / (far_p - p_prev).abs().clamp_min(1e-8), torch.zeros_like(pt)).clamp(0.0, 1.0)
-        return flag, [dist, flag, lin]
+        return flag, {"far_distance": dist, "far_flag": flag, "far_weight": lin}
 
     def _inputs(self, prev, pix, prior, prior_small, ends, far_p, p0, pt, p_prev) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(step input at the state's size, full-size candidates) at ``p_t``. ``prior_small``: the prior
@@ -307,10 +315,10 @@ class MRNGAN(nn.Module):
         there is no far candidate). Only the previous output and its pix2pix prediction are pooled here."""
         near = self._pool(torch.cat([prev, pix], 1))
         small, candidates = [near, prior_small], [prev, pix, prior]
-        values = [pt, (DIST_SCALE * (pt - p0).abs()).clamp(max=1.0)]
+        values = {"p": pt, "distance": (DIST_SCALE * (pt - p0).abs()).clamp(max=1.0)}
         if self.far_end:
             flag, far_values = self._far_values(far_p, p0, pt, p_prev)
-            values += far_values
+            values.update(far_values)
             if ends is None:
                 small.append(near.new_zeros(near.shape[0], 1 + int(self.far_next), *near.shape[-2:]))
             else:  # a far end behind a run counts no more (flag 0): its slices are zeros
