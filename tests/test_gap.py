@@ -401,3 +401,29 @@ def test_far_next_mixes_pix2pix_one_step_back_from_the_far_end_into_the_far_cand
     with torch.no_grad():  # no far end in the batch (one-slice runs): no extra call
         model.unroll(start, pos, torch.ones(1), next_fn, _const_prior(0.3), far, torch.tensor([float("nan")]))
     assert len(calls) == 3
+
+
+def test_fusion_headroom_pairs_the_two_runs_of_each_gap():
+    """scripts/bench/fusion_headroom reads back, per gap, the run from the lower end and the one from the upper end,
+    each slice aligned with the slice it fills (a fake runner writes target index / 1000, + 0.5 on runs going down)."""
+    from scripts.bench.fusion_headroom import _Recorder, gap_runs
+
+    grid = 0.3 - 0.01 * np.arange(20)  # p falls with the index, as on prepared volumes
+
+    def fake(starts, start_positions, directions, steps, step_p, far=None):
+        i0 = torch.round((start_positions.double() - grid[0]) / step_p).long()
+        t = torch.arange(1, steps + 1)
+        target = i0.view(-1, 1) + directions.long().view(-1, 1) * t
+        val = target.float() / 1000 + 0.5 * (directions.view(-1, 1) < 0)
+        return val.view(len(i0), steps, 1, 1, 1).expand(-1, -1, 1, 2, 2)
+
+    fake.gap_aware, fake.both_ways = True, True
+    rec = _Recorder(fake, "cpu")
+    given = [2, 6, 9, 17]
+    fill_volume(rec, torch.rand(len(given), 1, 2, 2), given, 20, grid, -0.01)
+    pairs = gap_runs(rec, grid, given)
+    assert [lo for lo, _, _ in pairs] == [2, 6, 9]
+    for lo, a, b in pairs:
+        want = torch.arange(lo + 1, lo + 1 + a.shape[0]).float() / 1000
+        torch.testing.assert_close(a[:, 0, 0], want)
+        torch.testing.assert_close(b[:, 0, 0], want + 0.5)
