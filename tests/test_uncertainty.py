@@ -168,6 +168,33 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
         load_calibration(tmp_path / "bad.json")
 
 
+def test_the_correction_network_learns_how_signals_interact(tmp_path):
+    """An error that a sum of monotone terms cannot express (the atlas spread counts inside a gap, the misfit
+    beside one slice): the network over the log-linear model ranks it better, round-trips through JSON, and
+    gives the same map whether per-slice signals come as (D,) or broadcast to the volume."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(1)
+    n = 40000
+    sig = {name: rng.uniform(0.0, 0.3, n) for name in FEATURES}
+    sig["gap_mm"] = rng.choice([0.0, 8.0], n)
+    truth = 0.01 + np.where(sig["gap_mm"] > 0, 0.6 * sig["spread"], 0.6 * sig["misfit_xy"])
+    err = rng.exponential(truth)
+    plain, corrected = Calibration.fit(sig, err), Calibration.fit(sig, err, hidden=(8, 8))
+    assert plain.net is None and corrected.net is not None
+    assert spearmanr(corrected.predict(sig), truth)[0] > spearmanr(plain.predict(sig), truth)[0] + 0.1
+    assert abs(corrected.predict(sig).mean() - err.mean()) < 0.1 * err.mean()
+    corrected.save(tmp_path / "net.json")
+    again = load_calibration(tmp_path / "net.json")
+    np.testing.assert_allclose(again.predict(sig), corrected.predict(sig), rtol=1e-5, atol=1e-7)
+    vol = {name: rng.uniform(0.0, 0.3, (6, 5, 7)).astype(np.float32) for name in FEATURES}
+    for name in ("distance_mm", "gap_mm", "prior_weight"):
+        vol[name] = np.array([0.0, 2.0, 4.0, 8.0, 4.0, 2.0, 0.0], np.float32)
+    full = {k: np.broadcast_to(v, (6, 5, 7)) for k, v in vol.items()}
+    np.testing.assert_allclose(corrected.predict(vol), corrected.predict(full), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(corrected.predict(full)[2, 3], corrected.predict({k: v[2, 3] for k, v in full.items()}), rtol=1e-5, atol=1e-7)
+
+
 def _reconstruct(dataset, comp, out):
     vol, _ = load_volume(load_split(dataset, "test")[0]["image"])
     ref = reference_grid(dataset)

@@ -182,11 +182,13 @@ def calibrate(
     limit: int | None = None,
     voxels: int = 50000,
     seed: int = 0,
+    hidden: Sequence[int] = (16, 16),
 ) -> Calibration:
     """Fit the uncertainty calibration on ``split`` (MRNGAN reconstructions as in the evaluation) and write it to ``out_path``.
 
     ``voxels``: head voxels sampled per reconstruction, and a quarter as many outside the head (true
-    slice <= ``HEAD_THRESHOLD``), so the map also holds in the air around it. Returns the calibration (its ``info`` holds
+    slice <= ``HEAD_THRESHOLD``), so the map also holds in the air around it. ``hidden``: the widths of
+    the correction network over the log-linear model (empty: log-linear alone). Returns the calibration (its ``info`` holds
     the fit's settings and its Spearman correlation on the samples it was fitted on).
     """
     comp = components
@@ -216,8 +218,8 @@ def calibrate(
     err = np.concatenate(err_parts)
     info = {"split": split, "subjects": [e.get("subject") for e in entries], "input_positions": list(input_positions),
             "few_slice_k": list(few_slice_k), "localized_inputs": use_loc, "fit_prior": fit_prior, "few_slice_fit_prior": few_slice_fit_prior,
-            "samples": int(err.size), "method": "mrngan", "units": "absolute error in [0, 1] output intensity", "mask": f"head voxels (true > {HEAD_THRESHOLD}) and a quarter as many outside"}
-    cal = Calibration.fit(signals, err, info=info)
+            "samples": int(err.size), "method": "mrngan", "units": "absolute error in [0, 1] output intensity", "mask": f"head voxels (true > {HEAD_THRESHOLD}) and a quarter as many outside", "hidden": [int(h) for h in hidden]}
+    cal = Calibration.fit(signals, err, info=info, hidden=hidden, seed=seed)
     from scipy.stats import spearmanr
 
     cal.info["spearman_voxel_fit"] = float(spearmanr(cal.predict(signals), err)[0])

@@ -7,7 +7,10 @@ stages of WORKDIR, exactly as the ``calibrate`` step and ``evaluate`` do
 the test samples: Spearman correlation of predicted and true absolute error over head voxels and over
 slices, per case (one slice, every 4th, every 8th).
 
-    python -m scripts.bench.uncertainty_features --workdir W --dataset_dir D [--val 5] [--test 8] [--json OUT]
+    python -m scripts.bench.uncertainty_features --workdir W --dataset_dir D [--val 5] [--test 8] [--hidden 16 16] [--json OUT]
+
+``--hidden``: the correction network's widths, as the calibrate step's ``calibration_hidden`` (``--hidden``
+with no value: the log-linear model alone).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset_dir", required=True)
     ap.add_argument("--val", type=int, default=5)
     ap.add_argument("--test", type=int, default=8)
+    ap.add_argument("--hidden", type=int, nargs="*", default=[16, 16])
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     verr = np.concatenate([e for _, _, e, _ in val])
     results = {}
     for name, feats in SETS.items():
-        cal = Calibration.fit(vsig, verr, features=feats)
+        cal = Calibration.fit(vsig, verr, features=feats, hidden=args.hidden)
         row = {}
         for case in ("single_slice", "k4", "k8"):
             parts = [(s, e, i) for c, s, e, i in test if c == case]
