@@ -187,6 +187,11 @@ def test_the_correction_network_learns_how_signals_interact(tmp_path):
     corrected.save(tmp_path / "net.json")
     again = load_calibration(tmp_path / "net.json")
     np.testing.assert_allclose(again.predict(sig), corrected.predict(sig), rtol=1e-5, atol=1e-7)
+    broken = json.loads((tmp_path / "net.json").read_text())
+    broken["net"]["layers"][0]["weight"] = [row[:3] for row in broken["net"]["layers"][0]["weight"]]  # 3 signals where 10 are read
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(InputError, match="broken.json.*correction network"):
+        load_calibration(tmp_path / "broken.json")
     vol = {name: rng.uniform(0.0, 0.3, (6, 5, 7)).astype(np.float32) for name in FEATURES}
     for name in ("distance_mm", "gap_mm", "prior_weight"):
         vol[name] = np.array([0.0, 2.0, 4.0, 8.0, 4.0, 2.0, 0.0], np.float32)

@@ -285,6 +285,11 @@ def load_calibration(path: str | os.PathLike | None) -> Calibration | None:
     # a calibration fitted before a signal was added uses the signals it knows
     if not set(cal.features) <= set(FEATURES) or len(cal.weights) != len(cal.features) or len(cal.iso_x) != len(cal.iso_y) or not cal.iso_x:
         raise InputError(path, f"uncertainty calibration for features {cal.features}, expected some of {list(FEATURES)}")
+    if cal.net is not None:
+        try:
+            cal._module()
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise InputError(path, f"unreadable correction network in the uncertainty calibration ({type(err).__name__}: {err})") from err
     return cal
 
 
