@@ -79,6 +79,56 @@ def test_per_slice_signals_distance_and_gap():
     np.testing.assert_array_equal(uncertainty_signals(rec, None, spacing_mm=2.0)["run_spread"], runs)
 
 
+def test_candidate_spread_is_the_cells_weighted_disagreement_and_reaches_the_volume():
+    """``candidate_spread``: per pixel and step sum_i w_i |c_i - output| over the candidates the cell blends; 0 where they
+    all agree; runs blended into the volume like the slices, NaN on the given slices (0 in the signals)."""
+    from monai_mrngan.inference.runners import mrngan_runner
+    from monai_mrngan.inference.uncertainty import uncertainty_signals
+    from monai_mrngan.inference.volume import Reconstruction, fill_volume
+
+    torch.manual_seed(0)
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True).eval()
+    model.record_spread = True
+    start, pos = torch.full((1, 1, 8, 8), 0.5), torch.linspace(0.5, 0.3, 6)[None]
+    with torch.no_grad():
+        model.unroll(start, pos, torch.ones(1), lambda x, d: x, lambda p: torch.full((1, p.shape[1], 1, 8, 8), 0.5))
+        assert model.last_candidate_spread.shape == (1, 5, 8, 8) and float(model.last_candidate_spread.abs().max()) < 1e-6
+        out = model.unroll(start, pos, torch.ones(1), lambda x, d: x, lambda p: torch.full((1, p.shape[1], 1, 8, 8), 0.9))
+    w, prev, last = model.last_weights, out[:, -2:-1], out[:, -1:]  # the last step's candidates: prev, pix2pix (= prev), prior
+    expected = (w[:, 0:1] + w[:, 1:2]) * (prev - last).abs() + w[:, 2:3] * (0.9 - last).abs()
+    torch.testing.assert_close(model.last_candidate_spread[:, -1:], expected)
+    assert float(model.last_candidate_spread.min()) > 0
+    model.record_spread = False
+    with torch.no_grad():
+        model.unroll(start, pos, torch.ones(1), lambda x, d: x, lambda p: torch.full((1, p.shape[1], 1, 8, 8), 0.9))
+    assert model.last_candidate_spread is None  # training pays nothing for it
+
+    def run(starts, start_positions, directions, steps, step_p, far=None):  # run n's spread is n + 1 everywhere
+        run.last_signals = {"candidate_spread": torch.arange(1.0, starts.shape[0] + 1).view(-1, 1, 1, 1).expand(-1, steps, 4, 4)}
+        return starts[:, None].expand(-1, steps, -1, -1, -1)
+
+    signals = {}
+    fill_volume(run, torch.rand(2, 1, 4, 4), [2, 6], 10, np.linspace(0.9, 0.1, 10), -0.1, signals=signals)
+    spread = signals["candidate_spread"]
+    assert spread.shape == (10, 4, 4) and bool(spread[[2, 6]].isnan().all())
+    # runs: down from 2 (1), up from 6 (2), up from 2 into the gap (3), down from 6 into it (4), blended by distance
+    np.testing.assert_allclose(spread[[0, 1, 9], 0, 0], [1.0, 1.0, 2.0])
+    np.testing.assert_allclose(spread[3:6, 0, 0], [0.75 * 3 + 0.25 * 4, 3.5, 0.25 * 3 + 0.75 * 4])
+    rec = Reconstruction(np.zeros((4, 4, 10), np.float32), np.linspace(0.9, 0.1, 10), [2, 6], [0.74, 0.42],
+                         extra={"candidate_spread": spread.permute(1, 2, 0).numpy()})
+    sig = uncertainty_signals(rec, None, spacing_mm=2.0)["candidate_spread"]
+    assert sig.shape == (4, 4, 10) and not sig[:, :, [2, 6]].any() and sig[0, 0, 4] == pytest.approx(3.5)
+
+
+    class _Flat:  # a prior that is 0.9 everywhere
+        def slice_at(self, positions, **kw):
+            return torch.full((len(positions), 1, 8, 8), 0.9)
+
+    runner = mrngan_runner(model, lambda x, d: x, _Flat(), fit_prior=False)
+    runner(start.expand(2, -1, -1, -1), torch.tensor([0.5, 0.5]), torch.tensor([1.0, -1.0]), 3, 0.05)
+    assert runner.last_signals["candidate_spread"].shape == (2, 3, 8, 8) and runner.last_signals["prior_weight"].shape == (2, 3)
+
+
 def test_the_local_spread_reaches_the_neighbours_of_a_disagreement():
     """One voxel where the atlases disagree: its neighbours (2 px in-plane, 1 slice axially) get some of it, voxels
     far away none, and the total is kept."""
@@ -133,9 +183,10 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     sig = {"spread": rng.uniform(0, 0.3, n), "spread_local": rng.uniform(0, 0.2, n), "distance_mm": rng.uniform(0, 60, n), "gap_mm": rng.choice([0.0, 8.0, 16.0], n),
            "disagreement": rng.uniform(0, 0.5, n),
            "prior_weight": rng.uniform(0, 1, n), "run_spread": rng.uniform(0, 0.3, n) * rng.choice([0.0, 1.0], n),
-           "intensity": rng.uniform(0, 1, n), "edge_xy": rng.uniform(0, 0.4, n), "misfit_xy": rng.uniform(0, 0.2, n)}
+           "intensity": rng.uniform(0, 1, n), "edge_xy": rng.uniform(0, 0.4, n), "misfit_xy": rng.uniform(0, 0.2, n),
+           "candidate_spread": rng.uniform(0, 0.2, n)}
     truth = (0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"] + 0.1 * sig["edge_xy"] + 0.2 * sig["run_spread"]
-             + 0.3 * sig["misfit_xy"])  # the expected error
+             + 0.3 * sig["misfit_xy"] + 0.2 * sig["candidate_spread"])  # the expected error
     err = rng.exponential(truth)
     cal = Calibration.fit(sig, err)
     assert all(w >= 0 for w in cal.weights) and np.all(np.diff(cal.iso_y) >= 0) and np.all(np.diff(cal.iso_x) > 0)
@@ -154,10 +205,10 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     np.testing.assert_allclose(again.predict(sig), pred)
     assert load_calibration(tmp_path / "missing.json") is None
     # a calibration fitted before a signal existed still loads and uses the signals it knows
-    older = Calibration.fit(sig, err, features=[f for f in FEATURES if f not in ("edge_xy", "run_spread", "misfit_xy")])
+    older = Calibration.fit(sig, err, features=[f for f in FEATURES if f not in ("edge_xy", "run_spread", "misfit_xy", "candidate_spread")])
     older.save(tmp_path / "older.json")
     np.testing.assert_allclose(load_calibration(tmp_path / "older.json").predict(sig), older.predict(sig))
-    assert not {"edge_xy", "run_spread", "misfit_xy"} & set(older.features)
+    assert not {"edge_xy", "run_spread", "misfit_xy", "candidate_spread"} & set(older.features)
     # one fitted on a retired signal (the old 'edge', which held the intensity too) is not used
     retired = json.loads((tmp_path / "c.json").read_text())
     retired["features"] = [f if f != "edge_xy" else "edge" for f in retired["features"]]

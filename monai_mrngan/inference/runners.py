@@ -70,11 +70,15 @@ def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = 
     @torch.no_grad()
     def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float, far: FarEnd = None) -> torch.Tensor:
         model.eval()
+        model.record_spread = True  # a few elementwise operations per step beside the cell's convolutions
         pos = run_positions(start_positions, directions, steps, step_p)
         prior_fn = prior_fn_for(prior, starts if fit_prior else None, start_positions)
         far_slices, far_pos = far if far is not None else (None, None)
         out = model.unroll(starts, pos, directions, next_fn, prior_fn, far_slices, far_pos)
-        run.last_signals = {"prior_weight": model.last_prior_weight.float().cpu()}  # (N, steps): fill_volume maps them to slices
+        # prior weight (N, steps) and candidate spread (N, steps, H, W): fill_volume maps them to slices
+        run.last_signals = {"prior_weight": model.last_prior_weight.float().cpu()}
+        if getattr(model, "last_candidate_spread", None) is not None:
+            run.last_signals["candidate_spread"] = model.last_candidate_spread.float().cpu()
         return out[:, :, None]
 
     run.gap_aware = bool(getattr(model, "far_end", False))

@@ -17,6 +17,9 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
 - ``run_spread``: inside a gap filled from both ends, how much the two runs disagree there
   (``|a - b|``, from :func:`~monai_mrngan.inference.volume.fill_volume`); 0 where one run fills it
   (beyond the outermost real slices, one slice given, or a cell that fills a gap in one pass);
+- ``candidate_spread``: how much the slices the MRNGAN cell blends disagree where it trusts them,
+  ``sum_i w_i |c_i - output|`` over its candidates (previous output, pix2pix, prior, far end) with its
+  blend weights ``w_i``, per pixel and step (runs blended like the slices; 0 for other methods);
 - ``intensity``: the output itself (error scales with tissue brightness; air is nearly exact);
 - ``misfit_xy``: how far the fitted prior misses the real slice a voxel's run started from, at the
   voxel's in-plane place: ``disagreement`` on that input slice (``|input - fitted prior|`` at its
@@ -63,7 +66,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["FEATURES", "MAP_STORED", "CALIBRATION_NAME", "MISFIT_SIGMA_PX", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means",
            "load_calibration", "neighbourhood", "track_spread"]
 
-FEATURES = ("spread", "spread_local", "distance_mm", "gap_mm", "disagreement", "prior_weight", "run_spread", "intensity", "edge_xy", "misfit_xy")
+FEATURES = ("spread", "spread_local", "distance_mm", "gap_mm", "disagreement", "prior_weight", "run_spread", "intensity", "edge_xy", "misfit_xy",
+            "candidate_spread")
 RETIRED = {"edge": "its 'edge' signal held the intensity too"}
 """Signals a calibration may have been fitted on that are no longer computed, and why."""
 MAP_STORED = np.int16
@@ -355,6 +359,8 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
     weight = np.asarray(rec.extra.get("prior_weight", np.zeros(d)), dtype=np.float32)
     runs = rec.extra.get("run_spread")
     runs = np.zeros(d, dtype=np.float32) if runs is None else np.asarray(runs, dtype=np.float32)
+    blend = rec.extra.get("candidate_spread")  # NaN on the given slices
+    blend = np.zeros(d, dtype=np.float32) if blend is None else np.nan_to_num(np.asarray(blend, dtype=np.float32), nan=0.0)
     spread = np.zeros_like(vol)
     prior_vol = np.zeros_like(vol)
     src = None
@@ -389,6 +395,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         "intensity": vol,
         "edge_xy": edges,
         "misfit_xy": misfit,
+        "candidate_spread": blend,
     }
 
 

@@ -92,8 +92,9 @@ def fill_volume(run: Runner, slices: torch.Tensor, indices: Sequence[int], num_s
     runs that know both ends: one from each end, blended by distance, or, when
     :func:`~monai_mrngan.inference.runners.one_pass_gaps`, one from the lower end. Any other runner
     fills it from both sides with one-sided runs, blended by distance.
-    ``signals``: a dict that receives, per output slice (D,), each per-step signal the runner
-    left in ``run.last_signals`` (e.g. MRNGAN's weight on the prior), blended like the slices, and
+    ``signals``: a dict that receives, per output slice ((D,), or (D,H,W) for a per-pixel one), each
+    per-step signal the runner left in ``run.last_signals`` (e.g. MRNGAN's weight on the prior, its
+    candidates' spread), blended like the slices, and
     ``run_spread`` (D,H,W): where two runs meet (inside a gap filled from both ends) the absolute
     difference of their outputs, 0 where one run fills a slice.
     """
@@ -136,7 +137,7 @@ def fill_volume(run: Runner, slices: torch.Tensor, indices: Sequence[int], num_s
     acc = torch.zeros_like(vol)
     wsum = torch.zeros(num_slices)
     signed, count = torch.zeros_like(vol), torch.zeros(num_slices)  # +1 runs minus -1 runs: |a - b| where two meet
-    side = {name: (torch.zeros(num_slices), v.float()) for name, v in (getattr(run, "last_signals", None) or {}).items()}
+    side = {name: (torch.zeros(num_slices, *v.shape[2:]), v.float()) for name, v in (getattr(run, "last_signals", None) or {}).items()}
     for n, (k, d, nsteps) in enumerate(runs):
         i0 = idx[k]
         t = torch.arange(1, nsteps + 1)
@@ -155,12 +156,13 @@ def fill_volume(run: Runner, slices: torch.Tensor, indices: Sequence[int], num_s
             signed[target] += float(d) * gen[n, :nsteps]
             count[target] += 1
         for total, per_step in side.values():
-            total[target] += weight * per_step[n, :nsteps]
+            total[target] += weight.view(-1, *[1] * (per_step.ndim - 2)) * per_step[n, :nsteps]
     filled = wsum > 0
     vol[filled] = acc[filled] / wsum[filled].view(-1, 1, 1)
     if signals is not None:  # the runner's per-step signals, blended like the slices; NaN on given slices
         for name, (total, _) in side.items():
-            signals[name] = torch.where(filled, total / wsum.clamp_min(1e-12), torch.tensor(float("nan")))
+            per = [1] * (total.ndim - 1)
+            signals[name] = torch.where(filled.view(-1, *per), total / wsum.clamp_min(1e-12).view(-1, *per), torch.tensor(float("nan")))
         signals["run_spread"] = torch.where((count == 2).view(-1, 1, 1), signed.abs(), torch.zeros(()))
     return vol.clamp(0.0, 1.0)
 

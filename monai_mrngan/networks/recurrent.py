@@ -161,6 +161,7 @@ class MRNGAN(nn.Module):
             raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
         self.output, self.max_correction, self.far_end = output, float(max_correction), bool(far_end)
         self.both_ways = bool(both_ways) and self.far_end
+        self.record_spread = False  # inference: unroll keeps last_candidate_spread (set by the mrngan runner)
         last = "far_next" if self.far_next else "far_weight" if self.far_end else "distance"  # the step input's last channel
         in_ch = CH[last] + 1
         self.in_channels = in_ch
@@ -267,6 +268,9 @@ class MRNGAN(nn.Module):
                 candidates = candidates[:3] + [(1.0 - share) * candidates[3] + share * candidates[4]]
             for i, c in enumerate(candidates[:n]):
                 out = out + w[:, i : i + 1] * c
+            if self.record_spread:  # how much the blended candidates disagree where the cell trusts them
+                spread = sum(w[:, i : i + 1] * (c - out.detach()).abs() for i, c in enumerate(candidates[:n]))
+                self.last_spread = spread.detach()
         elif self.output == "residual":
             out = prev + self.max_correction * torch.tanh(h)
         else:
@@ -366,7 +370,7 @@ class MRNGAN(nn.Module):
         p0 = positions[:, 0]
         x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0)
         s = self._first_state(x0, start)
-        prev, outs, prior_w = start, [], []
+        prev, outs, prior_w, spreads = start, [], [], []
         for t in range(1, positions.shape[1]):
             pix = next_fn(prev, direction).to(start)
             xs, candidates = self._inputs(prev, pix, priors[:, t], priors_small[:, t], ends, far_p, p0, positions[:, t], positions[:, t - 1])
@@ -374,8 +378,12 @@ class MRNGAN(nn.Module):
             outs.append(prev)
             if self.output == "blend":
                 prior_w.append(self.last_weights[:, 2].mean((1, 2)))
+                if self.record_spread:
+                    spreads.append(self.last_spread)
         # the blend's mean weight on the prior per sample and step (B,T-1), for reports; NaN for other heads
         self.last_prior_weight = torch.stack(prior_w, 1) if prior_w else torch.full((b, positions.shape[1] - 1), float("nan"))
+        # with record_spread, per pixel sum_i w_i |c_i - output| (B,T-1,H,W) (the uncertainty map's candidate_spread)
+        self.last_candidate_spread = torch.cat(spreads, 1) if spreads else None
         return torch.cat(outs, 1)
 
     def num_parameters(self) -> int:
