@@ -119,7 +119,6 @@ def test_candidate_spread_is_the_cells_weighted_disagreement_and_reaches_the_vol
     sig = uncertainty_signals(rec, None, spacing_mm=2.0)["candidate_spread"]
     assert sig.shape == (4, 4, 10) and not sig[:, :, [2, 6]].any() and sig[0, 0, 4] == pytest.approx(3.5)
 
-
     class _Flat:  # a prior that is 0.9 everywhere
         def slice_at(self, positions, **kw):
             return torch.full((len(positions), 1, 8, 8), 0.9)
@@ -127,6 +126,7 @@ def test_candidate_spread_is_the_cells_weighted_disagreement_and_reaches_the_vol
     runner = mrngan_runner(model, lambda x, d: x, _Flat(), fit_prior=False)
     runner(start.expand(2, -1, -1, -1), torch.tensor([0.5, 0.5]), torch.tensor([1.0, -1.0]), 3, 0.05)
     assert runner.last_signals["candidate_spread"].shape == (2, 3, 8, 8) and runner.last_signals["prior_weight"].shape == (2, 3)
+    assert not model.record_spread  # the runner records only during its own rollout
 
 
 def test_the_local_spread_reaches_the_neighbours_of_a_disagreement():
@@ -239,7 +239,7 @@ def test_the_correction_network_learns_how_signals_interact(tmp_path):
     again = load_calibration(tmp_path / "net.json")
     np.testing.assert_allclose(again.predict(sig), corrected.predict(sig), rtol=1e-5, atol=1e-7)
     broken = json.loads((tmp_path / "net.json").read_text())
-    broken["net"]["layers"][0]["weight"] = [row[:3] for row in broken["net"]["layers"][0]["weight"]]  # 3 signals where 10 are read
+    broken["net"]["layers"][0]["weight"] = [row[:3] for row in broken["net"]["layers"][0]["weight"]]  # 3 signals where all of FEATURES are read
     (tmp_path / "broken.json").write_text(json.dumps(broken))
     with pytest.raises(InputError, match="broken.json.*correction network"):
         load_calibration(tmp_path / "broken.json")

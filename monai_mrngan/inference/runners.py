@@ -70,11 +70,14 @@ def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = 
     @torch.no_grad()
     def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float, far: FarEnd = None) -> torch.Tensor:
         model.eval()
-        model.record_spread = True  # a few elementwise operations per step beside the cell's convolutions
         pos = run_positions(start_positions, directions, steps, step_p)
         prior_fn = prior_fn_for(prior, starts if fit_prior else None, start_positions)
         far_slices, far_pos = far if far is not None else (None, None)
-        out = model.unroll(starts, pos, directions, next_fn, prior_fn, far_slices, far_pos)
+        recording, model.record_spread = model.record_spread, True  # a few elementwise operations per step beside the convolutions
+        try:
+            out = model.unroll(starts, pos, directions, next_fn, prior_fn, far_slices, far_pos)
+        finally:  # only this rollout records: the model object may be trained afterwards
+            model.record_spread = recording
         # prior weight (N, steps) and candidate spread (N, steps, H, W): fill_volume maps them to slices
         run.last_signals = {"prior_weight": model.last_prior_weight.float().cpu()}
         if getattr(model, "last_candidate_spread", None) is not None:

@@ -161,7 +161,7 @@ class MRNGAN(nn.Module):
             raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
         self.output, self.max_correction, self.far_end = output, float(max_correction), bool(far_end)
         self.both_ways = bool(both_ways) and self.far_end
-        self.record_spread = False  # inference: unroll keeps last_candidate_spread (set by the mrngan runner)
+        self.record_spread = False  # inference: unroll keeps last_candidate_spread (on during the mrngan runner's rollouts)
         last = "far_next" if self.far_next else "far_weight" if self.far_end else "distance"  # the step input's last channel
         in_ch = CH[last] + 1
         self.in_channels = in_ch
