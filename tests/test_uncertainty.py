@@ -42,6 +42,7 @@ def calibration(tiny_dataset, tmp_path_factory):
     path = tmp_path_factory.mktemp("cal") / "uncertainty_calibration.json"
     cal = calibrate(tiny_dataset, _components(tiny_dataset), path, input_positions=(0.5,), few_slice_k=(4,), localize_inputs=False, voxels=5000)
     assert path.is_file() and cal.info["split"] == "validation" and cal.info["samples"] > 100
+    assert cal.stride == 2 and load_calibration(path).stride == 2  # the bundle's default: signals on 2 x 2 blocks
     return path
 
 
@@ -129,6 +130,34 @@ def test_candidate_spread_is_the_cells_weighted_disagreement_and_reaches_the_vol
     assert not model.record_spread  # the runner records only during its own rollout
 
 
+def test_signals_on_blocks_and_the_map_brought_back_to_the_volume_grid():
+    """``stride``: voxel signals are block means (a block cut by the edge: the mean of its voxels), per-slice
+    signals unchanged; the map is predicted on the blocks, brought back bilinearly to (H, W, D), 0 on the inputs."""
+    from monai_mrngan.inference.uncertainty import pool_inplane, uncertainty_map, uncertainty_signals, upsample_inplane
+    from monai_mrngan.inference.volume import Reconstruction
+
+    vol = np.arange(5 * 6 * 2, dtype=np.float32).reshape(5, 6, 2)
+    pooled = pool_inplane(vol, 2)
+    assert pooled.shape == (3, 3, 2) and pool_inplane(vol, 1) is vol
+    assert pooled[0, 0, 1] == pytest.approx(vol[:2, :2, 1].mean()) and pooled[2, 1, 0] == pytest.approx(vol[4, 2:4, 0].mean())
+    assert upsample_inplane(np.full((3, 3, 2), 0.25, np.float32), (5, 6, 2)).shape == (5, 6, 2)
+    np.testing.assert_allclose(upsample_inplane(np.full((3, 3, 2), 0.25, np.float32), (5, 6, 2)), 0.25)
+    ramp = upsample_inplane(np.repeat(np.array([0.0, 1.0], np.float32)[:, None, None], 2, 1), (4, 2, 1))[:, 0, 0]
+    np.testing.assert_allclose(ramp, [0.0, 0.25, 0.75, 1.0])  # between block centres, held beyond them
+
+    out = np.random.default_rng(0).random((8, 8, 10)).astype(np.float32)
+    rec = Reconstruction(out, np.linspace(0.9, 0.1, 10), [2, 6], [0.74, 0.42], extra={"prior_weight": np.full(10, 0.5)})
+    fine, coarse = uncertainty_signals(rec, None, 2.0), uncertainty_signals(rec, None, 2.0, stride=2)
+    np.testing.assert_allclose(coarse["intensity"], pool_inplane(out, 2))
+    assert coarse["edge_xy"].shape == (4, 4, 10) and fine["edge_xy"].shape == (8, 8, 10)
+    np.testing.assert_array_equal(coarse["distance_mm"], fine["distance_mm"])
+    cal = Calibration(-3.0, [0.5 if f in ("intensity", "distance_mm") else 0.0 for f in FEATURES], [-10.0, 5.0], [0.0, 1.0], stride=2)
+    unc = uncertainty_map(rec, None, cal, 2.0)
+    assert unc.shape == out.shape and not unc[:, :, [2, 6]].any() and unc.min(initial=1.0, where=unc > 0) > 0
+    expected = upsample_inplane(cal.predict(coarse), out.shape)
+    np.testing.assert_allclose(unc[:, :, 0], expected[:, :, 0], rtol=1e-6)
+
+
 def test_the_local_spread_reaches_the_neighbours_of_a_disagreement():
     """One voxel where the atlases disagree: its neighbours (2 px in-plane, 1 slice axially) get some of it, voxels
     far away none, and the total is kept."""
@@ -214,6 +243,11 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     retired["features"] = [f if f != "edge_xy" else "edge" for f in retired["features"]]
     (tmp_path / "retired.json").write_text(json.dumps(retired))
     assert load_calibration(tmp_path / "retired.json") is None
+    strided = json.loads((tmp_path / "c.json").read_text())
+    assert strided["stride"] == 1 and load_calibration(tmp_path / "c.json").stride == 1  # every voxel unless fitted on blocks
+    (tmp_path / "stride0.json").write_text(json.dumps(dict(strided, stride=0)))
+    with pytest.raises(InputError, match="stride0.json.*stride"):
+        load_calibration(tmp_path / "stride0.json")
     (tmp_path / "bad.json").write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(InputError, match="bad.json"):
         load_calibration(tmp_path / "bad.json")

@@ -34,7 +34,7 @@ from ..inference.components import Components
 from ..inference.localize import localize
 from ..inference.reconstruct import reconstruct_volume, refine_positions
 from ..inference.runners import one_pass_gaps
-from ..inference.uncertainty import FEATURES, Calibration, broadcast, track_spread, uncertainty_signals
+from ..inference.uncertainty import FEATURES, Calibration, broadcast, track_spread, uncertainty_map, uncertainty_signals
 from ..inference.volume import Reconstruction
 
 logger = logging.getLogger(__name__)
@@ -45,15 +45,12 @@ UNCERTAINTY_CASES = ("single_slice", "k4", "k8")
 DECILES = 10
 
 
-def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, one_pass: bool,
-                 scored: np.ndarray | None = None, head_only: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Signals (flat, per voxel), true absolute error and slice index of every head voxel of the
-    generated slices (``scored``: which slices count, default every non-input slice; ``head_only``
-    False: every voxel of them, the slice index then negative (``-1 - index``) outside the head)."""
+def _head_mask(rec: Reconstruction, target: np.ndarray, scored: np.ndarray | None, head_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Which voxels count ((H, W, D) bool: the head voxels of the ``scored`` slices, default every non-input slice;
+    every voxel of them unless ``head_only``) and the slice index of each (negative, ``-1 - index``, outside the head)."""
     d = rec.volume.shape[2]
     if scored is None:
         scored = np.setdiff1d(np.arange(d), rec.input_indices)
-    sig = broadcast(uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass), rec.volume.shape)
     mask = np.zeros(rec.volume.shape, dtype=bool)
     mask[:, :, scored] = target[:, :, scored] > HEAD_THRESHOLD
     slice_id = np.broadcast_to(np.arange(d), rec.volume.shape)[mask]
@@ -62,6 +59,20 @@ def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm
         mask = np.zeros(rec.volume.shape, dtype=bool)
         mask[:, :, scored] = True
         slice_id = np.where(head, np.arange(d), -1 - np.arange(d))[mask]
+    return mask, slice_id
+
+
+def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, one_pass: bool,
+                 scored: np.ndarray | None = None, head_only: bool = True, stride: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Signals (flat, per voxel), true absolute error and slice index of every head voxel of the
+    generated slices (``scored``: which slices count, default every non-input slice; ``head_only``
+    False: every voxel of them, the slice index then negative (``-1 - index``) outside the head).
+    ``stride``: the signals of each voxel's in-plane block (:func:`~monai_mrngan.inference.uncertainty.pool_inplane`)."""
+    mask, slice_id = _head_mask(rec, target, scored, head_only)
+    sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass, stride)
+    h, w, _ = rec.volume.shape
+    sig = {k: v if v.ndim == 1 else v.repeat(stride, 0).repeat(stride, 1)[:h, :w] for k, v in sig.items()}  # each voxel: its block's
+    sig = broadcast(sig, rec.volume.shape)
     return {k: np.asarray(v[mask], dtype=np.float32) for k, v in sig.items()}, np.abs(rec.volume - target)[mask], slice_id
 
 
@@ -80,10 +91,11 @@ class UncertaintyScores:
 
     def add(self, case: str, rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, one_pass: bool,
             scored: np.ndarray | None = None) -> None:
-        sig, err, sid = head_samples(rec, target, prior, spacing_mm, fit_prior, one_pass, scored)
-        if err.size == 0:
+        mask, sid = _head_mask(rec, target, scored, head_only=True)
+        if not mask.any():
             return
-        pred = self.cal.predict(sig)
+        pred = uncertainty_map(rec, prior, self.cal, spacing_mm, fit_prior, one_pass)[mask]  # the map reconstruct writes
+        err = np.abs(rec.volume - target)[mask]
         n = np.bincount(sid, minlength=rec.volume.shape[2])
         ok = n > 0
         self.slices[case].append(((np.bincount(sid, pred, len(n))[ok] / n[ok]), (np.bincount(sid, err, len(n))[ok] / n[ok])))
@@ -183,12 +195,14 @@ def calibrate(
     voxels: int = 50000,
     seed: int = 0,
     hidden: Sequence[int] = (16, 16),
+    stride: int = 2,
 ) -> Calibration:
     """Fit the uncertainty calibration on ``split`` (MRNGAN reconstructions as in the evaluation) and write it to ``out_path``.
 
     ``voxels``: head voxels sampled per reconstruction, and a quarter as many outside the head (true
     slice <= ``HEAD_THRESHOLD``), so the map also holds in the air around it. ``hidden``: the widths of
-    the correction network over the log-linear model (empty: log-linear alone). Returns the calibration (its ``info`` holds
+    the correction network over the log-linear model (empty: log-linear alone). ``stride``: the voxel signals'
+    in-plane block size (the maps it makes are predicted on that grid). Returns the calibration (its ``info`` holds
     the fit's settings and its Spearman correlation on the samples it was fitted on).
     """
     comp = components
@@ -204,7 +218,7 @@ def calibrate(
     t0 = time.time()
 
     def take(rec: Reconstruction, target: np.ndarray, spacing: float, fitted: bool, scored: np.ndarray | None = None) -> None:
-        sig, err, sid = head_samples(rec, target, comp.prior, spacing, fitted, one_pass, scored, head_only=False)
+        sig, err, sid = head_samples(rec, target, comp.prior, spacing, fitted, one_pass, scored, head_only=False, stride=stride)
         head, air = np.nonzero(sid >= 0)[0], np.nonzero(sid < 0)[0]
         pick = np.concatenate([rng.choice(head, min(voxels, head.size), replace=False),
                                rng.choice(air, min(voxels // 4, air.size), replace=False)])
@@ -218,8 +232,9 @@ def calibrate(
     err = np.concatenate(err_parts)
     info = {"split": split, "subjects": [e.get("subject") for e in entries], "input_positions": list(input_positions),
             "few_slice_k": list(few_slice_k), "localized_inputs": use_loc, "fit_prior": fit_prior, "few_slice_fit_prior": few_slice_fit_prior,
-            "samples": int(err.size), "method": "mrngan", "units": "absolute error in [0, 1] output intensity", "mask": f"head voxels (true > {HEAD_THRESHOLD}) and a quarter as many outside", "hidden": [int(h) for h in hidden]}
+            "samples": int(err.size), "method": "mrngan", "units": "absolute error in [0, 1] output intensity", "mask": f"head voxels (true > {HEAD_THRESHOLD}) and a quarter as many outside", "hidden": [int(h) for h in hidden], "stride": int(stride)}
     cal = Calibration.fit(signals, err, info=info, hidden=hidden, seed=seed)
+    cal.stride = int(stride)
     from scipy.stats import spearmanr
 
     cal.info["spearman_voxel_fit"] = float(spearmanr(cal.predict(signals), err)[0])

@@ -42,6 +42,11 @@ counting differently beside one slice than inside a short gap); then a monotone 
 recalibration of the prediction against the binned true error. It is fitted on the validation split
 after MRNGAN training (:func:`monai_mrngan.evaluation.uncertainty.calibrate`) and stored as JSON
 beside the weights.
+
+The voxel signals may be computed on a coarser in-plane grid (the calibration's ``stride``: means over
+``stride`` x ``stride`` blocks, :func:`pool_inplane`); the predicted error is then brought back to the
+volume's grid bilinearly (:func:`upsample_inplane`). Expected error varies smoothly, so on IXI a stride of 2
+ranked voxels and slices as well as the full grid at a quarter of the cost (mrngan docs).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from .volume import Reconstruction
 logger = logging.getLogger(__name__)
 
 __all__ = ["FEATURES", "MAP_STORED", "CALIBRATION_NAME", "MISFIT_SIGMA_PX", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means",
+           "pool_inplane", "upsample_inplane",
            "load_calibration", "neighbourhood", "track_spread"]
 
 FEATURES = ("spread", "spread_local", "distance_mm", "gap_mm", "disagreement", "prior_weight", "run_spread", "intensity", "edge_xy", "misfit_xy",
@@ -114,7 +120,9 @@ class Calibration:
     """Signals -> expected absolute error (see the module docstring); ``iso_x`` (ascending log prediction)
     and ``iso_y`` (non-decreasing error) are the isotonic table. ``net``: the correction network, or None
     (log-linear alone, as every calibration before it): ``mean`` / ``std`` standardise the transformed
-    signals and ``layers`` holds each linear layer's ``weight`` and ``bias`` (SiLU between)."""
+    signals and ``layers`` holds each linear layer's ``weight`` and ``bias`` (SiLU between). ``stride``: the
+    in-plane block size of the voxel signals it was fitted on, and so of the maps it makes (1: every voxel,
+    as every calibration before it)."""
 
     bias: float
     weights: list[float]
@@ -123,6 +131,7 @@ class Calibration:
     features: list[str] = field(default_factory=lambda: list(FEATURES))
     info: dict = field(default_factory=dict)
     net: dict | None = None
+    stride: int = 1
 
     def linear(self, signals: Mapping[str, np.ndarray], designs: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """``b + sum_i w_i f_i`` (the log of the log-linear prediction), shaped like the signals (per-slice (D,)
@@ -307,6 +316,8 @@ def load_calibration(path: str | os.PathLike | None) -> Calibration | None:
     # a calibration fitted before a signal was added uses the signals it knows
     if not set(cal.features) <= set(FEATURES) or len(cal.weights) != len(cal.features) or len(cal.iso_x) != len(cal.iso_y) or not cal.iso_x:
         raise InputError(path, f"uncertainty calibration for features {cal.features}, expected some of {list(FEATURES)}")
+    if not isinstance(cal.stride, int) or cal.stride < 1:
+        raise InputError(path, f"uncertainty calibration with stride {cal.stride!r}, expected a whole number >= 1")
     if cal.net is not None:
         try:
             cal._module()
@@ -342,11 +353,15 @@ def _sources(num_slices: int, inputs: Sequence[int], one_pass: bool) -> np.ndarr
 
 
 @torch.no_grad()
-def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_prior: bool = True, one_pass: bool = False) -> dict[str, np.ndarray]:
-    """The signals of the module docstring for every voxel of ``rec`` (each (H, W, D) float32, or (D,) per slice).
+def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_prior: bool = True, one_pass: bool = False,
+                        stride: int = 1) -> dict[str, np.ndarray]:
+    """The signals of the module docstring for every voxel of ``rec`` (each (H, W, D) float32, or (D,) per slice);
+    with ``stride`` > 1 the voxel signals lie on the coarser grid of :func:`pool_inplane` (block means of the
+    output, the atlas spread and ``|output - prior|``; the filters' widths scaled to that grid).
 
     The prior's fits are read from its cache when the reconstruction ran inside :class:`track_spread`.
     """
+    stride = max(1, int(stride))
     vol = rec.volume
     h, w, d = vol.shape
     idx = [int(i) for i in rec.input_indices]
@@ -358,10 +373,11 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
     gap[inside] = (given[hi[inside]] - given[hi[inside] - 1]) * float(spacing_mm)
     weight = np.asarray(rec.extra.get("prior_weight", np.zeros(d)), dtype=np.float32)
     runs = rec.extra.get("run_spread")
-    runs = np.zeros(d, dtype=np.float32) if runs is None else np.asarray(runs, dtype=np.float32)
+    runs = np.zeros(d, dtype=np.float32) if runs is None else pool_inplane(np.asarray(runs, dtype=np.float32), stride)
     blend = rec.extra.get("candidate_spread")  # NaN on the given slices
-    blend = np.zeros(d, dtype=np.float32) if blend is None else np.nan_to_num(np.asarray(blend, dtype=np.float32), nan=0.0)
-    spread = np.zeros_like(vol)
+    blend = np.zeros(d, dtype=np.float32) if blend is None else pool_inplane(np.nan_to_num(np.asarray(blend, dtype=np.float32), nan=0.0), stride)
+    coarse = pool_inplane(vol, stride)
+    spread = np.zeros_like(coarse)
     prior_vol = np.zeros_like(vol)
     src = None
     if prior is not None and hasattr(prior, "slice_at"):
@@ -374,29 +390,59 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
                 kw = {"reference": torch.from_numpy(np.ascontiguousarray(vol[:, :, s]))[None, None], "reference_position": float(np.float32(rec.positions[s]))}  # as the run passed it (float32): a cache hit
             prior_vol[:, :, ks] = prior.slice_at(pos, **kw)[:, 0].float().cpu().numpy().transpose(1, 2, 0)
             if hasattr(prior, "spread_at"):
-                spread[:, :, ks] = prior.spread_at(pos, **kw)[:, 0].float().cpu().numpy().transpose(1, 2, 0)
+                spread[:, :, ks] = _pool_slices(prior.spread_at(pos, **kw)[:, 0].float().cpu(), stride)
     disagreement = np.abs(vol - prior_vol)
-    misfit = np.zeros_like(vol)
+    misfit = np.zeros_like(coarse)
     if src is not None:  # each input's disagreement, smoothed, carried to the slices its prior serves
         for s in np.unique(src):
-            misfit[:, :, src == s] = neighbourhood(disagreement[:, :, s], MISFIT_SIGMA_PX)[:, :, None]
+            misfit[:, :, src == s] = pool_inplane(neighbourhood(disagreement[:, :, s], MISFIT_SIGMA_PX)[:, :, None], stride)
     with ThreadPoolExecutor(max_workers=1) as pool:  # scipy's filters release the GIL: the two run side by side (2 cores: 0.11 -> 0.07 s)
-        local = pool.submit(neighbourhood, spread)
-        edges = edge_strength(vol)
+        local = pool.submit(neighbourhood, spread, (2.0 / stride, 2.0 / stride, 1.0))
+        edges = edge_strength(coarse, 1.0 / stride)
         spread_local = local.result()
     return {
         "spread": spread,
         "spread_local": spread_local,
         "distance_mm": dist,
         "gap_mm": gap,
-        "disagreement": disagreement,
+        "disagreement": pool_inplane(disagreement, stride),
         "prior_weight": np.nan_to_num(weight, nan=0.0),
         "run_spread": runs,
-        "intensity": vol,
+        "intensity": coarse,
         "edge_xy": edges,
         "misfit_xy": misfit,
         "candidate_spread": blend,
     }
+
+
+def pool_inplane(vol: np.ndarray, stride: int) -> np.ndarray:
+    """``vol`` (H, W, D) averaged over ``stride`` x ``stride`` in-plane blocks: (ceil(H / stride), ceil(W / stride), D)
+    float32 (a block cut by the far edge holds the mean of its voxels); ``vol`` itself for ``stride`` 1."""
+    if stride <= 1:
+        return vol
+    vol = np.asarray(vol, np.float32)
+    h, w, d = vol.shape
+    if h % stride == 0 and w % stride == 0:  # the usual model grid: a view's mean (2 ms at 128 px, torch's pooling 10 ms)
+        return vol.reshape(h // stride, stride, w // stride, stride, d).mean((1, 3))
+    pooled = torch.nn.functional.avg_pool3d(torch.from_numpy(np.ascontiguousarray(vol))[None, None], (stride, stride, 1), ceil_mode=True)
+    return pooled[0, 0].numpy()
+
+
+def _pool_slices(slices: torch.Tensor, stride: int) -> np.ndarray:
+    """(D, H, W) slices -> :func:`pool_inplane`'s (h, w, D) array (torch's average pooling: ceil mode, no padding,
+    so a block cut by the edge divides by the voxels it holds)."""
+    if stride > 1:
+        slices = torch.nn.functional.avg_pool2d(slices[:, None], stride, ceil_mode=True)[:, 0]
+    return np.ascontiguousarray(slices.numpy().transpose(1, 2, 0))
+
+
+def upsample_inplane(coarse: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A coarse (h, w, D) map back on the (H, W) in-plane grid of ``shape`` (bilinear between block centres,
+    the edge blocks' values held to the border); ``coarse`` itself when it already has that grid."""
+    if tuple(coarse.shape[:2]) == tuple(shape[:2]):
+        return np.asarray(coarse, dtype=np.float32)
+    t = torch.from_numpy(np.require(coarse, np.float32, ["C", "W"]))[None, None]  # trilinear, the axial size kept: bilinear in-plane, no transposes
+    return torch.nn.functional.interpolate(t, size=(int(shape[0]), int(shape[1]), coarse.shape[2]), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 def neighbourhood(vol: np.ndarray, sigma_px: tuple[float, ...] = (2.0, 2.0, 1.0)) -> np.ndarray:
@@ -426,9 +472,11 @@ def broadcast(signals: Mapping[str, np.ndarray], shape: Sequence[int]) -> dict[s
 
 def uncertainty_map(rec: Reconstruction, prior: Any, calibration: Calibration, spacing_mm: float, fit_prior: bool = True,
                     one_pass: bool = False) -> np.ndarray:
-    """Expected absolute error (H, W, D) float32 in the output's [0, 1] units; 0 on the real slices."""
-    sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass)
-    unc = np.array(np.broadcast_to(calibration.predict(sig), rec.volume.shape))  # per-slice signals transformed per slice
+    """Expected absolute error (H, W, D) float32 in the output's [0, 1] units; 0 on the real slices. Predicted on the
+    calibration's grid (its ``stride``) and brought to the volume's."""
+    sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass, calibration.stride)
+    pred = calibration.predict(sig)  # per-slice signals transformed per slice
+    unc = np.array(upsample_inplane(np.broadcast_to(pred, sig["intensity"].shape), rec.volume.shape))
     unc[:, :, [int(i) for i in rec.input_indices]] = 0.0
     return unc
 

@@ -7,10 +7,11 @@ stages of WORKDIR, exactly as the ``calibrate`` step and ``evaluate`` do
 the test samples: Spearman correlation of predicted and true absolute error over head voxels and over
 slices, per case (one slice, every 4th, every 8th).
 
-    python -m scripts.bench.uncertainty_features --workdir W --dataset_dir D [--val 5] [--test 8] [--hidden 16 16] [--json OUT]
+    python -m scripts.bench.uncertainty_features --workdir W --dataset_dir D [--val 5] [--test 8] [--hidden 16 16] [--stride 2] [--json OUT]
 
 ``--hidden``: the correction network's widths, as the calibrate step's ``calibration_hidden`` (``--hidden``
-with no value: the log-linear model alone).
+with no value: the log-linear model alone). ``--stride``: the signals' in-plane block size, as its
+``calibration_stride``; each test voxel is scored with its block's prediction (not the map's bilinear blend).
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ LEFT_OUT = ("edge_xy", "run_spread", "spread_local", "misfit_xy", "candidate_spr
 SETS = {"all": list(FEATURES), **{f"without {name}": [f for f in FEATURES if f != name] for name in LEFT_OUT}}
 
 
-def collect(entries: list, comp, head_only: bool, voxels: int, rng: np.random.Generator) -> list[tuple[str, dict, np.ndarray, np.ndarray]]:
+def collect(entries: list, comp, head_only: bool, voxels: int, rng: np.random.Generator, stride: int = 2) -> list[tuple[str, dict, np.ndarray, np.ndarray]]:
     one_pass = one_pass_gaps(comp.model)
     out = []
     for case, rec, vol, spacing, fitted, scored in reconstructions(entries, comp, (0.3, 0.5, 0.7), (4, 8), comp.localizer is not None,
                                                                    0.12, True, True):
-        sig, err, sid = head_samples(rec, vol, comp.prior, spacing, fitted, one_pass, scored, head_only=head_only)
+        sig, err, sid = head_samples(rec, vol, comp.prior, spacing, fitted, one_pass, scored, head_only=head_only, stride=stride)
         pick = rng.choice(err.size, min(voxels, err.size), replace=False) if not head_only else np.arange(err.size)
         out.append((case, {k: v[pick] for k, v in sig.items()}, err[pick], sid[pick]))
     return out
@@ -52,13 +53,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val", type=int, default=5)
     ap.add_argument("--test", type=int, default=8)
     ap.add_argument("--hidden", type=int, nargs="*", default=[16, 16])
+    ap.add_argument("--stride", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     comp = _components(args.workdir)
     t0 = time.time()
-    val = collect(load_split(args.dataset_dir, "validation", args.val), comp, False, 60000, rng)
-    test = collect(load_split(args.dataset_dir, "test", args.test), comp, True, 0, rng)
+    val = collect(load_split(args.dataset_dir, "validation", args.val), comp, False, 60000, rng, args.stride)
+    test = collect(load_split(args.dataset_dir, "test", args.test), comp, True, 0, rng, args.stride)
     print(f"reconstructed {args.val} validation and {args.test} test subjects in {time.time() - t0:.0f} s", file=sys.stderr)
     vsig = {k: np.concatenate([s[k] for _, s, _, _ in val]) for k in FEATURES}
     verr = np.concatenate([e for _, _, e, _ in val])
