@@ -1,6 +1,6 @@
 """What the uncertainty map costs: ``reconstruct`` of one slice with and without it, time and peak memory.
 
-    python -m scripts.bench.uncertainty --workdir RUN [--dataset_dir DIR] [--repeat 3] [--position 0.5] [--threads N]
+    python -m scripts.bench.uncertainty --workdir RUN [--dataset_dir DIR] [--repeat 3] [--position 0.5] [--threads N] [--alternate 8]
 
 Each variant runs in its own process (peak memory is per process): the trained stages of the
 pipeline work folder ``RUN`` are loaded as ``python -m monai_mrngan reconstruct`` loads them, then
@@ -15,12 +15,17 @@ fit (``fit_batch``, which keeps the atlas spread with the map), ``uncertainty_ma
 (``save_reconstruction``: the extra NIfTI and the montage rows); ``map_parts_s`` is what the map
 adds (its ``uncertainty_map`` plus the growth of the other two over the run without it), shown
 against the reconstruction's CPU time.
+
+Then (``--alternate N``, default 8; 0 skips it) one more process times ``N`` runs of each, with and without
+the map taking turns (the order swapped every other pair), so that the machine's drift between two
+processes does not land on one side: median and best wall and CPU time of each, and their ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,26 +70,41 @@ def _child(args: argparse.Namespace) -> None:
     timed(recon_module, "uncertainty_map")
     timed(recon_module, "save_reconstruction")
     comp = _components(args.workdir)
+    calibration = comp.calibration
+    if calibration is None and args.variant != "without":
+        raise SystemExit(f"{args.workdir}: no uncertainty calibration (run the mrngan calibrate step)")
     if args.variant == "without":
         comp.calibration = None
-    elif comp.calibration is None:
-        raise SystemExit(f"{args.workdir}: no uncertainty calibration (run the mrngan calibrate step)")
     dataset = _dataset_of(args.workdir, args.dataset_dir)
     ref = reference_grid(dataset)
     entry = load_split(dataset, "test")[0]
     vol, _ = load_volume(entry["image"])
     out = Path(tempfile.mkdtemp(prefix="bench_unc_"))
     png = save_png(vol[:, :, index_for_position(np.asarray(entry["positions"]), args.position)], out / "slice.png")
+    def run() -> tuple[dict, float, float]:
+        for cache in ("_cache", "_scans", "_spread"):
+            getattr(comp.prior, cache, {}).clear()
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = reconstruct_files([str(png)], str(out / "r.nii.gz"), comp, expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"],
+                                reference_affine=ref["affine"], reference_positions=ref["positions"])
+        return res, time.perf_counter() - t0, time.process_time() - c0
+
+    if args.variant == "alternate":
+        runs: dict[str, list[tuple[float, float]]] = {"with": [], "without": []}
+        for i in range(args.alternate + 1):  # the first pair warms both up and is not counted
+            for name in (("with", "without") if i % 2 == 0 else ("without", "with")):
+                comp.calibration = calibration if name == "with" else None
+                _, wall, used = run()
+                if i:
+                    runs[name].append((wall, used))
+        print(json.dumps({"alternate": runs}))
+        return
     times, cpu = [], []
     with PeakMemory("cpu") as mem:
         for _ in range(args.repeat):
-            for cache in ("_cache", "_scans", "_spread"):
-                getattr(comp.prior, cache, {}).clear()
-            t0, c0 = time.perf_counter(), time.process_time()
-            res = reconstruct_files([str(png)], str(out / "r.nii.gz"), comp, expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"],
-                                    reference_affine=ref["affine"], reference_positions=ref["positions"])
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
+            res, wall, used = run()
+            times.append(wall)
+            cpu.append(used)
     print(json.dumps({"variant": args.variant, "seconds": times, "best_s": min(times), "cpu_s": cpu, "best_cpu_s": min(cpu),
                       "parts_cpu_s_per_run": {k: v / args.repeat for k, v in parts.items()}, **mem.as_dict(), "map": "uncertainty" in res}))
 
@@ -96,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--position", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--variant", choices=("with", "without"), help=argparse.SUPPRESS)
+    p.add_argument("--alternate", type=int, default=8, help="runs of each, taking turns in one process (0: none)")
+    p.add_argument("--variant", choices=("with", "without", "alternate"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.variant:
         return _child(args)
@@ -122,6 +143,24 @@ def main(argv: list[str] | None = None) -> None:
     res["map_parts_s"] = added
     print(f"the map's own parts: {added:.3f} CPU s per reconstruction = {added / wo['best_cpu_s']:.3f} of the best CPU time without it "
           f"({wo['best_cpu_s']:.2f} s)")
+    if args.alternate > 0:
+        log(f"uncertainty cost: {args.alternate} runs each, with and without the map taking turns")
+        cmd = [sys.executable, "-m", "scripts.bench.uncertainty", "--workdir", args.workdir, "--position", str(args.position), "--threads",
+               str(args.threads), "--alternate", str(args.alternate), "--variant", "alternate"] + (["--dataset_dir", args.dataset_dir] if args.dataset_dir else [])
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "alternate: failed")
+        runs = json.loads(proc.stdout.strip().splitlines()[-1])["alternate"]
+        stats = {v: {f"{stat}_{k}": fn([r[i] for r in runs[v]]) for i, k in enumerate(("wall_s", "cpu_s"))
+                     for stat, fn in (("median", statistics.median), ("best", min))} for v in runs}
+        res["alternate"] = stats
+        print(f"taking turns in one process ({args.alternate} runs each): median wall / CPU, best wall / CPU (s)")
+        for v in ("without", "with"):
+            x = stats[v]
+            print(f"{v:10s} {x['median_wall_s']:8.2f} {x['median_cpu_s']:8.2f} {x['best_wall_s']:8.2f} {x['best_cpu_s']:8.2f}")
+        w, wo = stats["with"], stats["without"]
+        print(f"{'ratio':10s} " + " ".join(f"{w[k] / wo[k]:8.3f}" for k in ("median_wall_s", "median_cpu_s", "best_wall_s", "best_cpu_s"))
+              + "   (with / without; target <= 1.10)")
     print(json.dumps({"uncertainty_cost": res}))
 
 
