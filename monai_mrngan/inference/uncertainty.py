@@ -46,7 +46,7 @@ beside the weights.
 The voxel signals may be computed on a coarser in-plane grid (the calibration's ``stride``: means over
 ``stride`` x ``stride`` blocks, :func:`pool_inplane`); the predicted error is then brought back to the
 volume's grid bilinearly (:func:`upsample_inplane`). Expected error varies smoothly, so on IXI a stride of 2
-ranked voxels and slices as well as the full grid at a quarter of the cost (mrngan docs).
+ranked voxels and slices as well as the full grid at about half the map's cost (mrngan docs).
 """
 
 from __future__ import annotations
