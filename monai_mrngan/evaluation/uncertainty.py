@@ -71,7 +71,8 @@ def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm
     mask, slice_id = _head_mask(rec, target, scored, head_only)
     sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass, stride)
     h, w, _ = rec.volume.shape
-    sig = {k: v if v.ndim == 1 else v.repeat(stride, 0).repeat(stride, 1)[:h, :w] for k, v in sig.items()}  # each voxel: its block's
+    if stride > 1:  # each voxel: its block's signals
+        sig = {k: v if v.ndim == 1 else v.repeat(stride, 0).repeat(stride, 1)[:h, :w] for k, v in sig.items()}
     sig = broadcast(sig, rec.volume.shape)
     return {k: np.asarray(v[mask], dtype=np.float32) for k, v in sig.items()}, np.abs(rec.volume - target)[mask], slice_id
 

@@ -35,7 +35,7 @@ LEFT_OUT = ("edge_xy", "run_spread", "spread_local", "misfit_xy", "candidate_spr
 SETS = {"all": list(FEATURES), **{f"without {name}": [f for f in FEATURES if f != name] for name in LEFT_OUT}}
 
 
-def collect(entries: list, comp, head_only: bool, voxels: int, rng: np.random.Generator, stride: int = 2) -> list[tuple[str, dict, np.ndarray, np.ndarray]]:
+def collect(entries: list, comp, head_only: bool, voxels: int, rng: np.random.Generator, stride: int) -> list[tuple[str, dict, np.ndarray, np.ndarray]]:
     one_pass = one_pass_gaps(comp.model)
     out = []
     for case, rec, vol, spacing, fitted, scored in reconstructions(entries, comp, (0.3, 0.5, 0.7), (4, 8), comp.localizer is not None,
