@@ -41,7 +41,8 @@ def trained(tiny_dataset, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pipeline")
     PRESETS["tiny-test"] = {stage: {"epochs": 1} for stage in STAGES}
     try:
-        results = run_pipeline(tiny_dataset, workdir, preset="tiny-test", stage_overrides=TINY)
+        # a fractional time budget reaches every train.json's TimeLimit (which takes whole seconds)
+        results = run_pipeline(tiny_dataset, workdir, preset="tiny-test", stage_overrides=TINY, time_budget_s=600.5)
     finally:
         PRESETS.pop("tiny-test")
     return workdir, results

@@ -215,7 +215,8 @@ def run_pipeline(
         workdir: where every stage's weights, TensorBoard logs and evaluation go.
         preset: ``demo``, ``ixi2mm`` or ``paper`` (see :data:`PRESETS`).
         stages: run only these stages (default all, in order).
-        time_budget_s: training time limit per stage, replacing the preset's.
+        time_budget_s: training time limit per stage in seconds, replacing the preset's (the train
+            configs round it to whole seconds, at least 1).
         force: re-run stages already finished.
         stage_overrides: per stage, extra overrides for every step (e.g. a smaller network);
             recorded in the work folder so ``reconstruct`` rebuilds the same networks.
