@@ -13,6 +13,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import save_png
@@ -110,6 +111,21 @@ def test_reconstruct_from_png_and_from_few_slices(trained, tiny_dataset, tmp_pat
     assert proc.returncode == 0, proc.stderr
     few = nib.load(str(tmp_path / "few.nii.gz")).get_fdata()
     assert few.shape == out.shape and np.isfinite(few).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CI has none; run on a GPU machine)")
+def test_reconstruct_on_the_gpu_matches_the_cpu(trained, tiny_dataset, tmp_path):
+    """Every stage of a CLI reconstruction on CUDA (localization, whole-volume placement, the input
+    check, the fit, the cell, the uncertainty map), the same volume as on the CPU up to float noise."""
+    workdir, _ = trained
+    entry = load_split(tiny_dataset, "test")[0]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        proc = _cli("reconstruct", "--workdir", workdir, "--input", entry["image"], "--slice-index", 12,
+                    "--device", device, "--out", tmp_path / device / "r.nii.gz")
+        assert proc.returncode == 0, proc.stderr
+        outs[device] = nib.load(str(tmp_path / device / "r.nii.gz")).get_fdata()
+    assert np.abs(outs["cuda"] - outs["cpu"]).mean() < 0.02 * max(float(np.abs(outs["cpu"]).mean()), 1e-6)
 
 
 def test_reconstruct_bad_inputs_give_one_line(trained, tiny_dataset, tmp_path):

@@ -458,8 +458,9 @@ class TemplateLocalizer(torch.nn.Module):
         return x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
-        ncc = self._norm(slices) @ self.templates.T
-        return self.grid[ncc.argmax(1)].float()
+        """``p`` (B,) on the CPU of (B, 1, H, W) slices, matched where the templates live (the prior's device)."""
+        ncc = self._norm(torch.as_tensor(slices).to(self.templates.device)) @ self.templates.T
+        return self.grid[ncc.argmax(1).cpu()].float()
 
     @torch.no_grad()
     def fit_offset(self, slices: torch.Tensor, offsets_p: Sequence[float], p0: float, window: float = 0.25,
@@ -471,13 +472,13 @@ class TemplateLocalizer(torch.nn.Module):
         than any one slice does (held-out volumes: 0-4 mm on IXI and the phantoms, against 8-12 mm for
         the median of per-slice answers).
         """
-        x = torch.as_tensor(slices, dtype=torch.float32)
+        x = torch.as_tensor(slices, dtype=torch.float32).cpu()
         x = x[:, None] if x.ndim == 3 else x
         head = (x > HEAD_THRESHOLD).flatten(1).float().mean(1) >= 0.02
         rel = torch.as_tensor(np.asarray(offsets_p, dtype=np.float64))[head]
         if rel.numel() == 0:
             return float(p0)
-        ncc = (self._norm(x[head]) @ self.templates.T).double()  # (K, P) on the template grid
+        ncc = (self._norm(x[head].to(self.templates.device)) @ self.templates.T).double().cpu()  # (K, P) on the template grid
         cands = torch.arange(p0 - window, p0 + window + step / 2, step, dtype=torch.float64)
         at = cands[:, None] + rel[None]  # (C, K) positions of each slice for each candidate
         inside = (at >= 0) & (at <= 1)
