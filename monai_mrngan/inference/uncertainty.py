@@ -422,8 +422,11 @@ def pool_inplane(vol: np.ndarray, stride: int) -> np.ndarray:
         return vol
     vol = np.asarray(vol, np.float32)
     h, w, d = vol.shape
-    if h % stride == 0 and w % stride == 0:  # the usual model grid: a view's mean (2 ms at 128 px, torch's pooling 10 ms)
-        return vol.reshape(h // stride, stride, w // stride, stride, d).mean((1, 3))
+    if h % stride == 0 and w % stride == 0:
+        # the usual model grid: the block's strided views summed, in whatever memory order the volume has (a
+        # reconstruction's is slice-major, where a reshaped mean first copied it: 1 ms against 17 ms at 128 px)
+        total = sum(vol[i::stride, j::stride] for i in range(stride) for j in range(stride))
+        return np.ascontiguousarray(total * np.float32(1.0 / (stride * stride)))
     pooled = torch.nn.functional.avg_pool3d(torch.from_numpy(np.ascontiguousarray(vol))[None, None], (stride, stride, 1), ceil_mode=True)
     return pooled[0, 0].numpy()
 
