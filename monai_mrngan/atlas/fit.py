@@ -226,9 +226,12 @@ def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need
             g = base[j]
         warped = warp(vol[:, None], g)[:, 0]
         warped.mul_((cat["gain"][j] * scale).view(-1, 1, 1)).add_(cat["offset"][j].view(-1, 1, 1)).clamp_(0, 1)
-        out.index_put_((pair_n[j], q), warped, accumulate=True)
+        # index_add_ along the flattened (input, grid slice) axis: the same sums as an accumulating index_put_,
+        # at about half its CPU time (a 128 px fit's warps: 0.27 -> 0.16 s with the spread kept)
+        rows = pair_n[j] * n_pos + q
+        out.view(-1, h, w).index_add_(0, rows, warped)
         if sq is not None:
-            sq.index_put_((pair_n[j], q), warped * warped, accumulate=True)
+            sq.view(-1, h, w).index_add_(0, rows, warped * warped)
     count = pair_n.bincount(minlength=len(fits)).clamp_min(1).float().view(-1, 1, 1, 1)
     mean = out / count
     spreads = (sq / count - mean * mean).clamp_min(0).sqrt() if sq is not None else None
