@@ -65,14 +65,15 @@ def montage(volume: np.ndarray, positions: Sequence[float] | None = None, inputs
 
 def _uncertainty_rows(gray: np.ndarray, unc: np.ndarray, picks: Sequence[int], zoom: int, cols: int, tile: tuple[int, int], bar_h: int) -> np.ndarray:
     """RGB montage: ``gray``'s slice rows, each followed by its slices' uncertainty (colour map 'inferno',
-    0 .. the 99th percentile), and a labelled colour bar at the bottom."""
+    0 .. the 99th percentile of the slices shown), and a labelled colour bar at the bottom."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
     lut = colormaps["inferno"](np.linspace(0, 1, 256))[:, :3].astype(np.float32)  # a 256-colour table: one lookup per pixel
     h, w = tile
-    vmax = float(np.percentile(unc, 99)) if np.any(unc > 0) else 1.0
-    vmax = vmax if vmax > 0 else float(unc.max()) or 1.0
+    shown = unc[:, :, list(picks)]  # the colour scale of what is drawn (a sixth of a volume's voxels to sort)
+    vmax = float(np.percentile(shown, 99)) if np.any(shown > 0) else 1.0
+    vmax = vmax if vmax > 0 else float(shown.max()) or 1.0
     rgb = np.repeat(gray[..., None], 3, axis=2)
     for n, i in enumerate(picks):
         r, c = divmod(n, cols)
