@@ -231,10 +231,10 @@ def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need
         rows = pair_n[j] * n_pos + q
         out.view(-1, h, w).index_add_(0, rows, warped)
         if sq is not None:
-            sq.view(-1, h, w).index_add_(0, rows, warped * warped)
+            sq.view(-1, h, w).index_add_(0, rows, warped.square_())  # warped is not read again
     count = pair_n.bincount(minlength=len(fits)).clamp_min(1).float().view(-1, 1, 1, 1)
     mean = out / count
-    spreads = (sq / count - mean * mean).clamp_min(0).sqrt() if sq is not None else None
+    spreads = sq.div_(count).sub_(mean * mean).clamp_min_(0).sqrt_() if sq is not None else None  # in place: sq is done
     for i, f in enumerate(fits):
         if f.lut is not None:  # only the warped slices (the table is a search per voxel)
             mean[i][need[i]] = apply_lut(mean[i][need[i]], f.lut.to(mean))
