@@ -189,6 +189,7 @@ def fit_batch(bank: torch.Tensor, work: WorkBank, grid: torch.Tensor, refs: torc
     return vols, fits, spreads
 
 
+@torch.no_grad()  # fitted volumes are outputs, never trained through (and the spread is finished in place)
 def warp_fits(bank: torch.Tensor, grid: torch.Tensor, fits: list[SliceFit], need: torch.Tensor | None = None, decay: float = 0.1,
               spread: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fitted volumes (N, P, H, W) of :func:`fit_batch`'s ``fits``: every grid slice of each kept atlas
