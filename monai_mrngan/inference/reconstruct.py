@@ -139,7 +139,7 @@ def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor |
     if window <= 0 or not hasattr(prior, "locate") or len(prior.bank) < 2:
         return pos
     x = as_slice_batch(slices).cpu()
-    also = template_localizer_for(prior)(x.float().to(prior.device)).cpu().tolist() if isinstance(prior, BrainPrior) else None
+    also = template_localizer_for(prior)(x.float()).tolist() if isinstance(prior, BrainPrior) else None
     for i in range(len(pos)):
         pos[i] = prior.locate(x[i : i + 1], [float(pos[i])] + ([also[i]] if also else []), window=window)
     return pos
