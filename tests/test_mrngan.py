@@ -38,9 +38,9 @@ SPACING = 200.0 / 24  # the tiny dataset's axial spacing (24 slices over p in [0
 class TinyNext(torch.nn.Module):
     """A next-slice stand-in: clamp(x + 0.1 tanh(conv([x, direction])), 0, 1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | torch.device = "cpu") -> None:
         super().__init__()
-        self.conv = torch.nn.Conv2d(2, 1, 3, padding=1)
+        self.conv = torch.nn.Conv2d(2, 1, 3, padding=1, device=device)
 
     def forward(self, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         d = torch.as_tensor(direction, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1).expand_as(x)
@@ -293,7 +293,7 @@ def _overrides(tiny_dataset, tmp_path) -> dict:
         "dataset_dir": str(tiny_dataset),
         "ckpt_dir": str(tmp_path / "models"),
         "output_dir": str(tmp_path / "eval"),
-        "generator": {"_target_": f"{__name__}.TinyNext"},
+        "generator": {"_target_": f"{__name__}.TinyNext", "device": "@device"},  # on the bundle's device, as load_bundle_network places the real one
         "predict_next": {"_target_": f"{__name__}.stand_in_predict_next", "_mode_": "callable"},
         "prior": "$monai_mrngan.atlas.prior.mean_prior(@dataset_dir, 'training')",
     }
