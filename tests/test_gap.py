@@ -427,3 +427,14 @@ def test_fusion_headroom_pairs_the_two_runs_of_each_gap():
         want = torch.arange(lo + 1, lo + 1 + a.shape[0]).float() / 1000
         torch.testing.assert_close(a[:, 0, 0], want)
         torch.testing.assert_close(b[:, 0, 0], want + 0.5)
+
+
+def test_gap_unet_screen_starts_at_linear_interpolation():
+    """scripts/bench/gap_unet: the untrained two-ended network is linear interpolation between the gap's ends, so
+    its screen measures what training adds over linear."""
+    from scripts.bench.gap_unet import GapUNet
+
+    lower, upper = torch.rand(3, 1, 16, 16), torch.rand(3, 1, 16, 16)
+    t = torch.tensor([0.25, 0.5, 0.75])
+    out = GapUNet()(lower, upper, t, torch.full((3,), 4.0))
+    torch.testing.assert_close(out, (1 - t.view(-1, 1, 1, 1)) * lower + t.view(-1, 1, 1, 1) * upper)
