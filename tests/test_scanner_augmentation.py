@@ -18,12 +18,14 @@ SAMPLER = {"slice_localization": "AxialSliced", "flow_generation": "AdjacentSlic
 AUGMENTS = {"RandBiasFieldd", "RandAdjustContrastd", "RandHistogramShiftd", "RandGaussianSmoothd", "RandGaussianNoised", "RandScaleIntensityd"}
 
 
-def _parser(stage: str, dataset: Path, **overrides):
+def _parser(stage: str, dataset: Path | None = None, **overrides):
+    """The stage's train.json; ``dataset``: its ``dataset_dir`` (none: the config's own, for reading settings)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / stage / "configs" / "train.json"))
-    parser["dataset_dir"] = str(dataset)
+    if dataset is not None:
+        parser["dataset_dir"] = str(dataset)
     for k, v in overrides.items():
         parser[k] = v
     return parser
@@ -58,11 +60,8 @@ def test_presets_switch_it_on_for_ixi2mm_only():
 
 def test_training_gammas_are_not_the_shift_evaluations():
     """The evaluation's fixed gamma curves lie outside the training draw."""
-    from monai.bundle import ConfigParser
-
     for stage in STAGES:
-        parser = ConfigParser()
-        parser.read_config(str(BUNDLES / stage / "configs" / "train.json"))
+        parser = _parser(stage)
         lo, hi = next(t["gamma"] for t in parser["scanner_augmentation"] if t["_target_"] == "RandAdjustContrastd")
         for name, steps in SHIFTS.items():
             for step, arg in steps:
@@ -150,10 +149,7 @@ def test_bias_field_has_no_axial_trend(stage):
     """The bias field draw is neutral on average along the axial axis: with positive-only coefficients (MONAI's
     default range) every drawn field brightens one end of the volume, and a cell trained on such runs learns to
     brighten the slices far from its input (measured: +0.006 over the fitted prior beyond d = 16)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / stage / "configs" / "train.json"))
+    parser = _parser(stage)
     (cfg,) = [t for t in parser["scanner_augmentation"] if t["_target_"] == "RandBiasFieldd"]
     parser["scanner_augmentation"] = [dict(cfg, prob=1.0)]
     (field,) = parser.get_parsed_content("scanner_augmentation")
