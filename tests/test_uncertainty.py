@@ -14,9 +14,10 @@ from monai_mrngan.atlas.prior import BrainPrior, FitConfig
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import InputError, load_volume, save_png
 from monai_mrngan.inference.components import Components, reference_grid
-from monai_mrngan.inference.output import montage
+from monai_mrngan.inference.output import montage, save_reconstruction
 from monai_mrngan.inference.reconstruct import reconstruct_files
 from monai_mrngan.inference.uncertainty import FEATURES, Calibration, edge_strength, load_calibration, neighbourhood
+from monai_mrngan.inference.volume import Reconstruction
 from monai_mrngan.networks.pix2pix import Pix2PixGenerator
 from monai_mrngan.networks.recurrent import MRNGAN
 
@@ -308,6 +309,20 @@ def test_reconstruct_writes_the_uncertainty_map(tiny_dataset, calibration, tmp_p
     from PIL import Image
 
     assert Image.open(tmp_path / "r_montage.png").mode == "RGB"  # slices with their uncertainty rows
+
+
+def test_stored_map_is_within_half_a_step_of_the_float_map(tmp_path):
+    """The map's NIfTI (scaled uint8, MAP_STORED) reads back within half a quantisation step; zero stays zero."""
+    rng = np.random.default_rng(0)
+    unc = (rng.random((16, 12, 6)) * 0.24).astype(np.float32)
+    unc[:, :, 2] = 0.0  # the real slice
+    rec = Reconstruction(rng.random((16, 12, 6)).astype(np.float32), np.linspace(0.2, 0.3, 6), [2], [0.25])
+    res = save_reconstruction(rec, tmp_path / "r.nii.gz", uncertainty=unc)
+    img = nib.load(res["uncertainty"])
+    assert img.get_data_dtype() == np.uint8
+    back = img.get_fdata()
+    assert np.abs(back - unc).max() <= unc.max() / 255 / 2 + 1e-6
+    assert not back[:, :, 2].any()
 
 
 def test_reconstruct_without_calibration_writes_no_map(tiny_dataset, tmp_path, caplog):
