@@ -62,8 +62,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..data.io import InputError, save_json
 from ..atlas.registration import torch_threads
+from ..data.io import InputError, save_json
 from ..data.positions import HEAD_THRESHOLD
 from .volume import Reconstruction
 
