@@ -175,6 +175,25 @@ def test_weighted_loss_weights():
     assert WeightedL1L2Loss(2.0, 4.0)(pred, target).item() == pytest.approx(2.0)
 
 
+def test_weighted_loss_ssim_term_is_one_minus_the_metrics_ssim():
+    """``ssim_weight`` adds ``w * (1 - SSIM)`` over every step's slice, SSIM as the evaluation measures it."""
+    from monai_mrngan.metrics.image import slice_metrics
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 24, 24, generator=g)
+    pred = (target + 0.2 * torch.rand(2, 3, 24, 24, generator=g)).clamp(0, 1)
+    plain = WeightedL1L2Loss(1.0, 0.5)(pred, target).item()
+    ssim = slice_metrics(pred.reshape(-1, 1, 24, 24), target.reshape(-1, 1, 24, 24))["ssim"].mean().item()
+    assert WeightedL1L2Loss(1.0, 0.5, ssim_weight=0.3, ssim_slices=0)(pred, target).item() == pytest.approx(plain + 0.3 * (1 - ssim), abs=1e-5)
+    sub = [WeightedL1L2Loss(0.0, 0.0, ssim_weight=1.0, ssim_slices=2, seed=s)(pred, target).item() for s in range(40)]
+    assert len(set(sub)) > 1 and np.mean(sub) == pytest.approx(1 - ssim, abs=0.02)  # two of six slices: unbiased
+    assert WeightedL1L2Loss(0.0, 0.0, ssim_weight=1.0)(target, target).item() == pytest.approx(0.0, abs=1e-6)
+    head = slice_metrics(pred.reshape(-1, 1, 24, 24), target.reshape(-1, 1, 24, 24))["ssim_head"].mean().item()
+    assert WeightedL1L2Loss(0.0, 0.0, ssim_weight=1.0, ssim_region="head", ssim_slices=0)(pred, target).item() == pytest.approx(1 - head, abs=1e-5)
+    with pytest.raises(ValueError, match="ssim_region"):
+        WeightedL1L2Loss(ssim_region="brain")
+
+
 # ------------------------------------------------------------------ placement, blending, baselines
 def test_volume_grid_covers_the_extent_and_rejects_collisions():
     grid, idx = volume_grid([0.5], -0.01)

@@ -27,6 +27,21 @@ PAPER_PSNR_OFFSET_DB = 20.0 * math.log10(255.0)
 METRIC_NAMES = ("ssim", "ssim_head", "psnr", "mse")
 
 
+def ssim_and_head(pred: torch.Tensor, target: torch.Tensor, head_threshold: float = HEAD_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per slice of (B, 1, H, W) batches: whole-slice SSIM (B,), head-only SSIM (B,) and head pixel count (B,)
+    (head SSIM is 0 where there is no head). Differentiable in ``pred``: the metric and the loss that trains
+    towards it share this one computation."""
+    ssim_map, _ = compute_ssim_and_cs(
+        pred, target, spatial_dims=2, kernel_size=[SSIM_WIN] * 2, kernel_sigma=[SSIM_SIGMA] * 2, data_range=1.0
+    )
+    # the map is the 'valid' convolution: crop the head mask by half a window on each side to match
+    h0 = (target.shape[-2] - ssim_map.shape[-2]) // 2
+    w0 = (target.shape[-1] - ssim_map.shape[-1]) // 2
+    mask = (target[..., h0 : h0 + ssim_map.shape[-2], w0 : w0 + ssim_map.shape[-1]] > head_threshold).to(ssim_map.dtype)
+    head_px = mask.flatten(1).sum(1)
+    return ssim_map.flatten(1).mean(1), (ssim_map * mask).flatten(1).sum(1) / head_px.clamp_min(1.0), head_px
+
+
 @torch.no_grad()
 def slice_metrics(pred: torch.Tensor, target: torch.Tensor, head_threshold: float = HEAD_THRESHOLD) -> dict[str, torch.Tensor]:
     """Per-slice ``mse``, ``psnr``, ``ssim``, ``ssim_head`` (each a (B,) tensor) for [0, 1] slices."""
@@ -35,16 +50,7 @@ def slice_metrics(pred: torch.Tensor, target: torch.Tensor, head_threshold: floa
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     mse = ((pred - target) ** 2).flatten(1).mean(1)
     psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
-    ssim_map, _ = compute_ssim_and_cs(
-        pred, target, spatial_dims=2, kernel_size=[SSIM_WIN] * 2, kernel_sigma=[SSIM_SIGMA] * 2, data_range=1.0
-    )
-    ssim = ssim_map.flatten(1).mean(1)
-    # the map is the 'valid' convolution: crop the head mask by half a window on each side to match
-    h0 = (target.shape[-2] - ssim_map.shape[-2]) // 2
-    w0 = (target.shape[-1] - ssim_map.shape[-1]) // 2
-    mask = (target[..., h0 : h0 + ssim_map.shape[-2], w0 : w0 + ssim_map.shape[-1]] > head_threshold).float()
-    head_px = mask.flatten(1).sum(1)
-    ssim_head = (ssim_map * mask).flatten(1).sum(1) / head_px.clamp_min(1.0)
+    ssim, ssim_head, head_px = ssim_and_head(pred, target, head_threshold)
     ssim_head = torch.where(head_px > 0, ssim_head, torch.full_like(ssim_head, float("nan")))
     return {"ssim": ssim, "ssim_head": ssim_head, "psnr": psnr, "mse": mse}
 
