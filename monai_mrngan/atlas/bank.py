@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data.datalist import load_split
-from ..data.io import InputError, atomic_torch_save, load_volume, save_json, save_nifti
+from ..data.io import InputError, atomic_torch_save, load_volume, save_json, save_nifti, to_8bit
 from ..data.positions import HEAD_HEIGHT_MM
 from ..networks.gan import build_generator_from_checkpoint
 
@@ -107,9 +107,8 @@ def bank_subjects(entries: Sequence[dict]) -> list[str]:
 
 def save_bank(bank: np.ndarray, grid: Sequence[float], path: str | os.PathLike, subjects: Sequence[str] | None = None) -> Path:
     """Write an atlas bank (K, P, H, W) compactly (uint8) with its grid (and each volume's subject), for ``load_prior``."""
-    q = np.clip(np.nan_to_num(bank, nan=0.0), 0, 1) * 255.0 + 0.5
     return atomic_torch_save(
-        {"kind": "atlas_bank", "bank": torch.from_numpy(q.astype(np.uint8)), "positions": torch.as_tensor(np.asarray(grid, np.float64)),
+        {"kind": "atlas_bank", "bank": torch.from_numpy(to_8bit(bank)), "positions": torch.as_tensor(np.asarray(grid, np.float64)),
          "subjects": [str(s) for s in subjects] if subjects is not None else None},
         path,
     )

@@ -247,6 +247,12 @@ def display_to_slice(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.flipud(np.asarray(image)).T)
 
 
+def to_8bit(data: np.ndarray) -> np.ndarray:
+    """[0, 1] values as uint8 0 .. 255 (NaN as 0, clipped, rounded): the one 8-bit conversion of PNGs, montages
+    and atlas banks."""
+    return (np.clip(np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 def save_png(data: np.ndarray, path: str | os.PathLike, display: bool = True) -> Path:
     """Write a 2D slice with values in [0, 1] as an 8-bit grayscale PNG (an (H, W, 3) image as RGB), atomically;
     a uint8 array is written as it is (0 .. 255).
@@ -258,7 +264,7 @@ def save_png(data: np.ndarray, path: str | os.PathLike, display: bool = True) ->
 
     arr = np.asarray(data)
     if arr.dtype != np.uint8:
-        arr = (np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        arr = to_8bit(arr)
     if display:
         arr = slice_to_display(arr)
     with atomic_path(path) as tmp:

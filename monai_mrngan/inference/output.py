@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data.io import save_json, save_nifti, save_png, slice_to_display
+from ..data.io import save_json, save_nifti, save_png, slice_to_display, to_8bit
 from ..data.positions import HEAD_HEIGHT_MM
 from .uncertainty import MAP_STORED, slice_means
 from .volume import Reconstruction
@@ -40,7 +40,7 @@ def montage(volume: np.ndarray, positions: Sequence[float] | None = None, inputs
             picks[int(np.argmin([abs(p - i) for p in picks]))] = int(i)
     picks = sorted(set(picks), reverse=True)
     zoom = max(1, int(math.ceil(tile_px / max(volume.shape[:2]))))
-    tiles = [_zoomed(_to_8bit(slice_to_display(volume[:, :, i])), zoom) for i in picks]
+    tiles = [_zoomed(to_8bit(slice_to_display(volume[:, :, i])), zoom) for i in picks]
     rows = int(math.ceil(len(tiles) / cols))
     h, w = tiles[0].shape
     per_row = 2 if uncertainty is not None else 1
@@ -64,11 +64,6 @@ def montage(volume: np.ndarray, positions: Sequence[float] | None = None, inputs
     return _uncertainty_rows(gray, uncertainty, picks, zoom, cols, (h, w), bar_h)
 
 
-def _to_8bit(x: np.ndarray) -> np.ndarray:
-    """[0, 1] values -> uint8 0 .. 255 (rounded, clipped)."""
-    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def _zoomed(tile: np.ndarray, zoom: int) -> np.ndarray:
     """A tile (H, W[, 3]) with each pixel repeated ``zoom`` x ``zoom`` times (nearest neighbour)."""
     return tile if zoom == 1 else tile.repeat(zoom, axis=0).repeat(zoom, axis=1)
@@ -80,7 +75,7 @@ def _uncertainty_rows(gray: np.ndarray, unc: np.ndarray, picks: Sequence[int], z
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    lut = _to_8bit(colormaps["inferno"](np.linspace(0, 1, 256))[:, :3])  # a 256-colour table: one lookup per pixel
+    lut = to_8bit(colormaps["inferno"](np.linspace(0, 1, 256))[:, :3])  # a 256-colour table: one lookup per pixel
     h, w = tile
     shown = unc[:, :, list(picks)]  # the colour scale of what is drawn (a sixth of a volume's voxels to sort)
     vmax = float(np.percentile(shown, 99)) if np.any(shown > 0) else 1.0
@@ -88,7 +83,7 @@ def _uncertainty_rows(gray: np.ndarray, unc: np.ndarray, picks: Sequence[int], z
     rgb = np.repeat(gray[..., None], 3, axis=2)
     for n, i in enumerate(picks):  # coloured at the volume's size, then zoomed
         r, c = divmod(n, cols)
-        colour = lut[_to_8bit(slice_to_display(unc[:, :, i]) * np.float32(1.0 / vmax))]
+        colour = lut[to_8bit(slice_to_display(unc[:, :, i]) * np.float32(1.0 / vmax))]
         rgb[(2 * r + 1) * h : (2 * r + 2) * h, c * w : (c + 1) * w] = _zoomed(colour, zoom)
     y0, width = rgb.shape[0] - bar_h, rgb.shape[1]
     rgb[y0 + 4 : y0 + 18, 10 : width - 10] = lut[np.linspace(0, 255, width - 20).round().astype(np.uint8)][None]
