@@ -256,3 +256,15 @@ def test_a_whole_stack_is_placed_by_one_offset_matched_to_the_mean_brain(tmp_pat
         placed, how = place_slices(None, cut[0], cut[1], 4.0, template=template)
         assert how["method"] == "localized slices, one offset"
         assert float(np.mean(np.abs(placed - truth[:-3]))) * 200 <= 8.0
+
+
+def test_localization_bound_recovers_a_head_stretched_along_its_axis(tiny_dataset):
+    from scripts.bench.localization_bound import P, best_map, bounds
+
+    mean = np.stack([np.exp(-((P - 0.4) / 0.2) ** 2), np.clip(P * 1.5, 0, 1), np.sin(3 * P) ** 2])
+    stretched = np.stack([np.interp((P - 0.02) / 1.1, P, m) for m in mean])  # anatomy 10 % deeper, 4 mm lower
+    a, b = best_map(stretched, mean)
+    assert abs(a - 1.1) <= 0.01 and abs(b - 0.02) <= 0.004
+    assert best_map(mean, mean) == pytest.approx((1.0, 0.0), abs=1e-9)
+    rows = bounds(str(tiny_dataset))
+    assert rows["training"] and all(r["ideal_mae_mm"] >= 0 and "profile" not in r for s in rows.values() for r in s)
