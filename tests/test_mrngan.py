@@ -332,6 +332,31 @@ def _train_overrides(tiny_dataset, tmp_path) -> dict:
     }
 
 
+def test_the_ssim_term_picks_the_best_epoch_by_the_validation_loss(tiny_dataset, tmp_path):
+    """With the SSIM term on, models/model.pt follows the lowest val_loss (the training loss on the validation
+    runs), not val_psnr, which a loss trading PSNR for SSIM never beats after its first epochs."""
+    from monai.bundle import ConfigWorkflow
+
+    cfg = str(BUNDLE / "configs" / "train.json")
+    plain = ConfigWorkflow(workflow_type="train", config_file=cfg, **_train_overrides(tiny_dataset, tmp_path / "plain"))
+    plain.initialize()
+    best = plain.parser.get_parsed_content("best_checkpoint")
+    assert (best.metric_name, best.mode) == ("val_psnr", "max")
+
+    wf = ConfigWorkflow(workflow_type="train", config_file=cfg, **{**_train_overrides(tiny_dataset, tmp_path), "epochs": 3, "ssim_weight": 0.5})
+    wf.initialize()
+    best = wf.parser.get_parsed_content("best_checkpoint")
+    assert (best.metric_name, best.mode) == ("val_loss", "min")
+    seen = []
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(float(e.state.metrics["val_loss"])))
+    wf.run()
+    wf.finalize()
+    assert len(seen) == 3 and all(np.isfinite(seen)) and best.best == pytest.approx(min(seen))
+    loss = wf.parser.get_parsed_content("val_loss_fn")
+    assert loss.ssim_weight == 0.5 and loss.ssim_slices == 0  # every slice: the same value for the same weights
+
+
 def test_bundle_train_evaluate_infer(tiny_dataset, tmp_path):
     from monai.bundle import ConfigWorkflow
 
