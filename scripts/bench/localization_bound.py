@@ -54,6 +54,8 @@ def best_map(profile: np.ndarray, mean_profile: np.ndarray) -> tuple[float, floa
 
 
 def bounds(dataset_dir: str) -> dict[str, list[dict]]:
+    """Per split, one row per head: its ``a``, ``b`` and the ideal reader's MAE and signed mean error in mm
+    (negative: placed too close to the vertex, as in ``scripts.bench.localization``)."""
     from monai_mrngan.data.datalist import load_split
     from monai_mrngan.data.io import load_volume
     from monai_mrngan.data.positions import HEAD_HEIGHT_MM
