@@ -20,6 +20,10 @@ import argparse
 
 import numpy as np
 
+from monai_mrngan.data.datalist import load_split
+from monai_mrngan.data.io import load_volume
+from monai_mrngan.data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD
+
 from .common import log
 
 P = np.linspace(0.0, 1.0, 201)
@@ -30,7 +34,7 @@ B = np.linspace(-0.08, 0.08, 81)
 
 def profiles(volume: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """(3, 201) head area, mean head intensity and bright-tissue area per slice, on the ``P`` grid."""
-    head = volume > 0.1
+    head = volume > HEAD_THRESHOLD  # the head mask of prepare's vertex and of the head-only metrics
     area = head.sum((0, 1)).astype(np.float64)
     bright = (volume > 0.6).sum((0, 1)).astype(np.float64)
     mean = np.where(area > 0, (volume * head).sum((0, 1)) / np.maximum(area, 1), 0.0)
@@ -56,10 +60,6 @@ def best_map(profile: np.ndarray, mean_profile: np.ndarray) -> tuple[float, floa
 def bounds(dataset_dir: str) -> dict[str, list[dict]]:
     """Per split, one row per head: its ``a``, ``b`` and the ideal reader's MAE and signed mean error in mm
     (negative: placed too close to the vertex, as in ``scripts.bench.localization``)."""
-    from monai_mrngan.data.datalist import load_split
-    from monai_mrngan.data.io import load_volume
-    from monai_mrngan.data.positions import HEAD_HEIGHT_MM
-
     found = {}
     for split in ("training", "validation", "test"):
         found[split] = []
