@@ -342,6 +342,9 @@ def test_the_ssim_term_picks_the_best_epoch_by_the_validation_loss(tiny_dataset,
     plain.initialize()
     best = plain.parser.get_parsed_content("best_checkpoint")
     assert (best.metric_name, best.mode) == ("val_psnr", "max")
+    by_mae = ConfigWorkflow(workflow_type="train", config_file=cfg, **{**_train_overrides(tiny_dataset, tmp_path / "mae"), "best_metric": "val_mae"})
+    by_mae.initialize()
+    assert by_mae.parser.get_parsed_content("best_checkpoint").mode == "min"  # every metric but PSNR: lower is better
 
     wf = ConfigWorkflow(workflow_type="train", config_file=cfg, **{**_train_overrides(tiny_dataset, tmp_path), "epochs": 3, "ssim_weight": 0.5})
     wf.initialize()
