@@ -79,6 +79,10 @@ def test_per_slice_signals_distance_and_gap():
     runs[:, :, 3:6] = 0.2
     rec.extra["run_spread"] = runs
     np.testing.assert_array_equal(uncertainty_signals(rec, None, spacing_mm=2.0)["run_spread"], runs)
+    assert not sig["head_area"].any()  # an empty output has no head section
+    rec.volume[:2, :, 3] = 0.5  # half of slice 3's field is head
+    rec.volume[0, 0, 7] = 0.1  # at the threshold: not head
+    np.testing.assert_array_equal(uncertainty_signals(rec, None, spacing_mm=2.0)["head_area"], [0, 0, 0, 0.5, 0, 0, 0, 0, 0, 0])
 
 
 def test_candidate_spread_is_the_cells_weighted_disagreement_and_reaches_the_volume():
@@ -218,6 +222,7 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     truth = (0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"] + 0.1 * sig["edge_xy"] + 0.2 * sig["run_spread"]
              + 0.3 * sig["misfit_xy"] + 0.2 * sig["candidate_spread"])  # the expected error
     err = rng.exponential(truth)
+    sig["head_area"] = rng.uniform(0.02, 0.35, n)  # a signal the error does not follow
     cal = Calibration.fit(sig, err)
     assert all(w >= 0 for w in cal.weights) and np.all(np.diff(cal.iso_y) >= 0) and np.all(np.diff(cal.iso_x) > 0)
     base = {k: np.full(50, float(np.median(v))) for k, v in sig.items()}
@@ -279,7 +284,7 @@ def test_the_correction_network_learns_how_signals_interact(tmp_path):
     with pytest.raises(InputError, match="broken.json.*correction network"):
         load_calibration(tmp_path / "broken.json")
     vol = {name: rng.uniform(0.0, 0.3, (6, 5, 7)).astype(np.float32) for name in FEATURES}
-    for name in ("distance_mm", "gap_mm", "prior_weight"):
+    for name in ("distance_mm", "gap_mm", "prior_weight", "head_area"):
         vol[name] = np.array([0.0, 2.0, 4.0, 8.0, 4.0, 2.0, 0.0], np.float32)
     full = {k: np.broadcast_to(v, (6, 5, 7)) for k, v in vol.items()}
     np.testing.assert_allclose(corrected.predict(vol), corrected.predict(full), rtol=1e-5, atol=1e-7)

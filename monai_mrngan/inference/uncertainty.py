@@ -26,6 +26,8 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
   position), Gaussian-smoothed in-plane (:data:`MISFIT_SIGMA_PX`, :func:`neighbourhood`) and carried along the axial axis to every slice that input's prior serves
   (a region where the atlases miss this head at the input, e.g. larger ventricles, tends to stay
   missed in the slices around it; a noisy or differently contrasted input raises it everywhere);
+- ``head_area``: per slice, the share of the in-plane field the output's head covers (> ``HEAD_THRESHOLD``): on IXI a
+  voxel of a large mid-brain section erred more than one near the crown or neck with the same voxel signals (mrngan docs);
 - ``edge_xy``: the output's in-plane gradient magnitude (Gaussian, 1 px): errors gather at tissue
   boundaries, where a slightly misplaced edge costs the most. (Its predecessor ``edge`` was scipy's
   ``gaussian_gradient_magnitude`` with sigma 0 along the axial axis, which skips that axis's
@@ -70,11 +72,10 @@ from .volume import Reconstruction
 logger = logging.getLogger(__name__)
 
 __all__ = ["FEATURES", "MAP_STORED", "CALIBRATION_NAME", "MISFIT_SIGMA_PX", "Calibration", "uncertainty_signals", "uncertainty_map", "slice_means",
-           "pool_inplane", "upsample_inplane",
-           "load_calibration", "neighbourhood", "track_spread"]
+           "pool_inplane", "upsample_inplane", "load_calibration", "neighbourhood", "track_spread"]
 
 FEATURES = ("spread", "spread_local", "distance_mm", "gap_mm", "disagreement", "prior_weight", "run_spread", "intensity", "edge_xy", "misfit_xy",
-            "candidate_spread")
+            "candidate_spread", "head_area")
 RETIRED = {"edge": "its 'edge' signal held the intensity too"}
 """Signals a calibration may have been fitted on that are no longer computed, and why."""
 MAP_STORED = np.uint8
@@ -411,6 +412,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         "edge_xy": edges,
         "misfit_xy": misfit,
         "candidate_spread": blend,
+        "head_area": ((vol > HEAD_THRESHOLD).sum((0, 1)) / np.float32(h * w)).astype(np.float32),
     }
 
 
