@@ -5,7 +5,7 @@ import math
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from monai_mrngan.metrics import paper_psnr, slice_metrics, summarize
+from monai_mrngan.metrics import METRIC_NAMES, paper_psnr, pool_rows, slice_metrics, summarize
 
 
 def test_matches_monai_metrics():
@@ -38,3 +38,13 @@ def test_paper_psnr_convention():
     # the paper's 75.6 dB at MSE 2.17e-3 is 20 log10(255 / sqrt(MSE)) on [0, 1] data (about 74.8)
     assert abs(paper_psnr(2.17e-3) - 74.8) < 0.1
     assert abs(paper_psnr(0.01) - (20 * math.log10(255) + 20)) < 1e-9
+
+
+def test_pooled_rows_join_every_slice_and_no_rows_give_empty_metrics():
+    a = slice_metrics(torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16))
+    b = slice_metrics(torch.rand(3, 1, 16, 16), torch.rand(3, 1, 16, 16))
+    pooled = pool_rows([a, b])
+    assert set(pooled) == set(METRIC_NAMES) and all(v.shape == (5,) for v in pooled.values())
+    torch.testing.assert_close(pooled["psnr"], torch.cat([a["psnr"], b["psnr"]]))
+    assert all(v.numel() == 0 for v in pool_rows([]).values()) and set(pool_rows([])) == set(METRIC_NAMES)
+

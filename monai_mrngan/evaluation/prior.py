@@ -26,7 +26,7 @@ from ..data.io import atomic_path, load_volume, pyplot, save_figure, save_json, 
 from ..data.positions import index_for_position, position_bins
 from ..inference.components import load_bundle_network
 from ..inference.localize import localize
-from ..metrics.image import METRIC_NAMES, slice_metrics
+from ..metrics.image import METRIC_NAMES, pool_rows, slice_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ REFERENCE_POSITIONS = (0.3, 0.5, 0.7)
 
 
 def _summ(rows: Sequence[dict[str, torch.Tensor]], bins: np.ndarray, num_bins: int) -> dict:
-    cat = {k: torch.cat([r[k] for r in rows]).double() for k in METRIC_NAMES}
+    cat = {k: v.double() for k, v in pool_rows(rows).items() if k in METRIC_NAMES}
     out = {"overall": {k: float(torch.nanmean(v)) for k, v in cat.items()}, "num_slices": int(len(bins))}
     per_bin = {}
     for b in range(num_bins):

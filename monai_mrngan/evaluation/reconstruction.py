@@ -40,7 +40,7 @@ from ..inference.localize import localize
 from ..inference.reconstruct import reconstruct_volume, refine_positions
 from ..inference.runners import make_runner, one_pass_gaps
 from ..inference.uncertainty import track_spread
-from ..metrics import METRIC_NAMES, slice_metrics, summarize
+from ..metrics import METRIC_NAMES, pool_rows, slice_metrics, summarize
 from .uncertainty import UncertaintyScores, plot_reliability
 
 logger = logging.getLogger(__name__)
@@ -61,10 +61,6 @@ def _available(methods: Sequence[str], comp: Components) -> list[str]:
         except ValueError as err:
             logger.warning("skipping %s: %s", m, err)
     return ok
-
-
-def _pool(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else {k: torch.zeros(0) for k in METRIC_NAMES}
 
 
 def _summary(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -176,18 +172,18 @@ def evaluate_reconstruction(
     csv_rows = []
     for m in single:
         all_rows = [r for rows in by_d[m].values() for r in rows]
-        entry = _summary(_pool(all_rows))
+        entry = _summary(pool_rows(all_rows))
         entry["by_distance"] = []
         for dist in sorted(by_d[m]):
-            s = _summary(_pool(by_d[m][dist]))
+            s = _summary(pool_rows(by_d[m][dist]))
             entry["by_distance"].append({"d": dist, **s})
-            csv_rows.append({"setting": "single", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(_pool(by_d[m][dist])["mse"].numel()), **s})
+            csv_rows.append({"setting": "single", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pool_rows(by_d[m][dist])["mse"].numel()), **s})
         report["single_slice"]["methods"][m] = entry
     for k in few_slice_k:
-        report["few_slices"][f"k{k}"] = {m: _summary(_pool(few_rows[k][m])) for m in few}
+        report["few_slices"][f"k{k}"] = {m: _summary(pool_rows(few_rows[k][m])) for m in few}
         for m in few:
             for dist in sorted(few_by_d[k][m]):
-                pooled = _pool(few_by_d[k][m][dist])
+                pooled = pool_rows(few_by_d[k][m][dist])
                 csv_rows.append({"setting": f"k{k}", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **_summary(pooled)})
     report["uncertainty"] = unc.report() if unc is not None else None
     if report["uncertainty"]:

@@ -14,6 +14,7 @@ MONAI's ``SSIMMetric`` only returns the whole-image mean, so the map comes from 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from monai.metrics.regression import compute_ssim_and_cs
@@ -63,3 +64,9 @@ def paper_psnr(mse: float) -> float:
 def summarize(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean of each per-slice metric, ignoring NaNs (slices with no head pixels for ssim_head)."""
     return {k: float(torch.nanmean(torch.as_tensor(v, dtype=torch.float64))) for k, v in values.items()}
+
+
+def pool_rows(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-slice metric rows (each ``{name: (N_i,) tensor}``, as :func:`slice_metrics` gives) joined into one
+    ``{name: (sum N_i,) tensor}``; no rows: an empty tensor for each of :data:`METRIC_NAMES`."""
+    return {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else {k: torch.zeros(0) for k in METRIC_NAMES}

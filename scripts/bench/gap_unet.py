@@ -31,7 +31,7 @@ from monai.networks.nets import UNet
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import atomic_torch_save, load_volume
 from monai_mrngan.inference.volume import linear_fill
-from monai_mrngan.metrics.image import slice_metrics, summarize
+from monai_mrngan.metrics.image import pool_rows, slice_metrics, summarize
 
 from .common import log
 
@@ -107,7 +107,7 @@ def score(model: GapUNet, dataset_dir: str, limit: int, ks: tuple[int, ...] = (2
             target = v[missing][:, None]
             rows[k]["linear"].append(slice_metrics(linear_fill(v[given], given, v.shape[0])[missing][:, None], target))
             rows[k]["gap_unet"].append(slice_metrics(pred, target))
-    return {k: {m: summarize({key: torch.cat([r[key] for r in rr]) for key in rr[0]}) for m, rr in by_m.items()} for k, by_m in rows.items()}
+    return {k: {m: summarize(pool_rows(rr)) for m, rr in by_m.items()} for k, by_m in rows.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
