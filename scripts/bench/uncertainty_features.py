@@ -31,7 +31,7 @@ from monai_mrngan.apps.cli import _components  # the workdir loader reconstruct 
 from monai_mrngan.inference.runners import one_pass_gaps
 from monai_mrngan.inference.uncertainty import FEATURES, Calibration
 
-LEFT_OUT = ("edge_xy", "run_spread", "spread_local", "misfit_xy", "candidate_spread")  # the signals whose worth is checked by leaving each out
+LEFT_OUT = ("edge_xy", "run_spread", "spread_local", "misfit_xy", "candidate_spread", "head_area")  # the signals whose worth is checked by leaving each out
 SETS = {"all": list(FEATURES), **{f"without {name}": [f for f in FEATURES if f != name] for name in LEFT_OUT}}
 
 
