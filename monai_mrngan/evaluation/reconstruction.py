@@ -175,9 +175,10 @@ def evaluate_reconstruction(
         entry = _summary(pool_rows(all_rows))
         entry["by_distance"] = []
         for dist in sorted(by_d[m]):
-            s = _summary(pool_rows(by_d[m][dist]))
+            pooled = pool_rows(by_d[m][dist])
+            s = _summary(pooled)
             entry["by_distance"].append({"d": dist, **s})
-            csv_rows.append({"setting": "single", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pool_rows(by_d[m][dist])["mse"].numel()), **s})
+            csv_rows.append({"setting": "single", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **s})
         report["single_slice"]["methods"][m] = entry
     for k in few_slice_k:
         report["few_slices"][f"k{k}"] = {m: _summary(pool_rows(few_rows[k][m])) for m in few}
