@@ -16,7 +16,8 @@ from monai_mrngan.data.io import InputError, load_volume, save_png
 from monai_mrngan.inference.components import Components, reference_grid
 from monai_mrngan.inference.output import montage, save_reconstruction
 from monai_mrngan.inference.reconstruct import reconstruct_files
-from monai_mrngan.inference.uncertainty import FEATURES, Calibration, edge_strength, load_calibration, neighbourhood
+from monai_mrngan.inference.calibration import FEATURES, Calibration, load_calibration
+from monai_mrngan.inference.uncertainty import edge_strength, neighbourhood
 from monai_mrngan.inference.volume import Reconstruction
 from monai_mrngan.networks.pix2pix import Pix2PixGenerator
 from monai_mrngan.networks.recurrent import MRNGAN

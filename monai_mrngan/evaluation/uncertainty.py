@@ -7,7 +7,7 @@ its true position) and compare the signals / predicted error of
 slice > ``HEAD_THRESHOLD``) of the generated slices.
 
 - :func:`calibrate`: the mrngan bundle's ``calibrate`` step (``configs/calibrate.json``): fits
-  :class:`~monai_mrngan.inference.uncertainty.Calibration` on the validation split and writes it
+  :class:`~monai_mrngan.inference.calibration.Calibration` on the validation split and writes it
   beside the weights (``models/uncertainty_calibration.json``);
 - :class:`UncertaintyScores`: collected by :func:`~monai_mrngan.evaluation.reconstruction.evaluate_reconstruction`
   from its own MRNGAN reconstructions; ``report()`` is ``report.json["uncertainty"]``: per case
@@ -34,7 +34,8 @@ from ..inference.components import Components
 from ..inference.localize import localize
 from ..inference.reconstruct import reconstruct_volume, refine_positions
 from ..inference.runners import one_pass_gaps
-from ..inference.uncertainty import FEATURES, Calibration, broadcast, track_spread, uncertainty_map, uncertainty_signals
+from ..inference.calibration import FEATURES, Calibration
+from ..inference.uncertainty import broadcast, track_spread, uncertainty_map, uncertainty_signals
 from ..inference.volume import Reconstruction
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from ..data.datalist import load_split
 from ..data.io import load_weights
 from ..networks.contracts import next_fn_for
 from ..networks.recurrent import MRNGAN, NextFn
-from .uncertainty import CALIBRATION_NAME, Calibration, load_calibration
+from .calibration import CALIBRATION_NAME, Calibration, load_calibration
 
 logger = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ def reconstruct_volume(
         reference_positions: a prepared volume's ``p`` per index: the output takes that grid.
         refine_window: localized positions (not given ones) are refined by matching the input
             against the prior's atlases within this window in ``p`` (:func:`refine_positions`; 0: off).
-        calibration: an uncertainty :class:`~monai_mrngan.inference.uncertainty.Calibration` (MRNGAN only):
+        calibration: an uncertainty :class:`~monai_mrngan.inference.calibration.Calibration` (MRNGAN only):
             ``extra["uncertainty"]`` is then the expected absolute error map (H, W, D), 0 on the inputs.
     """
     device = torch.device(device)

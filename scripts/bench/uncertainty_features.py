@@ -3,7 +3,7 @@
 Reconstructs validation subjects (calibration) and test subjects (scoring) once with the trained
 stages of WORKDIR, exactly as the ``calibrate`` step and ``evaluate`` do
 (:func:`monai_mrngan.evaluation.uncertainty.reconstructions`), then for every feature set fits a
-:class:`~monai_mrngan.inference.uncertainty.Calibration` on the validation samples and scores it on
+:class:`~monai_mrngan.inference.calibration.Calibration` on the validation samples and scores it on
 the test samples: Spearman correlation of predicted and true absolute error over head voxels and over
 slices, per case (one slice, every 4th, every 8th).
 
@@ -29,7 +29,7 @@ from monai_mrngan.data.datalist import load_split
 from monai_mrngan.evaluation.uncertainty import head_samples, reconstructions
 from monai_mrngan.apps.cli import _components  # the workdir loader reconstruct uses
 from monai_mrngan.inference.runners import one_pass_gaps
-from monai_mrngan.inference.uncertainty import FEATURES, Calibration
+from monai_mrngan.inference.calibration import FEATURES, Calibration
 
 LEFT_OUT = ("edge_xy", "run_spread", "spread_local", "misfit_xy", "candidate_spread", "head_area")  # the signals whose worth is checked by leaving each out
 SETS = {"all": list(FEATURES), **{f"without {name}": [f for f in FEATURES if f != name] for name in LEFT_OUT}}
