@@ -171,16 +171,23 @@ class Calibration:
         raw = torch.zeros(len(features), dtype=torch.float64, requires_grad=True)
         b = torch.tensor([math.log(max(float(y.mean()), 1e-6))], dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([raw, b], max_iter=iters, line_search_fn="strong_wolfe")
+        best = [math.inf, raw.detach().clone(), b.detach().clone()]
 
         def closure():  # Poisson deviance with a log link; softplus keeps every weight >= 0 (monotone)
             opt.zero_grad()
             eta = b + Z @ torch.nn.functional.softplus(raw)
             loss = (torch.exp(eta) - t * eta).mean()
             loss.backward()
+            if float(loss) < best[0]:
+                best[:] = [float(loss), raw.detach().clone(), b.detach().clone()]
             return loss
 
         opt.step(closure)
         with torch.no_grad():
+            # the best point evaluated: once unused weights sink into softplus's flat tail, the curvature L-BFGS
+            # estimates can send one step to exp() overflow and every later one to NaN (seen on 9,600 samples)
+            raw.copy_(best[1])
+            b.copy_(best[2])
             w = torch.nn.functional.softplus(raw) / sd  # back to the unstandardised features
             bias = float(b - (w * mu).sum())
         cal = cls(bias, [float(v) for v in w], [0.0], [0.0], features=features, info=dict(info or {}))
