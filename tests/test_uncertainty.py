@@ -45,6 +45,7 @@ def calibration(tiny_dataset, tmp_path_factory):
     cal = calibrate(tiny_dataset, _components(tiny_dataset), path, input_positions=(0.5,), few_slice_k=(4,), localize_inputs=False, voxels=5000)
     assert path.is_file() and cal.info["split"] == "validation" and cal.info["samples"] > 100
     assert cal.stride == 2 and load_calibration(path).stride == 2  # the bundle's default: signals on 2 x 2 blocks
+    assert cal.info["selection"]["optional"] == ["head_area"] and cal.info["selection"]["kept"] in ([], ["head_area"])
     return path
 
 
@@ -290,6 +291,34 @@ def test_the_correction_network_learns_how_signals_interact(tmp_path):
     full = {k: np.broadcast_to(v, (6, 5, 7)) for k, v in vol.items()}
     np.testing.assert_allclose(corrected.predict(vol), corrected.predict(full), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(corrected.predict(full)[2, 3], corrected.predict({k: v[2, 3] for k, v in full.items()}), rtol=1e-5, atol=1e-7)
+
+
+def test_calibrate_keeps_an_optional_signal_only_where_it_ranks_held_out_subjects_better():
+    """``select_signals``: head_area that raises every subject's error is kept; one that raises half the subjects'
+    error and lowers the other half's (so a fit on one fold misleads on the other) is dropped."""
+    from monai_mrngan.evaluation.uncertainty import select_signals
+
+    rng = np.random.default_rng(2)
+    subjects, groups, slices, per_slice = 4, 2, 20, 60
+    n = subjects * groups * slices * per_slice
+    subject = np.repeat(np.arange(subjects), groups * slices * per_slice)
+    group = np.repeat(np.arange(subjects * groups), slices * per_slice)
+    slice_id = np.tile(np.repeat(np.arange(slices), per_slice), subjects * groups)
+    case = group % 2  # single_slice / k4
+    sig = {name: rng.uniform(0.0, 0.3, n) for name in FEATURES}
+    sig["head_area"] = np.repeat(rng.uniform(0.02, 0.35, subjects * groups * slices), per_slice)
+    base = 0.02 + 0.3 * sig["spread"]
+    flipped = np.where(subject % 2 == 0, sig["head_area"], 0.37 - sig["head_area"])
+    for truth, kept in ((base * (1 + 6 * sig["head_area"]), ["head_area"]), (base * (1 + 6 * flipped), [])):
+        err = rng.exponential(truth)
+        features, record = select_signals(sig, err, subject, group, slice_id, case, ["single_slice", "k4"], ["head_area"], hidden=())
+        assert record["kept"] == kept, record["score"]
+        assert ("head_area" in features) == bool(kept) and set(features) | {"head_area"} == set(FEATURES)
+        assert set(record["per_fold"]["all"][0]) == {"single_slice_voxel", "single_slice_slice", "k4_voxel", "k4_slice", "score"}
+        # every fold's fit finite (without head_area, the first data's fold-0 fit once overflowed into NaN weights)
+        assert all(np.isfinite(row["score"]) for rows in record["per_fold"].values() for row in rows), record["per_fold"]
+    one = select_signals(sig, err, np.zeros(n, int), group, slice_id, case, ["single_slice", "k4"], ["head_area"], hidden=())
+    assert one[0] == list(FEATURES) and "two subjects" in one[1]["reason"]  # nothing held out: nothing dropped
 
 
 def _reconstruct(dataset, comp, out):

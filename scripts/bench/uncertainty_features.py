@@ -38,8 +38,8 @@ SETS = {"all": list(FEATURES), **{f"without {name}": [f for f in FEATURES if f !
 def collect(entries: list, comp, head_only: bool, voxels: int, rng: np.random.Generator, stride: int) -> list[tuple[str, dict, np.ndarray, np.ndarray]]:
     one_pass = one_pass_gaps(comp.model)
     out = []
-    for case, rec, vol, spacing, fitted, scored in reconstructions(entries, comp, (0.3, 0.5, 0.7), (4, 8), comp.localizer is not None,
-                                                                   0.12, True, True):
+    for _, case, rec, vol, spacing, fitted, scored in reconstructions(entries, comp, (0.3, 0.5, 0.7), (4, 8), comp.localizer is not None,
+                                                                      0.12, True, True):
         sig, err, sid = head_samples(rec, vol, comp.prior, spacing, fitted, one_pass, scored, head_only=head_only, stride=stride)
         pick = rng.choice(err.size, min(voxels, err.size), replace=False) if not head_only else np.arange(err.size)
         out.append((case, {k: v[pick] for k, v in sig.items()}, err[pick], sid[pick]))
