@@ -50,8 +50,9 @@ OPTIONAL_SIGNALS = ("head_area",)
 ``head_area`` raised the one-slice slice ranking on IXI (0.676 -> 0.705) and lowered the few-slice one on the demo's
 phantoms (k4 0.922 -> 0.890; mrngan docs)."""
 SELECT_SAMPLES = 1_000_000
-"""At most this many samples fit each calibration of :func:`select_signals` (IXI: 2.3 M per fold; Spearman
-correlations on the held-out fold moved by < 0.002 between 1 M and all)."""
+"""At most this many samples fit each calibration of :func:`select_signals`. IXI has 2.3 M per fold; fitted on all of
+them, the held-out scores moved by < 0.001 (single correlations by up to 0.01), the choice held, and the four fits
+took 72 s against 50 s."""
 
 
 def _head_mask(rec: Reconstruction, target: np.ndarray, scored: np.ndarray | None, head_only: bool) -> tuple[np.ndarray, np.ndarray]:
