@@ -1,5 +1,6 @@
 """The gap-aware MRNGAN (issue 13): a cell that sees the far end of its gap, one run per gap in
-few-slice reconstruction, the open-run / bounded-gap sampler, and the monotone cubic (PCHIP) baseline."""
+few-slice reconstruction, the open-run / bounded-gap sampler, and the monotone cubic (PCHIP) and
+registration-based interpolation baselines."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from monai_mrngan.engines.recurrent import RecurrentUnroll, RunBatch, WeightedL1L2Loss
 from monai_mrngan.inference.reconstruct import reconstruct_volume
 from monai_mrngan.inference.runners import copy_runner, is_gap_aware, make_runner, one_pass_gaps
-from monai_mrngan.inference.volume import cubic_fill, fill_volume, linear_fill
+from monai_mrngan.inference.volume import cubic_fill, fill_volume, linear_fill, registration_fill
 from monai_mrngan.networks.recurrent import MRNGAN
 from monai_mrngan.transforms import GapRund
 
@@ -68,6 +69,41 @@ def test_cubic_is_a_method_of_reconstruct():
     np.testing.assert_allclose(np.moveaxis(rec.volume, 2, 0), cubic_fill(vol[given], given, 17).numpy(), atol=1e-6)
     assert not np.allclose(np.moveaxis(rec.volume, 2, 0), linear_fill(vol[given], given, 17).numpy(), atol=1e-4)
     assert rec.method == "cubic" and not is_gap_aware(make_runner("cubic"))
+
+
+# ------------------------------------------------------------------ registration baseline
+def _moving_disc(centres: list[float], size: int = 32, radius: float = 5.0) -> torch.Tensor:
+    """(D,H,W): a bright disc whose centre moves along x from slice to slice (a structure that shifts with depth)."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    return torch.stack([0.8 * ((xx - c) ** 2 + (yy - size / 2) ** 2 < radius**2).float() for c in centres])
+
+
+def test_registration_fill_moves_a_shifting_structure_where_linear_shows_it_twice():
+    truth = _moving_disc([10 + 1.5 * z for z in range(9)])  # 6 px between given slices 4 apart
+    given = [0, 4, 8]
+    reg, lin = registration_fill(truth[given], given, 9), linear_fill(truth[given], given, 9)
+    torch.testing.assert_close(reg[given], truth[given], atol=0, rtol=0)  # exact on the given slices
+    err_reg, err_lin = float(((reg - truth) ** 2).mean()), float(((lin - truth) ** 2).mean())
+    assert err_reg < 0.3 * err_lin, (err_reg, err_lin)
+    mid = reg[2]  # halfway: one disc at the halfway place, not two half-bright ones
+    assert float(mid[16, 13]) > 0.6 and float(mid[16, 7]) < 0.2 and float(mid[16, 19]) < 0.2
+    # out of order, irregular gaps, a gap of one slice (nothing to fill) and nearest copy beyond the ends
+    given = [7, 2, 3]
+    out = registration_fill(truth[given], given, 9)
+    torch.testing.assert_close(out[[2, 3, 7]], truth[[2, 3, 7]], atol=0, rtol=0)
+    torch.testing.assert_close(out[0], truth[2])
+    torch.testing.assert_close(out[8], truth[7])
+    assert float(((out[4:7] - truth[4:7]) ** 2).mean()) < float(((linear_fill(truth[given], given, 9)[4:7] - truth[4:7]) ** 2).mean())
+    torch.testing.assert_close(registration_fill(truth[[3, 4]], [3, 4], 9), linear_fill(truth[[3, 4]], [3, 4], 9))  # no gap
+
+
+def test_registration_is_a_method_of_reconstruct():
+    vol = _moving_disc([10 + 1.5 * z for z in range(9)])
+    given = [0, 4, 8]
+    grid = np.linspace(0.6, 0.4, 9)
+    rec = reconstruct_volume(vol[given], grid[given].tolist(), method="registration", input_indices=given, num_slices=9, step_p=-0.025)
+    np.testing.assert_allclose(np.moveaxis(rec.volume, 2, 0), registration_fill(vol[given], given, 9).numpy(), atol=1e-6)
+    assert rec.method == "registration" and not is_gap_aware(make_runner("registration"))
 
 
 # ------------------------------------------------------------------ the far-end cell

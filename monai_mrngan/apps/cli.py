@@ -165,7 +165,7 @@ def reconstruct(
         slice_index: axial index of a 3D input, counted from the bottom of the volume reoriented to RAS.
         positions: the anatomical position p of each input slice (of the first one with --stack); localized when omitted.
         dataset_dir: prepared dataset that fixes the model grid (default: the pipeline's).
-        method: mrngan, pix2pix_iterative, prior, copy (one slice), linear or cubic (several).
+        method: mrngan, pix2pix_iterative, prior, copy (one slice), linear, cubic or registration (several).
         stack: use every axial slice of one input (a thick-slice stack), placed by its geometry.
         pixel_mm: in-plane pixel size of a PNG input that is not at the model size.
         force: reconstruct an input that does not look like an axial head slice (refused otherwise).
@@ -214,7 +214,7 @@ def complete(
         src: folder of incomplete scans (read only; searched recursively).
         dst: output folder; not inside SRC; must be empty unless ``--overwrite``.
         workdir: a pipeline work folder (trained stages).
-        method: mrngan, pix2pix_iterative, prior, copy, linear or cubic (no trained model needed).
+        method: mrngan, pix2pix_iterative, prior, copy, linear, cubic or registration (no trained model needed).
         missing: what a missing axial slice holds: empty (every voxel 0 or NaN), zero, nan, or a number.
         dataset_dir: prepared dataset that fixes the grid (default: the pipeline's).
         overwrite: write into a non-empty DST, replacing a previous completion.
@@ -235,7 +235,7 @@ def complete(
 
 def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limit: int | None = None, shift: str | None = None,
              device: str = "auto") -> None:
-    """Evaluate MRNGAN against copy, prior, pix2pix_iterative, linear and cubic on held-out subjects.
+    """Evaluate MRNGAN against copy, prior, pix2pix_iterative, linear, cubic and registration on held-out subjects.
 
     Writes OUT/report.json, OUT/per_distance.csv and PNG plots of each metric against distance.
     ``--shift all`` (or a comma-separated list of names of ``monai_mrngan.evaluation.shift.SHIFTS``)

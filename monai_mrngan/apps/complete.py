@@ -97,7 +97,7 @@ __all__ = [
     "complete_dataset",
 ]
 
-POSITION_FREE_METHODS = ("linear", "cubic", "copy", "pix2pix_iterative")
+POSITION_FREE_METHODS = ("linear", "cubic", "registration", "copy", "pix2pix_iterative")
 """Methods whose runners never read ``p``: a volume without known positions can still be completed."""
 METHOD_STAGES = {
     "mrngan": ("mrngan", "flow_generation", "brain_generalization"),
@@ -106,6 +106,7 @@ METHOD_STAGES = {
     "copy": (),
     "linear": (),
     "cubic": (),
+    "registration": (),
 }
 SPACING_TOLERANCE = 0.02
 """Relative tolerance between a volume's voxel size and the prepared spacing."""

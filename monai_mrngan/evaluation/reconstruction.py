@@ -7,7 +7,7 @@ One run of :func:`evaluate_reconstruction` does both of issue 6's experiments:
   slice is scored, grouped by its distance ``d`` (in slices) from the input;
 - few slices: every k-th true slice is given (default k = 2, 4, 8, 16; indices 0, k, 2k, ...) with
   its true position and the slices strictly between the first and the last given one that were
-  not given are scored; MRNGAN against linear and monotone cubic (PCHIP) interpolation.
+  not given are scored; MRNGAN against linear, monotone cubic (PCHIP) and registration-based interpolation.
 
 Outputs in ``out_dir``: ``report.json`` (``single_slice.methods.<method>`` with ``by_distance``,
 ``few_slices.k<k>.<method>``), ``report_meta.json`` (what was run: subjects, positions,
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["evaluate_reconstruction", "SINGLE_METHODS", "FEW_METHODS", "FEW_SLICE_K"]
 
 SINGLE_METHODS = ("mrngan", "pix2pix_iterative", "prior", "copy")
-FEW_METHODS = ("mrngan", "linear", "cubic")
+FEW_METHODS = ("mrngan", "linear", "cubic", "registration")
 FEW_SLICE_K = (2, 4, 8, 16)
 
 

@@ -28,7 +28,7 @@ from .localize import localize, place_slices
 from .output import save_reconstruction
 from .runners import is_gap_aware, make_runner, one_pass_gaps
 from .uncertainty import track_spread, uncertainty_map
-from .volume import Reconstruction, cubic_fill, fill_volume, volume_affine, volume_grid
+from .volume import Reconstruction, cubic_fill, fill_volume, registration_fill, volume_affine, volume_grid
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ def reconstruct_volume(
         raise ValueError(f"the uncertainty calibration is fitted for mrngan, not {method}")
     if method == "cubic":
         vol = cubic_fill(x, idx, num_slices)
+    elif method == "registration":
+        vol = registration_fill(x, idx, num_slices)
     else:
         with track_spread(prior, calibration is not None):  # the fits keep the atlas spread the map needs
             vol = fill_volume(run_on_device, x, idx, num_slices, grid, step_p, signals=signals)

@@ -19,7 +19,9 @@ both sides with one-sided runs, blended by distance.
   interpolation between the two given slices (and nearest copy beyond the outermost ones);
 - ``cubic``: monotone cubic (PCHIP) interpolation through all given slices per pixel
   (:func:`~monai_mrngan.inference.volume.cubic_fill`, not run-based; its runner is ``copy``, used
-  beyond the outermost given slices).
+  beyond the outermost given slices);
+- ``registration``: registration-based interpolation between neighbouring given slices
+  (:func:`~monai_mrngan.inference.volume.registration_fill`, not run-based; its runner is ``copy``, as cubic's).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ FarEnd = Optional[Tuple[torch.Tensor, torch.Tensor]]
 """``(far slices (N,1,H,W), far positions (N,))``; a NaN position means the run has no far end."""
 Runner = Callable[..., torch.Tensor]
 """``run(starts, start_positions, directions, steps, step_p, far=None) -> (N,steps,1,H,W)``."""
-METHODS = ("mrngan", "pix2pix_iterative", "prior", "copy", "linear", "cubic")
+METHODS = ("mrngan", "pix2pix_iterative", "prior", "copy", "linear", "cubic", "registration")
 
 
 def run_positions(start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float) -> torch.Tensor:
@@ -144,4 +146,4 @@ def make_runner(
         return pix2pix_runner(next_fn)
     if method == "prior":
         return prior_runner(prior, fit_prior)
-    return copy_runner()  # copy; linear = copy runs blended across gaps; cubic: copy beyond the ends
+    return copy_runner()  # copy; linear = copy runs blended across gaps; cubic, registration: copy beyond the ends

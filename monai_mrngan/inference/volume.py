@@ -17,7 +17,8 @@ runs outwards from it (:func:`fill_volume`):
   distance; beyond the outermost inputs one-sided runs reach the ends. With the ``copy`` runner
   this blending *is* linear interpolation (:func:`linear_fill`).
 
-:func:`cubic_fill` is the monotone cubic (PCHIP) baseline through all given slices (not run-based).
+:func:`cubic_fill` is the monotone cubic (PCHIP) baseline through all given slices, :func:`registration_fill`
+registration-based interpolation between neighbouring ones (neither is run-based).
 """
 
 from __future__ import annotations
@@ -29,9 +30,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..atlas.registration import FitConfig, affine_grid, identity_theta, register_slices, warp
 from .runners import Runner, copy_runner, is_gap_aware, one_pass_gaps
 
-__all__ = ["Reconstruction", "volume_grid", "fill_volume", "linear_fill", "cubic_fill", "volume_affine"]
+__all__ = ["Reconstruction", "volume_grid", "fill_volume", "linear_fill", "cubic_fill", "registration_fill", "REGISTRATION_FIT",
+           "volume_affine"]
+
+REGISTRATION_FIT = {"mode": "deformable", "work_size": 128, "grid_points": 10, "affine_iters": 30, "deform_iters": 40, "smooth_weight": 0.05}
+"""How :func:`registration_fill` registers two neighbouring given slices (:class:`~monai_mrngan.atlas.registration.FitConfig`;
+``work_size`` capped at the slice size, so a 128 px slice is registered at full size). On 3 IXI test subjects (2 mm,
+128 px), PSNR over linear interpolation at k = 2 / 4 / 8: +1.53 / +1.33 / +1.28 dB; at work size 64, +1.17 / +1.28 /
++1.22 dB in about two thirds of the time; 16 control points or 80 steps did not do better (mrngan docs)."""
 
 
 @dataclass
@@ -199,6 +208,45 @@ def cubic_fill(slices: torch.Tensor | np.ndarray, indices: Sequence[int], num_sl
     curve = PchipInterpolator(idx.astype(np.float64), x.numpy().astype(np.float64), axis=0)
     vol[torch.as_tensor(inside)] = torch.from_numpy(curve(inside.astype(np.float64)).astype(np.float32))
     vol[torch.as_tensor(idx)] = x  # exact at the given slices
+    return vol.clamp(0.0, 1.0)
+
+
+def registration_fill(slices: torch.Tensor | np.ndarray, indices: Sequence[int], num_slices: int, fit: dict | None = None) -> torch.Tensor:
+    """(D,H,W) volume by registration-based interpolation between neighbouring given slices.
+
+    Each pair of neighbouring given slices is registered both ways (affine, then a smooth displacement:
+    :func:`~monai_mrngan.atlas.registration.register_slices`, settings :data:`REGISTRATION_FIT` updated by ``fit``).
+    A slice a fraction ``t`` into the gap is the lower slice moved ``t`` of the way to the upper one and the upper
+    slice moved ``1 - t`` of the way back, blended ``(1 - t, t)``: a structure that shifts, grows or shrinks between
+    the two lands in between, where linear interpolation shows it twice at part strength. Exact at the given
+    slices, nearest copy beyond the outermost ones (as :func:`linear_fill`); nothing is learned, so no scanner's
+    look is. MONAI's registration networks learn a deformation from training pairs; this registers each pair
+    on its own, with the atlas fit's 2D engine.
+    """
+    x = torch.as_tensor(slices, dtype=torch.float32)
+    if x.ndim == 4:
+        x = x[:, 0]
+    order = np.argsort(np.asarray(indices))
+    idx = [int(i) for i in np.asarray(indices)[order]]
+    x = x[torch.as_tensor(order)].clone()  # a plain tensor: the registration optimises through it
+    vol = linear_fill(x, idx, num_slices)
+    pairs = [j for j in range(len(idx) - 1) if idx[j + 1] - idx[j] > 1]
+    if not pairs:
+        return vol
+    h, w = x.shape[-2:]
+    settings = {**REGISTRATION_FIT, **(fit or {})}
+    cfg = FitConfig(**{**settings, "work_size": min(int(settings["work_size"]), h, w)})
+    lower, upper = x[pairs][:, None], x[[j + 1 for j in pairs]][:, None]
+    up = register_slices(lower, upper, cfg).grid((h, w))  # samples the lower slice where the upper one is
+    down = register_slices(upper, lower, cfg).grid((h, w))
+    ident = affine_grid(identity_theta(1), (h, w))
+    with torch.no_grad():
+        for n, j in enumerate(pairs):
+            a, b = idx[j], idx[j + 1]
+            t = (torch.arange(1, b - a, dtype=torch.float32) / (b - a)).view(-1, 1, 1, 1)
+            moved_lower = warp(lower[n : n + 1].expand(len(t), -1, -1, -1), ident + t * (up[n] - ident))
+            moved_upper = warp(upper[n : n + 1].expand(len(t), -1, -1, -1), ident + (1 - t) * (down[n] - ident))
+            vol[a + 1 : b] = ((1 - t) * moved_lower + t * moved_upper)[:, 0]
     return vol.clamp(0.0, 1.0)
 
 

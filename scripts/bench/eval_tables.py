@@ -2,8 +2,8 @@
 
 Reads what ``evaluate`` (the mrngan bundle's ``evaluate.json``) wrote: ``report.json``,
 ``report_meta.json`` and ``per_distance.csv``. Prints the whole-volume single-slice table, head-only
-SSIM / PSNR at chosen distances, the few-slice table with every method's margin over linear and
-cubic, the uncertainty scores, and each target with PASS / FAIL and its margin.
+SSIM / PSNR at chosen distances, the few-slice table with MRNGAN's margin over linear, cubic and
+registration-based interpolation, the uncertainty scores, and each target with PASS / FAIL and its margin.
 
     python -m scripts.bench.eval_tables --eval_dir WORKDIR/mrngan/eval/reconstruction [--json OUT]
 """
@@ -99,11 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     print("\nfew slices (every k-th given; missing slices scored): SSIM / head-only SSIM / PSNR dB\n")
     ks = sorted(report["few_slices"], key=lambda k: int(k[1:]))
     fm = list(next(iter(report["few_slices"].values())).keys()) if ks else []
-    print("| k | " + " | ".join(fm) + " | mrngan - linear | mrngan - cubic |\n|---|" + "---|" * (len(fm) + 2))
+    bases = [b for b in ("linear", "cubic", "registration") if b in fm]
+    print("| k | " + " | ".join(fm + [f"mrngan - {b}" for b in bases]) + " |\n|---|" + "---|" * (len(fm) + len(bases)))
     for k in ks:
         row = report["few_slices"][k]
         cells = [f"{row[m]['ssim']:.3f} / {row[m]['ssim_head']:.3f} / {row[m]['psnr']:.2f}" for m in fm]
-        gaps = [f"{row['mrngan']['psnr'] - row[b]['psnr']:+.2f} dB" if "mrngan" in row and b in row else "" for b in ("linear", "cubic")]
+        gaps = [f"{row['mrngan']['psnr'] - row[b]['psnr']:+.2f} dB" if "mrngan" in row and b in row else "" for b in bases]
         print(f"| {k[1:]} | " + " | ".join(cells + gaps) + " |")
     unc = report.get("uncertainty")
     if unc:
