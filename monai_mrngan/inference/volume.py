@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..atlas.registration import FitConfig, affine_grid, identity_theta, register_slices, warp
+from ..atlas.registration import FitConfig, affine_grid, identity_theta, register_slices, torch_threads, warp
 from .runners import Runner, copy_runner, is_gap_aware, one_pass_gaps
 
 __all__ = ["Reconstruction", "volume_grid", "fill_volume", "linear_fill", "cubic_fill", "registration_fill", "REGISTRATION_FIT",
@@ -237,8 +237,9 @@ def registration_fill(slices: torch.Tensor | np.ndarray, indices: Sequence[int],
     settings = {**REGISTRATION_FIT, **(fit or {})}
     cfg = FitConfig(**{**settings, "work_size": min(int(settings["work_size"]), h, w)})
     lower, upper = x[pairs][:, None], x[[j + 1 for j in pairs]][:, None]
-    up = register_slices(lower, upper, cfg).grid((h, w))  # samples the lower slice where the upper one is
-    down = register_slices(upper, lower, cfg).grid((h, w))
+    with torch_threads(cfg.num_threads):  # as the atlas fit: one thread unless set (FitConfig.num_threads)
+        up = register_slices(lower, upper, cfg).grid((h, w))  # samples the lower slice where the upper one is
+        down = register_slices(upper, lower, cfg).grid((h, w))
     ident = affine_grid(identity_theta(1), (h, w))
     with torch.no_grad():
         for n, j in enumerate(pairs):
