@@ -342,7 +342,7 @@ def test_run_batch_passes_the_far_end_and_training_uses_it():
     assert torch.isfinite(loss) and model.head[-1].weight.grad.abs().sum() > 0
 
 
-def test_complete_fills_missing_slices_with_cubic(tiny_dataset, tmp_path):
+def test_complete_fills_missing_slices_with_cubic_or_registration(tiny_dataset, tmp_path):
     import nibabel as nib
 
     from monai_mrngan.apps.complete import complete_file
@@ -357,11 +357,12 @@ def test_complete_fills_missing_slices_with_cubic(tiny_dataset, tmp_path):
     holes = v.copy()
     holes[:, :, [i for i in range(v.shape[2]) if i not in real]] = np.nan
     save_nifti(holes, img.affine, tmp_path / "thick.nii.gz")
-    out = complete_file(tmp_path / "thick.nii.gz", Components(), reference_grid(tiny_dataset), method="cubic", missing="nan")
-    assert out.meta["method"] == "cubic" and out.meta["models"] == {}
-    lo, hi = float(np.nanmin(holes)), float(np.nanmax(holes))
-    expected = cubic_fill(torch.from_numpy(np.moveaxis((v[:, :, real] - lo) / (hi - lo), 2, 0)), real, v.shape[2]).numpy()
-    np.testing.assert_allclose(out.data, np.moveaxis(expected, 0, 2) * (hi - lo) + lo, atol=1e-4)
+    assert 0.0 <= np.nanmin(holes) and np.nanmax(holes) <= 1.0  # already in [0, 1]: complete uses the values as they are
+    for method, fill in (("cubic", cubic_fill), ("registration", registration_fill)):  # neither needs a trained stage
+        out = complete_file(tmp_path / "thick.nii.gz", Components(), reference_grid(tiny_dataset), method=method, missing="nan")
+        assert out.meta["method"] == method and out.meta["models"] == {}
+        expected = fill(torch.from_numpy(np.moveaxis(v[:, :, real], 2, 0)), real, v.shape[2]).numpy()
+        np.testing.assert_allclose(out.data, np.moveaxis(expected, 0, 2), atol=1e-4)
 
 
 def test_positions_json_reports_the_cells_weight_on_the_prior(tiny_dataset, tmp_path):
