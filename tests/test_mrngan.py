@@ -275,7 +275,8 @@ def test_evaluation_report_shape_and_baseline_sanity(tiny_dataset, prior, tmp_pa
     assert copy[1]["mse"] < copy[8]["mse"]  # copying degrades with distance
     few = report["few_slices"]
     assert set(few) == {"k2", "k4", "k8", "k16"}
-    assert all(set(few[k]) == {"mrngan", "linear", "cubic"} for k in few)
+    assert all(set(few[k]) == {"mrngan", "linear", "cubic", "registration"} for k in few)
+    assert all(few[k]["registration"]["mse"] != few[k]["linear"]["mse"] for k in ("k2", "k4", "k8"))
     assert few["k2"]["linear"]["mse"] < few["k4"]["linear"]["mse"] < few["k8"]["linear"]["mse"]
     assert all(few[k]["cubic"]["mse"] != few[k]["linear"]["mse"] for k in ("k2", "k4", "k8"))
     assert few["k16"]["cubic"] == pytest.approx(few["k16"]["linear"], abs=1e-5)  # 25 slices: k = 16 gives two slices, PCHIP is the straight line
@@ -283,7 +284,7 @@ def test_evaluation_report_shape_and_baseline_sanity(tiny_dataset, prior, tmp_pa
     rows = (tmp_path / "per_distance.csv").read_text().splitlines()
     assert rows[0] == "setting,method,d,d_mm,n,ssim,ssim_head,psnr,mse" and len(rows) > 4 * 10
     few_rows = [r.split(",") for r in rows[1:] if not r.startswith("single,")]
-    assert {(r[0], r[1]) for r in few_rows} == {(f"k{k}", m) for k in (2, 4, 8, 16) for m in ("mrngan", "linear", "cubic")}
+    assert {(r[0], r[1]) for r in few_rows} == {(f"k{k}", m) for k in (2, 4, 8, 16) for m in ("mrngan", "linear", "cubic", "registration")}
     assert sorted(int(r[2]) for r in few_rows if r[0] == "k8" and r[1] == "cubic") == [1, 2, 3, 4]  # d: to the nearest given slice
     for metric in ("ssim", "ssim_head", "psnr", "mse"):
         assert (tmp_path / f"distance_{metric}.png").stat().st_size > 1000
@@ -389,7 +390,7 @@ def test_bundle_train_evaluate_infer(tiny_dataset, tmp_path):
     ev.finalize()
     report = json.loads((tmp_path / "eval" / "reconstruction" / "report.json").read_text())
     assert set(report["single_slice"]["methods"]) == {"mrngan", "pix2pix_iterative", "prior", "copy"}
-    assert set(report["few_slices"]["k8"]) == {"mrngan", "linear", "cubic"}
+    assert set(report["few_slices"]["k8"]) == {"mrngan", "linear", "cubic", "registration"}
     assert (tmp_path / "eval" / "metrics.csv").is_file()
 
     # inference: one PNG slice, one 2D NIfTI slice, a set of slices of a 3D NIfTI
