@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ..data.positions import HEAD_THRESHOLD
 
-__all__ = ["FitConfig", "SliceFit", "register_slices", "align", "affine_grid", "moment_theta", "theta_from_sums", "head_sums", "gauss_blur", "ncc", "warp", "intensity_map", "torch_threads"]
+__all__ = ["FitConfig", "SliceFit", "register_slices", "align", "affine_grid", "moment_theta", "theta_from_sums", "head_sums", "gauss_blur", "ncc", "warp", "intensity_map", "torch_threads",
+           "INTERP_FIT", "interpolate_between"]
 
 
 @dataclass
@@ -311,3 +312,35 @@ def intensity_map(warped: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tens
     gain = ((warped * fx * m).flatten(1).sum(1) / (warped * warped * m).flatten(1).sum(1).clamp_min(1e-8)).clamp(0.5, 2.0)
     return gain, torch.zeros_like(gain)
 
+
+
+INTERP_FIT = {"mode": "deformable", "work_size": 128, "grid_points": 10, "affine_iters": 30, "deform_iters": 40, "smooth_weight": 0.05}
+"""How :func:`interpolate_between` registers two slices of one scan (:class:`FitConfig`; ``work_size`` capped at the slice
+size, so a 128 px slice is registered at full size). On 3 IXI test subjects (2 mm, 128 px), registration-based
+interpolation scored +1.53 / +1.33 / +1.28 dB over linear at k = 2 / 4 / 8; at work size 64 +1.17 / +1.28 / +1.22 dB in
+about two thirds of the time; 16 control points or 80 steps did not do better (mrngan docs)."""
+
+
+def interpolate_between(a: torch.Tensor, b: torch.Tensor, fractions: torch.Tensor, fit: dict | None = None) -> torch.Tensor:
+    """Slices between ``a`` and ``b`` (N,1,H,W) at ``fractions`` (N,T) of the way from ``a`` (0) to ``b`` (1): (N,T,1,H,W).
+
+    Each pair is registered both ways (:func:`register_slices`, settings :data:`INTERP_FIT` updated by ``fit``); the
+    slice at fraction ``t`` is ``a`` moved ``t`` of the way to ``b`` and ``b`` moved ``1 - t`` of the way back, blended
+    ``(1 - t, t)``: a structure that shifts, grows or shrinks between them lands in between, where a pixel-wise blend
+    shows it twice at part strength. Registers on ``FitConfig.num_threads`` threads (one by default), as the atlas fit."""
+    n, _, h, w = a.shape
+    settings = {**INTERP_FIT, **(fit or {})}
+    cfg = FitConfig(**{**settings, "work_size": min(int(settings["work_size"]), h, w)})
+    a, b = a.detach().float().clone(), b.detach().float().clone()  # plain tensors: the registration optimises through them
+    with torch_threads(cfg.num_threads):
+        forward = register_slices(a, b, cfg).grid((h, w))  # samples a where b is
+        backward = register_slices(b, a, cfg).grid((h, w))
+    ident = affine_grid(identity_theta(1, a.device), (h, w))
+    t = fractions.to(a).reshape(n, -1)
+    steps = t.shape[1]
+    tt = t.reshape(n * steps, 1, 1, 1)
+    with torch.no_grad():
+        moved_a = warp(a.repeat_interleave(steps, 0), ident + tt * (forward.repeat_interleave(steps, 0) - ident))
+        moved_b = warp(b.repeat_interleave(steps, 0), ident + (1 - tt) * (backward.repeat_interleave(steps, 0) - ident))
+        out = (1 - tt) * moved_a + tt * moved_b
+    return out.reshape(n, steps, 1, h, w).clamp(0.0, 1.0)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..atlas.registration import interpolate_between
 from ..metrics.image import ssim_and_head
 from ..networks.contracts import prior_fn_for
 from ..networks.recurrent import MRNGAN, NextFn
@@ -77,6 +78,9 @@ class RecurrentUnroll(nn.Module):
         prior: object with ``slice_at(positions)``: the plain (unfitted) prior of runs that bring
             no prior slices of their own (runs from the fitted-prior cache do).
         generator: the pix2pix module, registered only when ``finetune`` so it is trained/saved.
+
+    A cell with ``interp`` is handed :func:`~monai_mrngan.atlas.registration.interpolate_between` (each gap run's
+    two ends registered, as at inference).
     """
 
     def __init__(self, model: MRNGAN, next_fn: NextFn, prior: Any, generator: nn.Module | None = None, finetune: bool = False) -> None:
@@ -101,7 +105,8 @@ class RecurrentUnroll(nn.Module):
             prior_fn = lambda _positions: prior  # noqa: E731
         else:
             prior_fn = prior_fn_for(self.prior)
-        return self.model.unroll(start, positions, direction, self.next_fn, prior_fn, far, far_position)
+        interp_fn = interpolate_between if getattr(self.model, "interp", False) else None
+        return self.model.unroll(start, positions, direction, self.next_fn, prior_fn, far, far_position, interp_fn)
 
 
 class WeightedL1L2Loss(nn.Module):

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
+from ..atlas.registration import interpolate_between
 from ..networks.contracts import prior_fn_for
 from ..networks.recurrent import MRNGAN, NextFn
 
@@ -64,7 +65,8 @@ def one_pass_gaps(run: Runner | MRNGAN | None) -> bool:
 
 
 def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = True) -> Runner:
-    """Runner that unrolls the trained MRNGAN cell (eval mode, no grad); gap-aware when the cell has ``far_end``."""
+    """Runner that unrolls the trained MRNGAN cell (eval mode, no grad); gap-aware when the cell has ``far_end``; a cell with
+    ``interp`` gets each run's registration-based interpolation between its ends, as in training."""
 
     if next(model.parameters()).device.type == "cpu":
         model.use_channels_last()
@@ -77,7 +79,7 @@ def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = 
         far_slices, far_pos = far if far is not None else (None, None)
         recording, model.record_spread = model.record_spread, True  # a few elementwise operations per step beside the convolutions
         try:
-            out = model.unroll(starts, pos, directions, next_fn, prior_fn, far_slices, far_pos)
+            out = model.unroll(starts, pos, directions, next_fn, prior_fn, far_slices, far_pos, interpolate_between if model.interp else None)
         finally:  # only this rollout records: the model object may be trained afterwards
             model.record_spread = recording
         # prior weight (N, steps) and candidate spread (N, steps, H, W): fill_volume maps them to slices

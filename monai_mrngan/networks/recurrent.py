@@ -25,6 +25,13 @@ from the far end (``pix2pix(far, -direction)``, one call per run), and the far c
 learned per-pixel mix of the far slice and that prediction (half each before training): the slices
 just before a given one get pix2pix's estimate from that side, not a copy of it.
 
+With ``interp=True`` (needs ``far_end``) the cell also sees, at each step, the slice that
+registration-based interpolation between the run's start and its far end gives at ``p_t``
+(``interp_fn`` of :meth:`MRNGAN.unroll`, computed once per run by the caller: the two ends registered
+and moved partway towards each other); it is one more channel and one more blend candidate, masked like
+the far slice when there is no far end. Without an ``interp_fn`` the channel holds the linear blend of
+the two ends.
+
 With ``state_scale=2`` the encoder, the recurrent state and the head run on the step input
 area-averaged to half the slice size, and only the blend (the head's weights and correction, upsampled
 bilinearly) runs at full size, on the full-size candidates: a step costs about a third (most of it was
@@ -66,12 +73,14 @@ CELLS = ("rnn", "gru")
 DIST_SCALE = 5.0  # distance map = min(1, 5 |p_t - p_0|): 1 from 40 mm away on
 STEP_CHANNELS = ("previous", "pix2pix", "prior", "p", "distance",  # every cell
                  "far", "far_distance", "far_flag", "far_weight",  # far_end
-                 "far_next")  # far_next
+                 "far_next",  # far_next
+                 "interp")  # interp
 """The step input's channels in order, the one home of that order (:meth:`MRNGAN.forward` describes
-each): a cell reads the first 5, with ``far_end`` the first 9, with ``far_next`` all 10."""
+each): a cell reads the first 5, with ``far_end`` the first 9, with ``far_next`` the first 10; ``interp``
+adds its channel after those (``MRNGAN.step_channels``)."""
 CH = {name: i for i, name in enumerate(STEP_CHANNELS)}
 """Channel index of each name in :data:`STEP_CHANNELS`."""
-CANDIDATES = ("previous", "pix2pix", "prior", "far", "far_next")
+CANDIDATES = ("previous", "pix2pix", "prior", "far", "far_next", "interp")
 """The step input's slices that the blend mixes, in the order of the blend's logits."""
 
 
@@ -130,6 +139,8 @@ class MRNGAN(nn.Module):
         both_ways: with ``far_end``, how reconstruction fills a gap between two given slices: two
             runs, one from each end (each knowing the other), blended by distance (True), or one
             run from the lower end (False). Not a weight: it does not change training.
+        interp: with ``far_end``, the registration-based interpolation between the run's start and
+            its far end at ``p_t`` is one more input channel and blend candidate (see the module docstring).
     """
 
     def __init__(
@@ -145,10 +156,14 @@ class MRNGAN(nn.Module):
         state_scale: int = 1,
         far_next: bool = False,
         both_ways: bool = True,
+        interp: bool = False,
     ) -> None:
         super().__init__()
         if far_next and not far_end:
             raise ValueError("far_next needs far_end")
+        if interp and not far_end:
+            raise ValueError("interp needs far_end")
+        self.interp = bool(interp)
         self.far_next = bool(far_next)
         if int(state_scale) < 1:
             raise ValueError(f"state_scale must be a positive integer, got {state_scale!r}")
@@ -162,8 +177,10 @@ class MRNGAN(nn.Module):
         self.output, self.max_correction, self.far_end = output, float(max_correction), bool(far_end)
         self.both_ways = bool(both_ways) and self.far_end
         self.record_spread = False  # inference: unroll keeps last_candidate_spread (on during the mrngan runner's rollouts)
-        last = "far_next" if self.far_next else "far_weight" if self.far_end else "distance"  # the step input's last channel
-        in_ch = CH[last] + 1
+        last = "far_next" if self.far_next else "far_weight" if self.far_end else "distance"
+        self.step_channels = STEP_CHANNELS[: CH[last] + 1] + (("interp",) if self.interp else ())
+        self.ch = {name: i for i, name in enumerate(self.step_channels)}
+        in_ch = len(self.step_channels)
         self.in_channels = in_ch
         if features > 0:
             self.encoder: nn.Module = nn.Sequential(
@@ -173,7 +190,8 @@ class MRNGAN(nn.Module):
         else:
             self.encoder, cell_in = nn.Identity(), in_ch
         self.cell = (ConvRNNCell if cell == "rnn" else ConvGRUCell)(cell_in, hidden_channels, kernel_size)
-        head_out = {"blend": (5 if self.far_end else 4) + int(self.far_next), "residual": 1, "direct": 1}[output]
+        # blend: 3 logits, [far logit, [interp logit]], the correction, [far_next's share]
+        head_out = {"blend": 4 + int(self.far_end) + int(self.interp) + int(self.far_next), "residual": 1, "direct": 1}[output]
         self.head = nn.Sequential(
             _conv(hidden_channels + in_ch, hidden_channels, kernel_size), nn.LeakyReLU(0.1), _conv(hidden_channels, head_out, 1)
         )
@@ -238,7 +256,7 @@ class MRNGAN(nn.Module):
         """One step: ``x`` (B,C,H,W) (channels as in :meth:`forward`) -> (slice (B,1,H,W), new state)."""
         if x.shape[1] != self.in_channels:
             raise ValueError(f"step input must have {self.in_channels} channels (far_end={self.far_end}), got {x.shape[1]}")
-        candidates = [x[:, CH[name] : CH[name] + 1] for name in CANDIDATES if CH[name] < self.in_channels]
+        candidates = [x[:, self.ch[name] : self.ch[name] + 1] for name in CANDIDATES if name in self.ch]
         return self._advance(self._reduced(x), s, candidates)
 
     def _advance(self, xs: torch.Tensor, s: torch.Tensor, candidates: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,13 +267,15 @@ class MRNGAN(nn.Module):
         s = self.cell(self.encoder(xs), s)
         h = self.head(torch.cat([s, xs], 1))
         with_far = self.far_end and len(candidates) > 3
-        n = 4 if with_far else 3
+        n = 4 + int(self.interp) if with_far else 3
         if self.output == "blend" and with_far:  # logit(linear weight) offset; no far end (flag 0): no weight
             lin = xs[:, CH["far_weight"] : CH["far_weight"] + 1].clamp(1e-4, 1.0 - 1e-4)
-            far_logit = h[:, 3:4] + torch.log(lin / (1.0 - lin)) - 1e4 * (1.0 - xs[:, CH["far_flag"] : CH["far_flag"] + 1])
-            h = torch.cat([h[:, :3], far_logit, h[:, 4:]], 1)
+            none = 1e4 * (1.0 - xs[:, CH["far_flag"] : CH["far_flag"] + 1])
+            logits = [h[:, :3], h[:, 3:4] + torch.log(lin / (1.0 - lin)) - none] + ([h[:, 4:5] - none] if self.interp else [])
+            h = torch.cat(logits + [h[:, n:]], 1)
         elif self.output == "blend" and self.far_end:  # the three logits and the correction only
-            h = torch.cat([h[:, :3], h[:, 4:5]], 1)
+            c = 4 + int(self.interp)
+            h = torch.cat([h[:, :3], h[:, c : c + 1]], 1)
         if self.state_scale > 1:  # the blend logits and the correction, back to the slice size
             h = F.interpolate(h, size=candidates[0].shape[-2:], mode="bilinear", align_corners=False)
         prev = candidates[0]
@@ -265,7 +285,7 @@ class MRNGAN(nn.Module):
             out = self.max_correction * torch.tanh(h[:, n : n + 1])
             if with_far and self.far_next:  # the far candidate: far slice and pix2pix's step back from it, mixed per pixel
                 share = torch.sigmoid(h[:, n + 1 : n + 2])
-                candidates = candidates[:3] + [(1.0 - share) * candidates[3] + share * candidates[4]]
+                candidates = candidates[:3] + [(1.0 - share) * candidates[3] + share * candidates[4]] + candidates[5:]
             for i, c in enumerate(candidates[:n]):
                 out = out + w[:, i : i + 1] * c
             if self.record_spread:  # how much the blended candidates disagree where the cell trusts them
@@ -284,7 +304,8 @@ class MRNGAN(nn.Module):
         pix2pix prediction from it, prior slice at ``p_t``, ``p_t`` map, distance map
         ``min(1, 5 |p_t - p_0|)``; with ``far_end`` also the far slice, the far distance map
         ``min(1, 5 |p_far - p_t|)``, the far flag map and the far end's linear weight map
-        ``|p_t - p_{t-1}| / |p_far - p_{t-1}|``; slices in [0, 1]; C = 5 or 9);
+        ``|p_t - p_{t-1}| / |p_far - p_{t-1}|``; with ``far_next`` pix2pix's step back from the far slice, with
+        ``interp`` the interpolation between the ends at ``p_t``; slices in [0, 1]; C = ``len(self.step_channels)``);
         ``state`` is ``s_{t-1}`` (B,hidden,H/state_scale,W/state_scale), zeros when
         None. Equals ``self.step(x, state)[0]``; this is the single-tensor entry point MONAI's
         ``verify_net_in_out`` and exporters call. Generating a volume needs :meth:`unroll` (it carries the state).
@@ -295,12 +316,12 @@ class MRNGAN(nn.Module):
 
     def _step_input(self, images: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """The step input at the state's size from the candidate slices already at that size
-        (B,3[+1[+1]],h,w; :data:`CANDIDATES` order) and per-sample ``values`` (B,) of the constant maps,
-        by channel name, in :data:`STEP_CHANNELS` order."""
+        (B,K,h,w: the cell's candidates in :data:`CANDIDATES` order) and per-sample ``values`` (B,) of the
+        constant maps, by channel name, in the order of ``step_channels``."""
         b, _, hh, ww = images.shape
-        parts = {name: images[:, i : i + 1] for i, name in enumerate(CANDIDATES[: images.shape[1]])}
+        parts = {name: images[:, i : i + 1] for i, name in enumerate(n for n in CANDIDATES if n in self.ch)}
         parts.update({name: v.reshape(b, 1, 1, 1).to(images).expand(b, 1, hh, ww) for name, v in values.items()})
-        return self._layout(torch.cat([parts[name] for name in STEP_CHANNELS[: self.in_channels]], 1))
+        return self._layout(torch.cat([parts[name] for name in self.step_channels], 1))
 
     def _far_values(self, far_p: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor, p_prev: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Far-end values at ``p_t``: its flag (1: a far end still ahead) and the far channels' values (far
@@ -312,11 +333,12 @@ class MRNGAN(nn.Module):
         lin = torch.where(ahead, (pt - p_prev).abs() / (far_p - p_prev).abs().clamp_min(1e-8), torch.zeros_like(pt)).clamp(0.0, 1.0)
         return flag, {"far_distance": dist, "far_flag": flag, "far_weight": lin}
 
-    def _inputs(self, prev, pix, prior, prior_small, ends, far_p, p0, pt, p_prev) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _inputs(self, prev, pix, prior, prior_small, ends, far_p, p0, pt, p_prev, between=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(step input at the state's size, full-size candidates) at ``p_t``. ``prior_small``: the prior
         slice already at the state's size; ``ends``: the run's far slices ([far, [far_next]] at full size,
         the same at the state's size) or None (no run has a far end: the far channels are zeros and
-        there is no far candidate). Only the previous output and its pix2pix prediction are pooled here."""
+        there is no far candidate); ``between``: with ``interp``, the interpolation between the ends at
+        ``p_t`` (full size, state's size). Only the previous output and its pix2pix prediction are pooled here."""
         near = self._pool(torch.cat([prev, pix], 1))
         small, candidates = [near, prior_small], [prev, pix, prior]
         values = {"p": pt, "distance": (DIST_SCALE * (pt - p0).abs()).clamp(max=1.0)}
@@ -324,11 +346,11 @@ class MRNGAN(nn.Module):
             flag, far_values = self._far_values(far_p, p0, pt, p_prev)
             values.update(far_values)
             if ends is None:
-                small.append(near.new_zeros(near.shape[0], 1 + int(self.far_next), *near.shape[-2:]))
+                small.append(near.new_zeros(near.shape[0], 1 + int(self.far_next) + int(self.interp), *near.shape[-2:]))
             else:  # a far end behind a run counts no more (flag 0): its slices are zeros
                 f = flag.to(prev).view(-1, 1, 1, 1)
-                candidates += [x * f for x in ends[0]]
-                small += [x * f for x in ends[1]]
+                candidates += [x * f for x in ends[0]] + ([between[0] * f] if self.interp else [])
+                small += [x * f for x in ends[1]] + ([between[1] * f] if self.interp else [])
         return self._step_input(torch.cat(small, 1), values), candidates
 
     def unroll(
@@ -340,13 +362,17 @@ class MRNGAN(nn.Module):
         prior_fn: PriorFn,
         far: torch.Tensor | None = None,
         far_positions: torch.Tensor | None = None,
+        interp_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Generate slices 1..T-1 of a run from ``start`` (B,1,H,W) [0,1].
 
         ``positions`` (B,T): ``p`` of the start slice and of each slice to generate; ``direction``
         (B,) +-1 (array-index direction, handed to ``next_fn``). ``far`` (B,1,H,W) / ``far_positions``
         (B,): the given slice at the far end of each run's gap and its ``p`` (NaN: none); ignored by
-        the paper cell (``far_end=False``). Returns (B,T-1,H,W) in [0,1].
+        the paper cell (``far_end=False``). ``interp_fn(start, far, fractions (B,T)) -> (B,T,1,H,W)``: with
+        ``interp``, the slices between each run's ends at those fractions of the way (e.g.
+        :func:`~monai_mrngan.atlas.registration.interpolate_between`); None: the linear blend of the ends.
+        Returns (B,T-1,H,W) in [0,1].
         """
         if start.ndim != 4 or start.shape[1] != 1:
             raise ValueError(f"start must be (B,1,H,W), got {tuple(start.shape)}")
@@ -368,12 +394,23 @@ class MRNGAN(nn.Module):
             full = [far] + ([next_fn(far, -direction).to(start)] if self.far_next else [])
             ends = (full, [self._pool(x) for x in full])
         p0 = positions[:, 0]
-        x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0)
+        between = [None] * positions.shape[1]  # per step: (full size, state's size) interpolation between the ends
+        if self.interp and ends is not None:
+            span = (far_p - p0).abs().reshape(-1, 1)
+            frac = torch.where(torch.isfinite(span), (positions - p0[:, None]).abs() / span.clamp_min(1e-8), torch.zeros_like(positions)).clamp(0, 1)
+            if interp_fn is None:
+                mid = torch.lerp(start[:, None], far[:, None], frac[..., None, None, None])
+            else:
+                mid = interp_fn(start, far, frac).to(start)
+            mid_small = self._pool(mid.flatten(0, 1)).unflatten(0, mid.shape[:2])
+            between = [(mid[:, t], mid_small[:, t]) for t in range(positions.shape[1])]
+        x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0, between[0])
         s = self._first_state(x0, start)
         prev, outs, prior_w, spreads = start, [], [], []
         for t in range(1, positions.shape[1]):
             pix = next_fn(prev, direction).to(start)
-            xs, candidates = self._inputs(prev, pix, priors[:, t], priors_small[:, t], ends, far_p, p0, positions[:, t], positions[:, t - 1])
+            xs, candidates = self._inputs(prev, pix, priors[:, t], priors_small[:, t], ends, far_p, p0, positions[:, t], positions[:, t - 1],
+                                          between[t])
             prev, s = self._advance(xs, s, candidates)
             outs.append(prev)
             if self.output == "blend":
