@@ -125,6 +125,60 @@ def test_far_end_cell_shapes_channels_and_gradients():
         model.unroll(start, pos, torch.ones(3), _identity_next, _const_prior(), None, far_p)
 
 
+def test_interp_cell_adds_the_interpolation_between_the_ends_as_a_channel_and_a_candidate():
+    """``interp``: one more channel (after far_next) and blend candidate; the interpolation is asked once per run at the
+    fractions of the way to the far end (0 at the start, 1 at the far end, clamped past it); no far end: weight 0."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="interp needs far_end"):
+        MRNGAN(interp=True)
+    assert MRNGAN(far_end=True, interp=True).in_channels == 10 and MRNGAN(far_end=True, far_next=True, interp=True).in_channels == 11
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True, far_next=True, interp=True)
+    assert model.step_channels[-2:] == ("far_next", "interp")
+    start, far = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
+    pos = torch.tensor([[0.5, 0.49, 0.48, 0.47, 0.46]] * 3)
+    far_p = torch.tensor([0.48, NAN, 0.40])
+    asked = []
+
+    def interp_fn(a, b, fractions):
+        asked.append(fractions.clone())
+        return torch.lerp(a[:, None], b[:, None], fractions[..., None, None, None]) * 0 + 0.7  # a constant slice: easy to spot
+
+    out = model.unroll(start, pos, torch.ones(3), _identity_next, _const_prior(), far, far_p, interp_fn)
+    assert out.shape == (3, 4, 8, 8) and len(asked) == 1
+    torch.testing.assert_close(asked[0][0], torch.tensor([0.0, 0.5, 1.0, 1.0, 1.0]))  # clamped past the far end
+    torch.testing.assert_close(asked[0][2], torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4]))
+    assert float(model.last_weights[1, 4].abs().max()) == 0.0  # the open run: no weight on the interpolation
+    assert float(model.last_weights[2, 4].min()) > 0.0
+    out.mean().backward()
+    assert float(model.head[-1].weight.grad.abs().sum()) > 0
+    assert model(torch.rand(2, 11, 8, 8)).shape == (2, 1, 8, 8)
+    with torch.no_grad():  # without an interp_fn the channel holds the linear blend of the ends
+        plain = model.unroll(start, pos, torch.ones(3), _identity_next, _const_prior(), far, far_p)
+        linear = model.unroll(start, pos, torch.ones(3), _identity_next, _const_prior(), far, far_p,
+                              lambda a, b, f: torch.lerp(a[:, None], b[:, None], f[..., None, None, None]))
+    torch.testing.assert_close(plain, linear)
+    older = MRNGAN(hidden_channels=4, features=4, far_end=True, far_next=True)  # weights trained without interp
+    with pytest.raises(ValueError, match="10-channel step input, this cell reads 11.*interp"):
+        model.load_state_dict(older.state_dict())
+
+
+def test_interpolate_between_is_exact_at_the_ends_and_used_when_training_an_interp_cell(monkeypatch):
+    from monai_mrngan.atlas import registration
+    from monai_mrngan.engines import recurrent
+
+    truth = _moving_disc([10 + 1.5 * z for z in range(5)])
+    mid = registration.interpolate_between(truth[[0]][:, None], truth[[4]][:, None], torch.tensor([[0.0, 0.5, 1.0]]))
+    torch.testing.assert_close(mid[0, 0, 0], truth[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mid[0, 2, 0], truth[4], atol=1e-6, rtol=0)
+    assert float(((mid[0, 1, 0] - truth[2]) ** 2).mean()) < 0.3 * float(((0.5 * (truth[0] + truth[4]) - truth[2]) ** 2).mean())
+    calls = []
+    monkeypatch.setattr(recurrent, "interpolate_between", lambda a, b, f: calls.append(f) or torch.lerp(a[:, None], b[:, None], f[..., None, None, None]))
+    net = RecurrentUnroll(MRNGAN(hidden_channels=4, features=4, far_end=True, interp=True), _identity_next,
+                          type("P", (), {"slice_at": staticmethod(lambda p, **k: torch.zeros(len(p), 1, 8, 8))})())
+    net(torch.rand(2, 1, 8, 8), torch.tensor([[0.5, 0.49, 0.48]] * 2), torch.ones(2), torch.rand(2, 1, 8, 8), torch.tensor([0.48, NAN]))
+    assert len(calls) == 1
+
+
 def test_far_end_enters_the_blend_at_its_linear_weight_and_stops_after_it_is_passed():
     """Zero head: the far slice's weight is |p_t - p_{t-1}| / |p_far - p_{t-1}| while the run is before it, 0 after."""
     model = MRNGAN(hidden_channels=4, features=4, far_end=True, init_weights=(0.2, 0.6, 0.2))

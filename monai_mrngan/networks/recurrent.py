@@ -206,6 +206,11 @@ class MRNGAN(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         """Weights run at the scale they were trained at: a cell built at another scale takes theirs
         (with a warning; the parameters are the same at every scale). Older weights ran at full size."""
+        head = state_dict.get(prefix + "head.0.weight")
+        if head is not None and head.shape[1] != self.head[0].weight.shape[1]:  # hidden + step-input channels
+            got, want = head.shape[1] - self.head[0].out_channels, self.in_channels
+            raise ValueError(f"MRNGAN weights for a {got}-channel step input, this cell reads {want} ({', '.join(self.step_channels)}): "
+                             "set network_def far_end / far_next / interp as they were in training")
         key = prefix + "trained_state_scale"
         trained = int(state_dict.get(key, 1))
         if trained != self.state_scale:
