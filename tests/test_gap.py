@@ -223,7 +223,7 @@ def test_far_end_off_is_the_paper_cell():
     with torch.no_grad():
         plain = paper.unroll(*args)
         torch.testing.assert_close(paper.unroll(*args, torch.rand(2, 1, 8, 8), torch.tensor([0.47, 0.33])), plain, atol=0, rtol=0)
-    with pytest.raises(RuntimeError):  # the far-end cell's weights do not fit the paper cell
+    with pytest.raises(ValueError, match="9-channel step input, this cell reads 5"):  # the far-end cell's weights do not fit the paper cell
         paper.load_state_dict(MRNGAN(hidden_channels=4, features=4, far_end=True).state_dict())
 
 

@@ -462,7 +462,7 @@ def test_reconstruct_files_few_slices_and_bad_inputs(tiny_dataset, tmp_path, pri
 def test_components_from_bundles_loads_what_exists(tmp_path):
     from monai_mrngan.inference.components import components_from_bundles
 
-    model = MRNGAN(far_end=True, state_scale=4, far_next=True)  # inference.json's network_def
+    model = MRNGAN(far_end=True, state_scale=4, far_next=True, interp=True)  # inference.json's network_def
     with torch.no_grad():
         model.head[-1].bias.fill_(0.123)
     (tmp_path / "mrngan" / "models").mkdir(parents=True)
