@@ -401,12 +401,13 @@ class MRNGAN(nn.Module):
         p0 = positions[:, 0]
         between = [None] * positions.shape[1]  # per step: (full size, state's size) interpolation between the ends
         if self.interp and ends is not None:
-            span = (far_p - p0).abs().reshape(-1, 1)
-            frac = torch.where(torch.isfinite(span), (positions - p0[:, None]).abs() / span.clamp_min(1e-8), torch.zeros_like(positions)).clamp(0, 1)
+            has = torch.isfinite(far_p)  # open runs: no far end, the candidate is masked; nothing to register
+            frac = ((positions[has] - p0[has, None]).abs() / (far_p[has] - p0[has]).abs().clamp_min(1e-8)[:, None]).clamp(0, 1)
+            mid = start.new_zeros(b, positions.shape[1], *start.shape[1:])
             if interp_fn is None:
-                mid = torch.lerp(start[:, None], far[:, None], frac[..., None, None, None])
+                mid[has] = torch.lerp(start[has, None], far[has, None], frac[..., None, None, None])
             else:
-                mid = interp_fn(start, far, frac).to(start)
+                mid[has] = interp_fn(start[has], far[has], frac).to(start)
             mid_small = self._pool(mid.flatten(0, 1)).unflatten(0, mid.shape[:2])
             between = [(mid[:, t], mid_small[:, t]) for t in range(positions.shape[1])]
         x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0, between[0])
