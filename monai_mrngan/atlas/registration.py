@@ -313,7 +313,6 @@ def intensity_map(warped: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tens
     return gain, torch.zeros_like(gain)
 
 
-
 INTERP_FIT = {"mode": "deformable", "work_size": 128, "grid_points": 10, "affine_iters": 30, "deform_iters": 40, "smooth_weight": 0.05}
 """How :func:`interpolate_between` registers two slices of one scan (:class:`FitConfig`; ``work_size`` capped at the slice
 size, so a 128 px slice is registered at full size). On 3 IXI test subjects (2 mm, 128 px), registration-based

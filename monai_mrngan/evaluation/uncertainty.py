@@ -30,11 +30,11 @@ import torch
 from ..data.datalist import load_split
 from ..data.io import load_volume, pyplot, save_figure
 from ..data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, index_for_position, position_step
+from ..inference.calibration import FEATURES, Calibration
 from ..inference.components import Components
 from ..inference.localize import localize
 from ..inference.reconstruct import reconstruct_volume, refine_positions
 from ..inference.runners import one_pass_gaps
-from ..inference.calibration import FEATURES, Calibration
 from ..inference.uncertainty import broadcast, track_spread, uncertainty_map, uncertainty_signals
 from ..inference.volume import Reconstruction
 
@@ -230,12 +230,11 @@ def select_signals(signals: dict[str, np.ndarray], err: np.ndarray, subject: np.
     """
     features = list(features)
     optional = [o for o in optional if o in features]
-    subjects = np.unique(subject)
+    subjects, rank = np.unique(subject, return_inverse=True)  # rank: each sample's subject among the sorted subjects
     if not optional or subjects.size < 2:
         return features, {"optional": optional, "kept": optional, "reason": "fewer than two subjects" if optional else "no optional signal"}
     folds = min(int(folds), subjects.size)
-    fold_of = {s: i % folds for i, s in enumerate(subjects)}
-    fold = np.vectorize(fold_of.get)(subject)
+    fold = rank.reshape(-1) % folds
     rng = np.random.default_rng(seed)
     variants = {"all": features, **{f"without {o}": [f for f in features if f != o] for o in optional}}
     scores: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
