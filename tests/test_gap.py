@@ -180,6 +180,22 @@ def test_interpolate_between_is_exact_at_the_ends_and_used_when_training_an_inte
     assert len(calls) == 1
 
 
+
+def test_interpolate_between_registers_a_pair_given_both_ways_once(monkeypatch):
+    """A gap filled from both ends hands (a, b) and (b, a) over in one batch: one registration each way, the same slices."""
+    from monai_mrngan.atlas import registration
+
+    truth = _moving_disc([10 + 1.5 * z for z in range(5)])
+    a, b = truth[[0, 1]][:, None], truth[[4, 3]][:, None]
+    fr = torch.tensor([[0.25, 0.5], [0.3, 0.6]])
+    one_way = registration.interpolate_between(a, b, fr)
+    sizes, register = [], registration.register_slices
+    monkeypatch.setattr(registration, "register_slices", lambda m, f, cfg: sizes.append(len(m)) or register(m, f, cfg))
+    both = registration.interpolate_between(torch.cat([a, b]), torch.cat([b, a]), torch.cat([fr, 1 - fr]))
+    assert sizes == [2, 2]  # two distinct pairs, each registered a -> b and b -> a
+    torch.testing.assert_close(both[:2], one_way, atol=1e-6, rtol=0)
+    torch.testing.assert_close(both[2:], one_way, atol=1e-6, rtol=0)
+
 def test_far_end_enters_the_blend_at_its_linear_weight_and_stops_after_it_is_passed():
     """Zero head: the far slice's weight is |p_t - p_{t-1}| / |p_far - p_{t-1}| while the run is before it, 0 after."""
     model = MRNGAN(hidden_channels=4, features=4, far_end=True, init_weights=(0.2, 0.6, 0.2))
