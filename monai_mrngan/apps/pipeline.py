@@ -108,12 +108,12 @@ PRESETS: dict[str, dict[str, dict]] = {
         # gives back 50 s of its old 150 s
         "mrngan": {"epochs": 100, "time_limit_s": 100, "lr": 0.001, "use_prior_cache": True, "train_limit": 12},
     },
-    # ixi2mm (2 cores, measured 2026-12-02, second run): localization 12.3 + 1.2 min, mean brain + bank +
-    # its evaluation 1.8 min, pix2pix 20.2 + 1.4 min, MRNGAN cache 1.1 min (the first 24 training + 5
-    # validation volumes, 2 workers), training 150 epochs in 10.4 min (state_scale 4; the 900 s limit
-    # is a cap), calibration 6.2 min (measured with the state_scale 2 cell), evaluation 8.8 min: about
-    # 64 min. Training MRNGAN on all 120 volumes (cache 4.9 min) was measured no better (few slices
-    # -0.07 to -0.10 dB, one slice +0.10 dB, same 15 min of training), so the first 24 stay.
+    # ixi2mm (2 cores, measured whole 2026-12-06, bundle 0.7.0): 68.8 min, peak memory 4.2 GB. Localization
+    # 12.3 + 1.1 min, mean brain + bank + its evaluation 1.3 min, pix2pix 20.1 + 1.3 min, MRNGAN cache 1.0 min
+    # (the first 24 training + 5 validation volumes, 2 workers), training 15.2 min (the 900 s limit: 143 of
+    # 150 epochs, the interp cell registering each gap run's ends), calibration 4.7 min, evaluation 11.8 min.
+    # Training MRNGAN on all 120 volumes (cache 4.9 min) was measured no better (few slices -0.07 to -0.10 dB,
+    # one slice +0.10 dB, same 15 min of training; 2026-12-02), so the first 24 stay.
     # ixi2mm trains with intensity_augmentation (randomised bias field, gamma, histogram, blur, noise,
     # gain per training volume) so the stages do not learn IXI's one scanner; the time limits hold, the
     # augmentation costing some iterations (about 0.25 s per volume drawn, 128 x 128 x 101, busy 2 cores).
