@@ -195,6 +195,7 @@ def test_interpolate_between_registers_a_pair_given_both_ways_once(monkeypatch):
     assert sizes == [2, 2]  # two distinct pairs, each registered a -> b and b -> a
     torch.testing.assert_close(both[:2], one_way, atol=1e-6, rtol=0)
     torch.testing.assert_close(both[2:], one_way, atol=1e-6, rtol=0)
+    assert registration.interpolate_between(a[:0], b[:0], fr[:0]).shape == (0, 2, 1, *a.shape[-2:])
 
 def test_far_end_enters_the_blend_at_its_linear_weight_and_stops_after_it_is_passed():
     """Zero head: the far slice's weight is |p_t - p_{t-1}| / |p_far - p_{t-1}| while the run is before it, 0 after."""

@@ -341,6 +341,8 @@ def interpolate_between(a: torch.Tensor, b: torch.Tensor, fractions: torch.Tenso
     shows it twice at part strength. A pair also given the other way round (``b``, ``a``) is registered once for both.
     Registers on ``FitConfig.num_threads`` threads (one by default), as the atlas fit."""
     n, _, h, w = a.shape
+    if n == 0:  # no pair: nothing to register (torch.unique and the grids need at least one)
+        return a.new_zeros(0, fractions.shape[-1], 1, h, w)
     settings = {**INTERP_FIT, **(fit or {})}
     cfg = FitConfig(**{**settings, "work_size": min(int(settings["work_size"]), h, w)})
     a, b = a.detach().float().clone(), b.detach().float().clone()  # plain tensors: the registration optimises through them
