@@ -180,7 +180,6 @@ def test_interpolate_between_is_exact_at_the_ends_and_used_when_training_an_inte
     assert len(calls) == 1
 
 
-
 def test_interpolate_between_registers_a_pair_given_both_ways_once(monkeypatch):
     """A gap filled from both ends hands (a, b) and (b, a) over in one batch: one registration each way, the same slices."""
     from monai_mrngan.atlas import registration
@@ -196,6 +195,7 @@ def test_interpolate_between_registers_a_pair_given_both_ways_once(monkeypatch):
     torch.testing.assert_close(both[:2], one_way, atol=1e-6, rtol=0)
     torch.testing.assert_close(both[2:], one_way, atol=1e-6, rtol=0)
     assert registration.interpolate_between(a[:0], b[:0], fr[:0]).shape == (0, 2, 1, *a.shape[-2:])
+
 
 def test_far_end_enters_the_blend_at_its_linear_weight_and_stops_after_it_is_passed():
     """Zero head: the far slice's weight is |p_t - p_{t-1}| / |p_far - p_{t-1}| while the run is before it, 0 after."""
