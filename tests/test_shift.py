@@ -34,3 +34,18 @@ def test_side_by_side_report(tiny_dataset, tmp_path):
     orig, noisy = rows["original"]["single_slice"]["copy"]["psnr"], rows["noise_3pct"]["single_slice"]["copy"]["psnr"]
     assert orig != noisy
     assert "| noise_3pct |" in (tmp_path / "shift_report.md").read_text()
+
+
+def test_cli_refuses_an_unknown_shift_before_evaluating(tiny_dataset, tmp_path, monkeypatch, capsys):
+    from monai_mrngan.apps import cli
+
+    monkeypatch.setattr(cli, "_components", lambda workdir, device="cpu": Components(prior=mean_prior(tiny_dataset, "training")))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:  # fire hands "gamma_0.7,nope" over as a tuple
+        cli.main(["evaluate", "--workdir", str(tmp_path), "--dataset_dir", str(tiny_dataset), "--out", str(out),
+                  "--shift", "gamma_0.7,nope"])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown scanner shift 'nope'; expected one of")
+    assert not out.exists()  # refused before the original subjects were evaluated
+    assert cli._names(("gamma_0.7", " noise_3pct")) == cli._names("gamma_0.7, noise_3pct") == ["gamma_0.7", "noise_3pct"]

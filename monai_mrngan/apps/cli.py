@@ -105,9 +105,15 @@ def pipeline(
     """
     from .pipeline import run_pipeline
 
-    names = stages.split(",") if isinstance(stages, str) else stages
+    names = None if stages is None else _names(stages)
     results = run_pipeline(dataset_dir, workdir, preset=preset, stages=names, time_budget_s=time_budget_s, force=force)
     print(f"pipeline finished: {', '.join(results)} under {workdir}")
+
+
+def _names(value: str | Sequence[str]) -> list[str]:
+    """A comma-separated option as a list of names: fire hands ``a,b`` over as a tuple and ``a`` as a string."""
+    items = value.split(",") if isinstance(value, str) else value
+    return [str(n).strip() for n in items if str(n).strip()]
 
 
 def _device(device: str) -> str:
@@ -248,7 +254,7 @@ def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limi
     if shift:
         from ..evaluation.shift import evaluate_shifted
 
-        names = None if shift == "all" else [n.strip() for n in str(shift).split(",")]
+        names = None if shift == "all" else _names(shift)
         evaluate_shifted(dataset_dir, out, _components(workdir, device), shifts=names, split=split, limit=limit)
         print((Path(out) / "shift_report.md").read_text())
         print(f"report: {out}/shift_report.json")

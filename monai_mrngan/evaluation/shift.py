@@ -24,14 +24,14 @@ from scipy import ndimage
 
 from ..data.datalist import DATALIST_NAME, load_split
 from ..data.grid import scale_intensity
-from ..data.io import load_volume, save_json, save_nifti
+from ..data.io import atomic_path, load_volume, save_json, save_nifti
 from ..data.positions import HEAD_THRESHOLD
 from ..inference.components import Components
 from .reconstruction import evaluate_reconstruction
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHIFTS", "acquire", "simulate", "shifted_dataset", "evaluate_shifted"]
+__all__ = ["SHIFTS", "check_shifts", "acquire", "simulate", "shifted_dataset", "evaluate_shifted"]
 
 
 def _bias(shape: tuple[int, ...], amplitude: float, rng: np.random.Generator) -> np.ndarray:
@@ -75,10 +75,16 @@ SHIFTS: dict[str, list[tuple[Callable[..., np.ndarray], float]]] = {
 """Name -> steps applied in order to a prepared [0, 1] volume (then scaled again like ``prepare``)."""
 
 
+def check_shifts(names: list[str]) -> None:
+    """A one-line error naming every name that is not in :data:`SHIFTS`."""
+    unknown = [n for n in names if n not in SHIFTS]
+    if unknown:
+        raise ValueError(f"unknown scanner shift {', '.join(map(repr, unknown))}; expected one of {sorted(SHIFTS)}")
+
+
 def acquire(volume: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
     """``volume`` (H, W, D) in [0, 1] as the scanner ``name`` of :data:`SHIFTS` would have stored it (not scaled again)."""
-    if name not in SHIFTS:
-        raise ValueError(f"unknown scanner shift {name!r}; expected one of {sorted(SHIFTS)}")
+    check_shifts([name])
     rng = np.random.default_rng(seed)
     v = np.asarray(volume, dtype=np.float64)
     head = v > HEAD_THRESHOLD
@@ -119,6 +125,7 @@ def evaluate_shifted(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """The same evaluation on the original held-out subjects and under every scanner shift, side by side."""
     out_dir = Path(out_dir)
     names = list(shifts or SHIFTS)
+    check_shifts(names)  # before the original subjects' evaluation, not after it
     rows = {"original": _row(evaluate_reconstruction(dataset_dir, out_dir / "original", components, split=split, limit=limit, **evaluate_kw))}
     for name in names:
         data = shifted_dataset(dataset_dir, out_dir / "shifted_data" / name, name, split, limit, seed)
@@ -126,7 +133,8 @@ def evaluate_shifted(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
         rows[name] = _row(evaluate_reconstruction(data, out_dir / name, components, split=split, limit=None, **evaluate_kw))
     save_json({"shifts": {n: [f"{f.__name__.lstrip('_')}({a})" for f, a in SHIFTS[n]] for n in names}, "results": rows},
               out_dir / "shift_report.json")
-    (out_dir / "shift_report.md").write_text(_markdown(rows))
+    with atomic_path(out_dir / "shift_report.md") as tmp:
+        tmp.write_text(_markdown(rows))
     return rows
 
 
