@@ -197,6 +197,29 @@ def test_interpolate_between_registers_a_pair_given_both_ways_once(monkeypatch):
     assert registration.interpolate_between(a[:0], b[:0], fr[:0]).shape == (0, 2, 1, *a.shape[-2:])
 
 
+def test_shared_registrations_register_a_pair_once_across_calls(monkeypatch):
+    """Inside the block a pair registered by one call (either way round) is read by the next; a new pair or another
+    setting is registered; after the block nothing is kept. The slices are those of a call on its own."""
+    from monai_mrngan.atlas import registration
+
+    truth = _moving_disc([10 + 1.5 * z for z in range(5)])
+    a, b, c = truth[[0]][:, None], truth[[4]][:, None], truth[[2]][:, None]
+    fr = torch.tensor([[0.25, 0.5, 0.75]])
+    alone, alone_ac = registration.interpolate_between(a, b, fr), registration.interpolate_between(a, c, fr)
+    sizes, register = [], registration.register_slices
+    monkeypatch.setattr(registration, "register_slices", lambda m, f, cfg: sizes.append(len(m)) or register(m, f, cfg))
+    with registration.shared_registrations():
+        first = registration.interpolate_between(a, b, fr)
+        again = registration.interpolate_between(torch.cat([b, a]), torch.cat([a, c]), torch.cat([1 - fr, fr]))
+        registration.interpolate_between(a, b, fr, {"deform_iters": 5})
+    assert sizes == [1] * 6  # (a, b) each way; then only (a, c); then (a, b) again under another setting
+    registration.interpolate_between(a, b, fr)
+    assert sizes == [1] * 8
+    torch.testing.assert_close(first, alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(again[:1], alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(again[1:], alone_ac, atol=1e-6, rtol=0)
+
+
 def test_far_end_enters_the_blend_at_its_linear_weight_and_stops_after_it_is_passed():
     """Zero head: the far slice's weight is |p_t - p_{t-1}| / |p_far - p_{t-1}| while the run is before it, 0 after."""
     model = MRNGAN(hidden_channels=4, features=4, far_end=True, init_weights=(0.2, 0.6, 0.2))

@@ -10,9 +10,11 @@ a deformation; nothing in MONAI optimises one pair at a time, hence this small e
 
 from __future__ import annotations
 
+import hashlib
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from ..data.positions import HEAD_THRESHOLD
 
 __all__ = ["FitConfig", "SliceFit", "register_slices", "align", "affine_grid", "moment_theta", "theta_from_sums", "head_sums", "gauss_blur", "ncc", "warp", "intensity_map", "torch_threads",
-           "INTERP_FIT", "interpolate_between"]
+           "INTERP_FIT", "interpolate_between", "shared_registrations"]
 
 
 @dataclass
@@ -320,6 +322,45 @@ interpolation scored +1.53 / +1.33 / +1.28 dB over linear at k = 2 / 4 / 8; at w
 about two thirds of the time; 16 control points or 80 steps did not do better (mrngan docs)."""
 
 
+_SHARED: ContextVar[dict | None] = ContextVar("mrngan_shared_registrations", default=None)
+
+
+@contextmanager
+def shared_registrations():
+    """Inside the block :func:`interpolate_between` registers each pair of slices once, whoever asks for it: the
+    evaluation fills the same gaps with the cell and with the registration baseline, which would register every pair
+    twice. The grids are kept until the block ends (about 256 KiB a pair at 128 px), keyed by the two slices' bytes and
+    the registration settings, so a different pair or setting never reads another's."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _digest(x: torch.Tensor) -> bytes:
+    return hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+def _register_both(a: torch.Tensor, b: torch.Tensor, cfg: FitConfig, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling grids (N, H, W, 2) of ``a`` where ``b`` is, and of ``b`` where ``a`` is; inside
+    :func:`shared_registrations` pairs registered before (either way round) are read, not registered again."""
+    memo = _SHARED.get()
+    if memo is None:
+        return register_slices(a, b, cfg).grid(size), register_slices(b, a, cfg).grid(size)
+    setting = (tuple(sorted(asdict(cfg).items())), tuple(size))
+    da, db = [_digest(x) for x in a], [_digest(x) for x in b]
+    todo = [i for i in range(a.shape[0]) if (da[i], db[i], setting) not in memo and (db[i], da[i], setting) not in memo]
+    if todo:
+        idx = torch.as_tensor(todo, device=a.device)
+        fw, bw = register_slices(a[idx], b[idx], cfg).grid(size), register_slices(b[idx], a[idx], cfg).grid(size)
+        for j, i in enumerate(todo):
+            memo[(da[i], db[i], setting)] = (fw[j], bw[j])
+    pairs = [memo[(da[i], db[i], setting)] if (da[i], db[i], setting) in memo else memo[(db[i], da[i], setting)][::-1]
+             for i in range(a.shape[0])]
+    return torch.stack([f for f, _ in pairs]), torch.stack([g for _, g in pairs])
+
+
 def _pairs_once(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pairs (a[i], b[i]) with each unordered pair of identical slices once: indices ``rep`` (U,) of one pair per
     group, each pair's group ``which`` (N,), and whether it has its group's orientation ``same`` (N,) bool. A gap
@@ -338,7 +379,8 @@ def interpolate_between(a: torch.Tensor, b: torch.Tensor, fractions: torch.Tenso
     Each pair is registered both ways (:func:`register_slices`, settings :data:`INTERP_FIT` updated by ``fit``); the
     slice at fraction ``t`` is ``a`` moved ``t`` of the way to ``b`` and ``b`` moved ``1 - t`` of the way back, blended
     ``(1 - t, t)``: a structure that shifts, grows or shrinks between them lands in between, where a pixel-wise blend
-    shows it twice at part strength. A pair also given the other way round (``b``, ``a``) is registered once for both.
+    shows it twice at part strength. A pair also given the other way round (``b``, ``a``) is registered once for both,
+    and inside :func:`shared_registrations` once for every call.
     Registers on ``FitConfig.num_threads`` threads (one by default), as the atlas fit."""
     n, _, h, w = a.shape
     if n == 0:  # no pair: nothing to register (torch.unique and the grids need at least one)
@@ -348,8 +390,7 @@ def interpolate_between(a: torch.Tensor, b: torch.Tensor, fractions: torch.Tenso
     a, b = a.detach().float().clone(), b.detach().float().clone()  # plain tensors: the registration optimises through them
     rep, which, same = _pairs_once(a, b)
     with torch_threads(cfg.num_threads):
-        fw = register_slices(a[rep], b[rep], cfg).grid((h, w))  # samples a where b is
-        bw = register_slices(b[rep], a[rep], cfg).grid((h, w))
+        fw, bw = _register_both(a[rep], b[rep], cfg, (h, w))  # fw samples a where b is, bw b where a is
     same = same.view(-1, 1, 1, 1)
     forward, backward = torch.where(same, fw[which], bw[which]), torch.where(same, bw[which], fw[which])
     ident = affine_grid(identity_theta(1, a.device), (h, w))

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..atlas.registration import shared_registrations
 from ..data.datalist import load_split
 from ..data.io import atomic_path, load_volume, pyplot, save_figure, save_json
 from ..data.positions import HEAD_HEIGHT_MM, index_for_position, position_step
@@ -155,17 +156,18 @@ def evaluate_reconstruction(
                 continue
             missing = torch.as_tensor([i for i in range(given[0], given[-1]) if i not in given])
             near = torch.as_tensor(np.abs(missing.numpy()[:, None] - np.asarray(given)[None]).min(1))  # to the nearest given slice
-            for m in few:
-                scored = unc is not None and m == "mrngan" and f"k{k}" in unc.vox
-                with track_spread(comp.prior, scored):
-                    rec = reconstruct_volume(target[given], pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
-                if scored:
-                    unc.add(f"k{k}", rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, missing.numpy())
-                pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
-                met = slice_metrics(pred[missing], target[missing])
-                few_rows[k][m].append(met)
-                for dist in torch.unique(near).tolist():
-                    few_by_d[k][m].setdefault(int(dist), []).append({key: v[near == dist] for key, v in met.items()})
+            with shared_registrations():  # the cell and the registration baseline fill the same gaps
+                for m in few:
+                    scored = unc is not None and m == "mrngan" and f"k{k}" in unc.vox
+                    with track_spread(comp.prior, scored):
+                        rec = reconstruct_volume(target[given], pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
+                    if scored:
+                        unc.add(f"k{k}", rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, missing.numpy())
+                    pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
+                    met = slice_metrics(pred[missing], target[missing])
+                    few_rows[k][m].append(met)
+                    for dist in torch.unique(near).tolist():
+                        few_by_d[k][m].setdefault(int(dist), []).append({key: v[near == dist] for key, v in met.items()})
         logger.info("reconstruction eval: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
 
     report: dict[str, Any] = {"single_slice": {"methods": {}}, "few_slices": {}}
