@@ -89,11 +89,14 @@ def _run(workdir: Path, args: list[str], log: Path) -> tuple[int, str, float]:
 
 
 def _overlay(out: Path, slices: list[tuple[np.ndarray, np.ndarray, float]]) -> list[float]:
-    """Per input slice (plane, affine, index): correlation of OUT sampled there with the plane over the head."""
+    """Per input slice (plane, affine, index): correlation of OUT sampled there with the plane over the head (above a
+    tenth of the brightest input slice's maximum: a plane's own maximum would count the noise of a slab above the
+    vertex as head)."""
     corr = []
+    top = max(float(plane.max()) for plane, _, _ in slices)
     for plane, affine, k in slices:
         got = _sample(out, _world(affine, plane.shape, k)).reshape(plane.shape)
-        head = plane > 0.1 * plane.max()
+        head = plane > 0.1 * top
         if head.sum() < 100 or float(got[head].std()) == 0.0:
             continue  # no head here, or a slice left out of the output (beyond the model grid)
         corr.append(float(np.corrcoef(got[head], plane[head])[0, 1]))
