@@ -342,35 +342,25 @@ def _digest(x: torch.Tensor) -> bytes:
     return hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
-def _register_both(a: torch.Tensor, b: torch.Tensor, cfg: FitConfig, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampling grids (N, H, W, 2) of ``a`` where ``b`` is, and of ``b`` where ``a`` is; inside
-    :func:`shared_registrations` pairs registered before (either way round) are read, not registered again."""
+def _register_pairs(a: torch.Tensor, b: torch.Tensor, cfg: FitConfig, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling grids (N, H, W, 2) of ``a[i]`` where ``b[i]`` is, and of ``b[i]`` where ``a[i]`` is. Each unordered pair
+    of identical slices is registered once: within the call (a gap filled from both ends hands its two slices over
+    twice, one run each way) and, inside :func:`shared_registrations`, across calls. Pairs are keyed by the slices'
+    bytes and the settings."""
     memo = _SHARED.get()
-    if memo is None:
-        return register_slices(a, b, cfg).grid(size), register_slices(b, a, cfg).grid(size)
+    memo = {} if memo is None else memo
     setting = (tuple(sorted(asdict(cfg).items())), tuple(size))
-    da, db = [_digest(x) for x in a], [_digest(x) for x in b]
-    todo = [i for i in range(a.shape[0]) if (da[i], db[i], setting) not in memo and (db[i], da[i], setting) not in memo]
+    keys = [(_digest(x), _digest(y), setting) for x, y in zip(a, b)]
+    todo: dict[tuple, int] = {}  # key -> the first pair that asks for it
+    for i, key in enumerate(keys):
+        if not any(k in memo or k in todo for k in (key, (key[1], key[0], setting))):
+            todo[key] = i
     if todo:
-        idx = torch.as_tensor(todo, device=a.device)
+        idx = torch.as_tensor(list(todo.values()), device=a.device)
         fw, bw = register_slices(a[idx], b[idx], cfg).grid(size), register_slices(b[idx], a[idx], cfg).grid(size)
-        for j, i in enumerate(todo):
-            memo[(da[i], db[i], setting)] = (fw[j], bw[j])
-    pairs = [memo[(da[i], db[i], setting)] if (da[i], db[i], setting) in memo else memo[(db[i], da[i], setting)][::-1]
-             for i in range(a.shape[0])]
+        memo.update({key: (fw[j], bw[j]) for j, key in enumerate(todo)})
+    pairs = [memo[(da, db, st)] if (da, db, st) in memo else memo[(db, da, st)][::-1] for da, db, st in keys]
     return torch.stack([f for f, _ in pairs]), torch.stack([g for _, g in pairs])
-
-
-def _pairs_once(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pairs (a[i], b[i]) with each unordered pair of identical slices once: indices ``rep`` (U,) of one pair per
-    group, each pair's group ``which`` (N,), and whether it has its group's orientation ``same`` (N,) bool. A gap
-    filled from both ends hands the same two slices over twice, one run each way; registered once, not twice."""
-    n = a.shape[0]
-    _, ids = torch.unique(torch.cat([a, b]).flatten(1), dim=0, return_inverse=True)
-    ia, ib = ids[:n], ids[n:]
-    _, which = torch.unique(torch.stack([torch.minimum(ia, ib), torch.maximum(ia, ib)], 1), dim=0, return_inverse=True)
-    rep = torch.full((int(which.max()) + 1,), n, dtype=torch.long, device=a.device).scatter_reduce(0, which, torch.arange(n, device=a.device), "amin")
-    return rep, which, ia == ia[rep[which]]
 
 
 def interpolate_between(a: torch.Tensor, b: torch.Tensor, fractions: torch.Tensor, fit: dict | None = None) -> torch.Tensor:
@@ -383,16 +373,13 @@ def interpolate_between(a: torch.Tensor, b: torch.Tensor, fractions: torch.Tenso
     and inside :func:`shared_registrations` once for every call.
     Registers on ``FitConfig.num_threads`` threads (one by default), as the atlas fit."""
     n, _, h, w = a.shape
-    if n == 0:  # no pair: nothing to register (torch.unique and the grids need at least one)
+    if n == 0:  # no pair: nothing to register (the grids are stacked from at least one)
         return a.new_zeros(0, fractions.shape[-1], 1, h, w)
     settings = {**INTERP_FIT, **(fit or {})}
     cfg = FitConfig(**{**settings, "work_size": min(int(settings["work_size"]), h, w)})
     a, b = a.detach().float().clone(), b.detach().float().clone()  # plain tensors: the registration optimises through them
-    rep, which, same = _pairs_once(a, b)
     with torch_threads(cfg.num_threads):
-        fw, bw = _register_both(a[rep], b[rep], cfg, (h, w))  # fw samples a where b is, bw b where a is
-    same = same.view(-1, 1, 1, 1)
-    forward, backward = torch.where(same, fw[which], bw[which]), torch.where(same, bw[which], fw[which])
+        forward, backward = _register_pairs(a, b, cfg, (h, w))  # forward samples a where b is, backward b where a is
     ident = affine_grid(identity_theta(1, a.device), (h, w))
     t = fractions.to(a).reshape(n, -1)
     steps = t.shape[1]
