@@ -10,7 +10,7 @@ import torch
 
 from monai_mrngan.apps.pipeline import PRESETS
 from monai_mrngan.data.datalist import load_split
-from monai_mrngan.evaluation.shift import SHIFTS
+from monai_mrngan.transforms.scanners import SHIFTS
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 STAGES = ("slice_localization", "flow_generation", "mrngan")

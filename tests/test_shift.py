@@ -10,7 +10,8 @@ import pytest
 from monai_mrngan.atlas.prior import mean_prior
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import load_volume
-from monai_mrngan.evaluation.shift import SHIFTS, evaluate_shifted, simulate
+from monai_mrngan.evaluation.shift import evaluate_shifted
+from monai_mrngan.transforms.scanners import SHIFTS, simulate
 from monai_mrngan.inference.components import Components
 
 

@@ -1,7 +1,7 @@
 """Scanner shift: the same held-out subjects as if they came from other scanners, for a side-by-side evaluation.
 
-All training data here come from one scanner. :data:`SHIFTS` is a fixed, seeded set of simulated
-acquisitions, applied to each held-out (test) volume before it is prepared again the way
+All training data here come from one scanner. :data:`~monai_mrngan.transforms.scanners.SHIFTS` is a fixed, seeded set
+of simulated acquisitions (:mod:`monai_mrngan.transforms.scanners`), applied to each held-out (test) volume before it is prepared again the way
 ``prepare`` scales a scan (:func:`~monai_mrngan.data.grid.scale_intensity`): contrast curves, a smooth bias field, noise, the
 smoothness of a 1 mm acquisition brought to 2 mm, a coarser quantisation, and one combination.
 None of them uses the settings of any training augmentation (they are fixed here, not drawn).
@@ -17,85 +17,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-import numpy as np
-from scipy import ndimage
+from typing import Any, Mapping
 
 from ..data.datalist import DATALIST_NAME, load_split
-from ..data.grid import scale_intensity
 from ..data.io import atomic_path, load_volume, save_json, save_nifti
-from ..data.positions import HEAD_THRESHOLD
 from ..inference.components import Components
+from ..transforms.scanners import SHIFTS, acquire, check_shifts, describe, simulate
 from .reconstruction import evaluate_reconstruction
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHIFTS", "check_shifts", "acquire", "simulate", "shifted_dataset", "evaluate_shifted"]
-
-
-def _bias(shape: tuple[int, ...], amplitude: float, rng: np.random.Generator) -> np.ndarray:
-    """A smooth multiplicative field ``1 + amplitude * f`` with ``f`` in [-1, 1] varying over about half the volume."""
-    coarse = rng.uniform(-1.0, 1.0, size=(3, 3, 3))
-    field = ndimage.zoom(coarse, [s / 3 for s in shape], order=3, mode="nearest")[tuple(slice(0, s) for s in shape)]
-    return 1.0 + amplitude * field / max(float(np.abs(field).max()), 1e-6)
-
-
-def _gamma(v: np.ndarray, g: float, rng: np.random.Generator) -> np.ndarray:
-    return np.power(np.clip(v, 0, None), g)
-
-
-def _noise(v: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    # magnitude images: Rician noise (two Gaussian channels), as a coil's noise looks in the background too
-    return np.sqrt((v + rng.normal(0, sigma, v.shape)) ** 2 + rng.normal(0, sigma, v.shape) ** 2)
-
-
-def _smooth(v: np.ndarray, sigma_vox: float, rng: np.random.Generator) -> np.ndarray:
-    return ndimage.gaussian_filter(v, sigma_vox)
-
-
-def _quantise(v: np.ndarray, levels: int, rng: np.random.Generator) -> np.ndarray:
-    top = float(np.percentile(v[v > 0], 99.5)) if (v > 0).any() else 1.0
-    return np.round(np.clip(v / top, 0, None) * (levels - 1)) / (levels - 1) * top
-
-
-def _bias_field(v: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:
-    return v * _bias(v.shape, amplitude, rng)
-
-
-SHIFTS: dict[str, list[tuple[Callable[..., np.ndarray], float]]] = {
-    "gamma_0.7": [(_gamma, 0.7)],
-    "gamma_1.4": [(_gamma, 1.4)],
-    "bias_25pct": [(_bias_field, 0.25)],
-    "noise_3pct": [(_noise, 0.03)],
-    "smooth_1mm_to_2mm": [(_smooth, 0.6)],
-    "quantise_6bit": [(_quantise, 64)],
-    "combined": [(_gamma, 1.2), (_bias_field, 0.15), (_smooth, 0.4), (_noise, 0.02)],
-}
-"""Name -> steps applied in order to a prepared [0, 1] volume (then scaled again like ``prepare``)."""
-
-
-def check_shifts(names: list[str]) -> None:
-    """A one-line error naming every name that is not in :data:`SHIFTS`."""
-    unknown = [n for n in names if n not in SHIFTS]
-    if unknown:
-        raise ValueError(f"unknown scanner shift {', '.join(map(repr, unknown))}; expected one of {sorted(SHIFTS)}")
-
-
-def acquire(volume: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
-    """``volume`` (H, W, D) in [0, 1] as the scanner ``name`` of :data:`SHIFTS` would have stored it (not scaled again)."""
-    check_shifts([name])
-    rng = np.random.default_rng(seed)
-    v = np.asarray(volume, dtype=np.float64)
-    head = v > HEAD_THRESHOLD
-    for step, arg in SHIFTS[name]:
-        v = step(v, arg, rng)
-    return np.where(ndimage.binary_dilation(head, iterations=2) | (v > 0), v, 0.0)  # air stays air where it was
-
-
-def simulate(volume: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
-    """``volume`` (H, W, D) in [0, 1] as the scanner ``name`` of :data:`SHIFTS` would have given it, prepared again."""
-    return scale_intensity(acquire(volume, name, seed).astype(np.float32))[0]
+__all__ = ["SHIFTS", "check_shifts", "acquire", "simulate", "shifted_dataset", "evaluate_shifted"]  # the first four: transforms.scanners
 
 
 def shifted_dataset(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str, split: str = "test", limit: int | None = None,
@@ -131,7 +63,7 @@ def evaluate_shifted(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
         data = shifted_dataset(dataset_dir, out_dir / "shifted_data" / name, name, split, limit, seed)
         logger.info("scanner shift %s: evaluating", name)
         rows[name] = _row(evaluate_reconstruction(data, out_dir / name, components, split=split, limit=None, **evaluate_kw))
-    save_json({"shifts": {n: [f"{f.__name__.lstrip('_')}({a})" for f, a in SHIFTS[n]] for n in names}, "results": rows},
+    save_json({"shifts": {n: describe(SHIFTS[n]) for n in names}, "results": rows},
               out_dir / "shift_report.json")
     with atomic_path(out_dir / "shift_report.md") as tmp:
         tmp.write_text(_markdown(rows))

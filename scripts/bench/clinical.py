@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the DICOM writer of the tests (pydico
 from dicom_series import write_series  # noqa: E402
 
 from monai_mrngan.data.datalist import load_split  # noqa: E402
-from monai_mrngan.evaluation.shift import simulate  # noqa: E402
+from monai_mrngan.transforms.scanners import simulate  # noqa: E402
 
 
 def _canonical(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

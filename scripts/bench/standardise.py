@@ -34,7 +34,7 @@ from scipy import ndimage
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import load_volume
 from monai_mrngan.data.positions import HEAD_THRESHOLD
-from monai_mrngan.evaluation.shift import SHIFTS, acquire
+from monai_mrngan.transforms.scanners import SHIFTS, acquire
 
 
 def _p995(v: np.ndarray, head: np.ndarray) -> float:
