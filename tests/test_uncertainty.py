@@ -42,8 +42,16 @@ def calibration(tiny_dataset, tmp_path_factory):
     from monai_mrngan.evaluation.uncertainty import calibrate
 
     path = tmp_path_factory.mktemp("cal") / "uncertainty_calibration.json"
-    cal = calibrate(tiny_dataset, _components(tiny_dataset), path, input_positions=(0.5,), few_slice_k=(4,), localize_inputs=False, voxels=5000)
+    cal = calibrate(tiny_dataset, _components(tiny_dataset), path, input_positions=(0.5,), few_slice_k=(4,), localize_inputs=False, voxels=5000,
+                    augment=1)
     assert path.is_file() and cal.info["split"] == "validation" and cal.info["samples"] > 100
+    # one scanner-augmented copy of the first validation subject scales the map by a power of the scan's sharpness
+    assert [a["subject"] for a in cal.info["augmented"]] == cal.info["subjects"][:1] and cal.info["augmented"][0]["scanner"]
+    assert cal.info["augmented_samples"] > 100 and cal.sharpness_power >= 0
+    assert len(cal.sharpness_reference["p"]) == len(cal.sharpness_reference["value"]) == 24
+    assert load_calibration(path).sharpness_reference == cal.sharpness_reference
+    cal.sharpness_power = max(cal.sharpness_power, 0.1)  # scaled, whatever the tiny fit found: the map's tests below read sharpness
+    cal.save(path)
     assert cal.stride == 2 and load_calibration(path).stride == 2  # the bundle's default: signals on 2 x 2 blocks
     assert cal.info["selection"]["optional"] == ["head_area"] and cal.info["selection"]["kept"] in ([], ["head_area"])
     return path
@@ -211,6 +219,61 @@ def test_the_misfit_signal_carries_each_inputs_miss_along_its_runs(tiny_dataset)
     one_pass = uncertainty_signals(rec, prior, spacing_mm=2.0, one_pass=True)["misfit_xy"]
     np.testing.assert_array_equal(one_pass[:, :, 15], m[:, :, 8])  # one run from the lower input fills the whole gap
     assert not uncertainty_signals(rec, None, spacing_mm=2.0)["misfit_xy"].any()
+
+
+def test_sharpness_is_the_inputs_detail_against_the_banks_at_their_positions(tiny_dataset):
+    """1 on the bank's own scans; lower on a smoother acquisition, higher on a noisier one; a contrast curve leaves it
+    near 1. An input without enough head to measure counts as 1."""
+    from scipy import ndimage
+
+    from monai_mrngan.atlas.bank import sharpness_profile
+    from monai_mrngan.inference.uncertainty import relative_sharpness
+    from monai_mrngan.transforms.scanners import SHIFTS, acquire, describe, simulate_random
+
+    prior = _atlas_prior(tiny_dataset)
+    reference = {"p": prior.positions.tolist(), "value": np.nan_to_num(sharpness_profile(prior.bank), nan=0.0).tolist()}
+    entry = load_split(tiny_dataset, "training")[0]  # one of the bank's own volumes
+    vol, _ = load_volume(entry["image"])
+
+    def sharpness(v):
+        return relative_sharpness(Reconstruction(v.astype(np.float32), np.asarray(entry["positions"]), [6, 10, 14], []), reference)
+
+    own, smooth, noisy = sharpness(vol), sharpness(ndimage.gaussian_filter(vol, 0.8)), sharpness(acquire(vol, "noise_3pct"))
+    assert 0.7 < own < 1.3 and smooth < 0.75 * own and noisy > 1.1 * own, (own, smooth, noisy)
+    assert abs(sharpness(acquire(vol, "gamma_1.4")) - own) < 0.3 * own
+    assert sharpness(np.zeros_like(vol)) == 1.0
+    # a drawn scanner is reproducible from its seed and never one of the evaluation's fixed settings
+    a, b = simulate_random(vol, 7), simulate_random(vol, 7)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] and a[1] == b[1] and all(a[1] != describe(steps) for steps in SHIFTS.values())
+
+
+def test_the_sharpness_power_scales_a_scans_whole_map_and_needs_its_reference(tmp_path):
+    """Fitted with the rest of the calibration fixed: a smoother scan whose error is lower gets a smaller map by the
+    same factor everywhere; the power is never negative; a calibration with one loads only with its reference."""
+    rng = np.random.default_rng(0)
+    n = 6000
+    sig = {name: rng.uniform(0.0, 0.3, n) for name in FEATURES}
+    sig["sharpness"] = np.concatenate([np.ones(n // 2), np.repeat(rng.uniform(0.3, 1.0, 30), n // 60)])  # originals, then copies
+    err = rng.exponential((0.02 + 0.2 * sig["spread"]) * sig["sharpness"] ** 0.5)
+    cal = Calibration.fit({k: v[: n // 2] for k, v in sig.items()}, err[: n // 2])
+    before = cal.predict(sig)
+    power = cal.fit_sharpness_power(sig, err)
+    assert 0.3 < power < 0.7 and cal.sharpness_power == power
+    np.testing.assert_allclose(cal.predict(sig), before * sig["sharpness"].astype(np.float32) ** np.float32(power), rtol=1e-5)
+    banded = Calibration.fit({k: v[: n // 2] for k, v in sig.items()}, err[: n // 2])
+    banded.fit_sharpness_power(sig, err, band=(0.9, 1.1))  # the fit's own scans' range: maps inside it stay as fitted
+    np.testing.assert_allclose(banded.sharpness_scale(np.array([0.95, 1.0, 1.1, 0.45])),
+                               [1.0, 1.0, 1.0, (0.45 / 0.9) ** banded.sharpness_power], rtol=1e-6)
+    assert 0.3 < banded.sharpness_power < 0.7 and banded.sharpness_band == [0.9, 1.1]
+    flipped = Calibration.fit({k: v[: n // 2] for k, v in sig.items()}, err[: n // 2])
+    assert flipped.fit_sharpness_power(dict(sig, sharpness=1.0 / sig["sharpness"]), err) < 0.05  # never negative
+    path = cal.save(tmp_path / "cal.json")
+    with pytest.raises(InputError, match="sharpness_reference"):
+        load_calibration(path)
+    cal.sharpness_reference = {"p": [0.0, 1.0], "value": [0.5, 0.5]}
+    back = load_calibration(cal.save(tmp_path / "cal.json"))
+    np.testing.assert_allclose(back.predict(sig), cal.predict(sig), rtol=1e-6)
 
 
 def test_calibration_is_monotone_and_round_trips(tmp_path):

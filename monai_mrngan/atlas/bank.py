@@ -20,6 +20,7 @@ import torch
 from ..data.datalist import load_split
 from ..data.io import InputError, atomic_torch_save, load_volume, save_json, save_nifti, to_8bit
 from ..data.positions import HEAD_HEIGHT_MM
+from ..metrics.image import slice_sharpness
 from ..networks.gan import build_generator_from_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 PRIOR_SIDECAR_SUFFIX = ".positions.json"
 
 __all__ = ["position_grid", "resample_to_positions", "build_bank", "mean_brain", "save_prior_volume", "save_bank", "bank_subjects", "sidecar_path",
-           "build_mean_prior", "gan_general_brain", "position_items", "PRIOR_SIDECAR_SUFFIX"]
+           "build_mean_prior", "gan_general_brain", "position_items", "sharpness_profile", "PRIOR_SIDECAR_SUFFIX"]
 
 
 def position_grid(num_positions: int) -> np.ndarray:
@@ -163,3 +164,16 @@ def position_items(num_positions: int) -> list[dict]:
     """Dataset items ``{"position": (1,) tensor, "index": i}`` over the common grid (inference input)."""
     return [{"position": torch.tensor([float(p)]), "index": i} for i, p in enumerate(position_grid(num_positions))]
 
+
+
+def sharpness_profile(bank: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The bank's fine detail per grid position: :func:`~monai_mrngan.metrics.image.slice_sharpness` of every
+    atlas's slice, averaged over the atlases that show head there; (P,) float64 for a (K, P, H, W) or (P, H, W) bank
+    (uint8 as ``save_bank`` stores it, or [0, 1] floats), NaN where no atlas shows head. The reference a scan's own
+    sharpness is measured against (the uncertainty map's ``sharpness`` signal)."""
+    bank = torch.as_tensor(np.asarray(bank) if not torch.is_tensor(bank) else bank)
+    if bank.ndim == 3:
+        bank = bank[None]
+    scale = 255.0 if bank.dtype == torch.uint8 else 1.0
+    values = torch.stack([slice_sharpness(bank[k].float() / scale) for k in range(bank.shape[0])])  # (K, P), one atlas at a time
+    return torch.nanmean(values, 0).numpy()

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..atlas.bank import sharpness_profile
 from ..data.datalist import load_split
 from ..data.io import load_volume, pyplot, save_figure
 from ..data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, index_for_position, position_step
@@ -37,6 +38,7 @@ from ..inference.reconstruct import reconstruct_volume, refine_positions
 from ..inference.runners import one_pass_gaps
 from ..inference.uncertainty import broadcast, track_spread, uncertainty_map, uncertainty_signals
 from ..inference.volume import Reconstruction
+from ..transforms.scanners import describe, random_scanner, simulate_random
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,10 @@ OPTIONAL_SIGNALS = ("head_area",)
 """Signals the calibrate step keeps only where they rank held-out validation subjects better (:func:`select_signals`):
 ``head_area`` raised the one-slice slice ranking on IXI (0.676 -> 0.705) and lowered the few-slice one on the demo's
 phantoms (k4 0.922 -> 0.890; mrngan docs)."""
+SHARPNESS_BAND_PERCENT = 5.0
+"""The map is scaled only for a scan whose sharpness lies outside the 5th-95th percentile of the validation subjects'
+own (:meth:`~monai_mrngan.inference.calibration.Calibration.sharpness_scale`). From one slice the measure varies
+between IXI scans too (one slice's anatomy), and a scale there moved the maps' per-slice ranking from 0.717 to 0.699."""
 SELECT_SAMPLES = 1_000_000
 """At most this many samples fit each calibration of :func:`select_signals`. IXI has 2.3 M per fold; fitted on all of
 them, the held-out scores moved by < 0.001 (single correlations by up to 0.01), the choice held, and the four fits
@@ -73,13 +79,15 @@ def _head_mask(rec: Reconstruction, target: np.ndarray, scored: np.ndarray | Non
 
 
 def head_samples(rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, one_pass: bool,
-                 scored: np.ndarray | None = None, head_only: bool = True, stride: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+                 scored: np.ndarray | None = None, head_only: bool = True, stride: int = 1, sharpness_reference: dict | None = None
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Signals (flat, per voxel), true absolute error and slice index of every head voxel of the
     generated slices (``scored``: which slices count, default every non-input slice; ``head_only``
     False: every voxel of them, the slice index then negative (``-1 - index``) outside the head).
-    ``stride``: the signals of each voxel's in-plane block (:func:`~monai_mrngan.inference.uncertainty.pool_inplane`)."""
+    ``stride``: the signals of each voxel's in-plane block (:func:`~monai_mrngan.inference.uncertainty.pool_inplane`);
+    ``sharpness`` only with a ``sharpness_reference``."""
     mask, slice_id = _head_mask(rec, target, scored, head_only)
-    sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass, stride)
+    sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass, stride, sharpness_reference)
     h, w, _ = rec.volume.shape
     if stride > 1:  # each voxel: its block's signals
         sig = {k: v if v.ndim == 1 else v.repeat(stride, 0).repeat(stride, 1)[:h, :w] for k, v in sig.items()}
@@ -163,11 +171,15 @@ def reconstructions(entries: Sequence[dict], comp: Components, input_positions: 
     position (localized and refined with ``use_loc``), then every k-th slice at its true positions.
     Yields ``(entry index, case, reconstruction, true volume (H, W, D), spacing mm, prior fitted?, scored slices or None)``
     (case: ``single_slice`` or ``k<k>``),
-    with the prior's spread kept for the uncertainty signals."""
+    with the prior's spread kept for the uncertainty signals. An entry with ``"scanner_seed"`` is its volume as a
+    scanner drawn by :func:`~monai_mrngan.transforms.scanners.random_scanner` from that seed would have given it
+    (prepared again; the truth is that volume too)."""
     gap_kw = dict(method="mrngan", model=comp.model, next_fn=comp.next_fn, prior=comp.prior, device=comp.device)
     t0 = time.time() if t0 is None else t0
     for n, entry in enumerate(entries, 1):  # n - 1: the entry's index
         vol, _ = load_volume(entry["image"])
+        if entry.get("scanner_seed") is not None:
+            vol = simulate_random(vol, int(entry["scanner_seed"]))[0]
         pos = np.asarray(entry["positions"], dtype=np.float64)
         step_p = position_step(pos)
         spacing = abs(step_p) * HEAD_HEIGHT_MM
@@ -273,6 +285,7 @@ def calibrate(
     stride: int = 2,
     optional: Sequence[str] = OPTIONAL_SIGNALS,
     folds: int = 2,
+    augment: int = 0,
 ) -> Calibration:
     """Fit the uncertainty calibration on ``split`` (MRNGAN reconstructions as in the evaluation) and write it to ``out_path``.
 
@@ -281,8 +294,14 @@ def calibrate(
     the correction network over the log-linear model (empty: log-linear alone). ``stride``: the voxel signals'
     in-plane block size (the maps it makes are predicted on that grid). ``optional``: signals kept only where they
     rank held-out subjects better, over ``folds`` folds of the split's subjects (:func:`select_signals`; none: every
-    signal). Returns the calibration (its ``info`` holds the fit's settings, the selection's scores and its Spearman
-    correlation on the samples it was fitted on).
+    signal). ``augment``: that many of the split's subjects (every other one first, ``augment`` at most) are also
+    reconstructed as a scanner drawn at random would have given them (:func:`~monai_mrngan.transforms.scanners.random_scanner`,
+    seeded), and the map fitted on the split is then scaled by a power of each scan's ``sharpness`` (against the atlas
+    bank's, :func:`~monai_mrngan.atlas.bank.sharpness_profile`, stored in the calibration), the power fitted on the
+    copies and the originals (:meth:`~monai_mrngan.inference.calibration.Calibration.fit_sharpness_power`): fitted on
+    one scanner alone, the map over-predicted a smoother scan's error by up to 40 % (mrngan docs). 0: no copies, no
+    scaling. Returns the calibration (its ``info`` holds the fit's settings, the augmented copies, the selection's
+    scores and its Spearman correlation on the samples it was fitted on).
     """
     comp = components
     if comp.model is None or comp.next_fn is None or comp.prior is None:
@@ -291,38 +310,61 @@ def calibrate(
     if not entries:
         raise ValueError(f"{dataset_dir}: split {split!r} is empty; the calibration is fitted on it")
     rng = np.random.default_rng(seed)
+    originals = len(entries)
+    order = list(range(0, originals, 2)) + list(range(1, originals, 2))  # every other subject first
+    copies = [{**entries[i], "scanner_seed": seed + 1000 + i} for i in order[: max(0, int(augment))]]
+    entries = entries + copies
+    reference = None
+    if copies:
+        grid = comp.prior.positions.cpu().numpy()
+        reference = {"p": [float(v) for v in grid], "value": [float(v) for v in np.nan_to_num(sharpness_profile(comp.prior.bank), nan=0.0)]}
     use_loc = localize_inputs and comp.localizer is not None
     one_pass = one_pass_gaps(comp.model)
     sig_parts, err_parts, id_parts = [], [], []  # id_parts: (subject, reconstruction, slice id, case) per sample
+    copy_parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []  # the copies' samples: only for the sharpness power
     case_names: list[str] = []
     t0 = time.time()
     recs = reconstructions(entries, comp, input_positions, few_slice_k, use_loc, refine_window, fit_prior, few_slice_fit_prior, t0)
-    for group, (subject, case, rec, vol, spacing, fitted, scored) in enumerate(recs):
-        sig, err, sid = head_samples(rec, vol, comp.prior, spacing, fitted, one_pass, scored, head_only=False, stride=stride)
+    for group, (n, case, rec, vol, spacing, fitted, scored) in enumerate(recs):
+        sig, err, sid = head_samples(rec, vol, comp.prior, spacing, fitted, one_pass, scored, head_only=False, stride=stride,
+                                     sharpness_reference=reference)
         head, air = np.nonzero(sid >= 0)[0], np.nonzero(sid < 0)[0]
         pick = np.concatenate([rng.choice(head, min(voxels, head.size), replace=False),
                                rng.choice(air, min(voxels // 4, air.size), replace=False)])
+        if n >= originals:
+            copy_parts.append(({k: v[pick] for k, v in sig.items()}, err[pick]))
+            continue
         sig_parts.append({k: v[pick] for k, v in sig.items()})
         err_parts.append(err[pick])
         if case not in case_names:
             case_names.append(case)
-        id_parts.append(np.stack(np.broadcast_arrays(subject, group, sid[pick], case_names.index(case))))
-    signals = {k: np.concatenate([s[k] for s in sig_parts]) for k in FEATURES}
+        id_parts.append(np.stack(np.broadcast_arrays(n, group, sid[pick], case_names.index(case))))
+    signals = {k: np.concatenate([s[k] for s in sig_parts]) for k in sig_parts[0]}  # FEATURES, and sharpness with copies
     err = np.concatenate(err_parts)
     subject, group, slice_id, case = np.concatenate(id_parts, 1)
     features, selection = select_signals(signals, err, subject, group, slice_id, case, case_names, optional, folds=folds, hidden=hidden,
                                          seed=seed)
-    info = {"split": split, "subjects": [e.get("subject") for e in entries], "input_positions": list(input_positions),
+    info = {"split": split, "subjects": [e.get("subject") for e in entries[:originals]], "input_positions": list(input_positions),
             "few_slice_k": list(few_slice_k), "localized_inputs": use_loc, "fit_prior": fit_prior, "few_slice_fit_prior": few_slice_fit_prior,
             "samples": int(err.size), "method": "mrngan", "units": "absolute error in [0, 1] output intensity", "mask": f"head voxels (true > {HEAD_THRESHOLD}) and a quarter as many outside", "hidden": [int(h) for h in hidden], "stride": int(stride),
             "selection": selection}
     cal = Calibration.fit(signals, err, info=info, features=features, hidden=hidden, seed=seed)
     cal.stride = int(stride)
+    if copy_parts:
+        both = {k: np.concatenate([signals[k]] + [c[0][k] for c in copy_parts]) for k in [*features, "sharpness"]}
+        # the originals' own range (5th-95th percentile of their samples): inside it a scan's map stays as fitted
+        band = np.percentile(signals["sharpness"], [SHARPNESS_BAND_PERCENT, 100 - SHARPNESS_BAND_PERCENT])
+        cal.fit_sharpness_power(both, np.concatenate([err] + [c[1] for c in copy_parts]), band=band)
+        cal.sharpness_reference = reference
+        cal.info["augmented"] = [{"subject": e.get("subject"), "scanner": describe(random_scanner(np.random.default_rng(e["scanner_seed"])))}
+                                 for e in copies]
+        cal.info["augmented_samples"] = int(sum(c[1].size for c in copy_parts))
     from scipy.stats import spearmanr
 
     cal.info["spearman_voxel_fit"] = float(spearmanr(cal.predict(signals), err)[0])
     cal.info["mean_abs_error"] = float(err.mean())
     cal.info["seconds"] = round(time.time() - t0, 1)
     cal.save(out_path)
-    logger.info("uncertainty calibration written to %s (%d samples, weights %s)", out_path, err.size, [round(w, 3) for w in cal.weights])
+    logger.info("uncertainty calibration written to %s (%d samples, weights %s, sharpness power %.3f from %d scanner-augmented copies)", out_path,
+                err.size, [round(w, 3) for w in cal.weights], cal.sharpness_power, len(copies))
     return cal

@@ -8,9 +8,13 @@ fitted mean matches the mean error); optionally (``hidden``, the calibrate step'
 network on the same transforms adds a correction to that log prediction, fitted by the same deviance
 from zero (it learns what a sum of monotone terms cannot: how the signals interact, e.g. atlas spread
 counting differently beside one slice than inside a short gap); then a monotone (isotonic)
-recalibration of the prediction against the binned true error. It is fitted on the validation split
-after MRNGAN training (:func:`monai_mrngan.evaluation.uncertainty.calibrate`) and stored as JSON
-beside the weights.
+recalibration of the prediction against the binned true error. Last, optionally, the whole map of a scan whose
+``sharpness`` (its real slices' fine detail against the atlas bank's at the same positions,
+:func:`~monai_mrngan.inference.uncertainty.relative_sharpness`) lies outside the range of the scans the map was
+fitted on is scaled by a power of how far it lies out, the power fitted on scanner-augmented copies of validation
+subjects; inside that range a map stays as fitted. It is
+fitted on the validation split after MRNGAN training (:func:`monai_mrngan.evaluation.uncertainty.calibrate`) and
+stored as JSON beside the weights.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ RETIRED = {"edge": "its 'edge' signal held the intensity too"}
 CALIBRATION_NAME = "uncertainty_calibration.json"
 """The calibration's file name in the mrngan bundle's models folder."""
 EPS = 0.01  # floor inside the logs: 1 % of the intensity range
+MIN_SHARPNESS = 1e-3  # floor of the sharpness before its power (an input with no detail at all)
 ISOTONIC_BINS = 50
 NET_CHUNK = 65536
 """Voxels per pass of the correction network: a 128 px volume's 1.6 M voxels in one pass took 0.31 s, in chunks 0.09 s (2 cores)."""
@@ -78,7 +83,10 @@ class Calibration:
     (log-linear alone, as every calibration before it): ``mean`` / ``std`` standardise the transformed
     signals and ``layers`` holds each linear layer's ``weight`` and ``bias`` (SiLU between). ``stride``: the
     in-plane block size of the voxel signals it was fitted on, and so of the maps it makes (1: every voxel,
-    as every calibration before it)."""
+    as every calibration before it). ``sharpness_power``: the map is multiplied by a power of how far a scan's
+    ``sharpness`` lies outside ``sharpness_band`` (the range of the scans the map was fitted on; see
+    :meth:`sharpness_scale`; power 0: not scaled, as every calibration before it), ``sharpness`` measured against
+    ``sharpness_reference`` (``{"p": ascending positions, "value": the bank's sharpness there}``)."""
 
     bias: float
     weights: list[float]
@@ -88,6 +96,9 @@ class Calibration:
     info: dict = field(default_factory=dict)
     net: dict | None = None
     stride: int = 1
+    sharpness_power: float = 0.0
+    sharpness_band: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    sharpness_reference: dict | None = None
 
     def linear(self, signals: Mapping[str, np.ndarray], designs: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """``b + sum_i w_i f_i`` (the log of the log-linear prediction), shaped like the signals (per-slice (D,)
@@ -150,8 +161,47 @@ class Calibration:
         return self._built
 
     def predict(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Expected absolute error (float32, shaped like the signals; broadcast per-slice signals first)."""
-        return np.interp(self.score(signals), self.iso_x, self.iso_y).astype(np.float32)
+        """Expected absolute error (float32, shaped like the signals; broadcast per-slice signals first). With a
+        ``sharpness_power``, ``signals["sharpness"]`` (per sample, or per slice) scales it."""
+        out = np.interp(self.score(signals), self.iso_x, self.iso_y).astype(np.float32)
+        if self.sharpness_power > 0:
+            out *= self.sharpness_scale(signals["sharpness"]).astype(np.float32)
+        return out
+
+    def _outside_band(self, sharpness: np.ndarray) -> np.ndarray:
+        """``log(s / hi)`` above the band, ``log(s / lo)`` below it, 0 inside."""
+        s = np.fmax(np.asarray(sharpness, np.float64), MIN_SHARPNESS)
+        lo, hi = self.sharpness_band
+        return np.log(s / np.clip(s, lo, hi))
+
+    def sharpness_scale(self, sharpness: np.ndarray) -> np.ndarray:
+        """The factor on a scan's map: ``(s / hi) ** power`` above the band, ``(s / lo) ** power`` below it, 1 inside
+        (within the band the measure varies as much between the fit's own scans as it says, and their maps are as
+        fitted)."""
+        return np.exp(self.sharpness_power * self._outside_band(sharpness))
+
+    def fit_sharpness_power(self, signals: Mapping[str, np.ndarray], abs_error: np.ndarray, band: Sequence[float] = (1.0, 1.0),
+                            iters: int = 100) -> float:
+        """Fit ``sharpness_power`` (>= 0) on flat samples that hold ``sharpness`` (scanner-augmented copies beside
+        the originals), the rest of the calibration fixed: Poisson deviance of ``predict * sharpness_scale``, with
+        ``band`` the fit's own scans' range of sharpness."""
+        self.sharpness_power, self.sharpness_band = 0.0, [float(band[0]), float(band[1])]
+        base = torch.from_numpy(np.log(np.fmax(self.predict(signals), 1e-6)).astype(np.float64))
+        x = torch.from_numpy(self._outside_band(signals["sharpness"]))
+        y = torch.from_numpy(np.asarray(abs_error, dtype=np.float64))
+        raw = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([raw], max_iter=iters, line_search_fn="strong_wolfe")
+
+        def closure():  # softplus keeps the power >= 0: a sharper scan never gets a smaller map
+            opt.zero_grad()
+            eta = base + torch.nn.functional.softplus(raw) * x
+            loss = (torch.exp(eta) - y * eta).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.sharpness_power = float(torch.nn.functional.softplus(raw.detach()))
+        return self.sharpness_power
 
     def save(self, path: str | os.PathLike) -> Path:
         return save_json({"kind": "uncertainty_calibration", **asdict(self)}, path)
@@ -178,8 +228,8 @@ class Calibration:
             eta = b + Z @ torch.nn.functional.softplus(raw)
             loss = (torch.exp(eta) - t * eta).mean()
             loss.backward()
-            if float(loss) < best[0]:
-                best[:] = [float(loss), raw.detach().clone(), b.detach().clone()]
+            if float(loss.detach()) < best[0]:
+                best[:] = [float(loss.detach()), raw.detach().clone(), b.detach().clone()]
             return loss
 
         opt.step(closure)
@@ -274,6 +324,11 @@ def load_calibration(path: str | os.PathLike | None) -> Calibration | None:
     # a calibration fitted before a signal was added uses the signals it knows
     if not set(cal.features) <= set(FEATURES) or len(cal.weights) != len(cal.features) or len(cal.iso_x) != len(cal.iso_y) or not cal.iso_x:
         raise InputError(path, f"uncertainty calibration for features {cal.features}, expected some of {list(FEATURES)}")
+    ref = cal.sharpness_reference
+    if cal.sharpness_power and not (isinstance(ref, dict) and len(ref.get("p", [])) == len(ref.get("value", [])) > 1):
+        raise InputError(path, "uncertainty calibration scales by sharpness but holds no sharpness_reference {'p': [...], 'value': [...]}")
+    if len(cal.sharpness_band) != 2 or not 0 < cal.sharpness_band[0] <= cal.sharpness_band[1]:
+        raise InputError(path, f"uncertainty calibration with sharpness_band {cal.sharpness_band}, expected [low, high] with 0 < low <= high")
     if not isinstance(cal.stride, int) or cal.stride < 1:
         raise InputError(path, f"uncertainty calibration with stride {cal.stride!r}, expected a whole number >= 1")
     if cal.net is not None:

@@ -28,6 +28,13 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
   missed in the slices around it; a noisy or differently contrasted input raises it everywhere);
 - ``head_area``: per slice, the share of the in-plane field the output's head covers (> ``HEAD_THRESHOLD``): on IXI a
   voxel of a large mid-brain section erred more than one near the crown or neck with the same voxel signals (mrngan docs);
+- ``sharpness`` (only for a calibration that scales by it, ``Calibration.sharpness_power``): per reconstruction, how
+  much fine detail the real slices hold against the atlases at the same positions, the median over the inputs of
+  :func:`~monai_mrngan.metrics.image.slice_sharpness` over the bank's (:func:`~monai_mrngan.atlas.bank.sharpness_profile`,
+  stored in the calibration): about 1 on the scanner the atlases came from, 0.4 on a smoother one (a 1 mm scan
+  brought to 2 mm), above 1 on a noisier one. The same anatomy is easier to match on a smooth scan, so the error
+  the other signals predict is too high there; outside the range of the scans it was fitted on, the calibration
+  scales a scan's whole map by a power of how far it lies out (``Calibration.sharpness_scale``);
 - ``edge_xy``: the output's in-plane gradient magnitude (Gaussian, 1 px): errors gather at tissue
   boundaries, where a slightly misplaced edge costs the most. (Its predecessor ``edge`` was scipy's
   ``gaussian_gradient_magnitude`` with sigma 0 along the axial axis, which skips that axis's
@@ -52,11 +59,12 @@ import numpy as np
 import torch
 
 from ..data.positions import HEAD_THRESHOLD
+from ..metrics.image import slice_sharpness
 from .calibration import Calibration
 from .volume import Reconstruction
 
 __all__ = ["MAP_STORED", "MISFIT_SIGMA_PX", "uncertainty_signals", "uncertainty_map", "slice_means", "pool_inplane", "upsample_inplane",
-           "neighbourhood", "track_spread", "broadcast"]
+           "neighbourhood", "track_spread", "broadcast", "relative_sharpness"]
 
 MAP_STORED = np.uint8
 """How an uncertainty map is stored in its NIfTI: scaled uint8 (``scl_slope``, the map's maximum / 255), within half a
@@ -94,11 +102,23 @@ def _sources(num_slices: int, inputs: Sequence[int], one_pass: bool) -> np.ndarr
 
 
 @torch.no_grad()
+def relative_sharpness(rec: Reconstruction, reference: Mapping[str, Sequence[float]]) -> float:
+    """The ``sharpness`` signal: the median over ``rec``'s real slices of their sharpness over ``reference``'s at their
+    positions (``{"p": ascending, "value": ...}``); 1.0 when no input shows enough head to measure."""
+    idx = [int(i) for i in rec.input_indices]
+    own = slice_sharpness(torch.from_numpy(np.ascontiguousarray(np.moveaxis(rec.volume[:, :, idx], 2, 0)))).numpy()
+    ref = np.interp(np.asarray(rec.positions, dtype=np.float64)[idx], np.asarray(reference["p"], np.float64), np.asarray(reference["value"], np.float64))
+    ratio = own / np.where(ref > 0, ref, np.nan)
+    ratio = ratio[np.isfinite(ratio)]
+    return float(np.median(ratio)) if ratio.size else 1.0
+
+
 def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_prior: bool = True, one_pass: bool = False,
-                        stride: int = 1) -> dict[str, np.ndarray]:
+                        stride: int = 1, sharpness_reference: Mapping[str, Sequence[float]] | None = None) -> dict[str, np.ndarray]:
     """The signals of the module docstring for every voxel of ``rec`` (each (H, W, D) float32, or (D,) per slice);
     with ``stride`` > 1 the voxel signals lie on the coarser grid of :func:`pool_inplane` (block means of the
-    output, the atlas spread and ``|output - prior|``; the filters' widths scaled to that grid).
+    output, the atlas spread and ``|output - prior|``; the filters' widths scaled to that grid). ``sharpness`` is
+    given only with a ``sharpness_reference`` (:func:`relative_sharpness`).
 
     The prior's fits are read from its cache when the reconstruction ran inside :class:`track_spread`.
     """
@@ -141,7 +161,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         local = pool.submit(neighbourhood, spread, (2.0 / stride, 2.0 / stride, 1.0))
         edges = edge_strength(coarse, 1.0 / stride)
         spread_local = local.result()
-    return {
+    out = {
         "spread": spread,
         "spread_local": spread_local,
         "distance_mm": dist,
@@ -155,6 +175,9 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         "candidate_spread": blend,
         "head_area": ((vol > HEAD_THRESHOLD).sum((0, 1)) / np.float32(h * w)).astype(np.float32),
     }
+    if sharpness_reference is not None:
+        out["sharpness"] = np.full(d, relative_sharpness(rec, sharpness_reference), dtype=np.float32)
+    return out
 
 
 def pool_inplane(vol: np.ndarray, stride: int) -> np.ndarray:
@@ -224,7 +247,8 @@ def uncertainty_map(rec: Reconstruction, prior: Any, calibration: Calibration, s
                     one_pass: bool = False) -> np.ndarray:
     """Expected absolute error (H, W, D) float32 in the output's [0, 1] units; 0 on the real slices. Predicted on the
     calibration's grid (its ``stride``) and brought to the volume's."""
-    sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass, calibration.stride)
+    reference = calibration.sharpness_reference if calibration.sharpness_power > 0 else None
+    sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass, calibration.stride, reference)
     pred = calibration.predict(sig)  # per-slice signals transformed per slice
     unc = upsample_inplane(np.broadcast_to(pred, sig["intensity"].shape), rec.volume.shape)
     if not unc.flags.writeable:  # stride 1: the broadcast prediction itself

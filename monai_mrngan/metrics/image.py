@@ -70,3 +70,25 @@ def pool_rows(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     """Per-slice metric rows (each ``{name: (N_i,) tensor}``, as :func:`slice_metrics` gives) joined into one
     ``{name: (sum N_i,) tensor}``; no rows: an empty tensor for each of :data:`METRIC_NAMES`."""
     return {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else {k: torch.zeros(0) for k in METRIC_NAMES}
+
+
+MIN_HEAD_PIXELS = 50
+""":func:`slice_sharpness` gives NaN for a slice with fewer head pixels than this (too little head to measure)."""
+
+
+def slice_sharpness(slices: torch.Tensor, head_threshold: float = HEAD_THRESHOLD) -> torch.Tensor:
+    """How much fine detail each slice holds: the mean absolute 4-neighbour Laplacian over its head pixels
+    (> ``head_threshold``) over their mean intensity: (B,) float64 for slices shaped as :func:`as_slice_batch` takes them;
+    NaN where a slice shows fewer than :data:`MIN_HEAD_PIXELS` head pixels.
+
+    Divided by the mean, so a contrast scaling leaves it alone; a smoother acquisition lowers it and noise raises it.
+    (Edge pixels repeat their neighbour, as scipy's ``laplace`` does by default; MONAI has no Laplacian filter.)"""
+    x = as_slice_batch(slices).double()
+    pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype)[None, None]
+    lap = torch.nn.functional.conv2d(pad, kernel).abs()
+    head = (x > head_threshold).to(x.dtype)
+    n = head.sum((1, 2, 3))
+    mean = (x * head).sum((1, 2, 3)) / n.clamp_min(1)
+    out = (lap * head).sum((1, 2, 3)) / n.clamp_min(1) / mean.clamp_min(1e-6)
+    return torch.where(n >= MIN_HEAD_PIXELS, out, torch.full_like(out, float("nan")))
