@@ -296,9 +296,10 @@ def calibrate(
     rank held-out subjects better, over ``folds`` folds of the split's subjects (:func:`select_signals`; none: every
     signal). ``augment``: that many of the split's subjects (every other one first, ``augment`` at most) are also
     reconstructed as a scanner drawn at random would have given them (:func:`~monai_mrngan.transforms.scanners.random_scanner`,
-    seeded), and the map fitted on the split is then scaled by a power of each scan's ``sharpness`` (against the atlas
-    bank's, :func:`~monai_mrngan.atlas.bank.sharpness_profile`, stored in the calibration), the power fitted on the
-    copies and the originals (:meth:`~monai_mrngan.inference.calibration.Calibration.fit_sharpness_power`): fitted on
+    seeded), and the map fitted on the split is then scaled by a power of how far a scan's ``sharpness`` (against the
+    atlas bank's, :func:`~monai_mrngan.atlas.bank.sharpness_profile`, stored in the calibration) lies outside the
+    originals' range (:data:`SHARPNESS_BAND_PERCENT`), the power fitted on the copies and the originals
+    (:meth:`~monai_mrngan.inference.calibration.Calibration.fit_sharpness_power`): fitted on
     one scanner alone, the map over-predicted a smoother scan's error by up to 40 % (mrngan docs). 0: no copies, no
     scaling. Returns the calibration (its ``info`` holds the fit's settings, the augmented copies, the selection's
     scores and its Spearman correlation on the samples it was fitted on).
