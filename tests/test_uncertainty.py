@@ -266,6 +266,8 @@ def test_the_sharpness_power_scales_a_scans_whole_map_and_needs_its_reference(tm
     np.testing.assert_allclose(banded.sharpness_scale(np.array([0.95, 1.0, 1.1, 0.45])),
                                [1.0, 1.0, 1.0, (0.45 / 0.9) ** banded.sharpness_power], rtol=1e-6)
     assert 0.3 < banded.sharpness_power < 0.7 and banded.sharpness_band == [0.9, 1.1]
+    inside = Calibration.fit({k: v[: n // 2] for k, v in sig.items()}, err[: n // 2])
+    assert inside.fit_sharpness_power(sig, err, band=(0.2, 2.0)) == 0.0  # no scan outside the band: nothing to fit, no scale
     flipped = Calibration.fit({k: v[: n // 2] for k, v in sig.items()}, err[: n // 2])
     assert flipped.fit_sharpness_power(dict(sig, sharpness=1.0 / sig["sharpness"]), err) < 0.05  # never negative
     path = cal.save(tmp_path / "cal.json")
