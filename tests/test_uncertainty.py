@@ -228,7 +228,7 @@ def test_sharpness_is_the_inputs_detail_against_the_banks_at_their_positions(tin
 
     from monai_mrngan.atlas.bank import sharpness_profile
     from monai_mrngan.inference.uncertainty import relative_sharpness
-    from monai_mrngan.transforms.scanners import SHIFTS, acquire, describe, simulate_random
+    from monai_mrngan.transforms.scanners import SHIFTS, acquire, describe, describe_random, simulate_random
 
     prior = _atlas_prior(tiny_dataset)
     reference = {"p": prior.positions.tolist(), "value": np.nan_to_num(sharpness_profile(prior.bank), nan=0.0).tolist()}
@@ -246,6 +246,7 @@ def test_sharpness_is_the_inputs_detail_against_the_banks_at_their_positions(tin
     a, b = simulate_random(vol, 7), simulate_random(vol, 7)
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1] and a[1] == b[1] and all(a[1] != describe(steps) for steps in SHIFTS.values())
+    assert describe_random(7) == a[1]  # the name the calibration records is the scanner it simulated
 
 
 def test_the_sharpness_power_scales_a_scans_whole_map_and_needs_its_reference(tmp_path):

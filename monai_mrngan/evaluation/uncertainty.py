@@ -38,7 +38,7 @@ from ..inference.reconstruct import reconstruct_volume, refine_positions
 from ..inference.runners import one_pass_gaps
 from ..inference.uncertainty import broadcast, track_spread, uncertainty_map, uncertainty_signals
 from ..inference.volume import Reconstruction
-from ..transforms.scanners import describe, random_scanner, simulate_random
+from ..transforms.scanners import describe_random, simulate_random
 
 logger = logging.getLogger(__name__)
 
@@ -357,8 +357,7 @@ def calibrate(
         band = np.percentile(signals["sharpness"], [SHARPNESS_BAND_PERCENT, 100 - SHARPNESS_BAND_PERCENT])
         cal.fit_sharpness_power(both, np.concatenate([err] + [c[1] for c in copy_parts]), band=band)
         cal.sharpness_reference = reference
-        cal.info["augmented"] = [{"subject": e.get("subject"), "scanner": describe(random_scanner(np.random.default_rng(e["scanner_seed"])))}
-                                 for e in copies]
+        cal.info["augmented"] = [{"subject": e.get("subject"), "scanner": describe_random(e["scanner_seed"])} for e in copies]
         cal.info["augmented_samples"] = int(sum(c[1].size for c in copy_parts))
     from scipy.stats import spearmanr
 

@@ -101,7 +101,6 @@ def _sources(num_slices: int, inputs: Sequence[int], one_pass: bool) -> np.ndarr
     return idx[np.abs(k[:, None] - idx[None]).argmin(1)]
 
 
-@torch.no_grad()
 def relative_sharpness(rec: Reconstruction, reference: Mapping[str, Sequence[float]]) -> float:
     """The ``sharpness`` signal: the median over ``rec``'s real slices of their sharpness over ``reference``'s at their
     positions (``{"p": ascending, "value": ...}``); 1.0 when no input shows enough head to measure."""
@@ -113,6 +112,7 @@ def relative_sharpness(rec: Reconstruction, reference: Mapping[str, Sequence[flo
     return float(np.median(ratio)) if ratio.size else 1.0
 
 
+@torch.no_grad()
 def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_prior: bool = True, one_pass: bool = False,
                         stride: int = 1, sharpness_reference: Mapping[str, Sequence[float]] | None = None) -> dict[str, np.ndarray]:
     """The signals of the module docstring for every voxel of ``rec`` (each (H, W, D) float32, or (D,) per slice);

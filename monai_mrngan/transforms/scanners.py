@@ -22,7 +22,8 @@ from scipy import ndimage
 from ..data.grid import scale_intensity
 from ..data.positions import HEAD_THRESHOLD
 
-__all__ = ["SHIFTS", "Step", "check_shifts", "acquire", "apply_steps", "simulate", "random_scanner", "simulate_random", "describe"]
+__all__ = ["SHIFTS", "Step", "check_shifts", "acquire", "apply_steps", "simulate", "random_scanner", "simulate_random", "describe",
+           "describe_random"]
 
 Step = tuple[Callable[..., np.ndarray], float]
 """One acquisition step: a function ``(volume, argument, rng) -> volume`` and its argument."""
@@ -82,7 +83,7 @@ def acquire(volume: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
     return apply_steps(volume, SHIFTS[name], np.random.default_rng(seed))
 
 
-def apply_steps(volume: np.ndarray, steps: Sequence[tuple[Callable[..., np.ndarray], float]], rng: np.random.Generator) -> np.ndarray:
+def apply_steps(volume: np.ndarray, steps: Sequence[Step], rng: np.random.Generator) -> np.ndarray:
     """``volume`` (H, W, D) in [0, 1] through ``steps`` in order (not scaled again); air stays air where it was."""
     v = np.asarray(volume, dtype=np.float64)
     head = v > HEAD_THRESHOLD
@@ -118,9 +119,19 @@ def describe(steps: Sequence[Step]) -> list[str]:
     return [f"{f.__name__.lstrip('_')}({a:.3g})" for f, a in steps]
 
 
+def _drawn(seed: int) -> tuple[list[Step], np.random.Generator]:
+    """The scanner :func:`random_scanner` draws from ``seed``, and the generator its steps then draw from."""
+    rng = np.random.default_rng(seed)
+    return random_scanner(rng), rng
+
+
 def simulate_random(volume: np.ndarray, seed: int) -> tuple[np.ndarray, list[str]]:
     """``volume`` (H, W, D) in [0, 1] as the scanner :func:`random_scanner` draws from ``seed`` would have given it,
     prepared again (float32), and that scanner's :func:`describe`."""
-    rng = np.random.default_rng(seed)
-    steps = random_scanner(rng)
+    steps, rng = _drawn(seed)
     return scale_intensity(apply_steps(volume, steps, rng).astype(np.float32))[0], describe(steps)
+
+
+def describe_random(seed: int) -> list[str]:
+    """:func:`describe` of the scanner :func:`simulate_random` uses for ``seed``, without simulating anything."""
+    return describe(_drawn(seed)[0])
