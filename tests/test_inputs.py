@@ -63,6 +63,20 @@ def test_nifti_of_any_geometry_reaches_the_model_grid(scan, tiny_dataset):
         read_inputs([path], 32, ref["spacing_mm"], slice_index=99)
 
 
+def test_a_volume_in_unit_range_is_scaled_as_prepare_scales_it(scan, tiny_dataset, tmp_path):
+    """A scan normalised to [0, 1] by its maximum (bright voxels far above the head) reaches the models as the
+    same scan stored raw does, not several times darker."""
+    path, _, _, _ = scan
+    img = nib.load(str(path))
+    raw = img.get_fdata().astype(np.float32)
+    unit = tmp_path / "unit.nii.gz"
+    save_nifti(raw / raw.max(), img.affine, unit)
+    ref = reference_grid(tiny_dataset)
+    a = read_inputs([path], ref["shape"][0], ref["spacing_mm"], slice_index=12)
+    b = read_inputs([unit], ref["shape"][0], ref["spacing_mm"], slice_index=12)
+    assert np.abs(a.slices - b.slices).max() < 1e-4
+
+
 def test_dicom_series_any_orientation_and_single_files(scan, tiny_dataset, tmp_path):
     path, vol, affine, entry = scan
     spacing = reference_grid(tiny_dataset)["spacing_mm"]
