@@ -9,7 +9,7 @@ pydicom = pytest.importorskip("pydicom")
 
 from dicom_series import write_series  # noqa: E402  (tests/ helper)
 
-from monai_mrngan.data.dicom import is_dicom, read_dicom, read_dicom_file, slice_normal_angle  # noqa: E402
+from monai_mrngan.data.dicom import is_dicom, read_dicom, read_dicom_file, read_dicom_series_slots, slice_normal_angle  # noqa: E402
 from monai_mrngan.data.io import InputError  # noqa: E402
 
 
@@ -88,3 +88,24 @@ def test_bad_series_get_one_line_errors(tmp_path):
     junk.write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 20)
     with pytest.raises(InputError, match=str(junk.name)):
         read_dicom(junk)
+
+
+def test_a_series_with_missing_files_keeps_each_slice_at_its_place(tmp_path):
+    """Files left out of an evenly spaced series leave empty places; spacing that is not whole steps is refused."""
+    vol, aff = _volume((12, 10, 9)), _affine()
+    files = write_series(vol, aff, tmp_path / "gaps")
+    for k in (1, 2, 6):
+        files[k].unlink()
+    data, affine, present = read_dicom_series_slots(tmp_path / "gaps")
+    assert present.tolist() == [k not in (1, 2, 6) for k in range(9)]
+    np.testing.assert_allclose(affine, aff, atol=1e-4)  # the step is the series' own, not the widest gap
+    np.testing.assert_allclose(data[:, :, present], vol[:, :, present], atol=0.5)
+    assert not data[:, :, ~present].any()
+    with pytest.raises(InputError, match="3 of the series' 9 evenly spaced slices are missing"):
+        read_dicom(tmp_path / "gaps")
+    moved = sorted((tmp_path / "gaps").iterdir())[-1]
+    ds = pydicom.dcmread(str(moved))
+    ds.ImagePositionPatient = [float(v) + 0.8 * float(n) for v, n in zip(ds.ImagePositionPatient, [0, 0, -1])]  # 0.4 of a 2 mm step
+    ds.save_as(str(moved))
+    with pytest.raises(InputError, match="uneven slice spacing"):
+        read_dicom_series_slots(tmp_path / "gaps")

@@ -186,3 +186,51 @@ def test_stack_slices_beyond_the_grid_are_left_out(scan, tiny_dataset, tmp_path)
                             reference_affine=ref["affine"], reference_positions=ref["positions"])
     assert min(res["input_positions"]) >= -0.01 and len(res["input_positions"]) < vol[:, :, ::3].shape[2]
     assert res["input_positions"][0] == pytest.approx(0.3)
+
+
+def test_an_axial_series_with_missing_files_is_a_stack_of_the_slices_it_has(scan, tiny_dataset, tmp_path):
+    """An axial DICOM series with gaps (files left out): with --stack every slice it has, at its place; a slice
+    index of a missing slice, and gaps in a sagittal series, are refused in one line."""
+    path, vol, affine, entry = scan
+    spacing = reference_grid(tiny_dataset)["spacing_mm"]
+    img = nib.load(str(path))
+    files = write_series(np.asanyarray(img.dataobj), img.affine, tmp_path / "ax", slice_axis=1)  # stored axis 1 is S: axial files
+    full = read_inputs([tmp_path / "ax"], 32, spacing, stack=True)
+    for k in (0, 3, 4, 5, 9, 10, 11, 12, 17):
+        files[k].unlink()
+    got = read_inputs([tmp_path / "ax"], 32, spacing, stack=True)
+    assert len(got.indices) == len(files) - 9 and got.step_mm == pytest.approx(full.step_mm)
+    np.testing.assert_allclose(got.offsets_mm, (np.asarray(got.indices) - got.indices[0]) * got.step_mm, atol=1e-4)
+    ii, jj = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    corr = []
+    for k in range(len(got.indices)):  # every slice where it was acquired: the source sampled there gives it back
+        steps = got.offsets_mm[k] / got.step_mm
+        world = (got.affine @ np.c_[ii.ravel(), jj.ravel(), np.full(ii.size, steps), np.ones(ii.size)].T)[:3].T
+        src = _world_samples(path, world).reshape(32, 32) / got.scale
+        head = got.slices[k] > 0.1
+        if head.sum() > 20:
+            corr.append(np.corrcoef(src[head], got.slices[k][head])[0, 1])
+    assert len(corr) >= len(got.indices) // 2 and min(corr) > 0.99, corr
+    missing = sorted(set(range(got.indices[0], got.indices[-1])) - set(got.indices))
+    with pytest.raises(InputError, match=f"slice {missing[2]} is one of the series' missing slices"):
+        read_inputs([tmp_path / "ax"], 32, spacing, slice_index=missing[2])
+    one = read_inputs([tmp_path / "ax"], 32, spacing, slice_index=got.indices[3])
+    assert one.indices == [got.indices[3]] and np.corrcoef(one.slices[0].ravel(), got.slices[3].ravel())[0, 1] > 0.999
+
+    sag = write_series(np.asanyarray(img.dataobj), img.affine, tmp_path / "sag", slice_axis=0)
+    sag[5].unlink()
+    with pytest.raises(InputError, match="only an axial series may have gaps") as err:
+        read_inputs([tmp_path / "sag"], 32, spacing, slice_index=4)
+    assert "\n" not in str(err.value)
+
+
+def test_the_vertex_is_not_read_across_missing_slices():
+    """Slices above the head but past a gap do not give the vertex: it could lie anywhere in the gap."""
+    from monai_mrngan.inference.localize import place_slices
+
+    slices = np.zeros((4, 32, 32), np.float32)
+    slices[:3, 4:28, 4:28] = 0.5  # 24 x 24 px of head at 2 mm: 2304 mm^2 on each of the lower three
+    pos, info = place_slices(None, slices, [0.0, 2.0, 4.0, 6.0], 2.0)  # the empty slice one step above: the vertex
+    assert info["method"] == "vertex in the field of view" and pos[2] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="vertex cannot be read"):
+        place_slices(None, slices, [0.0, 2.0, 4.0, 14.0], 2.0)  # 10 mm up to the empty one

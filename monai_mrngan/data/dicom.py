@@ -9,9 +9,12 @@ any orientation (a sagittal MPRAGE too) becomes a volume with a correct RAS affi
   axis 1 down the columns (row index), axis 2 across the slices (sorted along the slice normal);
 - the affine maps (i, j, k) to RAS millimetres (DICOM's LPS with x and y negated).
 
-Every problem is an :class:`~monai_mrngan.data.io.InputError` naming the file or folder: not
+A series folder may lack some of its files (an axial series with gaps): the missing places are
+kept as empty slices and said so (:func:`read_dicom_series_slots`), so every slice it has stays at its
+place. Every problem is an :class:`~monai_mrngan.data.io.InputError` naming the file or folder: not
 DICOM, a multi-frame file, a compressed transfer syntax that cannot be decoded here, several
-series in one folder, slices that differ in orientation or size, missing geometry.
+series in one folder, slices that differ in orientation or size, spacing that is not whole steps,
+missing geometry.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import numpy as np
 
 from .io import InputError
 
-__all__ = ["is_dicom", "read_dicom", "read_dicom_file", "read_dicom_series", "slice_normal_angle"]
+__all__ = ["is_dicom", "read_dicom", "read_dicom_file", "read_dicom_series", "read_dicom_series_slots", "slice_normal_angle",
+           "MAX_SERIES_SLOTS"]
 
 _GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -117,11 +121,18 @@ def read_dicom_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return _pixels(ds, path).T[:, :, None], _affine(ds, normal * thickness)
 
 
-def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Every DICOM file of ``folder`` (one series) as a volume ``(X, Y, Z)`` and its RAS affine.
+MAX_SERIES_SLOTS = 4096
+"""Most slice places a series may span (its slices and the missing ones between them)."""
 
-    Slices are sorted along the slice normal by ImagePositionPatient; gaps between slices must be
-    even (within 10 % of the median step). Non-DICOM files (e.g. a DICOMDIR index) are skipped.
+
+def read_dicom_series_slots(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every DICOM file of ``folder`` (one series) as a volume ``(X, Y, Z)``, its RAS affine, and which of
+    its ``Z`` evenly spaced slice places hold a file (``present``, bool).
+
+    Slices are sorted along the slice normal by ImagePositionPatient. The step is the series' single
+    step; a gap of a whole number of steps (within 10 % of a step) is a run of missing files (an axial
+    series with gaps): those places are zeros and ``present`` False. Any other spacing is refused.
+    Non-DICOM files (e.g. a DICOMDIR index) are skipped.
     """
     folder = Path(folder)
     files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR")
@@ -146,19 +157,40 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
     depth = np.array([float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for _, ds in headers])
     order = np.argsort(depth, kind="stable")
     depth = depth[order]
+    slots = np.zeros(1, dtype=np.int64)
     if len(depth) > 1:
         steps = np.diff(depth)
         if (steps <= 1e-6).any():
             raise InputError(folder, "two slices at the same position; the folder holds duplicates or several acquisitions")
-        med = float(np.median(steps))
-        if (np.abs(steps - med) > 0.1 * med).any():
-            raise InputError(folder, f"uneven slice spacing ({steps.min():.3g} to {steps.max():.3g} mm); expected one evenly spaced series")
+        single = steps[steps < 1.5 * steps.min()]
+        step = float(np.median(single))
+        counts = np.rint(steps / step)
+        if (np.abs(steps - counts * step) > 0.1 * step).any():
+            raise InputError(folder, f"uneven slice spacing ({steps.min():.3g} to {steps.max():.3g} mm); expected one evenly spaced "
+                                     "series (whole steps may be missing)")
+        slots = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if slots[-1] >= MAX_SERIES_SLOTS:
+            raise InputError(folder, f"its {len(depth)} slices span {int(slots[-1]) + 1} slice places of {step:.3g} mm; at most "
+                                     f"{MAX_SERIES_SLOTS} are read")
     else:
-        med = float(getattr(headers[0][1], "SliceThickness", 0) or 0) or float(headers[0][1].PixelSpacing[0])
+        step = float(getattr(headers[0][1], "SliceThickness", 0) or 0) or float(headers[0][1].PixelSpacing[0])
     first_path, _ = headers[order[0]]
     first = _dataset(first_path)
-    vol = np.stack([_pixels(_dataset(headers[i][0]), headers[i][0]).T for i in order], axis=2)
-    return vol, _affine(first, normal * med)
+    planes = [_pixels(_dataset(headers[i][0]), headers[i][0]).T for i in order]
+    vol = np.zeros((*planes[0].shape, int(slots[-1]) + 1), dtype=np.float32)
+    vol[:, :, slots] = np.stack(planes, axis=2)
+    present = np.zeros(vol.shape[2], dtype=bool)
+    present[slots] = True
+    return vol, _affine(first, normal * step), present
+
+
+def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Every DICOM file of ``folder`` (one series, evenly spaced, none missing) as a volume ``(X, Y, Z)`` and
+    its RAS affine (:func:`read_dicom_series_slots`, which also takes a series with missing slices)."""
+    vol, affine, present = read_dicom_series_slots(folder)
+    if not present.all():
+        raise InputError(folder, f"{int((~present).sum())} of the series' {present.size} evenly spaced slices are missing")
+    return vol, affine
 
 
 def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from .dicom import is_dicom, read_dicom, slice_normal_angle
+from .dicom import is_dicom, read_dicom_file, read_dicom_series_slots, slice_normal_angle
 from .io import InputError, check_values, is_nifti, is_png, load_slice, read_image
 from .grid import PreparedSlices, prepare_slices, to_unit_range
 
@@ -39,7 +39,8 @@ class InputSlices:
     ``affine``: (i, j, k) -> the input's world (RAS mm) for the model-grid pixel (i, j) of the
     first slice moved ``k`` input slice steps along its axial axis (None for a PNG: no geometry);
     ``offsets_mm``: each slice's distance above the first along that axis (a stack's geometry);
-    ``sources``: a label per slice; ``scale``: the intensity divided out.
+    ``sources``: a label per slice; ``scale``: the intensity divided out; ``indices``: each slice's
+    axial index in its volume reoriented to RAS (one input with a geometry; else empty).
     """
 
     slices: np.ndarray
@@ -48,24 +49,42 @@ class InputSlices:
     step_mm: float | None = None
     offsets_mm: list[float] = field(default_factory=list)
     scale: float = 1.0
+    indices: list[int] = field(default_factory=list)
 
     @property
     def has_geometry(self) -> bool:
         return self.affine is not None
 
 
-def _volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels and RAS affine of a DICOM series / file or a NIfTI (2D images become one-slice volumes)."""
+def _volume(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Voxels and RAS affine of a DICOM series / file or a NIfTI (2D images become one-slice volumes), and for
+    a DICOM series with missing files which of its slice places hold one (None: every place)."""
+    present = None
     if is_dicom(path):
-        data, affine = read_dicom(path)
+        if path.is_dir():
+            data, affine, present = read_dicom_series_slots(path)
+            present = None if present.all() else present
+        else:
+            data, affine = read_dicom_file(path)
     else:
         data, affine = read_image(path, "one 2D slice or one 3D volume")
-    data = check_values(path, np.asarray(data))
+    values = check_values(path, np.asarray(data) if present is None else data[:, :, present])  # the slices it has
+    data = values if present is None else data
     if data.ndim == 2:
         data = data[:, :, None]
     elif data.ndim == 3 and data.shape[2] > 1 and 1 in data.shape[:2]:
         raise InputError(path, f"a slice stored along another axis (shape {tuple(data.shape)}); expected an axial slice or a volume")
-    return data, affine
+    return data, affine, present
+
+
+def _present_ras(present: np.ndarray, affine: np.ndarray, path: Path) -> list[int]:
+    """The RAS axial indices of the slices a series with missing files has (its stored axis 2 must be the axial one)."""
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    if int(ornt[2, 0]) != 2:
+        raise InputError(path, f"{int((~present).sum())} of the series' {present.size} evenly spaced slices are missing; only an axial "
+                               "series may have gaps (a sagittal or coronal one has no whole axial slice without them)")
+    idx = np.nonzero(present)[0]
+    return sorted(int(i) for i in ((present.size - 1 - idx) if ornt[2, 1] < 0 else idx))
 
 
 def _already_prepared(data: np.ndarray, affine: np.ndarray, spacing: float, size: int, indices: Sequence[int] | None,
@@ -86,8 +105,9 @@ def _already_prepared(data: np.ndarray, affine: np.ndarray, spacing: float, size
 
 
 def _one_with_geometry(path: Path, size: int, spacing: float, slice_index: int | None, stack: bool) -> InputSlices:
-    data, affine = _volume(path)
+    data, affine, present = _volume(path)
     depth = data.shape[2]
+    real = None if present is None else _present_ras(present, affine, path)
     if depth == 1:
         angle = slice_normal_angle(affine)
         if angle > MAX_TILT_DEGREES:
@@ -95,17 +115,20 @@ def _one_with_geometry(path: Path, size: int, spacing: float, slice_index: int |
                                    f"{MAX_TILT_DEGREES:g} degrees) can be placed in the head")
         indices: Sequence[int] | None = [0]
     elif stack:
-        indices = None
+        indices = real
     elif slice_index is None:
         raise InputError(path, f"3D volume of {depth} axial slices where one slice is expected; pass a slice index (--slice-index N, "
                                "counted from the bottom in RAS orientation) or --stack to use every axial slice")
     else:
         indices = [int(slice_index)]
+        if real is not None and -depth <= indices[0] < depth and indices[0] % depth not in real:
+            raise InputError(path, f"slice {indices[0]} is one of the series' missing slices (it has {', '.join(map(str, real[:8]))}"
+                                   f"{', ...' if len(real) > 8 else ''})")
     prepared = _already_prepared(data, affine, spacing, size, indices, path) or prepare_slices(data, affine, spacing, size, indices, source=path)
     offsets = [float((i - prepared.indices[0]) * prepared.step_mm) for i in prepared.indices]
     label = str(path) if len(prepared.indices) == 1 and depth == 1 else None
     sources = [label or f"{path}#{i}" for i in prepared.indices]
-    return InputSlices(prepared.slices, sources, prepared.affine, prepared.step_mm, offsets, prepared.scale)
+    return InputSlices(prepared.slices, sources, prepared.affine, prepared.step_mm, offsets, prepared.scale, list(prepared.indices))
 
 
 def slice_to_grid(img: np.ndarray, size: int | Sequence[int], spacing: float, pixel_mm: float | Sequence[float] | None = None,

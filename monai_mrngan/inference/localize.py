@@ -91,8 +91,9 @@ def place_slices(network: torch.nn.Module | None, slices: np.ndarray, offsets_mm
     """Positions of a volume's axial slices (model grid, ``offsets_mm`` above the first) from the volume itself.
 
     When the top of the head is inside the field of view (the top slice shows less than
-    ``VERTEX_MIN_AREA_MM2`` of head, as ``prepare`` defines the vertex), positions are counted from
-    the vertex exactly as ``prepare`` counts them: no model is needed. Otherwise (a cut field of
+    ``VERTEX_MIN_AREA_MM2`` of head, as ``prepare`` defines the vertex, and the slice above the
+    highest head section is one step above it, not across missing slices), positions are counted
+    from the vertex exactly as ``prepare`` counts them: no model is needed. Otherwise (a cut field of
     view, or a volume trimmed at the vertex) every slice is localized and one offset fitted
     (:func:`localize_with_offset`, refined by ``template`` when given; ``template`` alone places the
     volume when there is no ``network``). Returns the positions and how they were found.
@@ -103,9 +104,13 @@ def place_slices(network: torch.nn.Module | None, slices: np.ndarray, offsets_mm
     top = int(np.argmax(offsets))
     if head.size and area[top] < VERTEX_MIN_AREA_MM2:
         vertex_mm = float(offsets[head].max())
-        return (vertex_mm - offsets) / HEAD_HEIGHT_MM, {"method": "vertex in the field of view", "vertex_offset_mm": round(vertex_mm, 2)}
+        above = float(offsets[offsets > vertex_mm].min()) - vertex_mm  # to the first slice above it, which shows no head
+        step = float(np.diff(np.sort(offsets)).min())  # the volume's own step (a series with gaps skips some)
+        if above <= 1.5 * step:  # the vertex lies within one step; after missing slices it could lie anywhere in the gap
+            return (vertex_mm - offsets) / HEAD_HEIGHT_MM, {"method": "vertex in the field of view", "vertex_offset_mm": round(vertex_mm, 2)}
     if network is None and template is None:
-        raise ValueError("the volume's top of the head is outside its field of view and no localizer is there to place it")
+        raise ValueError("the volume's vertex cannot be read from its slices (the top of the head outside the field of view, or "
+                         "missing slices next to it) and no localizer is there to place it")
     positions, info = localize_with_offset(network if network is not None else template, slices, -offsets / HEAD_HEIGHT_MM, template)
     return positions, {"method": "localized slices, one offset", **info}
 

@@ -175,7 +175,7 @@ def _inside(got: InputSlices, positions: list[float], lo: float, hi: float) -> t
     affine = np.asarray(got.affine, dtype=np.float64).copy()
     affine[:3, 3] += affine[:3, 2] * (got.offsets_mm[first] / got.step_mm)
     kept = InputSlices(got.slices[keep], [got.sources[k] for k in keep], affine, got.step_mm,
-                       [got.offsets_mm[k] - got.offsets_mm[first] for k in keep], got.scale)
+                       [got.offsets_mm[k] - got.offsets_mm[first] for k in keep], got.scale, [got.indices[k] for k in keep] if got.indices else [])
     return kept, [positions[k] for k in keep]
 
 
@@ -190,7 +190,7 @@ def _volume_position(components: Components, path: str, slice_index: int, size: 
         positions, info = place_slices(localizer, whole.slices, whole.offsets_mm, spacing_mm, template=template)
     except ValueError:
         return None, None
-    p = float(positions[slice_index % len(whole.slices)])  # the stack holds every RAS axial slice, in index order
+    p = float(positions[whole.indices.index(slice_index)])  # slice_index: the RAS axial index (a series with gaps skips some)
     logger.info("%s: placed from the whole volume (%s): p = %.3f", path, info["method"], p)
     return [p], info
 
@@ -287,7 +287,7 @@ def reconstruct_files(
         half = abs(spacing_mm) / HEAD_HEIGHT_MM / 2
         got, positions = _inside(got, positions, float(grid.min()) - half, float(grid.max()) + half)
     elif slice_index is not None and positions is None and len(inputs) == 1:
-        positions, placement = _volume_position(components, inputs[0], int(slice_index), int(size), spacing_mm)
+        positions, placement = _volume_position(components, inputs[0], got.indices[0], int(size), spacing_mm)
     elif positions is not None and len(positions) != len(got.slices):
         raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
     cal, note = calibration_for(components, method)
