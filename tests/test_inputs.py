@@ -217,6 +217,12 @@ def test_an_axial_series_with_missing_files_is_a_stack_of_the_slices_it_has(scan
     one = read_inputs([tmp_path / "ax"], 32, spacing, slice_index=got.indices[3])
     assert one.indices == [got.indices[3]] and np.corrcoef(one.slices[0].ravel(), got.slices[3].ravel())[0, 1] > 0.999
 
+    listed = read_inputs(sorted((tmp_path / "ax").iterdir()), 32, spacing, stack=True)  # the files themselves, no folder
+    np.testing.assert_array_equal(listed.slices, got.slices)
+    assert listed.offsets_mm == got.offsets_mm and listed.indices == got.indices
+    with pytest.raises(InputError, match="--stack takes one input"):
+        read_inputs([tmp_path / "ax", path], 32, spacing, stack=True)
+
     sag = write_series(np.asanyarray(img.dataobj), img.affine, tmp_path / "sag", slice_axis=0)
     sag[5].unlink()
     with pytest.raises(InputError, match="only an axial series may have gaps") as err:

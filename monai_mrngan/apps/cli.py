@@ -172,7 +172,8 @@ def reconstruct(
         positions: the anatomical position p of each input slice (of the first one with --stack); localized when omitted.
         dataset_dir: prepared dataset that fixes the model grid (default: the pipeline's).
         method: mrngan, pix2pix_iterative, prior, copy (one slice), linear, cubic or registration (several).
-        stack: use every axial slice of one input (a thick-slice stack), placed by its geometry.
+        stack: use every axial slice of one input (a thick-slice stack, or a DICOM series with files left out), or the
+            given DICOM files of one series, placed by their geometry.
         pixel_mm: in-plane pixel size of a PNG input that is not at the model size.
         force: reconstruct an input that does not look like an axial head slice (refused otherwise).
         device: auto (a GPU when there is one), cpu or cuda[:N].

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -125,17 +125,22 @@ MAX_SERIES_SLOTS = 4096
 """Most slice places a series may span (its slices and the missing ones between them)."""
 
 
-def read_dicom_series_slots(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every DICOM file of ``folder`` (one series) as a volume ``(X, Y, Z)``, its RAS affine, and which of
-    its ``Z`` evenly spaced slice places hold a file (``present``, bool).
+def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every DICOM file of ``folder`` (one series; or a list of its files) as a volume ``(X, Y, Z)``, its RAS
+    affine, and which of its ``Z`` evenly spaced slice places hold a file (``present``, bool).
 
     Slices are sorted along the slice normal by ImagePositionPatient. The step is the series' single
     step; a gap of a whole number of steps (within 10 % of a step) is a run of missing files (an axial
     series with gaps): those places are zeros and ``present`` False. Any other spacing is refused.
     Non-DICOM files (e.g. a DICOMDIR index) are skipped.
     """
-    folder = Path(folder)
-    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR")
+    if isinstance(folder, (str, os.PathLike)):
+        folder = Path(folder)
+        files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR")
+        where = "in one folder"
+    else:  # the files themselves: errors name the first one
+        files = [Path(f) for f in folder]
+        folder, where = files[0], f"among the {len(files)} files given"
     headers = []
     for f in files:
         if not _has_preamble(f) and f.suffix.lower() != ".dcm":
@@ -145,7 +150,7 @@ def read_dicom_series_slots(folder: str | os.PathLike) -> tuple[np.ndarray, np.n
         raise InputError(folder, "no DICOM files in this folder")
     series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
     if len(series) > 1:
-        raise InputError(folder, f"mixed DICOM series in one folder ({len(series)} SeriesInstanceUIDs); put each series in its own folder")
+        raise InputError(folder, f"mixed DICOM series {where} ({len(series)} SeriesInstanceUIDs); give one series at a time")
     row0, col0, normal = _orientation(headers[0][1])
     shape0 = (int(headers[0][1].Rows), int(headers[0][1].Columns))
     for f, ds in headers:

@@ -56,12 +56,13 @@ class InputSlices:
         return self.affine is not None
 
 
-def _volume(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Voxels and RAS affine of a DICOM series / file or a NIfTI (2D images become one-slice volumes), and for
-    a DICOM series with missing files which of its slice places hold one (None: every place)."""
+def _volume(path: Path | list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Voxels and RAS affine of a DICOM series (a folder, or a list of its files) / file or a NIfTI (2D images
+    become one-slice volumes), and for a DICOM series with missing files which of its slice places hold one
+    (None: every place)."""
     present = None
-    if is_dicom(path):
-        if path.is_dir():
+    if isinstance(path, list) or is_dicom(path):
+        if isinstance(path, list) or path.is_dir():
             data, affine, present = read_dicom_series_slots(path)
             present = None if present.all() else present
         else:
@@ -104,30 +105,31 @@ def _already_prepared(data: np.ndarray, affine: np.ndarray, spacing: float, size
     return PreparedSlices(np.moveaxis(data[:, :, picked], 2, 0).astype(np.float32), moved, float(np.linalg.norm(moved[:3, 2])), picked, 1.0)
 
 
-def _one_with_geometry(path: Path, size: int, spacing: float, slice_index: int | None, stack: bool) -> InputSlices:
+def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice_index: int | None, stack: bool) -> InputSlices:
     data, affine, present = _volume(path)
+    name = path[0].parent if isinstance(path, list) else path  # a list of one series' files is named by their folder
     depth = data.shape[2]
-    real = None if present is None else _present_ras(present, affine, path)
+    real = None if present is None else _present_ras(present, affine, name)
     if depth == 1:
         angle = slice_normal_angle(affine)
         if angle > MAX_TILT_DEGREES:
-            raise InputError(path, f"slice is {angle:.0f} degrees from axial (coronal or sagittal?); only an axial slice (within "
+            raise InputError(name, f"slice is {angle:.0f} degrees from axial (coronal or sagittal?); only an axial slice (within "
                                    f"{MAX_TILT_DEGREES:g} degrees) can be placed in the head")
         indices: Sequence[int] | None = [0]
     elif stack:
         indices = real
     elif slice_index is None:
-        raise InputError(path, f"3D volume of {depth} axial slices where one slice is expected; pass a slice index (--slice-index N, "
+        raise InputError(name, f"3D volume of {depth} axial slices where one slice is expected; pass a slice index (--slice-index N, "
                                "counted from the bottom in RAS orientation) or --stack to use every axial slice")
     else:
         indices = [int(slice_index)]
         if real is not None and -depth <= indices[0] < depth and indices[0] % depth not in real:
-            raise InputError(path, f"slice {indices[0]} is one of the series' missing slices (it has {', '.join(map(str, real[:8]))}"
+            raise InputError(name, f"slice {indices[0]} is one of the series' missing slices (it has {', '.join(map(str, real[:8]))}"
                                    f"{', ...' if len(real) > 8 else ''})")
-    prepared = _already_prepared(data, affine, spacing, size, indices, path) or prepare_slices(data, affine, spacing, size, indices, source=path)
+    prepared = _already_prepared(data, affine, spacing, size, indices, name) or prepare_slices(data, affine, spacing, size, indices, source=name)
     offsets = [float((i - prepared.indices[0]) * prepared.step_mm) for i in prepared.indices]
-    label = str(path) if len(prepared.indices) == 1 and depth == 1 else None
-    sources = [label or f"{path}#{i}" for i in prepared.indices]
+    label = str(name) if len(prepared.indices) == 1 and depth == 1 else None
+    sources = [label or f"{name}#{i}" for i in prepared.indices]
     return InputSlices(prepared.slices, sources, prepared.affine, prepared.step_mm, offsets, prepared.scale, list(prepared.indices))
 
 
@@ -166,8 +168,12 @@ def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, 
     for p in paths:
         if not p.exists():
             raise InputError(p, "no such file or folder")
-    if stack and len(paths) != 1:
-        raise ValueError(f"--stack takes one input (a volume or a DICOM series), got {len(paths)}")
+    if stack and len(paths) > 1:
+        bad = [p for p in paths if p.is_dir() or not is_dicom(p)]
+        if bad:
+            raise InputError(bad[0], f"--stack takes one input (a volume or a DICOM series folder), or the DICOM files of one "
+                                     f"series; got {len(paths)} inputs")
+        return _one_with_geometry(paths, size, spacing, slice_index, stack)
     parts = []
     for p in paths:
         if is_png(p):
