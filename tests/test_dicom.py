@@ -9,7 +9,9 @@ pydicom = pytest.importorskip("pydicom")
 
 from dicom_series import write_series  # noqa: E402  (tests/ helper)
 
-from monai_mrngan.data.dicom import is_dicom, read_dicom, read_dicom_file, read_dicom_series_slots, slice_normal_angle  # noqa: E402
+from monai_mrngan.data.dicom import (  # noqa: E402
+    is_dicom, read_dicom, read_dicom_file, read_dicom_series_slots, series_folders, slice_normal_angle)
+from monai_mrngan.data.inputs import read_inputs  # noqa: E402
 from monai_mrngan.data.io import InputError  # noqa: E402
 
 
@@ -109,3 +111,17 @@ def test_a_series_with_missing_files_keeps_each_slice_at_its_place(tmp_path):
     ds.save_as(str(moved))
     with pytest.raises(InputError, match="uneven slice spacing"):
         read_dicom_series_slots(tmp_path / "gaps")
+
+
+def test_a_study_folder_names_the_series_folders_in_it(tmp_path):
+    """A PACS export's patient / study folder holds series in subfolders: the error names them."""
+    vol, aff = _volume(), _affine()
+    for name in ("2_t1_mprage", "1_localizer"):
+        write_series(vol[..., :3], aff, tmp_path / "patient" / "study" / name)
+    (tmp_path / "patient" / "notes.txt").write_text("not an image")
+    assert series_folders(tmp_path / "patient") == [tmp_path / "patient" / "study" / n for n in ("1_localizer", "2_t1_mprage")]
+    with pytest.raises(InputError, match="its DICOM series are in subfolders such as .*1_localizer.*2_t1_mprage.*: pass one of them") as err:
+        read_inputs([tmp_path / "patient"], 8, 2.0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="unsupported input"):
+        read_inputs([tmp_path / "patient" / "notes.txt"], 8, 2.0)

@@ -27,7 +27,7 @@ import numpy as np
 
 from .io import InputError
 
-__all__ = ["is_dicom", "read_dicom", "read_dicom_file", "read_dicom_series", "read_dicom_series_slots", "slice_normal_angle",
+__all__ = ["is_dicom", "series_folders", "read_dicom", "read_dicom_file", "read_dicom_series", "read_dicom_series_slots", "slice_normal_angle",
            "MAX_SERIES_SLOTS"]
 
 _GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
@@ -40,6 +40,19 @@ def is_dicom(path: str | os.PathLike) -> bool:
     if path.is_dir():
         return any(_has_preamble(f) for f in sorted(path.iterdir())[:50] if f.is_file())
     return path.is_file() and (path.suffix.lower() == ".dcm" or _has_preamble(path))
+
+
+def series_folders(root: str | os.PathLike, limit: int = 3, max_depth: int = 4) -> list[Path]:
+    """Up to ``limit`` folders under ``root`` (``max_depth`` levels down, in name order) that hold DICOM files:
+    what to pass instead of a patient or study folder of a PACS export."""
+    found: list[Path] = []
+    level = [Path(root)]
+    for _ in range(max_depth):
+        level = [d for parent in level for d in sorted(parent.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        found += [d for d in level if is_dicom(d)][: limit - len(found)]
+        if len(found) >= limit or not level:
+            break
+    return found
 
 
 def _has_preamble(path: Path) -> bool:

@@ -22,7 +22,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from .dicom import is_dicom, read_dicom_file, read_dicom_series_slots, slice_normal_angle
+from .dicom import is_dicom, read_dicom_file, read_dicom_series_slots, series_folders, slice_normal_angle
 from .io import InputError, check_values, is_nifti, is_png, load_slice, read_image
 from .grid import PreparedSlices, prepare_slices, to_unit_range
 
@@ -183,6 +183,10 @@ def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, 
         elif is_nifti(p) or is_dicom(p):
             parts.append(_one_with_geometry(p, size, spacing, slice_index, stack))
         else:
+            inside = series_folders(p) if p.is_dir() else []
+            if inside:  # a patient or study folder of a PACS export: name the series folders in it
+                raise InputError(p, f"no DICOM files in this folder itself; its DICOM series are in subfolders such as "
+                                    f"{', '.join(str(d) for d in inside)}: pass one of them")
             raise InputError(p, "unsupported input; expected a DICOM series folder or file, .nii / .nii.gz, or .png")
     if len(parts) == 1:
         return parts[0]
