@@ -188,7 +188,7 @@ def test_stack_slices_beyond_the_grid_are_left_out(scan, tiny_dataset, tmp_path)
     assert res["input_positions"][0] == pytest.approx(0.3)
 
 
-def test_an_axial_series_with_missing_files_is_a_stack_of_the_slices_it_has(scan, tiny_dataset, tmp_path):
+def test_an_axial_series_with_missing_files_is_a_stack_of_the_slices_it_has(scan, tiny_dataset, tmp_path, caplog):
     """An axial DICOM series with gaps (files left out): with --stack every slice it has, at its place; a slice
     index of a missing slice, and gaps in a sagittal series, are refused in one line."""
     path, vol, affine, entry = scan
@@ -222,6 +222,9 @@ def test_an_axial_series_with_missing_files_is_a_stack_of_the_slices_it_has(scan
     assert listed.offsets_mm == got.offsets_mm and listed.indices == got.indices
     with pytest.raises(InputError, match="--stack takes one input"):
         read_inputs([tmp_path / "ax", path], 32, spacing, stack=True)
+    with caplog.at_level("WARNING", logger="monai_mrngan.data.inputs"):
+        apart = read_inputs(sorted((tmp_path / "ax").iterdir())[:2], 32, spacing)  # without --stack: each on its own, and a hint
+    assert len(apart.slices) == 2 and not apart.has_geometry and "--stack places them together" in caplog.text
 
     sag = write_series(np.asanyarray(img.dataobj), img.affine, tmp_path / "sag", slice_axis=0)
     sag[5].unlink()

@@ -14,6 +14,7 @@ volume's axial axis after reorientation to RAS (0 = lowest slice), for DICOM and
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from .io import InputError, check_values, is_nifti, is_png, load_slice, read_ima
 from .grid import PreparedSlices, prepare_slices, to_unit_range
 
 __all__ = ["InputSlices", "read_inputs", "slice_to_grid", "MAX_TILT_DEGREES"]
+
+logger = logging.getLogger(__name__)
 
 MAX_TILT_DEGREES = 10.0
 """A single slice must be axial within this angle: the models only know axial slices."""
@@ -190,4 +193,7 @@ def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, 
             raise InputError(p, "unsupported input; expected a DICOM series folder or file, .nii / .nii.gz, or .png")
     if len(parts) == 1:
         return parts[0]
+    if all(p.is_file() and is_dicom(p) for p in paths):
+        logger.warning("%d DICOM files, each placed on its own; if they are slices of one series, --stack places them together "
+                       "by their geometry (ImagePositionPatient) and writes the output in their space", len(paths))
     return InputSlices(np.concatenate([q.slices for q in parts]), [s for q in parts for s in q.sources])
