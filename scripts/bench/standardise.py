@@ -10,7 +10,9 @@ brightest outer ones such as scalp fat, 1.8x brighter, as a full-range scanner s
 - ``p99.5``: the 99.5th percentile of positive voxels (today's ``prepare``);
 - ``p95``, ``p90``, ``p75``: those percentiles of head voxels;
 - ``wm_mode``: the white-matter peak, the mode of the smoothed histogram of head voxels above
-  their median (the brightest large tissue class of a T1 scan).
+  their median (the brightest large tissue class of a T1 scan);
+- ``nyul``: histogram standardisation (Nyul & Udupa): the head's deciles (and 1st / 99th
+  percentiles) mapped piecewise linearly onto their means over the training split.
 
 Each standardiser maps a volume to ``v / ref(v) * c`` with ``c`` the mean ``ref`` of the
 unshifted volumes (so originals keep their scale); the score is the mean absolute difference,
@@ -65,6 +67,25 @@ def _wm_mode(v: np.ndarray, head: np.ndarray) -> float:
 
 REFS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"p99.5": _p995, "p95": _p95, "p90": _p90, "p75": _p75, "wm_mode": _wm_mode}
 
+NYUL_PERCENTILES = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
+"""Head-voxel percentiles used as landmarks by the histogram standardisation (Nyul & Udupa's deciles)."""
+
+
+def nyul_landmarks(v: np.ndarray, head: np.ndarray) -> np.ndarray:
+    return np.percentile(v[head], NYUL_PERCENTILES)
+
+
+def nyul(v: np.ndarray, head: np.ndarray, standard: np.ndarray) -> np.ndarray:
+    """Histogram standardisation: the scan's head landmarks mapped piecewise linearly onto ``standard`` (the
+    training split's mean landmarks); 0 stays 0, beyond the outer landmarks the end segments' slopes go on."""
+    own = np.concatenate([[0.0], nyul_landmarks(v, head)])
+    std = np.concatenate([[0.0], standard])
+    own = np.maximum.accumulate(own + np.arange(own.size) * 1e-9)  # strictly increasing for the interpolation
+    out = np.interp(v, own, std)
+    top = v > own[-1]
+    out[top] = std[-1] + (v[top] - own[-1]) * (std[-1] - std[-2]) / max(own[-1] - own[-2], 1e-9)
+    return out
+
 
 def _bright_tail(v: np.ndarray, head: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     outer = head & ~ndimage.binary_erosion(head, iterations=3)
@@ -86,25 +107,31 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset_dir", required=True)
     ap.add_argument("--limit", type=int, default=15)
+    ap.add_argument("--train_limit", type=int, default=40, help="training volumes the histogram standardisation learns from")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     vols = [load_volume(e["image"])[0].astype(np.float64) for e in load_split(args.dataset_dir, "test", args.limit)]
     heads = [v > HEAD_THRESHOLD for v in vols]
     c = {r: float(np.mean([f(v, h) for v, h in zip(vols, heads)])) for r, f in REFS.items()}
+    train = [load_volume(e["image"])[0].astype(np.float64) for e in load_split(args.dataset_dir, "training", args.train_limit)]
+    standard = np.mean([nyul_landmarks(v, v > HEAD_THRESHOLD) for v in train], axis=0)  # learned on the training split
+    methods = [*REFS, "nyul"]
     names = [*SHIFTS, "bright_tail"]
     table: dict[str, dict[str, float]] = {n: {} for n in names}
     for n in names:
-        errs: dict[str, list[float]] = {r: [] for r in REFS}
+        errs: dict[str, list[float]] = {r: [] for r in methods}
         for i, (v, h) in enumerate(zip(vols, heads)):
             s = shifted(v, n, seed=i)
-            for r, f in REFS.items():
-                a = v / f(v, h) * c[r]
-                b = s / f(s, h) * c[r]
+            for r in methods:
+                if r == "nyul":
+                    a, b = nyul(v, h, standard), nyul(s, h, standard)
+                else:
+                    a, b = v / REFS[r](v, h) * c[r], s / REFS[r](s, h) * c[r]
                 errs[r].append(float(np.mean(np.abs(np.clip(a[h], 0, 1.5) - np.clip(b[h], 0, 1.5)))))
         table[n] = {r: round(float(np.mean(e)), 4) for r, e in errs.items()}
-        print(f"{n:20s} " + "  ".join(f"{r} {table[n][r]:.4f}" for r in REFS), flush=True)
-    table["mean"] = {r: round(float(np.mean([table[n][r] for n in names])), 4) for r in REFS}
-    print(f"{'mean':20s} " + "  ".join(f"{r} {table['mean'][r]:.4f}" for r in REFS))
+        print(f"{n:20s} " + "  ".join(f"{r} {table[n][r]:.4f}" for r in methods), flush=True)
+    table["mean"] = {r: round(float(np.mean([table[n][r] for n in names])), 4) for r in methods}
+    print(f"{'mean':20s} " + "  ".join(f"{r} {table['mean'][r]:.4f}" for r in methods))
     if args.json:
         Path(args.json).write_text(json.dumps({"subjects": len(vols), "mae_head": table}, indent=1))
 
