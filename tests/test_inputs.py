@@ -243,3 +243,40 @@ def test_the_vertex_is_not_read_across_missing_slices():
     assert info["method"] == "vertex in the field of view" and pos[2] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="vertex cannot be read"):
         place_slices(None, slices, [0.0, 2.0, 4.0, 14.0], 2.0)  # 10 mm up to the empty one
+
+
+def test_a_lone_raw_slice_is_brought_to_its_volume_scale_at_its_position(scan, tiny_dataset, tmp_path):
+    """A one-slice input with raw intensities is scaled by its own head; multiplied by the bank's slice-scale profile at
+    its position it matches the slice as its whole volume is scaled (here the bank is the subject's own volume)."""
+    from monai_mrngan.atlas.bank import slice_scale_profile
+    from monai_mrngan.atlas.prior import BrainPrior
+    from monai_mrngan.inference.reconstruct import to_volume_scale
+
+    _, vol, affine, entry = scan
+    ref = reference_grid(tiny_dataset)
+    prior = BrainPrior(np.moveaxis(vol, 2, 0), entry["positions"])
+    profile = slice_scale_profile(prior.bank)
+    factors = np.interp(entry["positions"], prior.positions.numpy(), np.nan_to_num(profile, nan=1.0))
+    area = (vol > 0.1).sum(axis=(0, 1))
+    k = int(np.argmax(np.where(area >= area.max() / 2, np.abs(factors - 1.0), 0.0)))  # a mid-head slice scaled alone furthest off
+    one = affine.copy()
+    one[:3, 3] += affine[:3, 2] * k
+    save_nifti(vol * 800.0, affine, tmp_path / "raw.nii.gz")  # the volume as a scanner stores it
+    save_nifti(vol[:, :, k] * 800.0, one, tmp_path / "raw_slice.nii.gz")  # one axial slice of it
+    alone = read_inputs([tmp_path / "raw_slice.nii.gz"], 32, ref["spacing_mm"])
+    whole = read_inputs([tmp_path / "raw.nii.gz"], 32, ref["spacing_mm"], slice_index=k)  # the same slice, scaled with its volume
+    assert alone.scaled_alone and not whole.scaled_alone
+    assert not read_inputs([entry["image"]], 32, ref["spacing_mm"], slice_index=k).scaled_alone  # prepared: as it is
+    p = float(entry["positions"][k])
+    fixed, info = to_volume_scale(prior, alone, p)
+    factor = float(factors[k])
+    assert info == {"scaled_alone": True, "position_scale_factor": round(factor, 4)} and abs(factor - 1.0) > 0.03
+    head = whole.slices[0] > 0.1
+    before = np.abs(alone.slices[0] - whole.slices[0])[head].mean()
+    after = np.abs(fixed.slices[0] - whole.slices[0])[head].mean()
+    assert after < 0.2 * before and fixed.scale == pytest.approx(alone.scale / factor)
+    assert to_volume_scale(prior, whole, p) == (whole, None)
+    res = reconstruct_files([str(tmp_path / "raw_slice.nii.gz")], str(tmp_path / "r.nii.gz"), Components(prior=prior), positions=[p],
+                            method="prior", expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"])
+    meta = json.loads((tmp_path / "r_positions.json").read_text())
+    assert meta["intensity"] == info and res["input_positions"] == pytest.approx([p])

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from ..data.datalist import load_split
+from ..data.grid import scale_intensity
 from ..data.io import InputError, atomic_torch_save, load_volume, save_json, save_nifti, to_8bit
-from ..data.positions import HEAD_HEIGHT_MM
+from ..data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD
 from ..metrics.image import slice_sharpness
 from ..networks.gan import build_generator_from_checkpoint
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 PRIOR_SIDECAR_SUFFIX = ".positions.json"
 
 __all__ = ["position_grid", "resample_to_positions", "build_bank", "mean_brain", "save_prior_volume", "save_bank", "bank_subjects", "sidecar_path",
-           "build_mean_prior", "gan_general_brain", "position_items", "sharpness_profile", "PRIOR_SIDECAR_SUFFIX"]
+           "build_mean_prior", "gan_general_brain", "position_items", "sharpness_profile", "slice_scale_profile", "PRIOR_SIDECAR_SUFFIX"]
 
 
 def position_grid(num_positions: int) -> np.ndarray:
@@ -177,3 +178,27 @@ def sharpness_profile(bank: torch.Tensor | np.ndarray) -> np.ndarray:
     scale = 255.0 if bank.dtype == torch.uint8 else 1.0
     values = torch.stack([slice_sharpness(bank[k].float() / scale) for k in range(bank.shape[0])])  # (K, P), one atlas at a time
     return torch.nanmean(values, 0).numpy()
+
+
+def slice_scale_profile(bank: torch.Tensor | np.ndarray, atlases: int = 8, min_head_px: int = 64) -> np.ndarray:
+    """How a slice scaled alone differs from its volume scaled as a whole, per grid position: the median over the
+    first ``atlases`` atlases of :func:`~monai_mrngan.data.grid.scale_intensity`'s scale of their slice there over
+    that of their whole volume (the slice's own scale over its volume's). (P,) float64; NaN where
+    fewer than ``min_head_px`` head pixels. On IXI 1.2 at p = 0.3-0.4 (a mid-brain slice's head is brighter than
+    the whole head's), 1.0 at p = 0.6, 0.8 at the neck: a lone slice scaled by its own head is brought to the
+    scale of the prepared volumes by multiplying it by this at its position."""
+    bank = torch.as_tensor(np.asarray(bank) if not torch.is_tensor(bank) else bank)
+    if bank.ndim == 3:
+        bank = bank[None]
+    scale = 255.0 if bank.dtype == torch.uint8 else 1.0
+    out = np.full((min(atlases, bank.shape[0]), bank.shape[1]), np.nan)
+    for k in range(out.shape[0]):
+        slices = (bank[k].float() / scale).cpu().numpy()
+        whole = scale_intensity(slices)[1]  # about 1: the atlas was scaled as a whole (above 1 where clipping bit)
+        for j, sl in enumerate(slices):
+            if whole > 0 and int((sl > HEAD_THRESHOLD).sum()) >= min_head_px:
+                out[k, j] = scale_intensity(sl)[1] / whole
+    med = np.full(out.shape[1], np.nan)
+    seen = np.isfinite(out).any(axis=0)
+    med[seen] = np.nanmedian(out[:, seen], axis=0)
+    return med

@@ -43,7 +43,10 @@ class InputSlices:
     first slice moved ``k`` input slice steps along its axial axis (None for a PNG: no geometry);
     ``offsets_mm``: each slice's distance above the first along that axis (a stack's geometry);
     ``sources``: a label per slice; ``scale``: the intensity divided out; ``indices``: each slice's
-    axial index in its volume reoriented to RAS (one input with a geometry; else empty).
+    axial index in its volume reoriented to RAS (one input with a geometry; else empty);
+    ``scaled_alone``: a one-slice input scaled by its own head (raw intensities, no volume to scale by),
+    whose scale differs from its volume's by where it lies in the head (see
+    :func:`~monai_mrngan.atlas.bank.slice_scale_profile`).
     """
 
     slices: np.ndarray
@@ -53,6 +56,7 @@ class InputSlices:
     offsets_mm: list[float] = field(default_factory=list)
     scale: float = 1.0
     indices: list[int] = field(default_factory=list)
+    scaled_alone: bool = False
 
     @property
     def has_geometry(self) -> bool:
@@ -133,7 +137,8 @@ def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice
     offsets = [float((i - prepared.indices[0]) * prepared.step_mm) for i in prepared.indices]
     label = str(name) if len(prepared.indices) == 1 and depth == 1 else None
     sources = [label or f"{name}#{i}" for i in prepared.indices]
-    return InputSlices(prepared.slices, sources, prepared.affine, prepared.step_mm, offsets, prepared.scale, list(prepared.indices))
+    return InputSlices(prepared.slices, sources, prepared.affine, prepared.step_mm, offsets, prepared.scale, list(prepared.indices),
+                       scaled_alone=depth == 1 and prepared.scale != 1.0)
 
 
 def slice_to_grid(img: np.ndarray, size: int | Sequence[int], spacing: float, pixel_mm: float | Sequence[float] | None = None,

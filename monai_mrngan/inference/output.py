@@ -157,6 +157,7 @@ def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.
             "sources": list(sources) if sources is not None else None,
             "input_check": rec.extra.get("input_check"),
             "placement": rec.extra.get("placement"),
+            **({"intensity": rec.extra["intensity"]} if rec.extra.get("intensity") else {}),
             "input_indices": rec.input_indices,
             "input_positions": rec.input_positions,
             "positions": [round(float(p), 6) for p in rec.positions],

@@ -10,12 +10,15 @@ positions + montage out, see :mod:`~monai_mrngan.inference.output`); the trained
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Sequence
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
 
+from ..atlas.bank import slice_scale_profile
 from ..atlas.input_check import checker_for
 from ..atlas.prior import BrainPrior, template_localizer_for
 from ..data.inputs import InputSlices, read_inputs
@@ -32,7 +35,7 @@ from .volume import Reconstruction, cubic_fill, fill_volume, registration_fill, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Reconstruction", "reconstruct_volume", "refine_positions", "check_inputs", "calibration_for", "reconstruct_files"]
+__all__ = ["Reconstruction", "reconstruct_volume", "refine_positions", "check_inputs", "calibration_for", "to_volume_scale", "reconstruct_files"]
 
 
 def reconstruct_volume(
@@ -224,6 +227,28 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
     return results
 
 
+_SCALE_PROFILES: WeakKeyDictionary = WeakKeyDictionary()  # prior -> its bank's slice_scale_profile (0.5 s to compute)
+
+
+def to_volume_scale(prior: Any, got: InputSlices, position: float) -> tuple[InputSlices, dict | None]:
+    """A lone slice scaled by its own head (``got.scaled_alone``) brought to the scale its whole volume would give
+    it, as ``prepare`` scales: multiplied by the prior's :func:`~monai_mrngan.atlas.bank.slice_scale_profile` at
+    ``position`` and clipped to [0, 1] (on IXI a slice at p = 0.3-0.4 scaled alone is 1.2x too dark; fed to the
+    models so, the one-slice output is about 1 dB further from its volume). Unchanged, with None, for other inputs
+    or without an atlas prior."""
+    if not got.scaled_alone or len(got.slices) != 1 or not isinstance(prior, BrainPrior):
+        return got, None
+    if prior not in _SCALE_PROFILES:
+        _SCALE_PROFILES[prior] = slice_scale_profile(prior.bank)
+    profile, grid = _SCALE_PROFILES[prior], prior.positions.numpy()
+    ok = np.isfinite(profile)
+    if not ok.any():
+        return got, None
+    factor = float(np.interp(position, grid[ok], profile[ok]))
+    slices = np.clip(got.slices * factor, 0.0, 1.0).astype(np.float32)
+    return dataclasses.replace(got, slices=slices, scale=got.scale / factor), {"scaled_alone": True, "position_scale_factor": round(factor, 4)}
+
+
 def calibration_for(components: Components, method: str) -> tuple[Any, str | None]:
     """The uncertainty calibration to use for ``method`` and, when there is none, the one-line reason (logged)."""
     cal = getattr(components, "calibration", None)
@@ -290,6 +315,12 @@ def reconstruct_files(
         positions, placement = _volume_position(components, inputs[0], got.indices[0], int(size), spacing_mm)
     elif positions is not None and len(positions) != len(got.slices):
         raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
+    intensity = None
+    if got.scaled_alone and isinstance(components.prior, BrainPrior) and (positions is not None or components.localizer is not None):
+        if positions is None:  # localized and refined as reconstruct_volume would, then scaled at that position
+            x = torch.from_numpy(got.slices)[:, None]
+            positions = refine_positions(components.prior, x, localize(components.localizer, x.to(components.device)).cpu(), refine_window).tolist()
+        got, intensity = to_volume_scale(components.prior, got, float(positions[0]))
     cal, note = calibration_for(components, method)
     rec = reconstruct_volume(
         got.slices,
@@ -307,6 +338,8 @@ def reconstruct_files(
     )
     unc = rec.extra.pop("uncertainty", None)
     rec.extra["input_check"] = checks
+    if intensity is not None:
+        rec.extra["intensity"] = intensity
     if placement is not None:
         rec.extra["placement"] = placement
     grid_affine = None
