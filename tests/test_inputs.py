@@ -268,14 +268,18 @@ def test_a_lone_raw_slice_is_brought_to_its_volume_scale_at_its_position(scan, t
     assert alone.scaled_alone and not whole.scaled_alone
     assert not read_inputs([entry["image"]], 32, ref["spacing_mm"], slice_index=k).scaled_alone  # prepared: as it is
     p = float(entry["positions"][k])
-    fixed, info = to_volume_scale(prior, alone, p)
+    fixed, info = to_volume_scale(prior, alone, [p])
     factor = float(factors[k])
-    assert info == {"scaled_alone": True, "position_scale_factor": round(factor, 4)} and abs(factor - 1.0) > 0.03
+    assert info == {"scaled_alone": True, "position_scale_factor": [round(factor, 4)]} and abs(factor - 1.0) > 0.03
     head = whole.slices[0] > 0.1
     before = np.abs(alone.slices[0] - whole.slices[0])[head].mean()
     after = np.abs(fixed.slices[0] - whole.slices[0])[head].mean()
     assert after < 0.2 * before and fixed.scale == pytest.approx(alone.scale / factor)
-    assert to_volume_scale(prior, whole, p) == (whole, None)
+    assert to_volume_scale(prior, whole, [p]) == (whole, None)
+    two = read_inputs([tmp_path / "raw_slice.nii.gz"] * 2, 32, ref["spacing_mm"])  # several lone slices: each at its own position
+    both, info2 = to_volume_scale(prior, two, [p, 0.5])
+    assert two.scaled_alone and info2["position_scale_factor"][0] == info["position_scale_factor"][0]
+    np.testing.assert_allclose(both.slices[0], fixed.slices[0])
     res = reconstruct_files([str(tmp_path / "raw_slice.nii.gz")], str(tmp_path / "r.nii.gz"), Components(prior=prior), positions=[p],
                             method="prior", expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"])
     meta = json.loads((tmp_path / "r_positions.json").read_text())

@@ -44,8 +44,8 @@ class InputSlices:
     ``offsets_mm``: each slice's distance above the first along that axis (a stack's geometry);
     ``sources``: a label per slice; ``scale``: the intensity divided out; ``indices``: each slice's
     axial index in its volume reoriented to RAS (one input with a geometry; else empty);
-    ``scaled_alone``: a one-slice input scaled by its own head (raw intensities, no volume to scale by),
-    whose scale differs from its volume's by where it lies in the head (see
+    ``scaled_alone``: every slice is a one-slice input scaled by its own head (raw intensities, no volume
+    to scale by), whose scale differs from its volume's by where it lies in the head (see
     :func:`~monai_mrngan.atlas.bank.slice_scale_profile`).
     """
 
@@ -201,4 +201,5 @@ def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, 
     if all(p.is_file() and is_dicom(p) for p in paths):
         logger.warning("%d DICOM files, each placed on its own; if they are slices of one series, --stack places them together "
                        "by their geometry (ImagePositionPatient) and writes the output in their space", len(paths))
-    return InputSlices(np.concatenate([q.slices for q in parts]), [s for q in parts for s in q.sources])
+    return InputSlices(np.concatenate([q.slices for q in parts]), [s for q in parts for s in q.sources],
+                       scaled_alone=all(q.scaled_alone for q in parts))

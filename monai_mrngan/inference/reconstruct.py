@@ -230,13 +230,13 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
 _SCALE_PROFILES: WeakKeyDictionary = WeakKeyDictionary()  # prior -> its bank's slice_scale_profile (0.5 s to compute)
 
 
-def to_volume_scale(prior: Any, got: InputSlices, position: float) -> tuple[InputSlices, dict | None]:
-    """A lone slice scaled by its own head (``got.scaled_alone``) brought to the scale its whole volume would give
-    it, as ``prepare`` scales: multiplied by the prior's :func:`~monai_mrngan.atlas.bank.slice_scale_profile` at
-    ``position`` and clipped to [0, 1] (on IXI a slice at p = 0.3-0.4 scaled alone is 1.2x too dark; fed to the
-    models so, the one-slice output is about 1 dB further from its volume). Unchanged, with None, for other inputs
-    or without an atlas prior."""
-    if not got.scaled_alone or len(got.slices) != 1 or not isinstance(prior, BrainPrior):
+def to_volume_scale(prior: Any, got: InputSlices, positions: Sequence[float]) -> tuple[InputSlices, dict | None]:
+    """Slices each scaled by its own head (``got.scaled_alone``: lone slices with raw intensities) brought to the
+    scale their whole volume would give them, as ``prepare`` scales: each multiplied by the prior's
+    :func:`~monai_mrngan.atlas.bank.slice_scale_profile` at its position in ``positions`` and clipped to [0, 1]
+    (on IXI a slice at p = 0.3-0.4 scaled alone is 1.2x too dark). Unchanged, with None, for other inputs or
+    without an atlas prior."""
+    if not got.scaled_alone or not isinstance(prior, BrainPrior):
         return got, None
     if prior not in _SCALE_PROFILES:
         _SCALE_PROFILES[prior] = slice_scale_profile(prior.bank)
@@ -244,9 +244,10 @@ def to_volume_scale(prior: Any, got: InputSlices, position: float) -> tuple[Inpu
     ok = np.isfinite(profile)
     if not ok.any():
         return got, None
-    factor = float(np.interp(position, grid[ok], profile[ok]))
-    slices = np.clip(got.slices * factor, 0.0, 1.0).astype(np.float32)
-    return dataclasses.replace(got, slices=slices, scale=got.scale / factor), {"scaled_alone": True, "position_scale_factor": round(factor, 4)}
+    factors = np.interp(np.asarray(positions, dtype=np.float64).reshape(-1), grid[ok], profile[ok])
+    slices = np.clip(got.slices * factors[:, None, None], 0.0, 1.0).astype(np.float32)
+    scale = got.scale / float(factors[0]) if len(factors) == 1 else got.scale  # one input: its intensities are that scale
+    return dataclasses.replace(got, slices=slices, scale=scale), {"scaled_alone": True, "position_scale_factor": [round(float(f), 4) for f in factors]}
 
 
 def calibration_for(components: Components, method: str) -> tuple[Any, str | None]:
@@ -317,10 +318,10 @@ def reconstruct_files(
         raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
     intensity = None
     if got.scaled_alone and isinstance(components.prior, BrainPrior) and (positions is not None or components.localizer is not None):
-        if positions is None:  # localized and refined as reconstruct_volume would, then scaled at that position
+        if positions is None:  # localized and refined as reconstruct_volume would, then scaled at those positions
             x = torch.from_numpy(got.slices)[:, None]
             positions = refine_positions(components.prior, x, localize(components.localizer, x.to(components.device)).cpu(), refine_window).tolist()
-        got, intensity = to_volume_scale(components.prior, got, float(positions[0]))
+        got, intensity = to_volume_scale(components.prior, got, positions)
     cal, note = calibration_for(components, method)
     rec = reconstruct_volume(
         got.slices,
