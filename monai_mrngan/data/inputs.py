@@ -76,12 +76,13 @@ def _volume(path: Path | list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray
             data, affine = read_dicom_file(path)
     else:
         data, affine = read_image(path, "one 2D slice or one 3D volume")
-    values = check_values(path, np.asarray(data) if present is None else data[:, :, present])  # the slices it has
+    name = path[0].parent if isinstance(path, list) else path
+    values = check_values(name, np.asarray(data) if present is None else data[:, :, present])  # the slices it has
     data = values if present is None else data
     if data.ndim == 2:
         data = data[:, :, None]
     elif data.ndim == 3 and data.shape[2] > 1 and 1 in data.shape[:2]:
-        raise InputError(path, f"a slice stored along another axis (shape {tuple(data.shape)}); expected an axial slice or a volume")
+        raise InputError(name, f"a slice stored along another axis (shape {tuple(data.shape)}); expected an axial slice or a volume")
     return data, affine, present
 
 
