@@ -112,8 +112,10 @@ PRESETS: dict[str, dict[str, dict]] = {
     # 12.3 + 1.1 min, mean brain + bank + its evaluation 1.3 min, pix2pix 20.1 + 1.3 min, MRNGAN cache 1.0 min
     # (the first 24 training + 5 validation volumes, 2 workers), training 15.2 min (the 900 s limit: 143 of
     # 150 epochs, the interp cell registering each gap run's ends), calibration 4.7 min, evaluation 11.8 min.
-    # Bundle 0.7.1's calibrate step reconstructs 8 scanner-augmented validation copies too: 350 s against 274 s
-    # on the same stages (measured alone, peak memory 4.4 GB), so about 70.1 min in all (estimated, not run whole).
+    # Bundle 0.7.1's calibrate step reconstructs 8 scanner-augmented validation copies too. Measured whole again
+    # at 7150568 (2026-12-06): 68.6 min, peak memory 4.4 GB (localization 12.2 + 1.0 min, mean brain 1.4 min,
+    # pix2pix 20.2 + 1.4 min, cache 0.8 min, training 15.1 min, calibration 6.3 min, evaluation 10.2 min;
+    # light one-off scripts shared the machine at times); every evaluation figure the same as at 0.7.0 to the digit.
     # Training MRNGAN on all 120 volumes (cache 4.9 min) was measured no better (few slices -0.07 to -0.10 dB,
     # one slice +0.10 dB, same 15 min of training; 2026-12-02), so the first 24 stay.
     # ixi2mm trains with intensity_augmentation (randomised bias field, gamma, histogram, blur, noise,
