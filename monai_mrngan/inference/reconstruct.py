@@ -227,7 +227,7 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
     return results
 
 
-_SCALE_PROFILES: WeakKeyDictionary = WeakKeyDictionary()  # prior -> its bank's slice_scale_profile (0.5 s to compute)
+_SCALE_PROFILES: WeakKeyDictionary = WeakKeyDictionary()  # prior -> its bank's slice_scale_profile (about a second to compute)
 
 
 def to_volume_scale(prior: Any, got: InputSlices, positions: Sequence[float]) -> tuple[InputSlices, dict | None]:
