@@ -23,6 +23,7 @@ from ..data.io import InputError, atomic_torch_save, load_volume, save_json, sav
 from ..data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD
 from ..metrics.image import slice_sharpness
 from ..networks.gan import build_generator_from_checkpoint
+from .fit import to_unit
 
 logger = logging.getLogger(__name__)
 
@@ -166,17 +167,19 @@ def position_items(num_positions: int) -> list[dict]:
     return [{"position": torch.tensor([float(p)]), "index": i} for i, p in enumerate(position_grid(num_positions))]
 
 
+def _atlases(bank: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A (K, P, H, W) or (P, H, W) bank, uint8 as ``save_bank`` stores it or [0, 1] floats, as a (K, P, H, W) tensor."""
+    bank = torch.as_tensor(np.asarray(bank) if not torch.is_tensor(bank) else bank)
+    return bank[None] if bank.ndim == 3 else bank
+
 
 def sharpness_profile(bank: torch.Tensor | np.ndarray) -> np.ndarray:
     """The bank's fine detail per grid position: :func:`~monai_mrngan.metrics.image.slice_sharpness` of every
     atlas's slice, averaged over the atlases that show head there; (P,) float64 for a (K, P, H, W) or (P, H, W) bank
     (uint8 as ``save_bank`` stores it, or [0, 1] floats), NaN where no atlas shows head. The reference a scan's own
     sharpness is measured against (the uncertainty map's ``sharpness`` signal)."""
-    bank = torch.as_tensor(np.asarray(bank) if not torch.is_tensor(bank) else bank)
-    if bank.ndim == 3:
-        bank = bank[None]
-    scale = 255.0 if bank.dtype == torch.uint8 else 1.0
-    values = torch.stack([slice_sharpness(bank[k].float() / scale) for k in range(bank.shape[0])])  # (K, P), one atlas at a time
+    bank = _atlases(bank)
+    values = torch.stack([slice_sharpness(to_unit(bank[k])) for k in range(bank.shape[0])])  # (K, P), one atlas at a time
     return torch.nanmean(values, 0).numpy()
 
 
@@ -187,13 +190,10 @@ def slice_scale_profile(bank: torch.Tensor | np.ndarray, atlases: int = 8, min_h
     fewer than ``min_head_px`` head pixels. On IXI 1.2 at p = 0.3-0.4 (a mid-brain slice's head is brighter than
     the whole head's), 1.0 at p = 0.6, 0.8 at the neck: a lone slice scaled by its own head is brought to the
     scale of the prepared volumes by multiplying it by this at its position."""
-    bank = torch.as_tensor(np.asarray(bank) if not torch.is_tensor(bank) else bank)
-    if bank.ndim == 3:
-        bank = bank[None]
-    scale = 255.0 if bank.dtype == torch.uint8 else 1.0
+    bank = _atlases(bank)
     out = np.full((min(atlases, bank.shape[0]), bank.shape[1]), np.nan)
     for k in range(out.shape[0]):
-        slices = (bank[k].float() / scale).cpu().numpy()
+        slices = to_unit(bank[k]).cpu().numpy()
         whole = scale_intensity(slices)[1]  # about 1: the atlas was scaled as a whole (above 1 where clipping bit)
         for j, sl in enumerate(slices):
             if whole > 0 and int((sl > HEAD_THRESHOLD).sum()) >= min_head_px:
