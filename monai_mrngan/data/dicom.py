@@ -192,14 +192,12 @@ def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLi
                                      f"{MAX_SERIES_SLOTS} are read")
     else:
         step = float(getattr(headers[0][1], "SliceThickness", 0) or 0) or float(headers[0][1].PixelSpacing[0])
-    first_path, _ = headers[order[0]]
-    first = _dataset(first_path)
     planes = [_pixels(_dataset(headers[i][0]), headers[i][0]).T for i in order]
     vol = np.zeros((*planes[0].shape, int(slots[-1]) + 1), dtype=np.float32)
     vol[:, :, slots] = np.stack(planes, axis=2)
     present = np.zeros(vol.shape[2], dtype=bool)
     present[slots] = True
-    return vol, _affine(first, normal * step), present
+    return vol, _affine(headers[order[0]][1], normal * step), present  # the lowest slice's header holds the geometry
 
 
 def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
