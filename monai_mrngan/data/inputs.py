@@ -63,20 +63,18 @@ class InputSlices:
         return self.affine is not None
 
 
-def _volume(path: Path | list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _volume(path: Path | list[Path], name: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Voxels and RAS affine of a DICOM series (a folder, or a list of its files) / file or a NIfTI (2D images
     become one-slice volumes), and for a DICOM series with missing files which of its slice places hold one
-    (None: every place)."""
+    (None: every place). ``name``: what errors name."""
     present = None
-    if isinstance(path, list) or is_dicom(path):
-        if isinstance(path, list) or path.is_dir():
-            data, affine, present = read_dicom_series_slots(path)
-            present = None if present.all() else present
-        else:
-            data, affine = read_dicom_file(path)
+    if isinstance(path, list) or (path.is_dir() and is_dicom(path)):
+        data, affine, present = read_dicom_series_slots(path)
+        present = None if present.all() else present
+    elif is_dicom(path):
+        data, affine = read_dicom_file(path)
     else:
         data, affine = read_image(path, "one 2D slice or one 3D volume")
-    name = path[0].parent if isinstance(path, list) else path
     values = check_values(name, np.asarray(data) if present is None else data[:, :, present])  # the slices it has
     data = values if present is None else data
     if data.ndim == 2:
@@ -114,8 +112,8 @@ def _already_prepared(data: np.ndarray, affine: np.ndarray, spacing: float, size
 
 
 def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice_index: int | None, stack: bool) -> InputSlices:
-    data, affine, present = _volume(path)
     name = path[0].parent if isinstance(path, list) else path  # a list of one series' files is named by their folder
+    data, affine, present = _volume(path, name)
     depth = data.shape[2]
     real = None if present is None else _present_ras(present, affine, name)
     if depth == 1:
