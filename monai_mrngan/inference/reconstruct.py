@@ -80,9 +80,7 @@ def reconstruct_volume(
     if not torch.isfinite(x).all():
         raise ValueError("input slices contain NaN or infinite values")
     if positions is None:
-        if localizer is None:
-            raise ValueError("no positions given and no localizer to find them")
-        positions = refine_positions(prior, x, localize(localizer, x.to(device)).cpu(), refine_window)
+        positions = localized_positions(x, localizer, prior, refine_window, device)
     pos = torch.as_tensor(positions, dtype=torch.float32).reshape(-1).cpu()
     if pos.numel() != x.shape[0]:
         raise ValueError(f"{x.shape[0]} slices but {pos.numel()} positions")
@@ -126,6 +124,14 @@ def reconstruct_volume(
     if calibration is not None:
         rec.extra["uncertainty"] = uncertainty_map(rec, prior, calibration, abs(step_p) * HEAD_HEIGHT_MM, fit_prior, one_pass_gaps(run))
     return rec
+
+
+def localized_positions(x: torch.Tensor, localizer: torch.nn.Module | None, prior: Any, refine_window: float,
+                        device: str | torch.device = "cpu") -> torch.Tensor:
+    """Positions of input slices (N, 1, H, W) found by ``localizer``, refined against the prior (:func:`refine_positions`)."""
+    if localizer is None:
+        raise ValueError("no positions given and no localizer to find them")
+    return refine_positions(prior, x, localize(localizer, x.to(device)).cpu(), refine_window)
 
 
 def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor | Sequence[float], window: float = 0.12) -> torch.Tensor:
@@ -318,9 +324,9 @@ def reconstruct_files(
         raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
     intensity = None
     if got.scaled_alone and isinstance(components.prior, BrainPrior) and (positions is not None or components.localizer is not None):
-        if positions is None:  # localized and refined as reconstruct_volume would, then scaled at those positions
-            x = torch.from_numpy(got.slices)[:, None]
-            positions = refine_positions(components.prior, x, localize(components.localizer, x.to(components.device)).cpu(), refine_window).tolist()
+        if positions is None:  # localized as reconstruct_volume would, then scaled at those positions
+            positions = localized_positions(torch.from_numpy(got.slices)[:, None], components.localizer, components.prior, refine_window,
+                                            components.device).tolist()
         got, intensity = to_volume_scale(components.prior, got, positions)
     cal, note = calibration_for(components, method)
     rec = reconstruct_volume(
