@@ -115,19 +115,20 @@ def main(argv: list[str] | None = None) -> None:
     c = {r: float(np.mean([f(v, h) for v, h in zip(vols, heads)])) for r, f in REFS.items()}
     train = [load_volume(e["image"])[0].astype(np.float64) for e in load_split(args.dataset_dir, "training", args.train_limit)]
     standard = np.mean([nyul_landmarks(v, v > HEAD_THRESHOLD) for v in train], axis=0)  # learned on the training split
-    methods = [*REFS, "nyul"]
+    standardise: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+        **{r: (lambda v, h, f=f, k=c[r]: v / f(v, h) * k) for r, f in REFS.items()},
+        "nyul": lambda v, h: nyul(v, h, standard),
+    }
+    methods = list(standardise)
+    unshifted = [{r: np.clip(fn(v, h)[h], 0, 1.5) for r, fn in standardise.items()} for v, h in zip(vols, heads)]  # once per volume
     names = [*SHIFTS, "bright_tail"]
     table: dict[str, dict[str, float]] = {n: {} for n in names}
     for n in names:
         errs: dict[str, list[float]] = {r: [] for r in methods}
         for i, (v, h) in enumerate(zip(vols, heads)):
             s = shifted(v, n, seed=i)
-            for r in methods:
-                if r == "nyul":
-                    a, b = nyul(v, h, standard), nyul(s, h, standard)
-                else:
-                    a, b = v / REFS[r](v, h) * c[r], s / REFS[r](s, h) * c[r]
-                errs[r].append(float(np.mean(np.abs(np.clip(a[h], 0, 1.5) - np.clip(b[h], 0, 1.5)))))
+            for r, fn in standardise.items():
+                errs[r].append(float(np.mean(np.abs(unshifted[i][r] - np.clip(fn(s, h)[h], 0, 1.5)))))
         table[n] = {r: round(float(np.mean(e)), 4) for r, e in errs.items()}
         print(f"{n:20s} " + "  ".join(f"{r} {table[n][r]:.4f}" for r in methods), flush=True)
     table["mean"] = {r: round(float(np.mean([table[n][r] for n in names])), 4) for r in methods}
