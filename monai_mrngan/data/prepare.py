@@ -16,6 +16,8 @@ For each scan (see :func:`prepare_volume`):
      than ``MAX_NOISY_SHARE`` noisy slices inside the head is skipped as overly noisy;
    - a scan whose top slice still shows a head section (``VERTEX_MIN_AREA_MM2`` or more) lost its
      vertex to the field of view, by however little; positions would be wrong, so it is skipped;
+   - a skull-stripped scan (:mod:`.head_layers`) has no vertex either (its top is the brain's), and
+     every stage learns whole heads: it is skipped;
 6. crop/pad in-plane to ``size`` x ``size`` centred on the head's intensity centre of mass
    (MONAI ``BorderPad`` + ``SpatialCrop`` keep the affine right);
 7. write ``volumes/<name>.nii.gz`` atomically and record ``positions`` in the datalist.
@@ -42,6 +44,7 @@ from .datalist import DATALIST_NAME, SPLITS
 from .discovery import Scan, find_scans, is_bids
 from .io import InputError, check_destination, load_volume, save_json, save_nifti
 from .grid import crop_inplane, scale_intensity, to_ras_isotropic
+from .head_layers import STRIPPED_SCORE, stripped_score
 from .positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, VERTEX_MIN_AREA_MM2, slice_positions
 
 logger = logging.getLogger(__name__)
@@ -145,6 +148,11 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256, plac
     scaled = MetaTensor(torch.from_numpy(vol)[None], affine=img.affine)
     scaled = SpatialCrop(roi_start=[0, 0, int(keep[0])], roi_end=[vol.shape[0], vol.shape[1], int(keep[-1]) + 1])(scaled)
     out, pads = crop_inplane(scaled, (cx, cy), (size, size))
+    stripped = stripped_score(np.moveaxis(out[0].numpy(), 2, 0), spacing)
+    if stripped is not None and stripped >= STRIPPED_SCORE:
+        raise SkipScan(f"looks skull-stripped: {stripped:.0%} of its head sections show no scalp or skull around the brain (whole heads: "
+                       f"under {STRIPPED_SCORE:.0%}); positions counted from the top of the brain would be 10-30 mm off, and the stages learn "
+                       "whole heads")
 
     placement = None
     if cut:
@@ -172,6 +180,7 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256, plac
             "empty_or_noisy_ends": int((vertex + 1 - bottom) - keep.size),
         },
         "noisy_slices_inside": int(noisy.sum()),
+        "stripped_score": None if stripped is None else round(stripped, 4),
         "inplane_center_voxel": [round(cx, 1), round(cy, 1)],
         "inplane_padding": pads,
         **({"placement": placement} if placement is not None else {}),
