@@ -192,7 +192,7 @@ def reconstruct(
     checks = {c["source"]: c for c in result["input_check"]}
     for source, p in zip(result["sources"], result["input_positions"]):
         c = checks.get(source)
-        score = f"; axial-slice check {'passed' if c['passed'] else 'FAILED (forced)'}, atlas match {c['axial_match']:.2f}" if c else ""
+        score = f"; axial-slice check {'passed' if c['passed'] else 'FAILED (forced)'}, atlas match {c['axial_match']:.2f}" if c and "passed" in c else ""
         print(f"{source}: position p = {p:.3f} ({p * 200:.0f} mm below the vertex){score}")
     grid = f"\nmodel grid: {result['model_grid_volume']}" if "model_grid_volume" in result else ""
     unc = f"\nuncertainty: {result['uncertainty']}" if "uncertainty" in result else ""

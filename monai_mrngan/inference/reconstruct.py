@@ -21,6 +21,7 @@ import torch
 from ..atlas.bank import slice_scale_profile
 from ..atlas.input_check import checker_for
 from ..atlas.prior import BrainPrior, template_localizer_for
+from ..data.head_layers import FLAT, MAX_SPACING_MM, STRIPPED_SCORE, outer_layer_score, stripped_score
 from ..data.inputs import InputSlices, read_inputs
 from ..data.io import InputError
 from ..data.positions import HEAD_HEIGHT_MM
@@ -188,10 +189,10 @@ def _inside(got: InputSlices, positions: list[float], lo: float, hi: float) -> t
     return kept, [positions[k] for k in keep]
 
 
-def _volume_position(components: Components, path: str, slice_index: int, size: int, spacing_mm: float) -> tuple[list[float] | None, dict | None]:
-    """The position of one slice of a 3D input, from the whole volume (:func:`~monai_mrngan.inference.localize.place_slices`):
+def _volume_position(components: Components, whole: InputSlices, path: str, slice_index: int, spacing_mm: float
+                     ) -> tuple[list[float] | None, dict | None]:
+    """The position of one slice of a 3D input from its ``whole`` volume (:func:`~monai_mrngan.inference.localize.place_slices`):
     counted from the vertex when the volume shows it, else one offset localized over all its slices."""
-    whole = read_inputs([path], size, spacing_mm, stack=True)
     if len(whole.slices) < 8:
         return None, None  # too few slices to place by: the slice is localized on its own
     try:
@@ -214,17 +215,39 @@ def _input_space_affine(inputs: InputSlices, first_index: int, spacing_mm: float
     return aff
 
 
-def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool = False) -> list[dict]:
-    """Score every input slice as an axial head slice (:class:`~monai_mrngan.atlas.input_check.InputChecker`).
+def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool = False, spacing_mm: float = 2.0,
+                 whole: InputSlices | None = None) -> list[dict]:
+    """Score every input slice as an axial head slice (:class:`~monai_mrngan.atlas.input_check.InputChecker`) of a
+    whole head (:mod:`~monai_mrngan.data.head_layers`).
 
     A failing slice raises :class:`InputError` naming its file and score unless ``force``; a stack
-    is refused when its median slice fails (its end slices may lie beyond the head). Returns the
-    scores; nothing is checked without an atlas prior.
+    is refused when its median slice fails (its end slices may lie beyond the head). A stack, or the
+    ``whole`` volume a slice was taken from, is refused when it looks skull-stripped (most of its head
+    sections without a darker band inside their outer layer: :func:`~monai_mrngan.data.head_layers.stripped_score`);
+    a lone slice without one gets a warning (one slice alone is too noisy to refuse by). Returns the scores
+    (``outer_layer`` per slice; ``stripped_score`` on every slice of a judged volume); the atlas scores
+    only with an atlas prior.
     """
+    volume = got if stack else whole
+    judged_volume = stripped_score(volume.slices, spacing_mm) if volume is not None else None
+    if judged_volume is not None and judged_volume >= STRIPPED_SCORE and not force:
+        source = (volume.sources[0] if volume.sources else "input").split("#")[0]
+        raise InputError(source, f"looks skull-stripped (no scalp or skull around the brain in {judged_volume:.0%} of its head sections; "
+                                 f"whole-head scans: under {STRIPPED_SCORE:.0%}); the models need whole-head scans and would place it 10-30 mm off; "
+                                 "pass --force to reconstruct it anyway")
+    extra = {} if judged_volume is None else {"stripped_score": round(judged_volume, 4)}
+    layers = [outer_layer_score(sl, spacing_mm) if spacing_mm <= MAX_SPACING_MM else float("nan") for sl in got.slices]
+    results = [{"source": src, "outer_layer": round(o, 4) if np.isfinite(o) else None, **extra} for src, o in zip(got.sources, layers)]
+    if volume is None:
+        for res, o in zip(results, layers):
+            if o >= FLAT:
+                logger.warning("%s: shows no scalp or skull around the brain (outer-layer score %.2f): if it is skull-stripped, its position "
+                               "and reconstruction are unreliable (the models learned whole heads)", res["source"], o)
     if prior is None or not hasattr(prior, "bank"):
-        return []
+        return results
     checker = checker_for(prior)
-    results = [{"source": src, **checker.check(torch.from_numpy(sl)).as_dict()} for sl, src in zip(got.slices, got.sources)]
+    for res, sl in zip(results, got.slices):
+        res.update(checker.check(torch.from_numpy(sl)).as_dict())
     judged = [results[len(results) // 2]] if stack else results
     for res in judged:
         if not res["passed"] and not force:
@@ -311,7 +334,8 @@ def reconstruct_files(
     if size is None:
         raise ValueError("the model grid's size is unknown: pass expected_shape")
     got = read_inputs(inputs, int(size), spacing_mm, slice_index=slice_index, stack=stack, pixel_mm=pixel_mm)
-    checks = check_inputs(components.prior, got, stack, force)
+    whole = read_inputs(inputs, int(size), spacing_mm, stack=True) if slice_index is not None and len(inputs) == 1 else None
+    checks = check_inputs(components.prior, got, stack, force, spacing_mm, whole)
     placement = None
     if stack:
         positions, placement = _stack_positions(components, got, positions, spacing_mm)
@@ -319,7 +343,7 @@ def reconstruct_files(
         half = abs(spacing_mm) / HEAD_HEIGHT_MM / 2
         got, positions = _inside(got, positions, float(grid.min()) - half, float(grid.max()) + half)
     elif slice_index is not None and positions is None and len(inputs) == 1:
-        positions, placement = _volume_position(components, inputs[0], got.indices[0], int(size), spacing_mm)
+        positions, placement = _volume_position(components, whole, inputs[0], got.indices[0], spacing_mm)
     elif positions is not None and len(positions) != len(got.slices):
         raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
     intensity = None
