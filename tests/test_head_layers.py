@@ -112,3 +112,17 @@ def test_reconstruct_refuses_a_stripped_volume_unless_forced(heads, tmp_path):
     res = reconstruct_files([str(paths["whole"])], str(tmp_path / "w.nii.gz"), Components(), **kw)
     meta = json.loads((tmp_path / "w_positions.json").read_text())
     assert meta["input_check"][0]["stripped_score"] < STRIPPED_SCORE
+
+
+def test_complete_skips_a_stripped_volume(heads, tmp_path):
+    """complete would draw scalp into a stripped volume's missing slices: refused, naming the file."""
+    from monai_mrngan.apps.complete import complete_file
+
+    ref = {"shape": (96, 96), "spacing_mm": SPACING, "positions": list(np.linspace(0.5, 0.0, 60)), "affine": np.diag([SPACING] * 3 + [1.0])}
+    for name in ("whole", "stripped"):
+        vol = _layered_head(name == "stripped")
+        vol[:, :, 20:23] = 0.0  # three missing slices
+        save_nifti(vol, np.diag([SPACING] * 3 + [1.0]), tmp_path / f"{name}.nii.gz")
+    assert complete_file(tmp_path / "whole.nii.gz", Components(), ref, method="linear").meta["generated_slices"] == [20, 21, 22]
+    with pytest.raises(InputError, match="stripped.nii.gz: looks skull-stripped"):
+        complete_file(tmp_path / "stripped.nii.gz", Components(), ref, method="linear")

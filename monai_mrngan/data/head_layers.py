@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from .positions import HEAD_THRESHOLD
 
-__all__ = ["outer_layer_score", "stripped_score", "FLAT", "STRIPPED_SCORE", "MAX_SPACING_MM"]
+__all__ = ["outer_layer_score", "stripped_score", "stripped_reason", "FLAT", "STRIPPED_SCORE", "MAX_SPACING_MM"]
 
 FLAT = 0.99
 """:func:`outer_layer_score` at or above which a slice shows no darker band inside its outer layer."""
@@ -71,3 +71,9 @@ def stripped_score(slices: np.ndarray, spacing_mm: float, min_slices: int = 5) -
     scores = np.array([outer_layer_score(slices[k], spacing_mm) for k in np.nonzero(area >= 0.5 * area.max())[0]])
     scores = scores[np.isfinite(scores)]
     return float(np.mean(scores >= FLAT)) if len(scores) >= min_slices else None
+
+
+def stripped_reason(score: float) -> str:
+    """Why a scan with :func:`stripped_score` ``score`` is refused or skipped: one line, for every caller."""
+    return (f"looks skull-stripped: {score:.0%} of its head sections show no scalp or skull around the brain (whole heads: under "
+            f"{STRIPPED_SCORE:.0%}); positions counted from the top of the brain are 10-30 mm off, and every stage learned whole heads")

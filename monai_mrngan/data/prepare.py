@@ -44,7 +44,7 @@ from .datalist import DATALIST_NAME, SPLITS
 from .discovery import Scan, find_scans, is_bids
 from .io import InputError, check_destination, load_volume, save_json, save_nifti
 from .grid import crop_inplane, scale_intensity, to_ras_isotropic
-from .head_layers import STRIPPED_SCORE, stripped_score
+from .head_layers import STRIPPED_SCORE, stripped_reason, stripped_score
 from .positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, VERTEX_MIN_AREA_MM2, slice_positions
 
 logger = logging.getLogger(__name__)
@@ -150,9 +150,7 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256, plac
     out, pads = crop_inplane(scaled, (cx, cy), (size, size))
     stripped = stripped_score(np.moveaxis(out[0].numpy(), 2, 0), spacing)
     if stripped is not None and stripped >= STRIPPED_SCORE:
-        raise SkipScan(f"looks skull-stripped: {stripped:.0%} of its head sections show no scalp or skull around the brain (whole heads: "
-                       f"under {STRIPPED_SCORE:.0%}); positions counted from the top of the brain would be 10-30 mm off, and the stages learn "
-                       "whole heads")
+        raise SkipScan(stripped_reason(stripped))
 
     placement = None
     if cut:

@@ -21,7 +21,7 @@ import torch
 from ..atlas.bank import slice_scale_profile
 from ..atlas.input_check import checker_for
 from ..atlas.prior import BrainPrior, template_localizer_for
-from ..data.head_layers import FLAT, MAX_SPACING_MM, STRIPPED_SCORE, outer_layer_score, stripped_score
+from ..data.head_layers import FLAT, MAX_SPACING_MM, STRIPPED_SCORE, outer_layer_score, stripped_reason, stripped_score
 from ..data.inputs import InputSlices, read_inputs
 from ..data.io import InputError
 from ..data.positions import HEAD_HEIGHT_MM
@@ -232,9 +232,7 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
     judged_volume = stripped_score(volume.slices, spacing_mm) if volume is not None else None
     if judged_volume is not None and judged_volume >= STRIPPED_SCORE and not force:
         source = (volume.sources[0] if volume.sources else "input").split("#")[0]
-        raise InputError(source, f"looks skull-stripped (no scalp or skull around the brain in {judged_volume:.0%} of its head sections; "
-                                 f"whole-head scans: under {STRIPPED_SCORE:.0%}); the models need whole-head scans and would place it 10-30 mm off; "
-                                 "pass --force to reconstruct it anyway")
+        raise InputError(source, f"{stripped_reason(judged_volume)}; pass --force to reconstruct it anyway")
     extra = {} if judged_volume is None else {"stripped_score": round(judged_volume, 4)}
     layers = [outer_layer_score(sl, spacing_mm) if spacing_mm <= MAX_SPACING_MM else float("nan") for sl in got.slices]
     results = [{"source": src, "outer_layer": round(o, 4) if np.isfinite(o) else None, **extra} for src, o in zip(got.sources, layers)]
