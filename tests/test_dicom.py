@@ -125,3 +125,22 @@ def test_a_study_folder_names_the_series_folders_in_it(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(InputError, match="unsupported input"):
         read_inputs([tmp_path / "patient" / "notes.txt"], 8, 2.0)
+
+
+def test_files_without_the_preamble_or_a_suffix_are_read_as_dicom(tmp_path):
+    """Some exports write DICOM without the 128-byte preamble and name files without ``.dcm``: read all the same."""
+    vol, aff = _volume(), _affine()
+    files = write_series(vol, aff, tmp_path / "with")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in files:  # the file meta and the data set, without preamble and 'DICM'; no suffix
+        (bare / f.stem).write_bytes(f.read_bytes()[132:])
+    (bare / "notes.txt").write_text("not DICOM")  # other files beside them are still skipped
+    assert is_dicom(bare) and is_dicom(bare / files[0].stem) and not is_dicom(bare / "notes.txt")
+    want, want_aff, _ = read_dicom_series_slots(tmp_path / "with")
+    got, got_aff, present = read_dicom_series_slots(bare)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got_aff, want_aff)
+    assert present.all()
+    one, _ = read_dicom_file(bare / files[3].stem)
+    np.testing.assert_array_equal(one[:, :, 0], want[:, :, 3])

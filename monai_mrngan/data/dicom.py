@@ -35,11 +35,11 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
-    """True for a folder holding DICOM files, or a file with the DICOM preamble (``DICM`` at byte 128)."""
+    """True for a folder holding DICOM files, or a DICOM file (:func:`_looks_dicom`)."""
     path = Path(path)
     if path.is_dir():
-        return any(_has_preamble(f) for f in sorted(path.iterdir())[:50] if f.is_file())
-    return path.is_file() and (path.suffix.lower() == ".dcm" or _has_preamble(path))
+        return any(_looks_dicom(f) for f in sorted(path.iterdir())[:50] if f.is_file())
+    return path.is_file() and _looks_dicom(path)
 
 
 def series_folders(root: str | os.PathLike, limit: int = 3, max_depth: int = 4) -> list[Path]:
@@ -55,13 +55,24 @@ def series_folders(root: str | os.PathLike, limit: int = 3, max_depth: int = 4) 
     return found
 
 
-def _has_preamble(path: Path) -> bool:
+def _head_bytes(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
+            return f.read(132)
     except OSError:
-        return False
+        return b""
+
+
+def _has_preamble(path: Path) -> bool:
+    """The DICOM file format's 128-byte preamble and ``DICM`` prefix."""
+    return _head_bytes(path)[128:132] == b"DICM"
+
+
+def _looks_dicom(path: Path) -> bool:
+    """A DICOM file: the preamble, a ``.dcm`` name, or (some exports leave out the preamble) a first data
+    element of the file meta (group 0002) or identifying (group 0008) group, little endian."""
+    head = _head_bytes(path)
+    return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm" or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def _dataset(path: Path, pixels: bool = True) -> Any:
@@ -69,7 +80,7 @@ def _dataset(path: Path, pixels: bool = True) -> Any:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels)
+        ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=not _has_preamble(path))  # no preamble: read it anyway
     except InvalidDicomError as err:
         raise InputError(path, "not a DICOM file") from err
     except Exception as err:  # truncated or corrupt files raise many types
@@ -156,7 +167,7 @@ def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLi
         folder, where = files[0], f"among the {len(files)} files given"
     headers = []
     for f in files:
-        if not _has_preamble(f) and f.suffix.lower() != ".dcm":
+        if not _looks_dicom(f):
             continue
         headers.append((f, _dataset(f, pixels=False)))
     if not headers:
