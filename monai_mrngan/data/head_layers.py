@@ -32,8 +32,10 @@ __all__ = ["outer_layer_score", "stripped_score", "stripped_reason", "FLAT", "ST
 
 FLAT = 0.99
 """:func:`outer_layer_score` at or above which a slice shows no darker band inside its outer layer."""
-STRIPPED_SCORE = 0.7
-"""A volume's share of flat slices (:func:`stripped_score`) at or above which it counts as skull-stripped."""
+STRIPPED_SCORE = 0.8
+"""A volume's share of flat slices (:func:`stripped_score`) at or above which it counts as skull-stripped: nearer the
+stripped side (0.93 and up) than the whole-head side (0.44 and down), since refusing a whole head costs more than
+missing a stripped one (which is then treated as before)."""
 MAX_SPACING_MM = 3.0
 """Coarsest in-plane pixel on which the 2-6 mm layers are judged."""
 
