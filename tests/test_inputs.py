@@ -104,6 +104,17 @@ def test_png_needs_a_pixel_size_unless_at_model_size(scan, tmp_path):
     assert got.slices.shape == (1, 32, 32) and not got.has_geometry
     small = save_png(vol[:, :, 12], tmp_path / "small.png")
     np.testing.assert_allclose(read_inputs([small], 32, 8.0).slices[0], vol[:, :, 12], atol=1 / 255)
+    assert got.scaled_alone and not read_inputs([small], 32, 8.0).scaled_alone  # at the model size: a prepared slice, as it is
+
+
+def test_a_png_is_scaled_by_its_head_whatever_the_viewer_window(scan, tmp_path):
+    """A viewer's PNG holds display values: a darker or brighter window of the same slice reaches the models alike."""
+    _, vol, _, _ = scan
+    sl = ndimage.zoom(vol[:, :, 12], 3, order=1)
+    dark = read_inputs([save_png(0.5 * sl / sl.max(), tmp_path / "dark.png")], 32, 8.0, pixel_mm=8.0 / 3).slices[0]
+    full = read_inputs([save_png(sl / sl.max(), tmp_path / "full.png")], 32, 8.0, pixel_mm=8.0 / 3).slices[0]
+    head = full > 0.1
+    assert abs(float(dark[head].mean()) / float(full[head].mean()) - 1.0) < 0.02  # taken as they were: 0.5
 
 
 def test_output_overlays_the_input_and_says_what_is_real(scan, tiny_dataset, tmp_path):
