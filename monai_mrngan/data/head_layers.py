@@ -13,9 +13,9 @@ head's edge over the brightest band 0-6 mm in: about 0.2-0.8 on whole heads, and
 noisy to judge by (on IXI 0.5 % of whole-head slices between p = 0.15 and 0.85 are flat); a volume's
 share of flat slices among its larger head sections (:func:`stripped_score`) is not: at most 0.42 over
 the 150 shared IXI scans (the 15 test scans: 0.20, and 0.29 under the simulated scanners of
-``evaluate --shift``) and 0.44 on the demo's 25 phantoms, at least 0.93 on the 15 test scans stripped
+``evaluate --shift``) and 0.44 on the demo's 25 phantoms read at 3 mm, at least 0.93 on the 15 test scans stripped
 (:data:`STRIPPED_SCORE` lies between). The layers need a grid fine enough to show them:
-coarser than :data:`MAX_SPACING_MM`, nothing is judged.
+coarser than :data:`MAX_SPACING_MM` (the demo's 4 mm grid, the tests' tiny data), nothing is judged.
 
 No library offers this (brain-extraction tools make masks; none says whether a scan was already
 extracted), hence our own few lines on scipy's distance transform.
