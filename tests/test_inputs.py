@@ -115,6 +115,12 @@ def test_a_png_is_scaled_by_its_head_whatever_the_viewer_window(scan, tmp_path):
     full = read_inputs([save_png(sl / sl.max(), tmp_path / "full.png")], 32, 8.0, pixel_mm=8.0 / 3).slices[0]
     head = full > 0.1
     assert abs(float(dark[head].mean()) / float(full[head].mean()) - 1.0) < 0.02  # taken as they were: 0.5
+    # a 2D NIfTI normalised to [0, 1] is a lone slice too, not a prepared one: scaled as its raw twin
+    aff = np.diag([8.0 / 3, 8.0 / 3, 8.0, 1.0])
+    raw = read_inputs([save_nifti(800.0 * sl[:, :, None], aff, tmp_path / "raw.nii.gz")], 32, 8.0)
+    unit = read_inputs([save_nifti(0.4 * sl[:, :, None] / sl.max(), aff, tmp_path / "unit.nii.gz")], 32, 8.0)
+    np.testing.assert_allclose(unit.slices, raw.slices, atol=2e-3)
+    assert unit.scaled_alone and raw.scaled_alone
 
 
 def test_output_overlays_the_input_and_says_what_is_real(scan, tiny_dataset, tmp_path):

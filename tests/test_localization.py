@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from monai_mrngan.data.grid import HEAD_LEVEL
 from monai_mrngan.data.io import InputError, save_nifti, save_png
 from monai_mrngan.inference.localize import localize, localize_files, prepare_slice, slice_items
 from monai_mrngan.metrics.localization import LocalizationMetric, format_table, localization_metrics, mean_position
@@ -91,7 +92,7 @@ def test_inputs_resize_refuse_and_errors(tmp_path):
     nii = save_nifti(img[:, :, None], np.diag([1.0, 1.0, 1.0, 1.0]), tmp_path / "one.nii.gz")
     (item,) = slice_items(nii, spatial_size=SIZE)
     assert item["image"].shape == (1, SIZE, SIZE)
-    assert item["image"].max() == pytest.approx(0.8, abs=1e-4)
+    assert item["image"].max() == pytest.approx(HEAD_LEVEL, abs=1e-4)  # scaled by its head as prepare scales, though in [0, 1]
     assert (item["image"][0] > 0.4).sum() == pytest.approx(16 * 12, rel=0.15)  # 32x24 mm head at 2 mm
     # a PNG of the wrong size: pixel size unknown -> clear refusal, accepted with pixel_mm
     png = save_png(img, tmp_path / "slice.png")
@@ -115,8 +116,6 @@ def test_inputs_resize_refuse_and_errors(tmp_path):
     with pytest.raises(InputError, match="no .png"):
         slice_items(tmp_path / "empty_dir", spatial_size=SIZE)
     # prepare_slice scales raw intensities like prepare (the head's 75th percentile -> HEAD_LEVEL)
-    from monai_mrngan.data.grid import HEAD_LEVEL
-
     raw = prepare_slice(img[16:48, 16:48] * 1000, SIZE)
     assert np.percentile(raw[raw > 0.1], 75) == pytest.approx(HEAD_LEVEL, abs=0.02) and raw.max() <= 1.0
 

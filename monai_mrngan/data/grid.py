@@ -130,8 +130,8 @@ def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: i
     """Axial slices of any volume (or a one-slice volume) prepared as :func:`prepare_volume` prepares scans.
 
     Reoriented to RAS (``indices`` count along that axis 2, negative from the top; default: all),
-    scaled like ``prepare`` (by the whole input's head, :func:`scale_intensity`; a one-slice input already in
-    [0, 1] is kept as it is), resampled in-plane to ``spacing`` mm (each slice
+    scaled like ``prepare`` (by the whole input's head, :func:`scale_intensity`, whatever range its values
+    have; a lone slice by its own head, see ``InputSlices.scaled_alone``), resampled in-plane to ``spacing`` mm (each slice
     stays where it was acquired: thick-slice stacks keep their gaps), and cropped / padded to
     ``size`` around the selected slices' intensity centre of mass. Raises :class:`InputError` for
     an index outside the volume or an input with nothing positive.
@@ -143,10 +143,11 @@ def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: i
     if bad:
         raise InputError(source, f"slice index {bad[0]} outside the volume's {depth} axial slices (counted in RAS orientation)")
     picked = [i % depth for i in picked]
-    # a volume is scaled exactly as ``prepare`` scales it, even when its values already lie in [0, 1] (a scan
-    # normalised by its maximum would otherwise reach the models several times too dark); only a lone slice in
-    # [0, 1] is taken as already scaled (one slice's head does not set the scale its volume would have)
-    scaled, top = scale_intensity(img[0].numpy()) if depth > 1 else unit_range_and_scale(img[0].numpy())
+    # scaled exactly as ``prepare`` scales, even when the values already lie in [0, 1]: a scan normalised by its
+    # maximum would otherwise reach the models 2.5x too dark, a lone 2D slice so normalised 2.1x (0.47 of its level;
+    # normalised by the slice's own maximum 0.69). Slices already on the prepared grid never come here
+    # (data.inputs._already_prepared, slice_to_grid at the model size)
+    scaled, top = scale_intensity(img[0].numpy())
     if top <= 0:
         raise InputError(source, "no positive intensities; nothing to scale for the models")
     scaled_img = MetaTensor(torch.from_numpy(scaled)[None], affine=img.affine)

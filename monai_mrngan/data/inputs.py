@@ -25,7 +25,7 @@ import numpy as np
 
 from .dicom import is_dicom, read_dicom_file, read_dicom_series_slots, series_folders, slice_normal_angle
 from .io import InputError, check_values, is_nifti, is_png, load_slice, read_image
-from .grid import PreparedSlices, prepare_slices, scale_intensity, to_unit_range
+from .grid import PreparedSlices, prepare_slices, to_unit_range
 
 __all__ = ["InputSlices", "read_inputs", "slice_to_grid", "MAX_TILT_DEGREES"]
 
@@ -141,15 +141,14 @@ def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice
 
 
 def slice_to_grid(img: np.ndarray, size: int | Sequence[int], spacing: float, pixel_mm: float | Sequence[float] | None = None,
-                  source: str | os.PathLike = "<array>", display: bool = False) -> np.ndarray:
+                  source: str | os.PathLike = "<array>") -> np.ndarray:
     """A 2D RAS slice without a geometry (a PNG, or an array) -> the model grid (``size`` px at ``spacing`` mm).
 
     At the model size it is used as it is (scaled like ``prepare`` when outside [0, 1]: a slice exported from
     prepared data); any other size needs its pixel size ``pixel_mm`` and goes through
-    :func:`~monai_mrngan.data.grid.prepare_slices`. ``display``: the values are a viewer's display values (a
-    PNG), in whatever window the viewer had, so a slice not at the model size is scaled by its own head as
-    ``prepare`` scales even inside [0, 1] (taken as they were, a window with white matter saturated reached
-    the models 1.29x too bright, a min-max window 0.69x too dark).
+    :func:`~monai_mrngan.data.grid.prepare_slices`, which scales it by its own head whatever its range (a PNG
+    holds a viewer's display values in whatever window the viewer had: taken as they were, a window with
+    white matter saturated reached the models 1.29x too bright, a min-max window 0.69x too dark).
     """
     size2 = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
     img = np.asarray(img, dtype=np.float32)
@@ -162,7 +161,6 @@ def slice_to_grid(img: np.ndarray, size: int | Sequence[int], spacing: float, pi
     px = np.broadcast_to(np.asarray(pixel_mm, dtype=np.float64), (2,))
     if (px <= 0).any() or not np.isfinite(px).all():
         raise InputError(source, f"invalid pixel size {px.tolist()} mm")
-    img = scale_intensity(img)[0] if display else img
     return prepare_slices(img[:, :, None], np.diag([px[0], px[1], spacing, 1.0]), spacing, size2, [0], source=source).slices[0]
 
 
@@ -192,7 +190,7 @@ def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, 
             if stack or slice_index is not None:
                 raise InputError(p, "a PNG is one slice; --stack and --slice-index apply to volumes")
             img = load_slice(p)  # one slice scaled by its own head unless at the model size: brought to its volume's level later
-            parts.append(InputSlices(slice_to_grid(img, size, spacing, pixel_mm, p, display=True)[None], [str(p)],
+            parts.append(InputSlices(slice_to_grid(img, size, spacing, pixel_mm, p)[None], [str(p)],
                                      scaled_alone=img.shape != (size, size)))
         elif is_nifti(p) or is_dicom(p):
             parts.append(_one_with_geometry(p, size, spacing, slice_index, stack))

@@ -9,8 +9,7 @@
     its heuristic position comes along as ``reference_p``;
   * a 2D slice (PNG, 2D NIfTI) of the prepared size with values in [0, 1] is used as is; a 2D slice
     of another size is resampled to the prepared spacing (pixel size from the NIfTI header, or
-    ``pixel_mm`` for a PNG), scaled like ``prepare`` when outside [0, 1] (a PNG always: it holds
-    display values), and cropped / padded
+    ``pixel_mm`` for a PNG), scaled by its head like ``prepare`` (whatever its range), and cropped / padded
     around its intensity centre of mass. A PNG of the wrong size without ``pixel_mm`` is refused
     with a message saying so: its pixel size is unknown and a blind resize would be garbage.
 
@@ -126,11 +125,9 @@ def prepare_slice(
     pixel_mm: Sequence[float] | float | None = None,
     spacing_mm: float = 2.0,
     source: str | os.PathLike = "<array>",
-    display: bool = False,
 ) -> np.ndarray:
-    """A 2D RAS slice -> the prepared size, spacing and intensity range (:func:`~monai_mrngan.data.inputs.slice_to_grid`;
-    ``display``: a PNG's display values)."""
-    return slice_to_grid(img, _pair(spatial_size), spacing_mm, pixel_mm, source, display=display)
+    """A 2D RAS slice -> the prepared size, spacing and intensity range (:func:`~monai_mrngan.data.inputs.slice_to_grid`)."""
+    return slice_to_grid(img, _pair(spatial_size), spacing_mm, pixel_mm, source)
 
 
 def _nifti_ndim_and_zooms(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -199,7 +196,7 @@ def slice_items(
     items: list[dict] = []
     for path in expand_inputs(inputs):
         if is_png(path):
-            items.append(_item(prepare_slice(load_slice(path), size, pixel_mm, spacing_mm, path, display=True), str(path), 0, None))
+            items.append(_item(prepare_slice(load_slice(path), size, pixel_mm, spacing_mm, path), str(path), 0, None))
         elif is_nifti(path):
             shape, zooms = _nifti_ndim_and_zooms(path)
             spatial = [s for s in shape if s > 1]
