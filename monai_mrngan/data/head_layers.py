@@ -42,7 +42,10 @@ MAX_SPACING_MM = 3.0
 
 def outer_layer_score(image: np.ndarray, spacing_mm: float) -> float:
     """The darkest band 4-16 mm inside the head's edge over the brightest band 0-6 mm inside it, for one
-    (H, W) slice in [0, 1] with ``spacing_mm`` pixels; NaN when the head is too small to hold the bands."""
+    (H, W) slice in [0, 1] with ``spacing_mm`` pixels; NaN when the head is too small to hold the bands or the grid
+    is coarser than :data:`MAX_SPACING_MM`."""
+    if float(spacing_mm) > MAX_SPACING_MM:
+        return float("nan")
     head = ndimage.binary_fill_holes(np.asarray(image) > HEAD_THRESHOLD)
     labels, n = ndimage.label(head)
     if n == 0:
@@ -63,9 +66,10 @@ def outer_layer_score(image: np.ndarray, spacing_mm: float) -> float:
 
 def stripped_score(slices: np.ndarray, spacing_mm: float, min_slices: int = 5) -> float | None:
     """The share of flat slices (:data:`FLAT`) among a volume's (Z, H, W) slices whose head section is at least half
-    its largest; None when fewer than ``min_slices`` qualify or the grid is coarser than :data:`MAX_SPACING_MM`."""
+    its largest; None when fewer than ``min_slices`` of them have a score (none on a grid coarser than
+    :data:`MAX_SPACING_MM`)."""
     slices = np.asarray(slices)
-    if slices.ndim != 3 or float(spacing_mm) > MAX_SPACING_MM:
+    if slices.ndim != 3:
         return None
     area = (slices > HEAD_THRESHOLD).sum(axis=(1, 2))
     if not area.any():

@@ -21,7 +21,7 @@ import torch
 from ..atlas.bank import slice_scale_profile
 from ..atlas.input_check import checker_for
 from ..atlas.prior import BrainPrior, template_localizer_for
-from ..data.head_layers import FLAT, MAX_SPACING_MM, STRIPPED_SCORE, outer_layer_score, stripped_reason, stripped_score
+from ..data.head_layers import FLAT, STRIPPED_SCORE, outer_layer_score, stripped_reason, stripped_score
 from ..data.inputs import InputSlices, read_inputs
 from ..data.io import InputError
 from ..data.positions import HEAD_HEIGHT_MM
@@ -234,7 +234,7 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
         source = (volume.sources[0] if volume.sources else "input").split("#")[0]
         raise InputError(source, f"{stripped_reason(judged_volume)}; pass --force to reconstruct it anyway")
     extra = {} if judged_volume is None else {"stripped_score": round(judged_volume, 4)}
-    layers = [outer_layer_score(sl, spacing_mm) if spacing_mm <= MAX_SPACING_MM else float("nan") for sl in got.slices]
+    layers = [outer_layer_score(sl, spacing_mm) for sl in got.slices]
     results = [{"source": src, "outer_layer": round(o, 4) if np.isfinite(o) else None, **extra} for src, o in zip(got.sources, layers)]
     if volume is None:
         for res, o in zip(results, layers):
