@@ -57,7 +57,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..data.head_layers import STRIPPED_SCORE, stripped_reason, stripped_score
+from ..data.head_layers import looks_stripped, stripped_reason, stripped_score
 from ..data.io import InputError, save_json, strip_image_suffix
 from ..data.positions import HEAD_HEIGHT_MM
 from ..inference.components import Components
@@ -220,7 +220,7 @@ def _complete_volume(
     positions, source = _volume_positions(sidecar, side, depth, flipped, step_p)
     scaled, scale, unit = to_model_range(real, path)
     stripped = stripped_score(np.moveaxis(scaled, 2, 0), spacing) if miss.any() else None
-    if stripped is not None and stripped >= STRIPPED_SCORE:  # the stages would draw scalp into it, at positions from the wrong top
+    if looks_stripped(stripped):  # the stages would draw scalp into it, at positions from the wrong top
         raise InputError(path, stripped_reason(stripped))
     fit_info: dict = {}
     if positions is None and components.localizer is not None:

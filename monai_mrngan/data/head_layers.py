@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from .positions import HEAD_THRESHOLD
 
-__all__ = ["outer_layer_score", "stripped_score", "stripped_reason", "FLAT", "STRIPPED_SCORE", "MAX_SPACING_MM"]
+__all__ = ["outer_layer_score", "stripped_score", "looks_stripped", "stripped_reason", "FLAT", "STRIPPED_SCORE", "MAX_SPACING_MM"]
 
 FLAT = 0.99
 """:func:`outer_layer_score` at or above which a slice shows no darker band inside its outer layer."""
@@ -77,6 +77,11 @@ def stripped_score(slices: np.ndarray, spacing_mm: float, min_slices: int = 5) -
     scores = np.array([outer_layer_score(slices[k], spacing_mm) for k in np.nonzero(area >= 0.5 * area.max())[0]])
     scores = scores[np.isfinite(scores)]
     return float(np.mean(scores >= FLAT)) if len(scores) >= min_slices else None
+
+
+def looks_stripped(score: float | None) -> bool:
+    """The verdict on a :func:`stripped_score`: skull-stripped at :data:`STRIPPED_SCORE` or above; None (not judged) is not."""
+    return score is not None and score >= STRIPPED_SCORE
 
 
 def stripped_reason(score: float) -> str:

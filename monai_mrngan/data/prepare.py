@@ -44,7 +44,7 @@ from .datalist import DATALIST_NAME, SPLITS
 from .discovery import Scan, find_scans, is_bids
 from .io import InputError, check_destination, load_volume, save_json, save_nifti
 from .grid import crop_inplane, scale_intensity, to_ras_isotropic
-from .head_layers import STRIPPED_SCORE, stripped_reason, stripped_score
+from .head_layers import looks_stripped, stripped_reason, stripped_score
 from .positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, VERTEX_MIN_AREA_MM2, slice_positions
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def prepare_volume(path: str | Path, spacing: float = 1.0, size: int = 256, plac
     scaled = SpatialCrop(roi_start=[0, 0, int(keep[0])], roi_end=[vol.shape[0], vol.shape[1], int(keep[-1]) + 1])(scaled)
     out, pads = crop_inplane(scaled, (cx, cy), (size, size))
     stripped = stripped_score(np.moveaxis(out[0].numpy(), 2, 0), spacing)
-    if stripped is not None and stripped >= STRIPPED_SCORE:
+    if looks_stripped(stripped):
         raise SkipScan(stripped_reason(stripped))
 
     placement = None

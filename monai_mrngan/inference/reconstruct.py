@@ -21,7 +21,7 @@ import torch
 from ..atlas.bank import slice_scale_profile
 from ..atlas.input_check import checker_for
 from ..atlas.prior import BrainPrior, template_localizer_for
-from ..data.head_layers import FLAT, STRIPPED_SCORE, outer_layer_score, stripped_reason, stripped_score
+from ..data.head_layers import FLAT, looks_stripped, outer_layer_score, stripped_reason, stripped_score
 from ..data.inputs import InputSlices, read_inputs
 from ..data.io import InputError
 from ..data.positions import HEAD_HEIGHT_MM
@@ -230,7 +230,7 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
     """
     volume = got if stack else whole
     judged_volume = stripped_score(volume.slices, spacing_mm) if volume is not None else None
-    if judged_volume is not None and judged_volume >= STRIPPED_SCORE and not force:
+    if looks_stripped(judged_volume) and not force:
         source = (volume.sources[0] if volume.sources else "input").split("#")[0]
         raise InputError(source, f"{stripped_reason(judged_volume)}; pass --force to reconstruct it anyway")
     extra = {} if judged_volume is None else {"stripped_score": round(judged_volume, 4)}
