@@ -2,13 +2,17 @@
 """Measure the input check's scores on real held-out slices and on inputs it must refuse, as a table.
 
     python scripts/calibrate_input_check.py --bank WORKDIR/brain_generalization/models/atlas_bank.pt \
-        --dataset_dir /data/ixi_2mm_128 [--subjects 15] [--json OUT]
+        --dataset_dir /data/ixi_2mm_128 [--subjects 15] [--weighted 5] [--json OUT]
 
 For every test subject, its axial slices at p = 0.15, 0.25, ..., 0.85, and for the first three
 subjects their coronal and sagittal planes at three depths plus noise, a grey gradient and an
 empty image, prints ``axial_match`` and ``plane_margin``
 (:class:`monai_mrngan.atlas.input_check.InputChecker`): the lowest real scores beside the highest
 scores of what must be refused, i.e. how much room the thresholds ``MIN_MATCH`` / ``MIN_MARGIN`` have.
+Then ``t1_contrast`` (:func:`monai_mrngan.atlas.input_check.fitted_contrast`, the prior fitted as ``reconstruct`` fits it,
+at each slice's true position) of the same real slices beside the first ``--weighted`` subjects' slices given a T2-,
+FLAIR- and PD-like tissue ranking (:func:`monai_mrngan.transforms.scanners.reweight`): the room ``MIN_CONTRAST`` has.
+A dataset written by ``evaluate --shift`` (its ``shifted_data/NAME``) scores the same slices from a simulated scanner.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import json
 
 import numpy as np
 
-from monai_mrngan.atlas.input_check import MIN_MARGIN, MIN_MATCH, InputChecker
+from monai_mrngan.atlas.input_check import MIN_CONTRAST, MIN_MARGIN, MIN_MATCH, InputChecker, fitted_contrast
 from monai_mrngan.atlas.prior import load_prior
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import load_volume
+from monai_mrngan.transforms.scanners import WEIGHTINGS, reweight
+
+INFERENCE_CONFIG = "bundles/mrngan/configs/inference.json"  # its prior_fit is how reconstruct fits the prior
 
 
 def _canvas(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -36,17 +43,27 @@ def main() -> None:
     ap.add_argument("--bank", required=True, help="atlas bank (.pt) or mean brain (.nii.gz) of the brain generalization stage")
     ap.add_argument("--dataset_dir", required=True, help="prepared dataset; its test split is scored")
     ap.add_argument("--subjects", type=int, default=15)
+    ap.add_argument("--weighted", type=int, default=5, help="subjects whose slices are also scored as T2, FLAIR and PD")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    checker = InputChecker(load_prior(args.bank))
-    real, other = [], []
+    with open(INFERENCE_CONFIG) as f:
+        prior = load_prior(args.bank, fit=json.load(f)["prior_fit"])
+    checker = InputChecker(prior)
+    real, other, weighted = [], [], []
     rng = np.random.default_rng(0)
     for n, entry in enumerate(load_split(args.dataset_dir, "test")[: args.subjects]):
         vol, _ = load_volume(entry["image"])
         pos = np.asarray(entry["positions"])
         for p in np.arange(0.15, 0.851, 0.1):
-            res = checker.check(vol[:, :, int(np.argmin(np.abs(pos - p)))])
-            real.append({"subject": entry.get("subject"), "p": round(float(p), 2), **res.as_dict()})
+            k = int(np.argmin(np.abs(pos - p)))
+            res = checker.check(vol[:, :, k])
+            spacing = float(entry.get("spacing", [2.0])[0])
+            real.append({"subject": entry.get("subject"), "p": round(float(p), 2), **res.as_dict(),
+                         "t1_contrast": fitted_contrast(prior, vol[:, :, k], pos[k], spacing)})
+            if n < args.weighted:
+                for name in WEIGHTINGS:
+                    weighted.append({"weighting": name, "subject": entry.get("subject"), "p": round(float(p), 2),
+                                     "t1_contrast": fitted_contrast(prior, reweight(vol[:, :, k], name), pos[k], spacing)})
         if n < 3:
             for j in (0.35, 0.5, 0.65):
                 c, s = int(j * vol.shape[1]), int(j * vol.shape[0])
@@ -63,9 +80,17 @@ def main() -> None:
     print("must be refused:")
     for r in other:
         print(f"  {r['input']:<16} axial_match {r['axial_match']:.3f}  plane_margin {r['plane_margin']:+.3f}  {'REFUSED' if not r['passed'] else 'ACCEPTED'}")
+    scores = [r["t1_contrast"] for r in real if r["t1_contrast"] is not None]
+    print(f"t1_contrast (threshold {MIN_CONTRAST}): real T1 slices {len(scores)} judged, min {min(scores):.3f}  "
+          f"1st pct {np.percentile(scores, 1):.3f}  median {np.median(scores):.3f}, refused {sum(v < MIN_CONTRAST for v in scores)}")
+    for name in WEIGHTINGS:
+        got = [r["t1_contrast"] for r in weighted if r["weighting"] == name and r["t1_contrast"] is not None]
+        if got:
+            print(f"  as {name:<6} {len(got)} judged, median {np.median(got):.3f}  max {max(got):.3f}, "
+                  f"refused {sum(v < MIN_CONTRAST for v in got)} ({100 * np.mean([v < MIN_CONTRAST for v in got]):.0f} %)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"real": real, "other": other}, f, indent=2)
+            json.dump({"real": real, "other": other, "weighted": weighted}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from monai_mrngan.atlas.bank import build_bank
-from monai_mrngan.atlas.input_check import InputChecker
+from monai_mrngan.atlas.input_check import MIN_CONTRAST, InputChecker, fitted_contrast, t1_contrast
 from monai_mrngan.atlas.prior import BrainPrior, mean_prior
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import InputError, load_volume, save_nifti, save_png
 from monai_mrngan.inference.components import Components, reference_grid
 from monai_mrngan.inference.reconstruct import reconstruct_files
+from monai_mrngan.transforms.scanners import reweight
 
 
 def test_nonsense_is_refused_and_force_records_it(tiny_dataset, tmp_path):
@@ -40,7 +41,8 @@ def test_nonsense_is_refused_and_force_records_it(tiny_dataset, tmp_path):
 
 @pytest.mark.ixi
 def test_real_ixi_slices_pass_other_planes_do_not(ixi_dir, tmp_path):
-    """Held-out real slices at p = 0.15 .. 0.85 are accepted; coronal / sagittal / noise / gradient / empty refused."""
+    """Held-out real slices at p = 0.15 .. 0.85 are accepted, as T1 too; most of them given a T2 or PD tissue ranking are
+    not; coronal / sagittal / noise / gradient / empty refused."""
     from monai_mrngan.data.prepare import prepare_volume
 
     scans = sorted(ixi_dir.glob("*.nii*"))[:14]
@@ -50,12 +52,18 @@ def test_real_ixi_slices_pass_other_planes_do_not(ixi_dir, tmp_path):
         path = save_nifti(pv.data, pv.affine, tmp_path / f"a{i}.nii.gz")
         entries.append({"image": str(path), "positions": pv.positions.tolist(), "subject": f"a{i}"})
     bank, grid = build_bank(entries, 101)
-    checker = InputChecker(BrainPrior(bank, grid, {"top_k": 5}, subjects=[e["subject"] for e in entries]))
+    prior = BrainPrior(bank, grid, {"top_k": 5, "intensity": "monotone"}, subjects=[e["subject"] for e in entries])
+    checker = InputChecker(prior)
+    refused = {name: 0 for name in ("t1", "t2", "pd")}
     for pv in prepared[12:]:  # held out
         for p in np.arange(0.15, 0.851, 0.1):
             k = int(np.argmin(np.abs(pv.positions - p)))
             res = checker.check(pv.data[:, :, k])
             assert res.passed, (p, res)
+            for name in refused:  # the same slice as T1, and with a T2 / PD tissue ranking
+                image = pv.data[:, :, k] if name == "t1" else reweight(pv.data[:, :, k], name)
+                refused[name] += fitted_contrast(prior, image, pv.positions[k], 2.0) < MIN_CONTRAST
+    assert refused["t1"] == 0 and refused["t2"] >= 12 and refused["pd"] >= 8, refused  # of 16 each (15 and 11 here)
     vol = prepared[12].data
     bad = {"noise": np.random.default_rng(0).random((128, 128)), "gradient": np.tile(np.linspace(0, 1, 128), (128, 1)),
            "empty": np.zeros((128, 128))}
@@ -66,3 +74,43 @@ def test_real_ixi_slices_pass_other_planes_do_not(ixi_dir, tmp_path):
             bad[name] = canvas
     for name, image in bad.items():
         assert not checker.check(image).passed, name
+
+
+def _fitted_prior(dataset) -> BrainPrior:
+    entries = load_split(dataset, "training")
+    vols = [np.moveaxis(load_volume(e["image"])[0], -1, 0) for e in entries]
+    fit = {"mode": "affine", "top_k": 2, "work_size": 32, "affine_iters": 20, "grid_points": 6, "intensity": "monotone"}
+    return BrainPrior(np.stack(vols), np.asarray(entries[0]["positions"]), fit)
+
+
+def test_a_slice_of_another_weighting_is_refused_and_force_records_it(tiny_dataset, tmp_path):
+    """A T1 slice ranks its tissues as the T1 atlases fitted to it do; the same slice given a T2 ranking (fluid bright)
+    is refused once placed, with one line naming the file and its score; --force records the score and the failure."""
+    prior = _fitted_prior(tiny_dataset)
+    entry = load_split(tiny_dataset, "test")[0]
+    vol, affine = load_volume(entry["image"])
+    k = 12
+    p = float(entry["positions"][k])
+    spacing = float(entry["spacing"][0])
+    for image, low, high in ((vol[:, :, k], 0.7, 1.0), (reweight(vol[:, :, k], "t2"), -1.0, 0.0)):
+        assert low < fitted_contrast(prior, image, p, spacing) < high
+    assert t1_contrast(np.zeros((32, 32)), np.zeros((32, 32)), spacing) is None  # no head: not judged
+    assert fitted_contrast(mean_prior(tiny_dataset, "training"), vol[:, :, k], p, spacing) is None  # a prior never fitted: not judged
+
+    ref = reference_grid(tiny_dataset)
+    kw = dict(expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"], reference_positions=ref["positions"])
+    paths = {}
+    for name in ("t1", "t2"):
+        image = vol[:, :, k] if name == "t1" else reweight(vol[:, :, k], name)
+        paths[name] = save_nifti(image[:, :, None], affine, tmp_path / f"{name}.nii.gz")
+    res = reconstruct_files([str(paths["t1"])], str(tmp_path / "t1_out.nii.gz"), Components(prior=prior), positions=[p], method="copy", **kw)
+    assert res["input_check"][0]["passed"] and res["input_check"][0]["t1_contrast"] > MIN_CONTRAST
+    before = paths["t2"].read_bytes()
+    with pytest.raises(InputError, match="does not look T1-weighted") as err:
+        reconstruct_files([str(paths["t2"])], str(tmp_path / "x.nii.gz"), Components(prior=prior), positions=[p], method="copy", **kw)
+    assert str(paths["t2"]) in str(err.value) and "--force" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "x.nii.gz").exists() and paths["t2"].read_bytes() == before
+    reconstruct_files([str(paths["t2"])], str(tmp_path / "x.nii.gz"), Components(prior=prior), positions=[p], method="copy", force=True, **kw)
+    check = json.loads((tmp_path / "x_positions.json").read_text())["input_check"][0]
+    assert check["passed"] is False and check["t1_contrast"] < MIN_CONTRAST and "T1-weighted" in check["reason"]
+

@@ -175,7 +175,7 @@ def reconstruct(
         stack: use every axial slice of one input (a thick-slice stack, or a DICOM series with files left out), or the
             given DICOM files of one series, placed by their geometry.
         pixel_mm: in-plane pixel size of a PNG input that is not at the model size.
-        force: reconstruct an input that does not look like an axial head slice (refused otherwise).
+        force: reconstruct an input that does not look like an axial T1 head slice (refused otherwise).
         device: auto (a GPU when there is one), cpu or cuda[:N].
     """
     from ..inference.components import reference_grid
@@ -192,7 +192,8 @@ def reconstruct(
     checks = {c["source"]: c for c in result["input_check"]}
     for source, p in zip(result["sources"], result["input_positions"]):
         c = checks.get(source)
-        score = f"; axial-slice check {'passed' if c['passed'] else 'FAILED (forced)'}, atlas match {c['axial_match']:.2f}" if c and "passed" in c else ""
+        score = f"; input check {'passed' if c['passed'] else 'FAILED (forced)'}, atlas match {c['axial_match']:.2f}" if c and "passed" in c else ""
+        score += f", T1 contrast {c['t1_contrast']:.2f}" if score and c.get("t1_contrast") is not None else ""
         print(f"{source}: position p = {p:.3f} ({p * 200:.0f} mm below the vertex){score}")
     grid = f"\nmodel grid: {result['model_grid_volume']}" if "model_grid_volume" in result else ""
     unc = f"\nuncertainty: {result['uncertainty']}" if "uncertainty" in result else ""

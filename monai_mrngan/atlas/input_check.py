@@ -15,28 +15,80 @@ first step, :func:`~monai_mrngan.atlas.registration.register_slices`):
 An input is accepted when ``axial_match >= min_match`` and ``plane_margin >= min_margin``; the
 defaults come from those measurements (``scripts/calibrate_input_check.py`` measures them again on
 any prepared dataset and prints the table).
+
+A third score needs the prior fitted to the input at its position, so it is taken once the input is placed
+(:func:`t1_contrast`): is the slice T1-weighted, as the atlases and every trained stage are? A T2, PD or FLAIR
+slice has a head's outline and passes the two scores above (simulated ones: ``axial_match`` >= 0.92), but
+its tissues rank otherwise (fluid bright, white matter dark).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
-import torch
-import torch.nn.functional as F
-
 from weakref import WeakKeyDictionary
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage, stats
+
+from ..data.positions import HEAD_THRESHOLD
 from .fit import moment_match, to_unit
 from .prior import BrainPrior
 from .registration import gauss_blur, head_sums
 
-__all__ = ["InputCheck", "InputChecker", "checker_for", "MIN_MATCH", "MIN_MARGIN"]
+__all__ = ["InputCheck", "InputChecker", "checker_for", "MIN_MATCH", "MIN_MARGIN", "MIN_CONTRAST", "CONTRAST_CORE_MM", "t1_contrast",
+           "fitted_contrast", "contrast_reason"]
 
 MIN_MATCH = 0.75
 """Lowest ``axial_match`` accepted (real slices: >= 0.919; a gradient: 0.38)."""
 MIN_MARGIN = -0.01
 """Lowest ``plane_margin`` accepted (real axial slices: >= +0.009; coronal / sagittal: <= -0.030): the
 midpoint, leaving room for slices from other scanners on the accepted side."""
+MIN_CONTRAST = 0.35
+"""Lowest :func:`t1_contrast` accepted. Real T1 slices (IXI test subjects at p = 0.15-0.85, the same under every
+simulated scanner shift, three T1 scans stored as other sites store them) scored 0.48 and above, lowest near the
+crown; T1 slices given T2-, PD- and FLAIR-like tissue rankings (:func:`~monai_mrngan.transforms.scanners.reweight`)
+scored 0.28 / 0.24 / 0.43 at the median (README, "From your scanner"): this floor refuses most T2 and PD slices
+(70 / 65 %), few FLAIR ones (25 %), and no real T1 slice seen."""
+CONTRAST_CORE_MM = 8.0
+"""How far inside the head's outline :func:`t1_contrast` looks: the brain, not the scalp and skull, whose layers
+rank alike in every contrast."""
+
+
+def t1_contrast(image: np.ndarray, fitted: np.ndarray, spacing_mm: float = 2.0) -> float | None:
+    """How T1-like an input slice is: the Spearman rank correlation, over the core of its head (the filled head mask
+    eroded by :data:`CONTRAST_CORE_MM`), between the slice and the prior fitted to it at its position (the atlases,
+    T1-weighted, warped onto this head). A rank correlation, so any monotone contrast curve of a T1 scan scores as
+    the scan; a T2 or PD slice ranks fluid and white matter the other way round. None when the core is under 50
+    pixels (a slice at the very crown or neck): not judged.
+    """
+    image, fitted = np.asarray(image, dtype=np.float64), np.asarray(fitted, dtype=np.float64)
+    head = ndimage.binary_fill_holes(image > HEAD_THRESHOLD)
+    core = ndimage.binary_erosion(head, iterations=max(1, int(round(CONTRAST_CORE_MM / float(spacing_mm)))))
+    if core.sum() < 50 or np.ptp(image[core]) == 0 or np.ptp(fitted[core]) == 0:
+        return None
+    return float(stats.spearmanr(image[core], fitted[core])[0])
+
+
+def fitted_contrast(prior: BrainPrior, image: np.ndarray, position: float, spacing_mm: float = 2.0) -> float | None:
+    """:func:`t1_contrast` of a model-grid slice against ``prior`` fitted to it at ``position`` (the prior's own fit, cached
+    like any other). None when not judged: a prior that is never fitted (a plain mean brain is too blurred to rank tissues
+    against: a phantom's T1 slice scored 0.33 against it), or a head core too small."""
+    if prior.config.mode == "none":
+        return None
+    p = float(position)
+    ref = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
+    fitted = prior.slice_at(torch.tensor([p], dtype=torch.float64), ref, p)[0, 0].cpu().numpy()
+    return t1_contrast(image, fitted, spacing_mm)
+
+
+def contrast_reason(score: float | None, min_contrast: float = MIN_CONTRAST) -> str:
+    """The one-line reason to refuse a slice of :func:`t1_contrast` ``score``; "" when it passes or is not judged."""
+    if score is None or score >= min_contrast:
+        return ""
+    return (f"does not look T1-weighted (T1 contrast {score:.2f}: its tissues rank unlike the T1 atlases fitted to it; real T1 slices "
+            f"score >= {min_contrast:.2f}); a T2, PD or FLAIR slice cannot be reconstructed by these T1-trained models")
 
 
 @dataclass

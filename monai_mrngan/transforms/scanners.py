@@ -23,7 +23,7 @@ from ..data.grid import scale_intensity
 from ..data.positions import HEAD_THRESHOLD
 
 __all__ = ["SHIFTS", "Step", "check_shifts", "acquire", "apply_steps", "simulate", "random_scanner", "simulate_random", "describe",
-           "describe_random"]
+           "describe_random", "WEIGHTINGS", "reweight"]
 
 Step = tuple[Callable[..., np.ndarray], float]
 """One acquisition step: a function ``(volume, argument, rng) -> volume`` and its argument."""
@@ -135,3 +135,24 @@ def simulate_random(volume: np.ndarray, seed: int) -> tuple[np.ndarray, list[str
 def describe_random(seed: int) -> list[str]:
     """:func:`describe` of the scanner :func:`simulate_random` uses for ``seed``, without simulating anything."""
     return describe(_drawn(seed)[0])
+
+
+WEIGHTINGS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "t2": ((0.0, 0.06, 0.2, 0.45, 0.7, 0.9, 1.0), (0.0, 0.05, 1.0, 0.55, 0.35, 0.6, 0.6)),
+    "flair": ((0.0, 0.06, 0.2, 0.45, 0.7, 0.9, 1.0), (0.0, 0.05, 0.12, 0.65, 0.45, 0.6, 0.6)),
+    "pd": ((0.0, 0.06, 0.2, 0.45, 0.7, 0.9, 1.0), (0.0, 0.05, 0.75, 0.8, 0.65, 0.8, 0.8)),
+}
+"""Piecewise-linear maps (knots, values) of a prepared T1 scan's intensities (fluid about 0.2, grey matter 0.45, white
+matter 0.65, scalp fat 0.9) to the ranking another weighting gives the same tissues: T2 (fluid brightest, white matter
+darkest), FLAIR (fluid dark, white matter below grey), PD (fluid and grey matter alike, white matter below). Not a
+physical simulation (no relaxation times, partial volumes mapped as they fall): a test of whether a check tells the
+rankings apart."""
+
+
+def reweight(image: np.ndarray, name: str) -> np.ndarray:
+    """A prepared T1 ``image`` in [0, 1] with the tissue ranking of weighting ``name`` (:data:`WEIGHTINGS`), scaled again
+    as ``prepare`` scales a scan."""
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; choose from {sorted(WEIGHTINGS)}")
+    knots, values = WEIGHTINGS[name]
+    return scale_intensity(np.interp(np.clip(image, 0.0, 1.0), knots, values).astype(np.float32))[0]
