@@ -114,3 +114,23 @@ def test_a_slice_of_another_weighting_is_refused_and_force_records_it(tiny_datas
     check = json.loads((tmp_path / "x_positions.json").read_text())["input_check"][0]
     assert check["passed"] is False and check["t1_contrast"] < MIN_CONTRAST and "T1-weighted" in check["reason"]
 
+
+def test_complete_skips_a_volume_of_another_weighting(tiny_dataset, tmp_path):
+    """complete judges a volume's real slice nearest mid-head as reconstruct judges an input: a T1 volume completes with
+    its score recorded, the same volume with a T2 ranking is refused, naming the file."""
+    from monai_mrngan.apps.complete import complete_file
+    from monai_mrngan.data.io import save_json
+
+    prior = _fitted_prior(tiny_dataset)
+    entry = load_split(tiny_dataset, "test")[0]
+    vol, affine = load_volume(entry["image"])
+    ref = reference_grid(tiny_dataset)
+    for name, v in (("t1", vol.copy()), ("t2", reweight(vol, "t2"))):
+        v[:, :, [6, 7, 15]] = np.nan
+        save_nifti(v, affine, tmp_path / f"{name}.nii.gz")
+        save_json({"positions": entry["positions"]}, tmp_path / f"{name}.json")
+    done = complete_file(tmp_path / "t1.nii.gz", Components(prior=prior), ref, method="linear", missing="nan")
+    assert done.meta["t1_contrast"] > MIN_CONTRAST and done.meta["generated_slices"] == [6, 7, 15]
+    with pytest.raises(InputError, match="does not look T1-weighted") as err:
+        complete_file(tmp_path / "t2.nii.gz", Components(prior=prior), ref, method="linear", missing="nan")
+    assert "t2.nii.gz" in str(err.value)

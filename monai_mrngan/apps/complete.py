@@ -57,6 +57,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from ..atlas.input_check import contrast_reason, fitted_contrast
+from ..atlas.prior import BrainPrior
 from ..data.head_layers import looks_stripped, stripped_reason, stripped_score
 from ..data.io import InputError, save_json, strip_image_suffix
 from ..data.positions import HEAD_HEIGHT_MM
@@ -184,6 +186,19 @@ def _localize_positions(components: Components, scaled: np.ndarray, real_idx: np
     return p0 + np.arange(depth) * step_p, {k: info[k] for k in keep if k in info}
 
 
+def _judge_contrast(path: Path, prior: Any, scaled: np.ndarray, positions: np.ndarray | None, spacing: float) -> dict:
+    """``t1_contrast`` of the real slice nearest mid-head (``scaled`` (H, W, K) at ``positions`` (K,)) as ``reconstruct``
+    judges an input (:func:`~monai_mrngan.atlas.input_check.fitted_contrast`); raises :class:`InputError` when it is not
+    T1-like. Empty when not judged (no fitted atlas prior, or no positions)."""
+    if not isinstance(prior, BrainPrior) or positions is None:
+        return {}
+    j = int(np.argmin(np.abs(np.asarray(positions, dtype=np.float64) - 0.5)))
+    score = fitted_contrast(prior, scaled[:, :, j], float(positions[j]), spacing)
+    if contrast_reason(score):
+        raise InputError(path, contrast_reason(score))
+    return {} if score is None else {"t1_contrast": round(score, 4)}
+
+
 def _complete_volume(
     path: Path, data: np.ndarray, img: Any, sidecar: dict | None, side: Path, components: Components, reference: Mapping[str, Any], method: str, rule: tuple[str, float | None],
     models: Mapping[str, dict] | None,
@@ -232,6 +247,7 @@ def _complete_volume(
             f"slice positions unknown: no sidecar {side.name} with \"positions\" or \"first_position\" and no trained "
             f"slice_localization stage (method {method} needs them; linear does not)",
         )
+    contrast = _judge_contrast(path, components.prior, scaled, positions[real_idx], spacing) if miss.any() and positions is not None else {}
     out = ras.copy()
     unc = None
     if miss.any():
@@ -257,6 +273,7 @@ def _complete_volume(
         "positions": _rounded(file_positions),
         "positions_from": source,
         **({"localizer_fit": fit_info} if fit_info else {}),
+        **contrast,
         "missing_rule": describe_missing(rule),
         "intensity": {"dtype": str(data.dtype), "scale": scale, "unit_range": unit},
         "method": method if miss.any() else None,
@@ -293,6 +310,7 @@ def _complete_stack(
         if p < grid.min() - half or p > grid.max() + half:
             raise InputError(side, f"position {p:g} lies outside the prepared grid (p from {grid.min():.4f} to {grid.max():.4f})")
     scaled, scale, unit = to_model_range(data, path)
+    contrast = _judge_contrast(path, components.prior, scaled, pos, spacing)
     try:
         rec = _generate(scaled, pos.tolist(), components, method, spacing, reference_positions=grid.tolist())
     except ValueError as err:  # e.g. two slices on the same grid slice
@@ -312,6 +330,7 @@ def _complete_stack(
         "real_slices": real,
         "positions": _rounded(rec.positions),
         "positions_from": "sidecar",
+        **contrast,
         "placement": [
             {"input_slice": j, "position": round(float(p), 6), "index": i, "grid_position": round(float(rec.positions[i]), 6)}
             for j, (p, i) in enumerate(zip(pos, idx))
