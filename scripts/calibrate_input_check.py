@@ -9,9 +9,9 @@ subjects their coronal and sagittal planes at three depths plus noise, a grey gr
 empty image, prints ``axial_match`` and ``plane_margin``
 (:class:`monai_mrngan.atlas.input_check.InputChecker`): the lowest real scores beside the highest
 scores of what must be refused, i.e. how much room the thresholds ``MIN_MATCH`` / ``MIN_MARGIN`` have.
-Then ``t1_contrast`` (:func:`monai_mrngan.atlas.input_check.fitted_contrast`, the prior fitted as ``reconstruct`` fits it,
-at each slice's true position) of the same real slices beside the first ``--weighted`` subjects' slices given a T2-,
-FLAIR- and PD-like tissue ranking (:func:`monai_mrngan.transforms.scanners.reweight`): the room ``MIN_CONTRAST`` has.
+Then ``t1_contrast`` and ``white_over_grey`` (:func:`monai_mrngan.atlas.input_check.fitted_contrast`, the prior fitted as
+``reconstruct`` fits it, at each slice's true position) of the same real slices beside the first ``--weighted`` subjects' slices given a T2-,
+FLAIR- and PD-like tissue ranking (:func:`monai_mrngan.transforms.scanners.reweight`): the room ``MIN_CONTRAST`` and ``MIN_WHITE_OVER_GREY`` have.
 A dataset written by ``evaluate --shift`` (its ``shifted_data/NAME``) scores the same slices from a simulated scanner.
 """
 
@@ -22,7 +22,7 @@ import json
 
 import numpy as np
 
-from monai_mrngan.atlas.input_check import MIN_CONTRAST, MIN_MARGIN, MIN_MATCH, InputChecker, fitted_contrast
+from monai_mrngan.atlas.input_check import MIN_CONTRAST, MIN_MARGIN, MIN_MATCH, MIN_WHITE_OVER_GREY, InputChecker, fitted_contrast
 from monai_mrngan.atlas.prior import load_prior
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import load_volume
@@ -59,11 +59,11 @@ def main() -> None:
             res = checker.check(vol[:, :, k])
             spacing = float(entry.get("spacing", [2.0])[0])
             real.append({"subject": entry.get("subject"), "p": round(float(p), 2), **res.as_dict(),
-                         "t1_contrast": fitted_contrast(prior, vol[:, :, k], pos[k], spacing)})
+                         **fitted_contrast(prior, vol[:, :, k], pos[k], spacing).as_dict()})
             if n < args.weighted:
                 for name in WEIGHTINGS:
                     weighted.append({"weighting": name, "subject": entry.get("subject"), "p": round(float(p), 2),
-                                     "t1_contrast": fitted_contrast(prior, reweight(vol[:, :, k], name), pos[k], spacing)})
+                                     **fitted_contrast(prior, reweight(vol[:, :, k], name), pos[k], spacing).as_dict()})
         if n < 3:
             for j in (0.35, 0.5, 0.65):
                 c, s = int(j * vol.shape[1]), int(j * vol.shape[0])
@@ -80,14 +80,22 @@ def main() -> None:
     print("must be refused:")
     for r in other:
         print(f"  {r['input']:<16} axial_match {r['axial_match']:.3f}  plane_margin {r['plane_margin']:+.3f}  {'REFUSED' if not r['passed'] else 'ACCEPTED'}")
-    scores = [r["t1_contrast"] for r in real if r["t1_contrast"] is not None]
-    print(f"t1_contrast (threshold {MIN_CONTRAST}): real T1 slices {len(scores)} judged, min {min(scores):.3f}  "
-          f"1st pct {np.percentile(scores, 1):.3f}  median {np.median(scores):.3f}, refused {sum(v < MIN_CONTRAST for v in scores)}")
+    def refused(r: dict) -> bool:
+        return r["t1_contrast"] is not None and (r["t1_contrast"] < MIN_CONTRAST or r["white_over_grey"] < MIN_WHITE_OVER_GREY)
+
+    judged = [r for r in real if r["t1_contrast"] is not None]
+    print(f"contrast (thresholds t1_contrast {MIN_CONTRAST}, white_over_grey {MIN_WHITE_OVER_GREY}): real T1 slices {len(judged)} judged, "
+          f"refused {sum(map(refused, judged))}")
+    for key in ("t1_contrast", "white_over_grey"):
+        v = [r[key] for r in judged]
+        print(f"  {key:<16} min {min(v):+.3f}  1st pct {np.percentile(v, 1):+.3f}  median {np.median(v):+.3f}")
     for name in WEIGHTINGS:
-        got = [r["t1_contrast"] for r in weighted if r["weighting"] == name and r["t1_contrast"] is not None]
+        got = [r for r in weighted if r["weighting"] == name and r["t1_contrast"] is not None]
         if got:
-            print(f"  as {name:<6} {len(got)} judged, median {np.median(got):.3f}  max {max(got):.3f}, "
-                  f"refused {sum(v < MIN_CONTRAST for v in got)} ({100 * np.mean([v < MIN_CONTRAST for v in got]):.0f} %)")
+            t, w = [r["t1_contrast"] for r in got], [r["white_over_grey"] for r in got]
+            print(f"  as {name:<6} {len(got)} judged: t1_contrast median {np.median(t):+.3f} max {max(t):+.3f}, refused by it "
+                  f"{sum(v < MIN_CONTRAST for v in t)}; white_over_grey median {np.median(w):+.3f} max {max(w):+.3f}; refused "
+                  f"{sum(map(refused, got))} ({100 * np.mean([refused(r) for r in got]):.0f} %)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"real": real, "other": other, "weighted": weighted}, f, indent=2)

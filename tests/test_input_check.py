@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from monai_mrngan.atlas.bank import build_bank
-from monai_mrngan.atlas.input_check import MIN_CONTRAST, InputChecker, fitted_contrast, t1_contrast
+from monai_mrngan.atlas.input_check import MIN_CONTRAST, MIN_WHITE_OVER_GREY, ContrastCheck, InputChecker, contrast_check, fitted_contrast
 from monai_mrngan.atlas.prior import BrainPrior, mean_prior
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import InputError, load_volume, save_nifti, save_png
@@ -41,8 +41,8 @@ def test_nonsense_is_refused_and_force_records_it(tiny_dataset, tmp_path):
 
 @pytest.mark.ixi
 def test_real_ixi_slices_pass_other_planes_do_not(ixi_dir, tmp_path):
-    """Held-out real slices at p = 0.15 .. 0.85 are accepted, as T1 too; most of them given a T2 or PD tissue ranking are
-    not; coronal / sagittal / noise / gradient / empty refused."""
+    """Held-out real slices at p = 0.15 .. 0.85 are accepted, as T1 too; most of them given a T2 or PD tissue ranking, and
+    some given a FLAIR one, are not; coronal / sagittal / noise / gradient / empty refused."""
     from monai_mrngan.data.prepare import prepare_volume
 
     scans = sorted(ixi_dir.glob("*.nii*"))[:14]
@@ -54,7 +54,7 @@ def test_real_ixi_slices_pass_other_planes_do_not(ixi_dir, tmp_path):
     bank, grid = build_bank(entries, 101)
     prior = BrainPrior(bank, grid, {"top_k": 5, "intensity": "monotone"}, subjects=[e["subject"] for e in entries])
     checker = InputChecker(prior)
-    refused = {name: 0 for name in ("t1", "t2", "pd")}
+    refused = {name: 0 for name in ("t1", "t2", "pd", "flair")}
     for pv in prepared[12:]:  # held out
         for p in np.arange(0.15, 0.851, 0.1):
             k = int(np.argmin(np.abs(pv.positions - p)))
@@ -62,8 +62,8 @@ def test_real_ixi_slices_pass_other_planes_do_not(ixi_dir, tmp_path):
             assert res.passed, (p, res)
             for name in refused:  # the same slice as T1, and with a T2 / PD tissue ranking
                 image = pv.data[:, :, k] if name == "t1" else reweight(pv.data[:, :, k], name)
-                refused[name] += fitted_contrast(prior, image, pv.positions[k], 2.0) < MIN_CONTRAST
-    assert refused["t1"] == 0 and refused["t2"] >= 12 and refused["pd"] >= 8, refused  # of 16 each (15 and 11 here)
+                refused[name] += bool(fitted_contrast(prior, image, pv.positions[k], 2.0).reason)
+    assert refused["t1"] == 0 and refused["t2"] >= 12 and refused["pd"] >= 9 and refused["flair"] >= 3, refused  # of 16 each (15, 12, 6 here)
     vol = prepared[12].data
     bad = {"noise": np.random.default_rng(0).random((128, 128)), "gradient": np.tile(np.linspace(0, 1, 128), (128, 1)),
            "empty": np.zeros((128, 128))}
@@ -83,6 +83,31 @@ def _fitted_prior(dataset) -> BrainPrior:
     return BrainPrior(np.stack(vols), np.asarray(entries[0]["positions"]), fit)
 
 
+def _tissue_slice(fluid: float, grey: float, white: float, scalp: float, size: int = 64) -> np.ndarray:
+    """A 2 mm head slice: scalp ring, cortex ring, white matter, two ventricles."""
+    y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    r = np.hypot(x, y / 1.2)
+    img = np.where(r < 0.95, scalp, 0.0)
+    img = np.where(r < 0.85, 0.05, img)  # skull
+    img = np.where(r < 0.8, grey, img)
+    img = np.where(r < 0.5, white, img)
+    img = np.where((np.abs(np.abs(x) - 0.15) < 0.07) & (np.abs(y) < 0.35), fluid, img)
+    return img.astype(np.float32)
+
+
+def test_the_contrast_scores_tell_t1_from_flair():
+    """Against a T1 prior, T1 passes both scores; FLAIR (fluid dark like T1, white below grey) passes the rank
+    correlation's floor or not, but not white over grey; on coarse voxels white over grey is not judged."""
+    t1 = _tissue_slice(0.2, 0.45, 0.7, 0.9)
+    flair = _tissue_slice(0.1, 0.65, 0.45, 0.6)
+    ok = contrast_check(t1, t1, 2.0)
+    assert ok.t1_contrast > 0.9 and ok.white_over_grey > 0.5 and ok.reason == ""
+    bad = contrast_check(flair, t1, 2.0)
+    assert bad.white_over_grey < MIN_WHITE_OVER_GREY and "T1-weighted" in bad.reason and "\n" not in bad.reason
+    assert "white over grey 0.00" in ContrastCheck(0.8, 0.0).reason and ContrastCheck(0.8, None).reason == ""
+    assert contrast_check(flair, t1, 8.0).white_over_grey is None
+
+
 def test_a_slice_of_another_weighting_is_refused_and_force_records_it(tiny_dataset, tmp_path):
     """A T1 slice ranks its tissues as the T1 atlases fitted to it do; the same slice given a T2 ranking (fluid bright)
     is refused once placed, with one line naming the file and its score; --force records the score and the failure."""
@@ -93,9 +118,10 @@ def test_a_slice_of_another_weighting_is_refused_and_force_records_it(tiny_datas
     p = float(entry["positions"][k])
     spacing = float(entry["spacing"][0])
     for image, low, high in ((vol[:, :, k], 0.7, 1.0), (reweight(vol[:, :, k], "t2"), -1.0, 0.0)):
-        assert low < fitted_contrast(prior, image, p, spacing) < high
-    assert t1_contrast(np.zeros((32, 32)), np.zeros((32, 32)), spacing) is None  # no head: not judged
-    assert fitted_contrast(mean_prior(tiny_dataset, "training"), vol[:, :, k], p, spacing) is None  # a prior never fitted: not judged
+        assert low < fitted_contrast(prior, image, p, spacing).t1_contrast < high
+    assert fitted_contrast(prior, vol[:, :, k], p, spacing).white_over_grey is None  # 8 mm voxels: white and grey not resolved
+    assert contrast_check(np.zeros((32, 32)), np.zeros((32, 32)), spacing).t1_contrast is None  # no head: not judged
+    assert fitted_contrast(mean_prior(tiny_dataset, "training"), vol[:, :, k], p, spacing).t1_contrast is None  # a prior never fitted: not judged
 
     ref = reference_grid(tiny_dataset)
     kw = dict(expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"], reference_positions=ref["positions"])

@@ -193,7 +193,8 @@ def reconstruct(
     for source, p in zip(result["sources"], result["input_positions"]):
         c = checks.get(source)
         score = f"; input check {'passed' if c['passed'] else 'FAILED (forced)'}, atlas match {c['axial_match']:.2f}" if c and "passed" in c else ""
-        score += f", T1 contrast {c['t1_contrast']:.2f}" if score and c.get("t1_contrast") is not None else ""
+        for key, label in (("t1_contrast", "T1 contrast"), ("white_over_grey", "white over grey")):
+            score += f", {label} {c[key]:.2f}" if score and c.get(key) is not None else ""
         print(f"{source}: position p = {p:.3f} ({p * 200:.0f} mm below the vertex){score}")
     grid = f"\nmodel grid: {result['model_grid_volume']}" if "model_grid_volume" in result else ""
     unc = f"\nuncertainty: {result['uncertainty']}" if "uncertainty" in result else ""

@@ -57,7 +57,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..atlas.input_check import contrast_reason, fitted_contrast
+from ..atlas.input_check import fitted_contrast
 from ..atlas.prior import BrainPrior
 from ..data.head_layers import looks_stripped, stripped_reason, stripped_score
 from ..data.io import InputError, save_json, strip_image_suffix
@@ -187,16 +187,16 @@ def _localize_positions(components: Components, scaled: np.ndarray, real_idx: np
 
 
 def _judge_contrast(path: Path, prior: Any, scaled: np.ndarray, positions: np.ndarray | None, spacing: float) -> dict:
-    """``t1_contrast`` of the real slice nearest mid-head (``scaled`` (H, W, K) at ``positions`` (K,)) as ``reconstruct``
+    """The contrast scores of the real slice nearest mid-head (``scaled`` (H, W, K) at ``positions`` (K,)), as ``reconstruct``
     judges an input (:func:`~monai_mrngan.atlas.input_check.fitted_contrast`); raises :class:`InputError` when it is not
-    T1-like. Empty when not judged (no fitted atlas prior, or no positions)."""
+    T1-like. Empty when not judged (no fitted atlas prior, no positions, no head core)."""
     if not isinstance(prior, BrainPrior) or positions is None:
         return {}
     j = int(np.argmin(np.abs(np.asarray(positions, dtype=np.float64) - 0.5)))
-    score = fitted_contrast(prior, scaled[:, :, j], float(positions[j]), spacing)
-    if contrast_reason(score):
-        raise InputError(path, contrast_reason(score))
-    return {} if score is None else {"t1_contrast": round(score, 4)}
+    scores = fitted_contrast(prior, scaled[:, :, j], float(positions[j]), spacing)
+    if scores.reason:
+        raise InputError(path, scores.reason)
+    return {} if scores.t1_contrast is None else scores.as_dict()
 
 
 def _complete_volume(

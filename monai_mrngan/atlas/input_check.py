@@ -16,8 +16,8 @@ An input is accepted when ``axial_match >= min_match`` and ``plane_margin >= min
 defaults come from those measurements (``scripts/calibrate_input_check.py`` measures them again on
 any prepared dataset and prints the table).
 
-A third score needs the prior fitted to the input at its position, so it is taken once the input is placed
-(:func:`t1_contrast`): is the slice T1-weighted, as the atlases and every trained stage are? A T2, PD or FLAIR
+Two more scores need the prior fitted to the input at its position, so they are taken once the input is placed
+(:class:`ContrastCheck`): is the slice T1-weighted, as the atlases and every trained stage are? A T2, PD or FLAIR
 slice has a head's outline and passes the two scores above (simulated ones: ``axial_match`` >= 0.92), but
 its tissues rank otherwise (fluid bright, white matter dark).
 """
@@ -37,8 +37,8 @@ from .fit import moment_match, to_unit
 from .prior import BrainPrior
 from .registration import gauss_blur, head_sums
 
-__all__ = ["InputCheck", "InputChecker", "checker_for", "MIN_MATCH", "MIN_MARGIN", "MIN_CONTRAST", "CONTRAST_CORE_MM", "t1_contrast",
-           "fitted_contrast", "contrast_reason"]
+__all__ = ["InputCheck", "InputChecker", "checker_for", "MIN_MATCH", "MIN_MARGIN", "MIN_CONTRAST", "MIN_WHITE_OVER_GREY", "TISSUE_SPACING_MM",
+           "CONTRAST_CORE_MM", "ContrastCheck", "contrast_check", "fitted_contrast"]
 
 MIN_MATCH = 0.75
 """Lowest ``axial_match`` accepted (real slices: >= 0.919; a gradient: 0.38)."""
@@ -46,49 +46,83 @@ MIN_MARGIN = -0.01
 """Lowest ``plane_margin`` accepted (real axial slices: >= +0.009; coronal / sagittal: <= -0.030): the
 midpoint, leaving room for slices from other scanners on the accepted side."""
 MIN_CONTRAST = 0.35
-"""Lowest :func:`t1_contrast` accepted. Real T1 slices (IXI test subjects at p = 0.15-0.85, the same under every
-simulated scanner shift, three T1 scans stored as other sites store them) scored 0.48 and above, lowest near the
-crown; T1 slices given T2-, PD- and FLAIR-like tissue rankings (:func:`~monai_mrngan.transforms.scanners.reweight`)
-scored 0.28 / 0.24 / 0.43 at the median (README, "From your scanner"): this floor refuses most T2 and PD slices
-(70 / 65 %), few FLAIR ones (25 %), and no real T1 slice seen."""
+"""Lowest ``t1_contrast`` accepted (:class:`ContrastCheck`). Real T1 slices (IXI test subjects at p = 0.15-0.85, the
+same under every simulated scanner shift, three T1 scans stored as other sites store them) scored 0.48 and above,
+lowest near the crown; T1 slices given T2-, PD- and FLAIR-like tissue rankings
+(:func:`~monai_mrngan.transforms.scanners.reweight`) scored 0.28 / 0.24 / 0.43 at the median (README, "From your
+scanner")."""
+MIN_WHITE_OVER_GREY = 0.10
+"""Lowest ``white_over_grey`` accepted (:class:`ContrastCheck`). The same real T1 slices scored 0.25 and above (at the
+crown); FLAIR-like slices keep T1's dark fluid, so most pass ``t1_contrast`` (25 % refused), but their white matter is
+darker than their grey: with this floor 42 % are refused (T2-like 72 %, PD-like 75 %)."""
+TISSUE_SPACING_MM = 4.0
+"""Coarsest grid ``white_over_grey`` is judged on: the cortex is 2-4 mm thick, so on coarser voxels white and grey matter
+mix (the tests' 8 mm phantoms, whose "tissue" is a texture of their own, score -0.3 against atlases of other phantoms)."""
 CONTRAST_CORE_MM = 8.0
-"""How far inside the head's outline :func:`t1_contrast` looks: the brain, not the scalp and skull, whose layers
+"""How far inside the head's outline the contrast scores look: the brain, not the scalp and skull, whose layers
 rank alike in every contrast."""
 
 
-def t1_contrast(image: np.ndarray, fitted: np.ndarray, spacing_mm: float = 2.0) -> float | None:
-    """How T1-like an input slice is: the Spearman rank correlation, over the core of its head (the filled head mask
-    eroded by :data:`CONTRAST_CORE_MM`), between the slice and the prior fitted to it at its position (the atlases,
-    T1-weighted, warped onto this head). A rank correlation, so any monotone contrast curve of a T1 scan scores as
-    the scan; a T2 or PD slice ranks fluid and white matter the other way round. None when the core is under 50
-    pixels (a slice at the very crown or neck): not judged.
+@dataclass
+class ContrastCheck:
+    """Is a slice T1-weighted, as the atlases and every trained stage are? Two scores over the core of its head (the filled
+    head mask eroded by :data:`CONTRAST_CORE_MM`) against the prior fitted to it at its position (T1 atlases warped onto
+    this head); None where not judged.
+
+    - ``t1_contrast``: the Spearman rank correlation between the slice and the fitted prior. A rank correlation, so any
+      monotone contrast curve of a T1 scan scores as the scan; a T2 or PD slice ranks fluid and white matter the other
+      way round.
+    - ``white_over_grey``: the slice's mean where the fitted prior is brightest (its top third: white matter) minus its
+      mean where the prior is in its middle third (grey matter), over the slice's standard deviation there. Positive
+      in T1; FLAIR, T2 and PD put white matter below grey.
     """
+
+    t1_contrast: float | None
+    white_over_grey: float | None
+
+    @property
+    def reason(self) -> str:
+        """The one-line reason to refuse the slice; "" when it passes or is not judged."""
+        what = "real T1 slices score >= {:.2f}); a T2, PD or FLAIR slice cannot be reconstructed by these T1-trained models"
+        if self.t1_contrast is not None and self.t1_contrast < MIN_CONTRAST:
+            return (f"does not look T1-weighted (T1 contrast {self.t1_contrast:.2f}: its tissues rank unlike the T1 atlases fitted "
+                    f"to it; " + what.format(MIN_CONTRAST))
+        if self.white_over_grey is not None and self.white_over_grey < MIN_WHITE_OVER_GREY:
+            return (f"does not look T1-weighted (white over grey {self.white_over_grey:.2f}: its white matter is no brighter than its "
+                    f"grey matter; " + what.format(MIN_WHITE_OVER_GREY))
+        return ""
+
+    def as_dict(self) -> dict:
+        return {k: (None if v is None else round(v, 4)) for k, v in asdict(self).items()}
+
+
+def contrast_check(image: np.ndarray, fitted: np.ndarray, spacing_mm: float = 2.0) -> ContrastCheck:
+    """:class:`ContrastCheck` of a slice against the prior ``fitted`` to it; not judged when its head core is under
+    50 pixels (a slice at the very crown or neck) or flat; ``white_over_grey`` not on grids coarser than
+    :data:`TISSUE_SPACING_MM`."""
     image, fitted = np.asarray(image, dtype=np.float64), np.asarray(fitted, dtype=np.float64)
     head = ndimage.binary_fill_holes(image > HEAD_THRESHOLD)
     core = ndimage.binary_erosion(head, iterations=max(1, int(round(CONTRAST_CORE_MM / float(spacing_mm)))))
-    if core.sum() < 50 or np.ptp(image[core]) == 0 or np.ptp(fitted[core]) == 0:
-        return None
-    return float(stats.spearmanr(image[core], fitted[core])[0])
+    x, t = image[core], fitted[core]
+    if x.size < 50 or np.ptp(x) == 0 or np.ptp(t) == 0:
+        return ContrastCheck(None, None)
+    ranked = x[np.argsort(t, kind="stable")]  # thirds by the prior's rank (ties split too, as in a flat tissue class)
+    third = len(ranked) // 3
+    white, grey = ranked[2 * third :], ranked[third : 2 * third]
+    over = float((white.mean() - grey.mean()) / x.std()) if float(spacing_mm) <= TISSUE_SPACING_MM else None
+    return ContrastCheck(float(stats.spearmanr(x, t)[0]), over)
 
 
-def fitted_contrast(prior: BrainPrior, image: np.ndarray, position: float, spacing_mm: float = 2.0) -> float | None:
-    """:func:`t1_contrast` of a model-grid slice against ``prior`` fitted to it at ``position`` (the prior's own fit, cached
-    like any other). None when not judged: a prior that is never fitted (a plain mean brain is too blurred to rank tissues
-    against: a phantom's T1 slice scored 0.33 against it), or a head core too small."""
+def fitted_contrast(prior: BrainPrior, image: np.ndarray, position: float, spacing_mm: float = 2.0) -> ContrastCheck:
+    """:func:`contrast_check` of a model-grid slice against ``prior`` fitted to it at ``position`` (the prior's own fit,
+    cached like any other). Not judged with a prior that is never fitted (a plain mean brain is too blurred to rank tissues
+    against: a phantom's T1 slice scored 0.33 against it)."""
     if prior.config.mode == "none":
-        return None
+        return ContrastCheck(None, None)
     p = float(position)
     ref = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
     fitted = prior.slice_at(torch.tensor([p], dtype=torch.float64), ref, p)[0, 0].cpu().numpy()
-    return t1_contrast(image, fitted, spacing_mm)
-
-
-def contrast_reason(score: float | None, min_contrast: float = MIN_CONTRAST) -> str:
-    """The one-line reason to refuse a slice of :func:`t1_contrast` ``score``; "" when it passes or is not judged."""
-    if score is None or score >= min_contrast:
-        return ""
-    return (f"does not look T1-weighted (T1 contrast {score:.2f}: its tissues rank unlike the T1 atlases fitted to it; real T1 slices "
-            f"score >= {min_contrast:.2f}); a T2, PD or FLAIR slice cannot be reconstructed by these T1-trained models")
+    return contrast_check(image, fitted, spacing_mm)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..atlas.bank import slice_scale_profile
-from ..atlas.input_check import checker_for, contrast_reason, fitted_contrast
+from ..atlas.input_check import checker_for, fitted_contrast
 from ..atlas.prior import BrainPrior, template_localizer_for
 from ..data.head_layers import FLAT, looks_stripped, outer_layer_score, stripped_reason, stripped_score
 from ..data.inputs import InputSlices, read_inputs
@@ -258,8 +258,8 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
 def check_contrast(prior: Any, got: InputSlices, positions: Sequence[float] | None, checks: list[dict], stack: bool = False,
                    force: bool = False, spacing_mm: float = 2.0) -> None:
     """Are the inputs T1-weighted, as every trained stage is? Each input (a stack: its median slice, as :func:`check_inputs`
-    judges it) is scored by :func:`~monai_mrngan.atlas.input_check.t1_contrast` against the prior fitted to it at its
-    position, recorded in its ``checks`` entry as ``t1_contrast``. A failing slice raises :class:`InputError` naming its
+    judges it) is scored against the prior fitted to it at its position (:class:`~monai_mrngan.atlas.input_check.ContrastCheck`),
+    recorded in its ``checks`` entry (``t1_contrast``, ``white_over_grey``). A failing slice raises :class:`InputError` naming its
     file and score unless ``force`` (then its entry says it failed). Needs the positions and an atlas prior that is fitted
     (:func:`~monai_mrngan.atlas.input_check.fitted_contrast`). Checked
     before anything is reconstructed, so a refusal comes fast; the fit at the input's own position is one more than the
@@ -269,10 +269,10 @@ def check_contrast(prior: Any, got: InputSlices, positions: Sequence[float] | No
         return
     by_source = {c["source"]: c for c in checks}
     for i in [len(got.slices) // 2] if stack else range(len(got.slices)):
-        score = fitted_contrast(prior, got.slices[i], positions[i], spacing_mm)
-        reason = contrast_reason(score)
+        scores = fitted_contrast(prior, got.slices[i], positions[i], spacing_mm)
+        reason = scores.reason
         entry = by_source.get(got.sources[i], {})
-        entry["t1_contrast"] = None if score is None else round(score, 4)
+        entry.update(scores.as_dict())
         if reason and not force:
             raise InputError(got.sources[i].split("#")[0] if stack else got.sources[i], f"{reason}; pass --force to reconstruct it anyway")
         if reason:
