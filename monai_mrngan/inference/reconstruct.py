@@ -259,24 +259,23 @@ def check_contrast(prior: Any, got: InputSlices, positions: Sequence[float] | No
                    force: bool = False, spacing_mm: float = 2.0) -> None:
     """Are the inputs T1-weighted, as every trained stage is? Each input (a stack: its median slice, as :func:`check_inputs`
     judges it) is scored against the prior fitted to it at its position (:class:`~monai_mrngan.atlas.input_check.ContrastCheck`),
-    recorded in its ``checks`` entry (``t1_contrast``, ``white_over_grey``). A failing slice raises :class:`InputError` naming its
-    file and score unless ``force`` (then its entry says it failed). Needs the positions and an atlas prior that is fitted
-    (:func:`~monai_mrngan.atlas.input_check.fitted_contrast`). Checked
-    before anything is reconstructed, so a refusal comes fast; the fit at the input's own position is one more than the
-    reconstruction makes at the grid position it snaps the input to (0.2 s of about 8 s for one slice at 128 px).
+    recorded in its ``checks`` entry (``t1_contrast``, ``white_over_grey``). A failing slice raises :class:`InputError` naming
+    its file and score unless ``force`` (then its entry says it failed). Needs the positions and an atlas prior that is
+    fitted (:func:`~monai_mrngan.atlas.input_check.fitted_contrast`). Checked before anything is reconstructed, so a refusal
+    comes fast; the fit at the input's own position is one more than the reconstruction makes at the grid position it
+    snaps the input to (0.2 s of about 8 s for one slice at 128 px).
     """
     if not isinstance(prior, BrainPrior) or positions is None:
         return
     by_source = {c["source"]: c for c in checks}
     for i in [len(got.slices) // 2] if stack else range(len(got.slices)):
         scores = fitted_contrast(prior, got.slices[i], positions[i], spacing_mm)
-        reason = scores.reason
         entry = by_source.get(got.sources[i], {})
         entry.update(scores.as_dict())
-        if reason and not force:
-            raise InputError(got.sources[i].split("#")[0] if stack else got.sources[i], f"{reason}; pass --force to reconstruct it anyway")
-        if reason:
-            entry.update(passed=False, reason="; ".join(r for r in (entry.get("reason"), reason) if r))
+        if scores.reason and not force:
+            raise InputError(got.sources[i].split("#")[0] if stack else got.sources[i], f"{scores.reason}; pass --force to reconstruct it anyway")
+        if scores.reason:
+            entry.update(passed=False, reason="; ".join(r for r in (entry.get("reason"), scores.reason) if r))
 
 
 _SCALE_PROFILES: WeakKeyDictionary = WeakKeyDictionary()  # prior -> its bank's slice_scale_profile (about a second to compute)
