@@ -98,8 +98,9 @@ def test_a_series_with_missing_files_keeps_each_slice_at_its_place(tmp_path):
     files = write_series(vol, aff, tmp_path / "gaps")
     for k in (1, 2, 6):
         files[k].unlink()
-    data, affine, present = read_dicom_series_slots(tmp_path / "gaps")
+    data, affine, present, placed = read_dicom_series_slots(tmp_path / "gaps")
     assert present.tolist() == [k not in (1, 2, 6) for k in range(9)]
+    assert [p.name if p else None for p in placed] == [None if k in (1, 2, 6) else files[k].name for k in range(9)]
     np.testing.assert_allclose(affine, aff, atol=1e-4)  # the step is the series' own, not the widest gap
     np.testing.assert_allclose(data[:, :, present], vol[:, :, present], atol=0.5)
     assert not data[:, :, ~present].any()
@@ -137,8 +138,8 @@ def test_files_without_the_preamble_or_a_suffix_are_read_as_dicom(tmp_path):
         (bare / f.stem).write_bytes(f.read_bytes()[132:])
     (bare / "notes.txt").write_text("not DICOM")  # other files beside them are still skipped
     assert is_dicom(bare) and is_dicom(bare / files[0].stem) and not is_dicom(bare / "notes.txt")
-    want, want_aff, _ = read_dicom_series_slots(tmp_path / "with")
-    got, got_aff, present = read_dicom_series_slots(bare)
+    want, want_aff, _, _ = read_dicom_series_slots(tmp_path / "with")
+    got, got_aff, present, _ = read_dicom_series_slots(bare)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got_aff, want_aff)
     assert present.all()

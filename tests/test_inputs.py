@@ -237,6 +237,14 @@ def test_an_axial_series_with_missing_files_is_a_stack_of_the_slices_it_has(scan
     listed = read_inputs(sorted((tmp_path / "ax").iterdir()), 32, spacing, stack=True)  # the files themselves, no folder
     np.testing.assert_array_equal(listed.slices, got.slices)
     assert listed.offsets_mm == got.offsets_mm and listed.indices == got.indices
+    kept = [f for k, f in enumerate(files) if k not in (0, 3, 4, 5, 9, 10, 11, 12, 17)]
+    assert sorted(listed.sources) == sorted(str(f) for f in kept)  # each slice named by its own file
+    heads = [k for k in range(len(listed.sources)) if listed.slices[k].max() > 0.1]
+    assert len(heads) >= 8
+    for k in heads:  # ... the file that holds it: of all the slices, its own matches it best
+        alone = read_inputs([listed.sources[k]], 32, spacing).slices[0].ravel()
+        corr = [np.corrcoef(alone, sl.ravel())[0, 1] if sl.any() else -1.0 for sl in listed.slices]
+        assert int(np.argmax(corr)) == k and corr[k] > 0.95, (k, corr)
     with pytest.raises(InputError, match="--stack takes one input"):
         read_inputs([tmp_path / "ax", path], 32, spacing, stack=True)
     with caplog.at_level("WARNING", logger="monai_mrngan.data.inputs"):

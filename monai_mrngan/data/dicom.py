@@ -149,9 +149,11 @@ MAX_SERIES_SLOTS = 4096
 """Most slice places a series may span (its slices and the missing ones between them)."""
 
 
-def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLike]
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Path | None]]:
     """Every DICOM file of ``folder`` (one series; or a list of its files) as a volume ``(X, Y, Z)``, its RAS
-    affine, and which of its ``Z`` evenly spaced slice places hold a file (``present``, bool).
+    affine, which of its ``Z`` evenly spaced slice places hold a file (``present``, bool) and that file (None
+    where none).
 
     Slices are sorted along the slice normal by ImagePositionPatient. The step is the series' single
     step; a gap of a whole number of steps (within 10 % of a step) is a run of missing files (an axial
@@ -208,13 +210,16 @@ def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLi
     vol[:, :, slots] = np.stack(planes, axis=2)
     present = np.zeros(vol.shape[2], dtype=bool)
     present[slots] = True
-    return vol, _affine(headers[order[0]][1], normal * step), present  # the lowest slice's header holds the geometry
+    placed: list[Path | None] = [None] * vol.shape[2]
+    for slot, i in zip(slots, order):
+        placed[int(slot)] = headers[i][0]
+    return vol, _affine(headers[order[0]][1], normal * step), present, placed  # the lowest slice's header holds the geometry
 
 
 def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Every DICOM file of ``folder`` (one series, evenly spaced, none missing) as a volume ``(X, Y, Z)`` and
     its RAS affine (:func:`read_dicom_series_slots`, which also takes a series with missing slices)."""
-    vol, affine, present = read_dicom_series_slots(folder)
+    vol, affine, present, _ = read_dicom_series_slots(folder)
     if not present.all():
         raise InputError(folder, f"{int((~present).sum())} of the series' {present.size} evenly spaced slices are missing")
     return vol, affine

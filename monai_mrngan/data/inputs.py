@@ -63,13 +63,14 @@ class InputSlices:
         return self.affine is not None
 
 
-def _volume(path: Path | list[Path], name: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _volume(path: Path | list[Path], name: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[Path | None] | None]:
     """Voxels and RAS affine of a DICOM series (a folder, or a list of its files) / file or a NIfTI (2D images
-    become one-slice volumes), and for a DICOM series with missing files which of its slice places hold one
-    (None: every place). ``name``: what errors name."""
-    present = None
+    become one-slice volumes), for a DICOM series with missing files which of its slice places hold one
+    (None: every place), and for a DICOM series the file at each place (None for other inputs). ``name``: what
+    errors name."""
+    present = files = None
     if isinstance(path, list) or (path.is_dir() and is_dicom(path)):
-        data, affine, present = read_dicom_series_slots(path)
+        data, affine, present, files = read_dicom_series_slots(path)
         present = None if present.all() else present
     elif is_dicom(path):
         data, affine = read_dicom_file(path)
@@ -81,7 +82,16 @@ def _volume(path: Path | list[Path], name: Path) -> tuple[np.ndarray, np.ndarray
         data = data[:, :, None]
     elif data.ndim == 3 and data.shape[2] > 1 and 1 in data.shape[:2]:
         raise InputError(name, f"a slice stored along another axis (shape {tuple(data.shape)}); expected an axial slice or a volume")
-    return data, affine, present
+    return data, affine, present, files
+
+
+def _file_at(files: list[Path | None], ras_index: int, affine: np.ndarray) -> Path | None:
+    """The file of an axial series that holds RAS axial slice ``ras_index`` (None for a series of another orientation,
+    whose files are not axial slices)."""
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    if int(ornt[2, 0]) != 2:
+        return None
+    return files[len(files) - 1 - ras_index if ornt[2, 1] < 0 else ras_index]
 
 
 def _present_ras(present: np.ndarray, affine: np.ndarray, path: Path) -> list[int]:
@@ -113,7 +123,7 @@ def _already_prepared(data: np.ndarray, affine: np.ndarray, spacing: float, size
 
 def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice_index: int | None, stack: bool) -> InputSlices:
     name = path[0].parent if isinstance(path, list) else path  # a list of one series' files is named by their folder
-    data, affine, present = _volume(path, name)
+    data, affine, present, files = _volume(path, name)
     depth = data.shape[2]
     real = None if present is None else _present_ras(present, affine, name)
     if depth == 1:
@@ -136,6 +146,8 @@ def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice
     offsets = [float((i - prepared.indices[0]) * prepared.step_mm) for i in prepared.indices]
     label = str(name) if len(prepared.indices) == 1 and depth == 1 else None
     sources = [label or f"{name}#{i}" for i in prepared.indices]
+    if isinstance(path, list):  # the files given: each slice named by its own file
+        sources = [str(_file_at(files, i, affine) or s) for i, s in zip(prepared.indices, sources)]
     return InputSlices(prepared.slices, sources, prepared.affine, prepared.step_mm, offsets, prepared.scale, list(prepared.indices),
                        scaled_alone=depth == 1 and prepared.scale != 1.0)
 
