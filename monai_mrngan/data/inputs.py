@@ -85,23 +85,27 @@ def _volume(path: Path | list[Path], name: Path) -> tuple[np.ndarray, np.ndarray
     return data, affine, present, files
 
 
-def _file_at(files: list[Path | None], ras_index: int, affine: np.ndarray) -> Path | None:
-    """The file of an axial series that holds RAS axial slice ``ras_index`` (None for a series of another orientation,
-    whose files are not axial slices)."""
+def _axial_flipped(affine: np.ndarray) -> bool | None:
+    """Whether a series' stored axis 2 (its files, in order) runs down the head, against RAS; None when that axis is
+    not the axial one (a sagittal or coronal series, whose files are not axial slices)."""
     ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
-    if int(ornt[2, 0]) != 2:
-        return None
-    return files[len(files) - 1 - ras_index if ornt[2, 1] < 0 else ras_index]
+    return None if int(ornt[2, 0]) != 2 else bool(ornt[2, 1] < 0)
+
+
+def _file_at(files: list[Path | None], ras_index: int, affine: np.ndarray) -> Path | None:
+    """The file of an axial series that holds RAS axial slice ``ras_index`` (None for a series of another orientation)."""
+    flipped = _axial_flipped(affine)
+    return None if flipped is None else files[len(files) - 1 - ras_index if flipped else ras_index]
 
 
 def _present_ras(present: np.ndarray, affine: np.ndarray, path: Path) -> list[int]:
     """The RAS axial indices of the slices a series with missing files has (its stored axis 2 must be the axial one)."""
-    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
-    if int(ornt[2, 0]) != 2:
+    flipped = _axial_flipped(affine)
+    if flipped is None:
         raise InputError(path, f"{int((~present).sum())} of the series' {present.size} evenly spaced slices are missing; only an axial "
                                "series may have gaps (a sagittal or coronal one has no whole axial slice without them)")
     idx = np.nonzero(present)[0]
-    return sorted(int(i) for i in ((present.size - 1 - idx) if ornt[2, 1] < 0 else idx))
+    return sorted(int(i) for i in ((present.size - 1 - idx) if flipped else idx))
 
 
 def _already_prepared(data: np.ndarray, affine: np.ndarray, spacing: float, size: int, indices: Sequence[int] | None,
