@@ -54,16 +54,20 @@ def main() -> None:
     for n, entry in enumerate(load_split(args.dataset_dir, "test")[: args.subjects]):
         vol, _ = load_volume(entry["image"])
         pos = np.asarray(entry["positions"])
+        spacing = float(entry.get("spacing", [2.0])[0])
+
+        def contrast(image: np.ndarray, k: int) -> dict:  # both scores and reconstruct's verdict on them
+            scores = fitted_contrast(prior, image, pos[k], spacing)
+            return {**scores.as_dict(), "refused": bool(scores.reason)}
+
         for p in np.arange(0.15, 0.851, 0.1):
             k = int(np.argmin(np.abs(pos - p)))
             res = checker.check(vol[:, :, k])
-            spacing = float(entry.get("spacing", [2.0])[0])
-            real.append({"subject": entry.get("subject"), "p": round(float(p), 2), **res.as_dict(),
-                         **fitted_contrast(prior, vol[:, :, k], pos[k], spacing).as_dict()})
+            real.append({"subject": entry.get("subject"), "p": round(float(p), 2), **res.as_dict(), **contrast(vol[:, :, k], k)})
             if n < args.weighted:
                 for name in WEIGHTINGS:
                     weighted.append({"weighting": name, "subject": entry.get("subject"), "p": round(float(p), 2),
-                                     **fitted_contrast(prior, reweight(vol[:, :, k], name), pos[k], spacing).as_dict()})
+                                     **contrast(reweight(vol[:, :, k], name), k)})
         if n < 3:
             for j in (0.35, 0.5, 0.65):
                 c, s = int(j * vol.shape[1]), int(j * vol.shape[0])
@@ -80,22 +84,21 @@ def main() -> None:
     print("must be refused:")
     for r in other:
         print(f"  {r['input']:<16} axial_match {r['axial_match']:.3f}  plane_margin {r['plane_margin']:+.3f}  {'REFUSED' if not r['passed'] else 'ACCEPTED'}")
-    def refused(r: dict) -> bool:
-        return r["t1_contrast"] is not None and (r["t1_contrast"] < MIN_CONTRAST or r["white_over_grey"] < MIN_WHITE_OVER_GREY)
-
     judged = [r for r in real if r["t1_contrast"] is not None]
     print(f"contrast (thresholds t1_contrast {MIN_CONTRAST}, white_over_grey {MIN_WHITE_OVER_GREY}): real T1 slices {len(judged)} judged, "
-          f"refused {sum(map(refused, judged))}")
+          f"refused {sum(r['refused'] for r in judged)}")
     for key in ("t1_contrast", "white_over_grey"):
-        v = [r[key] for r in judged]
-        print(f"  {key:<16} min {min(v):+.3f}  1st pct {np.percentile(v, 1):+.3f}  median {np.median(v):+.3f}")
+        v = [r[key] for r in judged if r[key] is not None]
+        if v:
+            print(f"  {key:<16} min {min(v):+.3f}  1st pct {np.percentile(v, 1):+.3f}  median {np.median(v):+.3f}")
     for name in WEIGHTINGS:
         got = [r for r in weighted if r["weighting"] == name and r["t1_contrast"] is not None]
         if got:
-            t, w = [r["t1_contrast"] for r in got], [r["white_over_grey"] for r in got]
+            t, w = [r["t1_contrast"] for r in got], [r["white_over_grey"] for r in got if r["white_over_grey"] is not None]
+            wog = f"white_over_grey median {np.median(w):+.3f} max {max(w):+.3f}" if w else "white_over_grey not judged"
             print(f"  as {name:<6} {len(got)} judged: t1_contrast median {np.median(t):+.3f} max {max(t):+.3f}, refused by it "
-                  f"{sum(v < MIN_CONTRAST for v in t)}; white_over_grey median {np.median(w):+.3f} max {max(w):+.3f}; refused "
-                  f"{sum(map(refused, got))} ({100 * np.mean([refused(r) for r in got]):.0f} %)")
+                  f"{sum(v < MIN_CONTRAST for v in t)}; {wog}; refused {sum(r['refused'] for r in got)} "
+                  f"({100 * np.mean([r['refused'] for r in got]):.0f} %)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"real": real, "other": other, "weighted": weighted}, f, indent=2)
