@@ -341,6 +341,31 @@ def test_fit_cache_keeps_several_inputs(tiny_dataset, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+def test_fit_cache_holds_a_batch_larger_than_its_size(tiny_dataset, monkeypatch):
+    """A stack of more inputs than FIT_CACHE_SIZE is fitted in one call, then each input's slices and spread are read
+    back one by one (as a reconstruction and its uncertainty map do): no input is fitted twice."""
+    import monai_mrngan.atlas.prior as prior_module
+
+    entries = load_split(tiny_dataset, "training")
+    vols = [load_volume(e["image"])[0] for e in entries]
+    grid = np.asarray(entries[0]["positions"])
+    prior = BrainPrior(np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]]), grid, FitConfig(mode="affine", top_k=2, **FAST_FIT))
+    monkeypatch.setattr(prior_module, "FIT_CACHE_SIZE", 3)
+    prior._capacity = 3
+    calls = []
+    real = prior_module.fit_batch
+    monkeypatch.setattr(prior_module, "fit_batch", lambda bank, work, grid, refs, *a, **k: calls.append(len(refs)) or real(bank, work, grid, refs, *a, **k))
+    idx = list(range(4, 16, 2))  # 6 inputs, twice the cache's size
+    refs = torch.stack([torch.from_numpy(vols[-1][..., i])[None] for i in idx])
+    pos = [float(grid[i]) for i in idx]
+    prior.fit_many(refs, pos)
+    for r, p in zip(refs, pos):
+        prior.slice_at(torch.tensor([p]), r[None], p)
+        prior.spread_at(torch.tensor([p]), r[None], p)
+    assert sum(calls) == len(idx)
+    assert prior.with_fit(prior.config)._capacity == 3  # a copy starts small again
+
+
 # ---------------------------------------------------------------------------- batched fit
 def _reference_fit(prior: BrainPrior, ref: torch.Tensor, p0: float) -> tuple[torch.Tensor, list[int]]:
     """The fit written atlas by atlas (no position search, no preselection): align each atlas slice at p0

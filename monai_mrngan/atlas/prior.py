@@ -109,6 +109,10 @@ class BrainPrior:
         # fitted volume, which of its grid slices are warped yet, the fit's transforms and (fp16,
         # with keep_spread: for the uncertainty map) the kept atlases' per-voxel spread
         self._cache: OrderedDict[tuple, _FitEntry] = OrderedDict()
+        # at least the most inputs fitted in one call: a stack of more than FIT_CACHE_SIZE slices fits them all
+        # in one batch, then reads each back (and its spread) one by one; a smaller cache evicted the first ones
+        # before they were read, and every later read refitted one that the read before had evicted
+        self._capacity = FIT_CACHE_SIZE
         self.keep_spread = False
         self._plain_spread: torch.Tensor | None = None
         # atlas scans by input slice (the refinement's, reused by the fit of the same slice)
@@ -122,7 +126,7 @@ class BrainPrior:
         new.__dict__.update(self.__dict__)
         new.config = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
         new.name = name or self.name
-        new._cache, new._scans, new.last_fit = OrderedDict(), OrderedDict(), None
+        new._cache, new._scans, new.last_fit, new._capacity = OrderedDict(), OrderedDict(), None, FIT_CACHE_SIZE
         return new
 
     def subset(self, indices: Sequence[int]) -> "BrainPrior":
@@ -187,7 +191,7 @@ class BrainPrior:
             return hit
         res = scan(self._work_bank(), self._grid, ref, cands, mode)
         self._scans[key] = res
-        while len(self._scans) > FIT_CACHE_SIZE:
+        while len(self._scans) > self._capacity:
             self._scans.popitem(last=False)
         return res
 
@@ -271,8 +275,10 @@ class BrainPrior:
         return allowed
 
     def _fit_key(self, ref: torch.Tensor, position: float, exclude: str | None) -> tuple:
-        """The fit cache's key: the slice, its position and the subject left out (when the bank has it)."""
-        return (float(position), exclude if self.subjects and exclude in self.subjects else None, *self._ref_key(ref))
+        """The fit cache's key: the slice, its position and the subject left out (when the bank has it). The position is
+        rounded to 1e-6 in p (0.2 µm): a run hands its start position over as float32, a caller holding it as float64 asks
+        for the same fit."""
+        return (round(float(position), 6), exclude if self.subjects and exclude in self.subjects else None, *self._ref_key(ref))
 
     def _fit_many(self, refs: list[torch.Tensor], pos: list[float], exclude: list[str | None], need: list[torch.Tensor]) -> list[torch.Tensor]:
         cfg = self.config
@@ -280,6 +286,7 @@ class BrainPrior:
             return [self.mean] * len(refs)
         allowed = [self._allowed(e) for e in exclude]
         keys = [self._fit_key(r, p, e) for r, p, e in zip(refs, pos, exclude)]
+        self._capacity = max(self._capacity, len(set(keys)))
         first = [keys.index(k) for k in keys]  # the same slice twice in one call: fitted once, warped where either asks
         for i, f in enumerate(first):
             if f != i:
@@ -302,7 +309,7 @@ class BrainPrior:
         for k in keys:
             self._cache.move_to_end(k)
             out.append(self._cache[k].volume)
-        while len(self._cache) > FIT_CACHE_SIZE:
+        while len(self._cache) > self._capacity:
             self._cache.popitem(last=False)
         return out
 
