@@ -141,6 +141,27 @@ def test_a_slice_of_another_weighting_is_refused_and_force_records_it(tiny_datas
     assert check["passed"] is False and check["t1_contrast"] < MIN_CONTRAST and "T1-weighted" in check["reason"]
 
 
+def test_the_contrast_check_shares_its_fit_with_the_reconstruction(tiny_dataset, tmp_path, monkeypatch):
+    """The contrast check judges a slice where the reconstruction places it (its output grid slice), so the prior it
+    fits there is the one the reconstruction then uses: one fit, not two, for a slice placed between grid slices."""
+    import monai_mrngan.atlas.prior as prior_module
+
+    prior = _fitted_prior(tiny_dataset)
+    entry = load_split(tiny_dataset, "test")[0]
+    vol, affine = load_volume(entry["image"])
+    k = 12
+    p = float(entry["positions"][k]) + 0.3 * float(entry["positions"][k + 1] - entry["positions"][k])
+    path = save_nifti(vol[:, :, k : k + 1], affine, tmp_path / "t1.nii.gz")
+    ref = reference_grid(tiny_dataset)
+    calls = []
+    real = prior_module.fit_batch
+    monkeypatch.setattr(prior_module, "fit_batch", lambda bank, work, grid, refs, *a, **k: calls.append(len(refs)) or real(bank, work, grid, refs, *a, **k))
+    res = reconstruct_files([str(path)], str(tmp_path / "r.nii.gz"), Components(prior=prior), positions=[p], method="prior",
+                            expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"],
+                            reference_positions=ref["positions"])
+    assert res["input_check"][0]["t1_contrast"] is not None and calls == [1]
+
+
 def test_complete_skips_a_volume_of_another_weighting(tiny_dataset, tmp_path):
     """complete judges a volume's real slice nearest mid-head as reconstruct judges an input: a T1 volume completes with
     its score recorded, the same volume with a T2 ranking is refused, naming the file."""

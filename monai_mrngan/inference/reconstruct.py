@@ -255,6 +255,15 @@ def check_inputs(prior: Any, got: InputSlices, stack: bool = False, force: bool 
     return results
 
 
+def _on_grid(positions: Sequence[float] | None, spacing_mm: float, reference_positions: Sequence[float] | None) -> list[float] | None:
+    """Each input's position on the output grid (:func:`~monai_mrngan.inference.volume.volume_grid`, as
+    :func:`reconstruct_volume` places it): where the reconstruction fits its prior, so a check there shares that fit."""
+    if positions is None:
+        return None
+    grid, idx = volume_grid(list(positions), -float(spacing_mm) / HEAD_HEIGHT_MM, (0.0, 1.0), reference_positions)
+    return [float(grid[i]) for i in idx]
+
+
 def check_contrast(prior: Any, got: InputSlices, positions: Sequence[float] | None, checks: list[dict], stack: bool = False,
                    force: bool = False, spacing_mm: float = 2.0) -> None:
     """Are the inputs T1-weighted, as every trained stage is? Each input (a stack: its median slice, as :func:`check_inputs`
@@ -262,8 +271,7 @@ def check_contrast(prior: Any, got: InputSlices, positions: Sequence[float] | No
     recorded in its ``checks`` entry (``t1_contrast``, ``white_over_grey``). A failing slice raises :class:`InputError` naming
     its file and score unless ``force`` (then its entry says it failed). Needs the positions and an atlas prior that is
     fitted (:func:`~monai_mrngan.atlas.input_check.fitted_contrast`). Checked before anything is reconstructed, so a refusal
-    comes fast; the fit at the input's own position is one more than the reconstruction makes at the grid position it
-    snaps the input to (0.2 s of about 8 s for one slice at 128 px).
+    comes fast; given the positions on the output grid (:func:`_on_grid`), the reconstruction reuses this fit.
     """
     if not isinstance(prior, BrainPrior) or positions is None:
         return
@@ -376,7 +384,7 @@ def reconstruct_files(
                                         components.device).tolist()
     if got.scaled_alone and isinstance(components.prior, BrainPrior) and positions is not None:
         got, intensity = to_volume_scale(components.prior, got, positions)
-    check_contrast(components.prior, got, positions, checks, stack, force, spacing_mm)
+    check_contrast(components.prior, got, _on_grid(positions, spacing_mm, reference_positions), checks, stack, force, spacing_mm)
     cal, note = calibration_for(components, method)
     rec = reconstruct_volume(
         got.slices,
