@@ -351,7 +351,6 @@ def test_fit_cache_holds_a_batch_larger_than_its_size(tiny_dataset, monkeypatch)
     grid = np.asarray(entries[0]["positions"])
     prior = BrainPrior(np.stack([np.moveaxis(v, -1, 0) for v in vols[:-1]]), grid, FitConfig(mode="affine", top_k=2, **FAST_FIT))
     monkeypatch.setattr(prior_module, "FIT_CACHE_SIZE", 3)
-    prior._capacity = 3
     calls = []
     real = prior_module.fit_batch
     monkeypatch.setattr(prior_module, "fit_batch", lambda bank, work, grid, refs, *a, **k: calls.append(len(refs)) or real(bank, work, grid, refs, *a, **k))
@@ -363,7 +362,8 @@ def test_fit_cache_holds_a_batch_larger_than_its_size(tiny_dataset, monkeypatch)
         prior.slice_at(torch.tensor([p]), r[None], p)
         prior.spread_at(torch.tensor([p]), r[None], p)
     assert sum(calls) == len(idx)
-    assert prior.with_fit(prior.config)._capacity == 3  # a copy starts small again
+    prior.fit(torch.from_numpy(vols[-1][..., 17])[None, None], float(grid[17]))
+    assert len(prior._cache) == 3  # the next fit brings the cache back to its size
 
 
 # ---------------------------------------------------------------------------- batched fit

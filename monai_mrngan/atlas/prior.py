@@ -109,10 +109,6 @@ class BrainPrior:
         # fitted volume, which of its grid slices are warped yet, the fit's transforms and (fp16,
         # with keep_spread: for the uncertainty map) the kept atlases' per-voxel spread
         self._cache: OrderedDict[tuple, _FitEntry] = OrderedDict()
-        # at least the most inputs fitted in one call: a stack of more than FIT_CACHE_SIZE slices fits them all
-        # in one batch, then reads each back (and its spread) one by one; a smaller cache evicted the first ones
-        # before they were read, and every later read refitted one that the read before had evicted
-        self._capacity = FIT_CACHE_SIZE
         self.keep_spread = False
         self._plain_spread: torch.Tensor | None = None
         # atlas scans by input slice (the refinement's, reused by the fit of the same slice)
@@ -126,7 +122,7 @@ class BrainPrior:
         new.__dict__.update(self.__dict__)
         new.config = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
         new.name = name or self.name
-        new._cache, new._scans, new.last_fit, new._capacity = OrderedDict(), OrderedDict(), None, FIT_CACHE_SIZE
+        new._cache, new._scans, new.last_fit = OrderedDict(), OrderedDict(), None
         return new
 
     def subset(self, indices: Sequence[int]) -> "BrainPrior":
@@ -191,7 +187,7 @@ class BrainPrior:
             return hit
         res = scan(self._work_bank(), self._grid, ref, cands, mode)
         self._scans[key] = res
-        while len(self._scans) > self._capacity:
+        while len(self._scans) > FIT_CACHE_SIZE:
             self._scans.popitem(last=False)
         return res
 
@@ -286,7 +282,6 @@ class BrainPrior:
             return [self.mean] * len(refs)
         allowed = [self._allowed(e) for e in exclude]
         keys = [self._fit_key(r, p, e) for r, p, e in zip(refs, pos, exclude)]
-        self._capacity = max(self._capacity, len(set(keys)))
         first = [keys.index(k) for k in keys]  # the same slice twice in one call: fitted once, warped where either asks
         for i, f in enumerate(first):
             if f != i:
@@ -309,8 +304,14 @@ class BrainPrior:
         for k in keys:
             self._cache.move_to_end(k)
             out.append(self._cache[k].volume)
-        while len(self._cache) > self._capacity:
-            self._cache.popitem(last=False)
+        # trimmed only when this call added fits, and never below this call's own inputs: a stack of more than
+        # FIT_CACHE_SIZE slices is fitted in one batch and then read back (and its spread) one input at a time; a
+        # fixed size evicted the first inputs before they were read, and each read refitted one the read before had
+        # evicted. The next call that fits brings the cache back to FIT_CACHE_SIZE.
+        if todo:
+            limit = max(FIT_CACHE_SIZE, len(set(keys)))
+            while len(self._cache) > limit:
+                self._cache.popitem(last=False)
         return out
 
     def _warp_missing(self, wanted: list[tuple[tuple, torch.Tensor]]) -> None:
