@@ -95,6 +95,33 @@ def test_dicom_series_any_orientation_and_single_files(scan, tiny_dataset, tmp_p
     assert "sag" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_slice_and_its_volume_are_read_from_one_read_of_the_file(scan, tiny_dataset, tmp_path, monkeypatch):
+    """--slice-index needs the slice and the whole volume that places it: one read of the file gives both, each equal to
+    what read_inputs gives on its own; anything else gets read_inputs' one-line error."""
+    import monai_mrngan.data.inputs as inputs_module
+    from monai_mrngan.data.inputs import read_slice_and_volume
+
+    path, vol, affine, entry = scan
+    spacing = reference_grid(tiny_dataset)["spacing_mm"]
+    img = nib.load(str(path))
+    write_series(np.asanyarray(img.dataobj), img.affine, tmp_path / "sag", slice_axis=0)
+    for source in (path, tmp_path / "sag"):
+        alone, whole = read_inputs([source], 32, spacing, slice_index=10), read_inputs([source], 32, spacing, stack=True)
+        reads = []
+        real = inputs_module._volume
+        monkeypatch.setattr(inputs_module, "_volume", lambda *a: reads.append(a) or real(*a))
+        got, got_whole = read_slice_and_volume(source, 32, spacing, 10)
+        monkeypatch.setattr(inputs_module, "_volume", real)
+        assert len(reads) == 1
+        for a, b in ((got, alone), (got_whole, whole)):
+            np.testing.assert_array_equal(a.slices, b.slices)
+            np.testing.assert_array_equal(a.affine, b.affine)
+            assert (a.sources, a.indices, a.offsets_mm, a.scale) == (b.sources, b.indices, b.offsets_mm, b.scale)
+    save_png(vol[:, :, 10], tmp_path / "s.png")
+    with pytest.raises(InputError, match="a PNG is one slice"):
+        read_slice_and_volume(tmp_path / "s.png", 32, spacing, 10)
+
+
 def test_png_needs_a_pixel_size_unless_at_model_size(scan, tmp_path):
     _, vol, _, _ = scan
     big = save_png(ndimage.zoom(vol[:, :, 12], 3, order=1), tmp_path / "big.png")

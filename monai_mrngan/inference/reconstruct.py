@@ -22,7 +22,7 @@ from ..atlas.bank import slice_scale_profile
 from ..atlas.input_check import checker_for, fitted_contrast
 from ..atlas.prior import BrainPrior, template_localizer_for
 from ..data.head_layers import FLAT, looks_stripped, outer_layer_score, stripped_reason, stripped_score
-from ..data.inputs import InputSlices, read_inputs
+from ..data.inputs import InputSlices, read_inputs, read_slice_and_volume
 from ..data.io import InputError
 from ..data.positions import HEAD_HEIGHT_MM
 from ..networks.recurrent import MRNGAN, NextFn
@@ -364,8 +364,11 @@ def reconstruct_files(
     size = expected_shape[0] if expected_shape is not None else (components.prior.shape[0] if components.prior is not None else None)
     if size is None:
         raise ValueError("the model grid's size is unknown: pass expected_shape")
-    got = read_inputs(inputs, int(size), spacing_mm, slice_index=slice_index, stack=stack, pixel_mm=pixel_mm)
-    whole = read_inputs(inputs, int(size), spacing_mm, stack=True) if slice_index is not None and len(inputs) == 1 else None
+    if slice_index is not None and len(inputs) == 1 and not stack:  # the slice, and the whole volume that places it
+        got, whole = read_slice_and_volume(inputs[0], int(size), spacing_mm, slice_index)
+    else:
+        got = read_inputs(inputs, int(size), spacing_mm, slice_index=slice_index, stack=stack, pixel_mm=pixel_mm)
+        whole = got if slice_index is not None and len(inputs) == 1 else None  # with --stack: every slice already
     checks = check_inputs(components.prior, got, stack, force, spacing_mm, whole)
     placement = None
     if stack:
