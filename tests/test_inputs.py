@@ -122,6 +122,23 @@ def test_a_slice_and_its_volume_are_read_from_one_read_of_the_file(scan, tiny_da
         read_slice_and_volume(tmp_path / "s.png", 32, spacing, 10)
 
 
+def test_an_output_name_that_is_not_nifti_is_refused_before_any_work(scan, tiny_dataset, tmp_path):
+    """``--out recon`` (no suffix) left an empty ``recon`` and the volume in a hidden temporary ``.nii`` beside it: now
+    a one-line error naming it, before anything is read or written; the NIfTI writer refuses such a name too."""
+    from monai_mrngan.data.io import save_nifti
+
+    path, vol, affine, entry = scan
+    ref = reference_grid(tiny_dataset)
+    with pytest.raises(InputError, match="ending in .nii.gz") as err:
+        reconstruct_files([str(path)], str(tmp_path / "out" / "recon"), Components(), slice_index=12, positions=[0.5], method="copy",
+                          expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"])
+    assert str(tmp_path / "out" / "recon") in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=".nii"):
+        save_nifti(np.zeros((2, 2, 2)), np.eye(4), tmp_path / "volume")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_png_needs_a_pixel_size_unless_at_model_size(scan, tmp_path):
     _, vol, _, _ = scan
     big = save_png(ndimage.zoom(vol[:, :, 12], 3, order=1), tmp_path / "big.png")

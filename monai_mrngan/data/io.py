@@ -219,6 +219,8 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dt
     qform and sform are set from ``affine`` and units are mm; with one (a source image's header) its
     geometry codes are kept.
     """
+    if not is_nifti(path):  # nibabel would add ".nii" to the temporary name: an empty file at ``path``, the data beside it
+        raise ValueError(f"{path}: a NIfTI file name ends in .nii.gz or .nii")
     arr = np.asarray(data) if dtype is None else np.asarray(data, dtype=dtype)
     img = image_class(arr, np.asarray(affine, dtype=np.float64), header=header)
     img.set_data_dtype(arr.dtype if stored is None else stored)

@@ -23,7 +23,7 @@ from ..atlas.input_check import checker_for, fitted_contrast
 from ..atlas.prior import BrainPrior, template_localizer_for
 from ..data.head_layers import FLAT, looks_stripped, outer_layer_score, stripped_reason, stripped_score
 from ..data.inputs import InputSlices, read_inputs, read_slice_and_volume
-from ..data.io import InputError
+from ..data.io import InputError, is_nifti
 from ..data.positions import HEAD_HEIGHT_MM
 from ..networks.recurrent import MRNGAN, NextFn
 from ..transforms.shapes import as_slice_batch
@@ -361,6 +361,8 @@ def reconstruct_files(
     """
     if not inputs:
         raise ValueError("no input slices given")
+    if not is_nifti(out):  # refused before any work, not after it
+        raise InputError(out, "the output must be a NIfTI file name ending in .nii.gz or .nii (e.g. recon.nii.gz)")
     size = expected_shape[0] if expected_shape is not None else (components.prior.shape[0] if components.prior is not None else None)
     if size is None:
         raise ValueError("the model grid's size is unknown: pass expected_shape")
