@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from monai_mrngan.atlas.bank import build_bank
-from monai_mrngan.atlas.input_check import MIN_CONTRAST, MIN_WHITE_OVER_GREY, ContrastCheck, InputChecker, contrast_check, fitted_contrast
+from monai_mrngan.atlas.input_check import (MAX_FLIP_GAIN, MIN_CONTRAST, MIN_WHITE_OVER_GREY, ContrastCheck, InputChecker, contrast_check,
+                                             fitted_contrast, flip_reason)
 from monai_mrngan.atlas.prior import BrainPrior, mean_prior
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import InputError, load_volume, save_nifti, save_png
@@ -64,6 +66,14 @@ def test_real_ixi_slices_pass_other_planes_do_not(ixi_dir, tmp_path):
                 image = pv.data[:, :, k] if name == "t1" else reweight(pv.data[:, :, k], name)
                 refused[name] += bool(fitted_contrast(prior, image, pv.positions[k], 2.0).reason)
     assert refused["t1"] == 0 and refused["t2"] >= 12 and refused["pd"] >= 9 and refused["flair"] >= 3, refused  # of 16 each (15, 12, 6 here)
+    for pv in prepared[12:]:  # upside down: its mirror image ranks tissues as the atlases fitted there do, the slice as given does not
+        for p in (0.3, 0.5, 0.7):
+            k = int(np.argmin(np.abs(pv.positions - p)))
+            image, p_k = pv.data[:, :, k], float(pv.positions[k])
+            given, mirror = (fitted_contrast(prior, x, p_k, 2.0).t1_contrast for x in (image, np.ascontiguousarray(image[:, ::-1])))
+            assert flip_reason(given, mirror) == "" and "upside down" in flip_reason(mirror, given), (p, given, mirror)
+    turned = checker.check(np.rot90(prepared[12].data[:, :, int(np.argmin(np.abs(prepared[12].positions - 0.6)))]).copy())
+    assert not turned.passed and "turned on its side" in turned.reason, turned
     vol = prepared[12].data
     bad = {"noise": np.random.default_rng(0).random((128, 128)), "gradient": np.tile(np.linspace(0, 1, 128), (128, 1)),
            "empty": np.zeros((128, 128))}
@@ -160,6 +170,47 @@ def test_the_contrast_check_shares_its_fit_with_the_reconstruction(tiny_dataset,
                             expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"],
                             reference_positions=ref["positions"])
     assert res["input_check"][0]["t1_contrast"] is not None and calls == [1]
+
+
+class _At(torch.nn.Module):
+    """A localizer that answers one position for every slice."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1), self.p)
+
+
+def test_a_png_is_checked_the_right_way_up_and_refused_upside_down(tiny_dataset, tmp_path, monkeypatch):
+    """A localized PNG (no orientation of its own) is scored beside its top-to-bottom mirror image (``t1_contrast_flipped``);
+    when the mirror image scores more than MAX_FLIP_GAIN better it is refused with one line naming the file, --force records
+    it. A NIfTI (its header orients it) and a PNG given its position are not compared."""
+    import monai_mrngan.inference.reconstruct as reconstruct_module
+
+    assert flip_reason(0.80, 0.80 + MAX_FLIP_GAIN / 2) == "" and flip_reason(None, 0.9) == "" and "upside down" in flip_reason(0.7, 0.8)
+    prior = _fitted_prior(tiny_dataset)
+    entry = load_split(tiny_dataset, "test")[0]
+    vol, affine = load_volume(entry["image"])
+    k = 12
+    ref = reference_grid(tiny_dataset)
+    kw = dict(expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"], reference_positions=ref["positions"])
+    comp = Components(prior=prior, localizer=_At(float(entry["positions"][k])))
+    png = save_png(vol[:, :, k], tmp_path / "s.png")
+    res = reconstruct_files([str(png)], str(tmp_path / "a.nii.gz"), comp, method="copy", **kw)
+    check = res["input_check"][0]
+    assert check["passed"] and check["t1_contrast_flipped"] is not None and check["t1_contrast"] is not None
+    nifti = save_nifti(vol[:, :, k : k + 1], affine, tmp_path / "s.nii.gz")
+    assert "t1_contrast_flipped" not in reconstruct_files([str(nifti)], str(tmp_path / "b.nii.gz"), comp, method="copy", **kw)["input_check"][0]
+    given = reconstruct_files([str(png)], str(tmp_path / "c.nii.gz"), comp, positions=[float(entry["positions"][k])], method="copy", **kw)
+    assert "t1_contrast_flipped" not in given["input_check"][0]
+    monkeypatch.setattr(reconstruct_module, "flip_reason", lambda a, b: "looks upside down (a test's verdict)")
+    with pytest.raises(InputError, match="upside down") as err:
+        reconstruct_files([str(png)], str(tmp_path / "d.nii.gz"), comp, method="copy", **kw)
+    assert str(png) in str(err.value) and "--force" in str(err.value) and not (tmp_path / "d.nii.gz").exists()
+    forced = reconstruct_files([str(png)], str(tmp_path / "d.nii.gz"), comp, method="copy", force=True, **kw)["input_check"][0]
+    assert forced["passed"] is False and "upside down" in forced["reason"]
 
 
 def test_complete_skips_a_volume_of_another_weighting(tiny_dataset, tmp_path):
