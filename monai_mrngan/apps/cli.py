@@ -41,7 +41,7 @@ def prepare(
         split: training,validation,test fractions by subject; ``0,0,1`` puts a whole cohort in test.
         overwrite: replace a prepared dataset already in DST.
         place_with: a pipeline work folder with a trained slice localizer: scans whose field of view
-            cuts the top of the head are placed by it (every slice localized, one offset fitted along
+            cuts the top of the head are placed by it (its slices localized, one offset fitted along
             their known spacing) instead of skipped; the report and datalist record how.
     """
     import functools

@@ -21,7 +21,7 @@ Two kinds of input (``input_kind`` in the sidecar):
     0 or NaN), ``zero``, ``nan``, or a number (a fill value such as ``-1``). Positions come from an
     optional sidecar ``<name>.json`` beside the file (``{"positions": [p per axial slice, in the
     file's own order]}`` or ``{"first_position": p of axial slice 0}``), else from the
-    slice_localization stage: every real slice is localized and one offset is fitted (median) to
+    slice_localization stage: the real slices are localized (at most 64, evenly spread) and one offset is fitted (median) to
     ``p = p0 + index * step``, so the positions keep the grid's exact step. The output has the
     input's shape, affine and header; indices in the sidecar run along the file's axial array axis.
 ``stack``: a few slices with known positions: a NIfTI holding k axial slices (array axis 2, in the
@@ -177,7 +177,7 @@ def _volume_positions(
 
 
 def _localize_positions(components: Components, scaled: np.ndarray, real_idx: np.ndarray, depth: int, step_p: float) -> tuple[np.ndarray, dict]:
-    """Localize every real slice and fit ``p = p0 + index * step_p`` (:func:`~monai_mrngan.inference.localize.localize_with_offset`,
+    """Localize the real slices and fit ``p = p0 + index * step_p`` (:func:`~monai_mrngan.inference.localize.localize_with_offset`,
     the offset refined by the whole stack's match to the prior's mean brain when there is an atlas prior)."""
     localizer, template = components.placer()
     found, info = localize_with_offset(localizer, np.moveaxis(scaled, 2, 0), real_idx * step_p, template)
