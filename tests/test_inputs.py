@@ -122,9 +122,11 @@ def test_a_slice_and_its_volume_are_read_from_one_read_of_the_file(scan, tiny_da
         read_slice_and_volume(tmp_path / "s.png", 32, spacing, 10)
 
 
-def test_an_output_name_that_is_not_nifti_is_refused_before_any_work(scan, tiny_dataset, tmp_path):
+def test_an_output_name_that_is_not_nifti_an_unknown_method_and_a_position_outside_the_head_are_refused_first(scan, tiny_dataset, tmp_path):
     """``--out recon`` (no suffix) left an empty ``recon`` and the volume in a hidden temporary ``.nii`` beside it: now
-    a one-line error naming it, before anything is read or written; the NIfTI writer refuses such a name too."""
+    a one-line error naming it, before anything is read or written; the NIfTI writer refuses such a name too. An unknown
+    method (refused after the inputs were read and checked) and ``--positions 1.5`` (reconstructed "300 mm below the
+    vertex") are refused as early."""
     from monai_mrngan.data.io import save_nifti
 
     path, vol, affine, entry = scan
@@ -133,6 +135,10 @@ def test_an_output_name_that_is_not_nifti_is_refused_before_any_work(scan, tiny_
         reconstruct_files([str(path)], str(tmp_path / "out" / "recon"), Components(), slice_index=12, positions=[0.5], method="copy",
                           expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"])
     assert str(tmp_path / "out" / "recon") in str(err.value) and "\n" not in str(err.value)
+    for bad, message in (({"method": "foo"}, "unknown method"), ({"positions": [1.5]}, "outside 0..1")):  # refused as early
+        with pytest.raises(ValueError, match=message):
+            reconstruct_files([str(path)], str(tmp_path / "out" / "r.nii.gz"), Components(), slice_index=12,
+                              **{"positions": [0.5], "method": "copy", **bad}, expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"])
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=".nii"):
         save_nifti(np.zeros((2, 2, 2)), np.eye(4), tmp_path / "volume")

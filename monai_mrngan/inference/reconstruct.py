@@ -30,7 +30,7 @@ from ..transforms.shapes import as_slice_batch
 from .components import Components
 from .localize import localize, place_slices
 from .output import save_reconstruction
-from .runners import is_gap_aware, make_runner, one_pass_gaps
+from .runners import check_method, is_gap_aware, make_runner, one_pass_gaps
 from .uncertainty import track_spread, uncertainty_map
 from .volume import Reconstruction, cubic_fill, fill_volume, registration_fill, volume_affine, volume_grid
 
@@ -384,8 +384,12 @@ def reconstruct_files(
     """
     if not inputs:
         raise ValueError("no input slices given")
-    if not is_nifti(out):  # refused before any work, not after it
+    if not is_nifti(out):  # these three refused before any work, not after it
         raise InputError(out, "the output must be a NIfTI file name ending in .nii.gz or .nii (e.g. recon.nii.gz)")
+    check_method(method)
+    outside = [float(p) for p in (positions or []) if not 0.0 <= float(p) <= 1.0]
+    if outside:
+        raise ValueError(f"position {outside[0]:g} is outside 0..1 (p is 0 at the vertex and 1 at 200 mm below it)")
     size = expected_shape[0] if expected_shape is not None else (components.prior.shape[0] if components.prior is not None else None)
     if size is None:
         raise ValueError("the model grid's size is unknown: pass expected_shape")

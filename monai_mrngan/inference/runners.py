@@ -34,7 +34,8 @@ from ..atlas.registration import interpolate_between
 from ..networks.contracts import prior_fn_for
 from ..networks.recurrent import MRNGAN, NextFn
 
-__all__ = ["Runner", "FarEnd", "METHODS", "is_gap_aware", "one_pass_gaps", "run_positions", "mrngan_runner", "copy_runner", "prior_runner", "pix2pix_runner", "make_runner"]
+__all__ = ["Runner", "FarEnd", "METHODS", "is_gap_aware", "one_pass_gaps", "run_positions", "mrngan_runner", "copy_runner", "prior_runner", "pix2pix_runner", "make_runner",
+           "check_method"]
 
 FarEnd = Optional[Tuple[torch.Tensor, torch.Tensor]]
 """``(far slices (N,1,H,W), far positions (N,))``; a NaN position means the run has no far end."""
@@ -127,6 +128,12 @@ def pix2pix_runner(next_fn: NextFn) -> Runner:
     return run
 
 
+def check_method(method: str) -> None:
+    """Raise a one-line ValueError for a method that is not one of :data:`METHODS`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
 def make_runner(
     method: str,
     model: MRNGAN | None = None,
@@ -138,8 +145,7 @@ def make_runner(
     need = {"mrngan": ("model", "next_fn", "prior"), "pix2pix_iterative": ("next_fn",), "prior": ("prior",)}.get(method, ())
     given = {"model": model, "next_fn": next_fn, "prior": prior}
     missing = [n for n in need if given[n] is None]
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    check_method(method)
     if missing:
         raise ValueError(f"method {method!r} needs {', '.join(missing)}")
     if method == "mrngan":
