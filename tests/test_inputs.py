@@ -118,7 +118,7 @@ def test_a_slice_and_its_volume_are_read_from_one_read_of_the_file(scan, tiny_da
             np.testing.assert_array_equal(a.affine, b.affine)
             assert (a.sources, a.indices, a.offsets_mm, a.scale) == (b.sources, b.indices, b.offsets_mm, b.scale)
     save_png(vol[:, :, 10], tmp_path / "s.png")
-    with pytest.raises(InputError, match="a PNG is one slice"):
+    with pytest.raises(InputError, match="a PNG, JPEG or TIFF picture is one slice"):
         read_slice_and_volume(tmp_path / "s.png", 32, spacing, 10)
 
 
@@ -155,6 +155,28 @@ def test_png_needs_a_pixel_size_unless_at_model_size(scan, tmp_path):
     small = save_png(vol[:, :, 12], tmp_path / "small.png")
     np.testing.assert_allclose(read_inputs([small], 32, 8.0).slices[0], vol[:, :, 12], atol=1 / 255)
     assert got.scaled_alone and not read_inputs([small], 32, 8.0).scaled_alone  # at the model size: a prepared slice, as it is
+
+
+def test_a_jpeg_or_tiff_is_read_as_a_png_is(scan, tmp_path):
+    """A viewer's or PACS's JPEG / TIFF export is a picture like a PNG (display orientation, no geometry): the same slice,
+    within JPEG's loss; a grey slice saved in colour is grey; a coloured one is refused."""
+    from PIL import Image
+
+    from monai_mrngan.data.io import slice_to_display
+
+    _, vol, _, _ = scan
+    png = read_inputs([save_png(vol[:, :, 12], tmp_path / "s.png")], 32, 8.0).slices
+    grey = (np.clip(slice_to_display(vol[:, :, 12]), 0, 1) * 255).round().astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "s.jpg", quality=95)
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "rgb.jpeg", quality=95)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "s16.tif")
+    for name, tol in (("s.jpg", 0.1), ("rgb.jpeg", 0.1), ("s16.tif", 1e-6)):
+        got = read_inputs([tmp_path / name], 32, 8.0)
+        assert not got.has_geometry and float(np.abs(got.slices - png).max()) <= tol, name
+    tinted = np.stack([grey, grey, (grey * 0.5).astype(np.uint8)], -1)
+    Image.fromarray(tinted).save(tmp_path / "tinted.tif")
+    with pytest.raises(InputError, match="colour image"):
+        read_inputs([tmp_path / "tinted.tif"], 32, 8.0)
 
 
 def test_a_png_is_scaled_by_its_head_whatever_the_viewer_window(scan, tmp_path):

@@ -449,7 +449,7 @@ def test_reconstruct_files_few_slices_and_bad_inputs(tiny_dataset, tmp_path, pri
     save_nifti(nan, affine, tmp_path / "nan.nii.gz")
     bad = [
         (tmp_path / "coronal.nii.gz", "slice stored along another axis"),
-        (tmp_path / "colour.png", "colour PNG"),
+        (tmp_path / "colour.png", "colour image"),
         (Path(entry["image"]), "pass a slice index"),
         (tmp_path / "nan.nii.gz", "NaN"),
     ]

@@ -4,7 +4,7 @@ One home for reading what does not come from ``prepare``:
 
 - a DICOM series folder (any acquisition orientation) or a single DICOM file (:mod:`.dicom`);
 - a NIfTI: 2D, or 3D with a slice index or as a stack, any size, spacing and orientation;
-- a PNG: at the model size as is, any other size with ``pixel_mm`` (a PNG has no geometry).
+- a PNG (or JPEG / TIFF): at the model size as is, any other size with ``pixel_mm`` (a picture has no geometry).
 
 Everything with a geometry goes through :func:`~monai_mrngan.data.grid.prepare_slices` (the same
 reorientation, scaling, resampling and crop as ``prepare``), which also says where the model grid
@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from .dicom import is_dicom, read_dicom_file, read_dicom_series_slots, series_folders, slice_normal_angle
-from .io import InputError, check_values, is_nifti, is_png, load_slice, read_image
+from .io import InputError, check_values, is_nifti, is_picture, load_slice, read_image
 from .grid import PreparedSlices, prepare_slices, to_unit_range
 
 __all__ = ["InputSlices", "read_inputs", "read_slice_and_volume", "slice_to_grid", "MAX_TILT_DEGREES"]
@@ -188,7 +188,7 @@ def read_slice_and_volume(path: str | os.PathLike, size: int, spacing: float, sl
     (a 176-file DICOM series took 0.5 s to read). Anything but one NIfTI or DICOM input goes through
     :func:`read_inputs`, which raises its one-line error."""
     p = Path(path)
-    if not p.exists() or is_png(p) or not (is_nifti(p) or is_dicom(p)):
+    if not p.exists() or is_picture(p) or not (is_nifti(p) or is_dicom(p)):
         return read_inputs([p], size, spacing, slice_index=slice_index), read_inputs([p], size, spacing, stack=True)
     loaded = _volume(p, p)
     return _one_with_geometry(p, size, spacing, slice_index, False, loaded), _one_with_geometry(p, size, spacing, None, True, loaded)
@@ -216,9 +216,9 @@ def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, 
         return _one_with_geometry(paths, size, spacing, slice_index, stack)
     parts = []
     for p in paths:
-        if is_png(p):
+        if is_picture(p):
             if stack or slice_index is not None:
-                raise InputError(p, "a PNG is one slice; --stack and --slice-index apply to volumes")
+                raise InputError(p, "a PNG, JPEG or TIFF picture is one slice; --stack and --slice-index apply to volumes")
             img = load_slice(p)  # one slice scaled by its own head unless at the model size: brought to its volume's level later
             parts.append(InputSlices(slice_to_grid(img, size, spacing, pixel_mm, p)[None], [str(p)],
                                      scaled_alone=img.shape != (size, size)))
@@ -229,7 +229,7 @@ def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, 
             if inside:  # a patient or study folder of a PACS export: name the series folders in it
                 raise InputError(p, f"no DICOM files in this folder itself; its DICOM series are in subfolders such as "
                                     f"{', '.join(str(d) for d in inside)}: pass one of them")
-            raise InputError(p, "unsupported input; expected a DICOM series folder or file, .nii / .nii.gz, or .png")
+            raise InputError(p, "unsupported input; expected a DICOM series folder or file, .nii / .nii.gz, or a .png / .jpg / .tif picture")
     if len(parts) == 1:
         return parts[0]
     if all(p.is_file() and is_dicom(p) for p in paths):

@@ -21,7 +21,11 @@ import numpy as np
 import torch
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-PNG_SUFFIXES = (".png",)
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+"""2D pictures without a geometry, read through Pillow: a PNG, or the JPEG / TIFF a viewer or PACS exports."""
+GREY_TOLERANCE = 4.0
+"""Most a colour picture's channels may differ (of 255) for it to count as grey: a JPEG of a grey slice saved in colour
+moves them by up to 2 or 3 levels."""
 
 
 class InputError(ValueError):
@@ -38,9 +42,9 @@ def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def is_png(path: str | os.PathLike) -> bool:
-    """True when the file name ends in ``.png``."""
-    return str(path).lower().endswith(PNG_SUFFIXES)
+def is_picture(path: str | os.PathLike) -> bool:
+    """True when the file name ends in a suffix of :data:`PICTURE_SUFFIXES` (PNG, JPEG, TIFF)."""
+    return str(path).lower().endswith(PICTURE_SUFFIXES)
 
 
 def strip_image_suffix(name: str) -> str:
@@ -136,8 +140,8 @@ def load_slice(path: str | os.PathLike, slice_index: int | None = None) -> np.nd
     :class:`InputError`.
     """
     path = Path(path)
-    if is_png(path):
-        data = display_to_slice(_read_png(path))
+    if is_picture(path):
+        data = display_to_slice(_read_picture(path))
     elif is_nifti(path):
         data, _ = _read_nifti(path)
         data = np.asarray(data)
@@ -154,11 +158,13 @@ def load_slice(path: str | os.PathLike, slice_index: int | None = None) -> np.nd
         elif data.ndim != 2:
             raise InputError(path, f"{data.ndim}D image of shape {tuple(data.shape)}; expected a 2D slice")
     else:
-        raise InputError(path, "unsupported file type; expected .png, .nii or .nii.gz")
+        raise InputError(path, "unsupported file type; expected .png / .jpg / .tif, .nii or .nii.gz")
     return check_values(path, np.asarray(data))
 
 
-def _read_png(path: Path) -> np.ndarray:
+def _read_picture(path: Path) -> np.ndarray:
+    """A grayscale PNG, JPEG or TIFF in [0, 1] (8 or 16 bit; a colour image whose channels agree within JPEG's
+    rounding is grey)."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
@@ -169,16 +175,17 @@ def _read_png(path: Path) -> np.ndarray:
             mode = im.mode
             if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
                 arr = np.asarray(im.convert("RGB"), dtype=np.float32)
-                if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-                    raise InputError(path, f"colour PNG (mode {mode}); expected a grayscale slice")
-                return arr[..., 0] / 255.0
+                # a grey picture saved as colour: equal channels (a JPEG's chroma rounding moves them a few levels)
+                if float(np.abs(arr - arr.mean(-1, keepdims=True)).max()) > GREY_TOLERANCE:
+                    raise InputError(path, f"colour image (mode {mode}); expected a grayscale slice")
+                return arr.mean(-1) / 255.0
             if mode == "LA":
                 return np.asarray(im, dtype=np.float32)[..., 0] / 255.0
             arr = np.asarray(im)
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InputError(path, f"unreadable or truncated PNG ({type(err).__name__}: {err})".splitlines()[0]) from err
+        raise InputError(path, f"unreadable or truncated image ({type(err).__name__}: {err})".splitlines()[0]) from err
     scale = 65535.0 if arr.dtype == np.uint16 or mode.startswith("I;16") else (255.0 if arr.dtype == np.uint8 else 1.0)
     if mode == "1":
         scale = 1.0

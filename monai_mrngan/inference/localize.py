@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..data.io import InputError, is_nifti, is_png, load_slice, load_volume
+from ..data.io import InputError, is_nifti, is_picture, load_slice, load_volume
 from ..data.inputs import slice_to_grid
 from ..data.positions import HEAD_HEIGHT_MM, HEAD_THRESHOLD, VERTEX_MIN_AREA_MM2
 from ..data.prepare import SkipScan, prepare_volume
@@ -174,9 +174,9 @@ def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and (is_nifti(f) or is_png(f)))
+            found = sorted(f for f in p.iterdir() if f.is_file() and (is_nifti(f) or is_picture(f)))
             if not found:
-                raise InputError(p, "folder holds no .png, .nii or .nii.gz files")
+                raise InputError(p, "folder holds no .png / .jpg / .tif, .nii or .nii.gz files")
             files += found
         elif any(c in str(item) for c in "*?["):
             found = sorted(Path(f) for f in glob.glob(str(item)))
@@ -200,7 +200,7 @@ def slice_items(
     size = _pair(spatial_size)
     items: list[dict] = []
     for path in expand_inputs(inputs):
-        if is_png(path):
+        if is_picture(path):
             items.append(_item(prepare_slice(load_slice(path), size, pixel_mm, spacing_mm, path), str(path), 0, None))
         elif is_nifti(path):
             shape, zooms = _nifti_ndim_and_zooms(path)
@@ -211,7 +211,7 @@ def slice_items(
                 px = pixel_mm if pixel_mm is not None else [z for s, z in zip(shape, zooms) if s > 1][:2]
                 items.append(_item(prepare_slice(load_slice(path), size, px, spacing_mm, path), str(path), 0, None))
         else:
-            raise InputError(path, "unsupported file type; expected .png, .nii or .nii.gz")
+            raise InputError(path, "unsupported file type; expected .png / .jpg / .tif, .nii or .nii.gz")
     if not items:
         raise InputError(str(inputs), "no slices found in the inputs")
     return items
