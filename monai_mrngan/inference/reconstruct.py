@@ -264,6 +264,16 @@ def _on_grid(positions: Sequence[float] | None, spacing_mm: float, reference_pos
     return [float(grid[i]) for i in idx]
 
 
+def _refuse_or_record(entry: dict, source: str, reason: str, force: bool) -> None:
+    """A check that placed inputs fail (``reason`` not empty): a one-line :class:`InputError` naming ``source`` unless
+    ``force``; forced, the input's ``checks`` entry records the failure beside any earlier reason."""
+    if not reason:
+        return
+    if not force:
+        raise InputError(source, f"{reason}; pass --force to reconstruct it anyway")
+    entry.update(passed=False, reason="; ".join(r for r in (entry.get("reason"), reason) if r))
+
+
 def check_contrast(prior: Any, got: InputSlices, positions: Sequence[float] | None, checks: list[dict], stack: bool = False,
                    force: bool = False, spacing_mm: float = 2.0) -> None:
     """Are the inputs T1-weighted, as every trained stage is? Each input (a stack: its median slice, as :func:`check_inputs`
@@ -280,10 +290,7 @@ def check_contrast(prior: Any, got: InputSlices, positions: Sequence[float] | No
         scores = fitted_contrast(prior, got.slices[i], positions[i], spacing_mm)
         entry = by_source.get(got.sources[i], {})
         entry.update(scores.as_dict())
-        if scores.reason and not force:
-            raise InputError(got.sources[i].split("#")[0] if stack else got.sources[i], f"{scores.reason}; pass --force to reconstruct it anyway")
-        if scores.reason:
-            entry.update(passed=False, reason="; ".join(r for r in (entry.get("reason"), scores.reason) if r))
+        _refuse_or_record(entry, got.sources[i].split("#")[0] if stack else got.sources[i], scores.reason, force)
 
 
 def check_orientation(components: Components, got: InputSlices, checks: list[dict], force: bool = False, refine_window: float = 0.12,
@@ -302,11 +309,7 @@ def check_orientation(components: Components, got: InputSlices, checks: list[dic
         p = localized_positions(torch.from_numpy(flipped)[None, None], components.localizer, components.prior, refine_window,
                                 components.device)
         entry["t1_contrast_flipped"] = fitted_contrast(components.prior, flipped, float(p[0]), spacing_mm).as_dict()["t1_contrast"]
-        reason = flip_reason(entry["t1_contrast"], entry["t1_contrast_flipped"])
-        if reason and not force:
-            raise InputError(source, f"{reason}; pass --force to reconstruct it anyway")
-        if reason:
-            entry.update(passed=False, reason="; ".join(r for r in (entry.get("reason"), reason) if r))
+        _refuse_or_record(entry, source, flip_reason(entry["t1_contrast"], entry["t1_contrast_flipped"]), force)
 
 
 _SCALE_PROFILES: WeakKeyDictionary = WeakKeyDictionary()  # prior -> its bank's slice_scale_profile (about a second to compute)
