@@ -22,7 +22,8 @@ import json
 
 import numpy as np
 
-from monai_mrngan.atlas.input_check import MIN_CONTRAST, MIN_MARGIN, MIN_MATCH, MIN_WHITE_OVER_GREY, InputChecker, fitted_contrast
+from monai_mrngan.atlas.input_check import (MIN_CONTRAST, MIN_MARGIN, MIN_MATCH, MIN_WHITE_OVER_GREY, ContrastCheck, InputChecker,
+                                             fitted_contrast)
 from monai_mrngan.atlas.prior import load_prior
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import load_volume
@@ -97,7 +98,7 @@ def main() -> None:
             t, w = [r["t1_contrast"] for r in got], [r["white_over_grey"] for r in got if r["white_over_grey"] is not None]
             wog = f"white_over_grey median {np.median(w):+.3f} max {max(w):+.3f}" if w else "white_over_grey not judged"
             print(f"  as {name:<6} {len(got)} judged: t1_contrast median {np.median(t):+.3f} max {max(t):+.3f}, refused by it "
-                  f"{sum(v < MIN_CONTRAST for v in t)}; {wog}; refused {sum(r['refused'] for r in got)} "
+                  f"{sum(bool(ContrastCheck(v, None).reason) for v in t)}; {wog}; refused {sum(r['refused'] for r in got)} "
                   f"({100 * np.mean([r['refused'] for r in got]):.0f} %)")
     if args.json:
         with open(args.json, "w") as f:

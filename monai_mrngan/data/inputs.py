@@ -188,7 +188,7 @@ def read_slice_and_volume(path: str | os.PathLike, size: int, spacing: float, sl
     (a 176-file DICOM series took 0.5 s to read). Anything but one NIfTI or DICOM input goes through
     :func:`read_inputs`, which raises its one-line error."""
     p = Path(path)
-    if not p.exists() or is_picture(p) or not (is_nifti(p) or is_dicom(p)):
+    if not p.exists() or not (is_nifti(p) or is_dicom(p)):
         return read_inputs([p], size, spacing, slice_index=slice_index), read_inputs([p], size, spacing, stack=True)
     loaded = _volume(p, p)
     return _one_with_geometry(p, size, spacing, slice_index, False, loaded), _one_with_geometry(p, size, spacing, None, True, loaded)

@@ -24,8 +24,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 """2D pictures without a geometry, read through Pillow: a PNG, or the JPEG / TIFF a viewer or PACS exports."""
 GREY_TOLERANCE = 4.0
-"""Most a colour picture's channels may differ (of 255) for it to count as grey: a JPEG of a grey slice saved in colour
-moves them by up to 2 or 3 levels."""
+"""Most a colour picture's channels may differ (of 255) for it to count as grey. Pillow's JPEG of a grey IXI slice saved
+in colour kept them equal (0 levels apart at quality 50-95); the few levels leave room for other encoders' chroma
+rounding, far below a tint (one channel at half its grey: up to 85 levels from the mean)."""
 
 
 class InputError(ValueError):
@@ -175,7 +176,7 @@ def _read_picture(path: Path) -> np.ndarray:
             mode = im.mode
             if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
                 arr = np.asarray(im.convert("RGB"), dtype=np.float32)
-                # a grey picture saved as colour: equal channels (a JPEG's chroma rounding moves them a few levels)
+                # a grey picture saved as colour: equal channels, within GREY_TOLERANCE
                 if float(np.abs(arr - arr.mean(-1, keepdims=True)).max()) > GREY_TOLERANCE:
                     raise InputError(path, f"colour image (mode {mode}); expected a grayscale slice")
                 return arr.mean(-1) / 255.0
