@@ -25,7 +25,7 @@ from monai_mrngan.atlas.prior import BrainPrior, mean_prior
 from monai_mrngan.evaluation.reconstruction import evaluate_reconstruction
 from monai_mrngan.inference.components import Components, load_bundle_network, reference_grid
 from monai_mrngan.inference.reconstruct import reconstruct_files, reconstruct_volume
-from monai_mrngan.inference.volume import fill_volume, linear_fill, volume_grid
+from monai_mrngan.inference.volume import fill_volume, linear_fill, one_per_grid_slice, volume_grid
 from monai_mrngan.networks.contracts import next_fn_for
 from monai_mrngan.networks.recurrent import MRNGAN
 
@@ -202,6 +202,24 @@ def test_volume_grid_covers_the_extent_and_rejects_collisions():
     assert idx == [7, 5] and grid[idx[0]] == pytest.approx(0.3)
     with pytest.raises(ValueError, match="same grid slice"):
         volume_grid([0.3, 0.302], -0.01)
+
+
+def test_a_stack_thinner_than_the_grid_keeps_the_input_nearest_each_grid_slice():
+    # 1 mm slices on a 2 mm grid (step 0.01 in p): every grid slice takes one input, the nearest
+    pos = [0.5 - 0.005 * k for k in range(7)]  # 0.5, 0.495, ..., 0.47
+    keep = one_per_grid_slice(pos, -0.01)
+    assert keep == [0, 2, 4, 6]
+    grid, idx = volume_grid([pos[k] for k in keep], -0.01)  # no collision left
+    assert len(set(idx)) == 4
+    reference = [1.0 - 0.01 * i for i in range(101)]
+    assert one_per_grid_slice([0.304, 0.301, 0.297, 0.294], -0.01, reference) == [1, 3]  # 0.301 nearest 0.30; 0.294 on 0.29
+    assert one_per_grid_slice([0.3, 0.5], -0.01) == [0, 1]  # slices further apart than the grid: all kept
+    # half-way between two grid slices (1 mm slices on a 2 mm grid): snapped as volume_grid will snap the float32 positions
+    halves = [0.61, 0.505, 0.5, 0.495, 0.49]
+    keep = one_per_grid_slice(halves, -0.01, reference)
+    assert keep == [0, 2, 4]
+    volume_grid(torch.as_tensor([halves[k] for k in keep], dtype=torch.float32).tolist(), -0.01, reference=reference)  # no collision
+    assert volume_grid([0.64, 0.635], -0.01, reference=reference)[1] == [36, 37]  # a float64 tie snaps as its float32 does
 
 
 def test_linear_fill_is_linear_interpolation(test_volume):

@@ -70,14 +70,14 @@ def volume_grid(
     step = -float(step_p)
     if reference is not None:
         grid = np.asarray(reference, dtype=np.float64)
-        indices = [int(np.argmin(np.abs(grid - p))) for p in pos]
+        indices = _snapped(pos, step_p, grid)
         if len(set(indices)) != len(indices):
             raise ValueError(f"input slices at positions {pos.round(4).tolist()} fall on the same grid slice (step {step:.4f} in p)")
         return grid, indices
     p_a = float(pos[0])
     below = max(0, int(math.floor((extent[1] - p_a) / step + 1e-3)))  # tolerance: positions are rounded
     above = max(0, int(math.floor((p_a - extent[0]) / step + 1e-3)))
-    offs = [int(round((p - p_a) / step_p)) for p in pos]
+    offs = _snapped(pos, step_p)
     below = max(below, -min(offs))  # inputs outside the extent still get a place
     above = max(above, max(offs))
     indices = [below + o for o in offs]
@@ -85,6 +85,31 @@ def volume_grid(
         raise ValueError(f"input slices at positions {pos.round(4).tolist()} fall on the same grid slice (step {step:.4f} in p)")
     grid = p_a + (np.arange(below + above + 1) - below) * step_p
     return grid, indices
+
+
+def _snapped(pos: np.ndarray, step_p: float, reference: np.ndarray | None = None) -> list[int]:
+    """Each position's grid slice: the nearest of ``reference``, else its offset in steps from the first position.
+    Positions are taken at float32 (as :func:`~monai_mrngan.inference.reconstruct.reconstruct_volume` holds them), so a
+    position half-way between two grid slices (a 1 mm slice on a 2 mm grid) snaps the same way from every caller."""
+    pos = np.asarray(pos, dtype=np.float32).astype(np.float64)
+    if reference is not None:
+        return [int(np.argmin(np.abs(reference - p))) for p in pos]
+    return [int(round((p - pos[0]) / step_p)) for p in pos]
+
+
+def one_per_grid_slice(positions: Sequence[float], step_p: float, reference: Sequence[float] | None = None) -> list[int]:
+    """Which inputs to keep so that no two land on one grid slice (as :func:`volume_grid` snaps them): per grid slice
+    the input nearest to it. A stack of slices thinner than the grid (1 mm slices on a 2 mm grid) keeps about every
+    other one."""
+    pos = np.asarray(positions, dtype=np.float32).astype(np.float64).reshape(-1)  # as _snapped takes them
+    grid = None if reference is None else np.asarray(reference, dtype=np.float64)
+    snapped = _snapped(pos, step_p, grid)
+    centres = grid[snapped] if grid is not None else pos[0] + np.asarray(snapped) * step_p
+    best: dict[int, int] = {}
+    for k, i in enumerate(snapped):
+        if i not in best or abs(pos[k] - centres[k]) < abs(pos[best[i]] - centres[best[i]]):
+            best[i] = k
+    return sorted(best.values())
 
 
 def fill_volume(run: Runner, slices: torch.Tensor, indices: Sequence[int], num_slices: int, grid_positions: torch.Tensor | np.ndarray, step_p: float,
