@@ -18,6 +18,7 @@ from monai_mrngan.inference.reconstruct import reconstruct_files
 
 pydicom = pytest.importorskip("pydicom")
 from dicom_series import write_series  # noqa: E402  (tests/ helper)
+from overlay import overlay_correlation, world_samples  # noqa: E402  (tests/ helper)
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +41,6 @@ def scan(tiny_dataset, tmp_path_factory):
     return path, vol, affine, entry
 
 
-def _world_samples(volume_path, world_points):
-    img = nib.load(str(volume_path))
-    ijk = (np.linalg.inv(img.affine) @ np.c_[world_points, np.ones(len(world_points))].T)[:3]
-    return ndimage.map_coordinates(img.get_fdata(), ijk, order=1, mode="nearest")
-
-
 def test_nifti_of_any_geometry_reaches_the_model_grid(scan, tiny_dataset):
     path, vol, affine, entry = scan
     ref = reference_grid(tiny_dataset)
@@ -54,7 +49,7 @@ def test_nifti_of_any_geometry_reaches_the_model_grid(scan, tiny_dataset):
     # the model-grid pixels sit at the right world coordinates: sampling the source there gives them back
     ii, jj = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
     world = (got.affine @ np.c_[ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)].T)[:3].T
-    src = _world_samples(path, world).reshape(32, 32) / got.scale
+    src = world_samples(path, world).reshape(32, 32) / got.scale
     head = got.slices[0] > 0.1
     assert np.corrcoef(src[head], got.slices[0][head])[0, 1] > 0.99
     with pytest.raises(InputError, match="pass a slice index"):
@@ -206,14 +201,7 @@ def test_output_overlays_the_input_and_says_what_is_real(scan, tiny_dataset, tmp
     grid = nib.load(res["model_grid_volume"])
     assert np.array_equal(out.get_fdata(), grid.get_fdata()) and np.allclose(grid.affine, ref["affine"], atol=1e-4)
     # sampling OUT at the input slice's world coordinates gives the input slice back (over the head)
-    stored = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
-    ras = nib.as_closest_canonical(nib.load(str(path)))
-    plane = np.asanyarray(ras.dataobj)[:, :, 12].astype(np.float32)
-    ii, jj = np.meshgrid(np.arange(plane.shape[0]), np.arange(plane.shape[1]), indexing="ij")
-    world = (ras.affine @ np.c_[ii.ravel(), jj.ravel(), np.full(ii.size, 12), np.ones(ii.size)].T)[:3].T
-    sampled = _world_samples(res["volume"], world).reshape(plane.shape)
-    head = plane > 0.1 * stored.max()
-    assert np.corrcoef(sampled[head], plane[head])[0, 1] >= 0.9
+    assert overlay_correlation(res["volume"], path, 12) >= 0.9
     meta = json.loads((tmp_path / "rec_positions.json").read_text())
     k = meta["input_indices"][0]
     assert meta["volume"]["space"] == "input" and meta["slices"][k]["real"] and meta["slices"][k]["distance_mm"] == 0
@@ -277,6 +265,23 @@ def test_stack_slices_beyond_the_grid_are_left_out(scan, tiny_dataset, tmp_path)
     assert res["input_positions"][0] == pytest.approx(0.3)
 
 
+def test_a_stack_thinner_than_the_grid_takes_one_slice_per_grid_slice(scan, tiny_dataset, tmp_path):
+    """Slices half the grid's spacing apart (a 1 mm scan on a 2 mm grid): one per grid slice, not 'same grid slice'."""
+    path, vol, affine, entry = scan
+    ref = reference_grid(tiny_dataset)
+    aff = affine.copy()
+    aff[:3, 2] /= 2
+    aff[:3, 3] -= 0.25 * affine[:3, 2]  # voxel centres of the twice-finer sampling
+    save_nifti(np.repeat(vol, 2, axis=2), aff, tmp_path / "thin.nii.gz")
+    comp = Components(prior=mean_prior(tiny_dataset, "training"))
+    res = reconstruct_files([str(tmp_path / "thin.nii.gz")], str(tmp_path / "s.nii.gz"), comp, stack=True, positions=[entry["positions"][0]],
+                            method="linear", expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"],
+                            reference_affine=ref["affine"], reference_positions=ref["positions"])
+    assert len(res["input_indices"]) == len(set(res["input_indices"])) == vol.shape[2]  # every grid slice holds one
+    out = nib.load(str(tmp_path / "s_model_grid.nii.gz")).get_fdata()
+    assert np.corrcoef(out.ravel(), vol.ravel())[0, 1] > 0.99
+
+
 def test_an_axial_series_with_missing_files_is_a_stack_of_the_slices_it_has(scan, tiny_dataset, tmp_path, caplog):
     """An axial DICOM series with gaps (files left out): with --stack every slice it has, at its place; a slice
     index of a missing slice, and gaps in a sagittal series, are refused in one line."""
@@ -295,7 +300,7 @@ def test_an_axial_series_with_missing_files_is_a_stack_of_the_slices_it_has(scan
     for k in range(len(got.indices)):  # every slice where it was acquired: the source sampled there gives it back
         steps = got.offsets_mm[k] / got.step_mm
         world = (got.affine @ np.c_[ii.ravel(), jj.ravel(), np.full(ii.size, steps), np.ones(ii.size)].T)[:3].T
-        src = _world_samples(path, world).reshape(32, 32) / got.scale
+        src = world_samples(path, world).reshape(32, 32) / got.scale
         head = got.slices[k] > 0.1
         if head.sum() > 20:
             corr.append(np.corrcoef(src[head], got.slices[k][head])[0, 1])

@@ -27,7 +27,7 @@ from .dicom import is_dicom, read_dicom_file, read_dicom_series_slots, series_fo
 from .io import InputError, check_values, is_nifti, is_picture, load_slice, read_image
 from .grid import PreparedSlices, prepare_slices, to_unit_range
 
-__all__ = ["InputSlices", "read_inputs", "read_slice_and_volume", "slice_to_grid", "MAX_TILT_DEGREES"]
+__all__ = ["InputSlices", "read_inputs", "read_slice_and_volume", "stack_of_volume", "slice_to_grid", "MAX_TILT_DEGREES"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,9 @@ def _already_prepared(data: np.ndarray, affine: np.ndarray, spacing: float, size
 
 
 def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice_index: int | None, stack: bool,
-                       loaded: tuple | None = None) -> InputSlices:
-    """``loaded``: what :func:`_volume` returned for ``path`` (read once for two calls)."""
+                       loaded: tuple | None = None, keep: Sequence[int] | None = None) -> InputSlices:
+    """``loaded``: what :func:`_volume` returned for ``path`` (read once for two calls); ``keep``: a stack's RAS axial
+    indices to use (default: every slice the input has)."""
     name = path[0].parent if isinstance(path, list) else path  # a list of one series' files is named by their folder
     data, affine, present, files = loaded if loaded is not None else _volume(path, name)
     depth = data.shape[2]
@@ -139,7 +140,7 @@ def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice
                                    f"{MAX_TILT_DEGREES:g} degrees) can be placed in the head")
         indices: Sequence[int] | None = [0]
     elif stack:
-        indices = real
+        indices = real if keep is None else [int(i) for i in keep]
     elif slice_index is None:
         raise InputError(name, f"3D volume of {depth} axial slices where one slice is expected; pass a slice index (--slice-index N, "
                                "counted from the bottom in RAS orientation) or --stack to use every axial slice")
@@ -192,6 +193,13 @@ def read_slice_and_volume(path: str | os.PathLike, size: int, spacing: float, sl
         return read_inputs([p], size, spacing, slice_index=slice_index), read_inputs([p], size, spacing, stack=True)
     loaded = _volume(p, p)
     return _one_with_geometry(p, size, spacing, slice_index, False, loaded), _one_with_geometry(p, size, spacing, None, True, loaded)
+
+
+def stack_of_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, size: int, spacing: float,
+                    keep: Sequence[int]) -> InputSlices:
+    """The axial slices ``keep`` (RAS indices) of a volume already loaded from ``path`` (voxels and affine as nibabel gives them),
+    read as ``--stack`` reads a file: ``complete``'s scans off the prepared grid, whose missing slices are left out."""
+    return _one_with_geometry(Path(path), size, spacing, None, True, (np.asarray(data), affine, None, None), keep)
 
 
 def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, slice_index: int | None = None,

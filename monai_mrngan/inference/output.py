@@ -6,17 +6,19 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..data.inputs import InputSlices
 from ..data.io import save_json, save_nifti, save_png, slice_to_display, to_8bit
 from ..data.positions import HEAD_HEIGHT_MM
 from .uncertainty import MAP_STORED, slice_means
 from .volume import Reconstruction
 
-__all__ = ["montage", "provenance", "save_reconstruction"]
+__all__ = ["montage", "provenance", "save_reconstruction", "Reconstructed"]
 
 TILE_PX = 128  # montage tiles are shown at least this large
 
@@ -174,3 +176,24 @@ def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.
     )
     paths["positions"] = str(meta)
     return paths
+
+
+@dataclass
+class Reconstructed:
+    """What :func:`~monai_mrngan.inference.reconstruct.reconstruct_slices` made, ready to write: the reconstruction, the
+    inputs as used (a stack's slices outside the grid dropped), their check scores, and the affines and uncertainty map
+    that :meth:`save` writes."""
+
+    rec: Reconstruction
+    inputs: InputSlices
+    checks: list[dict]
+    spacing_mm: float
+    grid_affine: np.ndarray | None = None
+    input_affine: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
+    uncertainty_note: str | None = None
+
+    def save(self, out: str) -> dict[str, str]:
+        """Write everything :func:`save_reconstruction` writes for ``out``; return the paths."""
+        return save_reconstruction(self.rec, out, self.grid_affine, self.spacing_mm, input_affine=self.input_affine, sources=self.inputs.sources,
+                                   uncertainty=self.uncertainty, uncertainty_note=self.uncertainty_note)

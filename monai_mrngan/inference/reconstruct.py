@@ -29,15 +29,15 @@ from ..networks.recurrent import MRNGAN, NextFn
 from ..transforms.shapes import as_slice_batch
 from .components import Components
 from .localize import localize, place_slices
-from .output import save_reconstruction
+from .output import Reconstructed, save_reconstruction
 from .runners import check_method, is_gap_aware, make_runner, one_pass_gaps
 from .uncertainty import track_spread, uncertainty_map
-from .volume import Reconstruction, cubic_fill, fill_volume, registration_fill, volume_affine, volume_grid
+from .volume import Reconstruction, cubic_fill, fill_volume, one_per_grid_slice, registration_fill, volume_affine, volume_grid
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Reconstruction", "reconstruct_volume", "refine_positions", "check_inputs", "check_contrast", "check_orientation", "calibration_for",
-           "to_volume_scale", "reconstruct_files"]
+           "to_volume_scale", "Reconstructed", "reconstruct_slices", "reconstruct_files"]
 
 
 def reconstruct_volume(
@@ -174,14 +174,19 @@ def _stack_positions(components: Components, got: InputSlices, given: Sequence[f
     return [float(p) for p in found], info
 
 
-def _inside(got: InputSlices, positions: list[float], lo: float, hi: float) -> tuple[InputSlices, list[float]]:
-    """The stack's slices whose positions lie on the output grid (``lo <= p <= hi``); the rest (air above
-    the head, neck below the grid) are dropped."""
+def _inside(got: InputSlices, positions: list[float], lo: float, hi: float, step_p: float,
+            reference_positions: Sequence[float] | None) -> tuple[InputSlices, list[float]]:
+    """The stack's slices that the output grid takes: those whose positions lie on it (``lo <= p <= hi``; air above the
+    head and neck below the grid are dropped), and of slices thinner than the grid, the one nearest each grid slice."""
     keep = [k for k, p in enumerate(positions) if lo <= p <= hi]
     if not keep:
         raise ValueError(f"no slice of the stack lies within the grid's positions {lo:.3f} <= p <= {hi:.3f}")
     if len(keep) < len(positions):
         logger.info("stack: %d of %d slices lie outside %.3f <= p <= %.3f and are left out", len(positions) - len(keep), len(positions), lo, hi)
+    inside = len(keep)
+    keep = [keep[k] for k in one_per_grid_slice([positions[k] for k in keep], step_p, reference_positions)]
+    if len(keep) < inside:
+        logger.info("stack: %d of %d slices are thinner than the grid's step; the one nearest each grid slice is used", inside - len(keep), inside)
     first = keep[0]
     affine = np.asarray(got.affine, dtype=np.float64).copy()
     affine[:3, 3] += affine[:3, 2] * (got.offsets_mm[first] / got.step_mm)
@@ -350,6 +355,72 @@ def calibration_for(components: Components, method: str) -> tuple[Any, str | Non
     return cal, None
 
 
+def reconstruct_slices(
+    got: InputSlices,
+    components: Components,
+    whole: InputSlices | None = None,
+    positions: Sequence[float] | None = None,
+    method: str = "mrngan",
+    spacing_mm: float = 2.0,
+    reference_affine: np.ndarray | None = None,
+    reference_positions: Sequence[float] | None = None,
+    refine_window: float = 0.12,
+    stack: bool = False,
+    force: bool = False,
+) -> Reconstructed:
+    """Input slices already on the model grid (:mod:`~monai_mrngan.data.inputs`) -> a reconstruction, as
+    :func:`reconstruct_files` makes it (checked, placed, reconstructed; see there for the arguments); nothing written.
+    ``whole``: the 3D volume one input slice was taken from (places it and judges the head)."""
+    checks = check_inputs(components.prior, got, stack, force, spacing_mm, whole)
+    placement = None
+    if stack:
+        positions, placement = _stack_positions(components, got, positions, spacing_mm)
+        grid = np.asarray(reference_positions if reference_positions is not None else (0.0, 1.0), dtype=np.float64)
+        half = abs(spacing_mm) / HEAD_HEIGHT_MM / 2
+        got, positions = _inside(got, positions, float(grid.min()) - half, float(grid.max()) + half, -2 * half, reference_positions)
+    elif whole is not None and positions is None:  # one slice of a 3D input: placed by its whole volume
+        positions, placement = _volume_position(components, whole, got.sources[0].split("#")[0], got.indices[0], spacing_mm)
+    elif positions is not None and len(positions) != len(got.slices):
+        raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
+    intensity = None
+    localized = positions is None and isinstance(components.prior, BrainPrior) and components.localizer is not None
+    if localized:
+        # localized as reconstruct_volume would: the lone-slice scale and the contrast check need the positions first
+        positions = localized_positions(torch.from_numpy(got.slices)[:, None], components.localizer, components.prior, refine_window,
+                                        components.device).tolist()
+    if got.scaled_alone and isinstance(components.prior, BrainPrior) and positions is not None:
+        got, intensity = to_volume_scale(components.prior, got, positions)
+    check_contrast(components.prior, got, _on_grid(positions, spacing_mm, reference_positions), checks, stack, force, spacing_mm)
+    if localized and not got.has_geometry:  # a PNG carries no orientation
+        check_orientation(components, got, checks, force, refine_window, spacing_mm)
+    cal, note = calibration_for(components, method)
+    rec = reconstruct_volume(
+        got.slices,
+        positions,
+        method=method,
+        model=components.model,
+        next_fn=components.next_fn,
+        prior=components.prior,
+        localizer=components.localizer,
+        spacing_mm=spacing_mm,
+        reference_positions=reference_positions,
+        refine_window=refine_window,
+        device=components.device,
+        calibration=cal,
+    )
+    unc = rec.extra.pop("uncertainty", None)
+    rec.extra["input_check"] = checks
+    if intensity is not None:
+        rec.extra["intensity"] = intensity
+    if placement is not None:
+        rec.extra["placement"] = placement
+    grid_affine = None
+    if reference_affine is not None and reference_positions is not None:
+        grid_affine = volume_affine(reference_affine, reference_positions, rec.positions)
+    input_affine = _input_space_affine(got, rec.input_indices[0], spacing_mm) if got.has_geometry else None
+    return Reconstructed(rec, got, checks, spacing_mm, grid_affine, input_affine, unc, note)
+
+
 def reconstruct_files(
     inputs: Sequence[str],
     out: str,
@@ -401,53 +472,10 @@ def reconstruct_files(
     else:
         got = read_inputs(inputs, int(size), spacing_mm, slice_index=slice_index, stack=stack, pixel_mm=pixel_mm)
         whole = got if slice_index is not None and len(inputs) == 1 else None  # with --stack: every slice already
-    checks = check_inputs(components.prior, got, stack, force, spacing_mm, whole)
-    placement = None
-    if stack:
-        positions, placement = _stack_positions(components, got, positions, spacing_mm)
-        grid = np.asarray(reference_positions if reference_positions is not None else (0.0, 1.0), dtype=np.float64)
-        half = abs(spacing_mm) / HEAD_HEIGHT_MM / 2
-        got, positions = _inside(got, positions, float(grid.min()) - half, float(grid.max()) + half)
-    elif slice_index is not None and positions is None and len(inputs) == 1:
-        positions, placement = _volume_position(components, whole, inputs[0], got.indices[0], spacing_mm)
-    elif positions is not None and len(positions) != len(got.slices):
-        raise ValueError(f"{len(got.slices)} input slices but {len(positions)} positions")
-    intensity = None
-    localized = positions is None and isinstance(components.prior, BrainPrior) and components.localizer is not None
-    if localized:
-        # localized as reconstruct_volume would: the lone-slice scale and the contrast check need the positions first
-        positions = localized_positions(torch.from_numpy(got.slices)[:, None], components.localizer, components.prior, refine_window,
-                                        components.device).tolist()
-    if got.scaled_alone and isinstance(components.prior, BrainPrior) and positions is not None:
-        got, intensity = to_volume_scale(components.prior, got, positions)
-    check_contrast(components.prior, got, _on_grid(positions, spacing_mm, reference_positions), checks, stack, force, spacing_mm)
-    if localized and not got.has_geometry:  # a PNG carries no orientation
-        check_orientation(components, got, checks, force, refine_window, spacing_mm)
-    cal, note = calibration_for(components, method)
-    rec = reconstruct_volume(
-        got.slices,
-        positions,
-        method=method,
-        model=components.model,
-        next_fn=components.next_fn,
-        prior=components.prior,
-        localizer=components.localizer,
-        spacing_mm=spacing_mm,
-        reference_positions=reference_positions,
-        refine_window=refine_window,
-        device=components.device,
-        calibration=cal,
-    )
-    unc = rec.extra.pop("uncertainty", None)
-    rec.extra["input_check"] = checks
-    if intensity is not None:
-        rec.extra["intensity"] = intensity
-    if placement is not None:
-        rec.extra["placement"] = placement
-    grid_affine = None
-    if reference_affine is not None and reference_positions is not None:
-        grid_affine = volume_affine(reference_affine, reference_positions, rec.positions)
-    input_affine = _input_space_affine(got, rec.input_indices[0], spacing_mm) if got.has_geometry else None
-    paths = save_reconstruction(rec, out, grid_affine, spacing_mm, input_affine=input_affine, sources=got.sources, uncertainty=unc, uncertainty_note=note)
+    done = reconstruct_slices(got, components, whole=whole, positions=positions, method=method, spacing_mm=spacing_mm,
+                              reference_affine=reference_affine, reference_positions=reference_positions, refine_window=refine_window,
+                              stack=stack, force=force)
+    paths = done.save(out)
+    rec, got, checks = done.rec, done.inputs, done.checks
     logger.info("wrote %s (%s slices); input positions %s", paths["volume"], rec.volume.shape[2], rec.input_positions)
     return {**paths, "input_positions": rec.input_positions, "input_indices": rec.input_indices, "sources": got.sources, "input_check": checks}

@@ -50,6 +50,7 @@ def _child(args: argparse.Namespace) -> None:
     from monai_mrngan.inference.reconstruct import reconstruct_files
 
     import monai_mrngan.atlas.prior as prior_module
+    import monai_mrngan.inference.output as output_module
     import monai_mrngan.inference.reconstruct as recon_module
 
     parts: dict[str, float] = {}
@@ -68,7 +69,7 @@ def _child(args: argparse.Namespace) -> None:
 
     timed(prior_module, "fit_batch")
     timed(recon_module, "uncertainty_map")
-    timed(recon_module, "save_reconstruction")
+    timed(output_module, "save_reconstruction")
     comp = _components(args.workdir)
     calibration = comp.calibration
     if calibration is None and args.variant != "without":
