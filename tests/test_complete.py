@@ -18,12 +18,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from monai_mrngan.apps import cli
 from monai_mrngan.data.datalist import load_split
 from monai_mrngan.data.io import InputError, save_json, save_nifti
 from monai_mrngan.apps.complete import REPORT_NAME, complete_dataset, complete_file
+from monai_mrngan.apps.complete_io import check_folders
 from monai_mrngan.inference.components import Components, load_bundle_network, reference_grid
+from overlay import overlay_correlation  # tests/ helper
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -35,6 +38,7 @@ STAGE_OVERRIDES = {
 }
 ZEROED = [3, 4, 5, 10, 20]  # slices blanked in the float volume
 EMPTY = [22, 23]  # the tiny test volume's own all-zero slices (above the head): empty counts as missing
+THIN_MISSING = list(range(10, 18))  # blanked in the twice-finer volume: four grid slices' worth
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,21 @@ def _good_inputs(src: Path, scan) -> dict:
     stack = np.rint(vol[:, :, picks] * 1000).astype(np.int16)
     nib.save(nib.Nifti1Image(stack, np.eye(4)), str(src / "stack.nii.gz"))
     save_json({"positions": [positions[i] for i in picks]}, src / "stack.json")
+    # off the prepared grid: a thick-slice scan (every 3rd slice, twice the in-plane resolution, raw int16, LPS-like axes)
+    fine = ndimage.zoom(vol[:, :, ::3], (2, 2, 1), order=1)
+    aff = affine.copy()
+    aff[:3, :2] /= 2.0
+    aff[:3, 2] *= 3
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[0, 3], flip[1, 3] = fine.shape[0] - 1, fine.shape[1] - 1
+    nib.save(nib.Nifti1Image(np.rint(fine[::-1, ::-1] * 900).astype(np.int16), aff @ flip), str(src / "thick.nii.gz"))
+    # ... and a volume sampled twice finer along the axis than the grid, with a few slices missing
+    thin = np.repeat(vol, 2, axis=2)
+    thin[:, :, THIN_MISSING] = 0
+    aff = affine.copy()
+    aff[:3, 2] /= 2
+    aff[:3, 3] -= 0.25 * affine[:3, 2]
+    save_nifti(thin, aff, src / "thin.nii.gz")
     return {"picks": picks}
 
 
@@ -93,15 +112,11 @@ def _bad_inputs(src: Path, scan) -> dict[str, str]:
     vol, affine, positions = scan
     save_nifti(np.stack([vol] * 3, axis=3), affine, src / "series4d.nii.gz")
     save_nifti(np.full(vol.shape, np.nan, np.float32), affine, src / "allnan.nii.gz")
-    big = np.zeros((40, 40, 24), np.float32)
-    big[10:30, 10:30, :20] = 0.5
-    save_nifti(big, affine, src / "big.nii.gz")
+    save_nifti(ndimage.zoom(vol[:, :, [4, 12, 20]], (1.25, 1.25, 1), order=1), np.eye(4), src / "big.nii.gz")  # a stack: no geometry
+    save_json({"positions": [positions[i] for i in (4, 12, 20)]}, src / "big.json")
     save_nifti(vol[:, :, [4, 12, 20]], np.eye(4), src / "stack_nopos.nii.gz")
     save_nifti(vol[:, :, [4, 12, 20]], np.eye(4), src / "stack_count.nii.gz")
     save_json({"positions": [0.3, 0.5]}, src / "stack_count.json")
-    coarse = vol.copy()
-    coarse[:, :, 5] = 0
-    save_nifti(coarse, np.diag([1.0, 1.0, 1.0, 1.0]), src / "coarse.nii.gz")
     (src / "corrupt.nii.gz").write_bytes(b"not an image at all")
     return {
         "series4d.nii.gz": "4D series",
@@ -109,7 +124,6 @@ def _bad_inputs(src: Path, scan) -> dict[str, str]:
         "big.nii.gz": "in-plane size 40x40 px; the models expect 32x32",
         "stack_nopos.nii.gz": "needs their positions",
         "stack_count.json": "2 positions for a stack of 3 slices",
-        "coarse.nii.gz": "voxel size 1 x 1 x 1 mm",
         "corrupt.nii.gz": "not a readable NIfTI",
     }
 
@@ -155,8 +169,37 @@ def _check_good_outputs(src: Path, dst: Path, scan, picks, tiny_dataset) -> None
     np.testing.assert_allclose(img.affine, ref["affine"], atol=1e-6)
 
 
+SCAN_FILES = (".nii.gz", ".json", "_model_grid.nii.gz", "_provenance.nii.gz", "_montage.png", "_positions.json")
+"""What a scan off the grid completes into (as ``reconstruct`` writes; the test stages have no uncertainty calibration)."""
+
+
+def _check_scans(src: Path, dst: Path, scan, tiny_dataset) -> None:
+    """(c) scans off the grid: read as reconstruct --stack reads them, written so that they overlay the input."""
+    vol, affine, positions = scan
+    ref = reference_grid(tiny_dataset)
+    side = json.loads((dst / "thick.json").read_text())
+    # the top of the head is in view: counted from it, as prepare counts, so no localizer was read
+    assert side["input_kind"] == "scan" and side["positions_from"] == "placed (vertex in the field of view)"
+    assert "slice_localization" not in side["models"] and "mrngan" in side["models"]
+    assert sorted(side["input_slices"] + side["input_slices_outside_grid"]) == list(range(8))  # above the vertex: left out
+    assert len(side["real_slices"]) == len(side["input_slices"]) >= 6 and side["shape"] == [32, 32, 24]
+    assert side["files"]["model_grid_volume"] == "thick_model_grid.nii.gz" and side["intensity"]["scale"] > 1
+    np.testing.assert_allclose(np.diff(sorted(side["real_slices"])), 3)  # 3 grid steps apart, as acquired
+    out = nib.load(str(dst / "thick.nii.gz"))
+    assert out.shape == (32, 32, 24) and 0 <= out.get_fdata().min() and out.get_fdata().max() <= 1
+    for k in (2, 4, 6):  # each real slice lies where it was acquired
+        assert overlay_correlation(dst / "thick.nii.gz", src / "thick.nii.gz", k) >= 0.9
+    np.testing.assert_allclose(nib.load(str(dst / "thick_model_grid.nii.gz")).affine, ref["affine"], atol=1e-4)
+    side = json.loads((dst / "thin.json").read_text())
+    assert side["input_kind"] == "scan" and not set(side["input_slices"]) & set(THIN_MISSING)
+    assert len(side["real_slices"]) == len(side["input_slices"]) and side["generated_slices"]  # one input per grid slice
+    report = json.loads((dst / REPORT_NAME).read_text())
+    listed = next(v for v in report["volumes"] if v["output"] == "thin.nii.gz")
+    assert sorted(listed["files"]) == sorted(f"thin{s}" for s in SCAN_FILES if s != ".json")
+
+
 def test_complete_cli_end_to_end(workdir, scan, tiny_dataset, tmp_path):
-    """Both kinds and every kind of bad file in one folder, through `python -m monai_mrngan complete`."""
+    """The three kinds and every kind of bad file in one folder, through `python -m monai_mrngan complete`."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     good = _good_inputs(src, scan)
@@ -167,22 +210,27 @@ def test_complete_cli_end_to_end(workdir, scan, tiny_dataset, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert _hash_tree(src) == before  # SRC untouched
-    assert "completed 3 of 10 files" in proc.stdout
+    assert "completed 5 of 11 files" in proc.stdout
     skipped_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("complete: skipped ")]
     assert len(skipped_lines) == len(bad)
     for name, text in bad.items():
         line = next(ln for ln in skipped_lines if name.split(".")[0] + "." in ln)
         assert text in line, line
-    assert any("complete: 10/10" in ln for ln in proc.stderr.splitlines())  # progress
+    assert any("complete: 11/11" in ln for ln in proc.stderr.splitlines())  # progress
 
     report = json.loads((dst / REPORT_NAME).read_text())
-    assert sorted(v["output"] for v in report["volumes"]) == ["stack.nii.gz", "sub/vol_int.nii.gz", "vol_float.nii.gz"]
+    assert sorted(v["output"] for v in report["volumes"]) == ["stack.nii.gz", "sub/vol_int.nii.gz", "thick.nii.gz", "thin.nii.gz",
+                                                              "vol_float.nii.gz"]
     assert len(report["skipped"]) == len(bad) and all(s["reason"] for s in report["skipped"])
     assert report["ignored_files"] == [str(src / "notes.txt")]
     assert report["options"]["method"] == "mrngan" and report["options"]["workdir"] == str(workdir)
+    scans = [f"{name}{suffix}" for name in ("thick", "thin") for suffix in SCAN_FILES]
     assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == sorted(
-        ["complete_report.json", "stack.json", "stack.nii.gz", "vol_float.json", "vol_float.nii.gz", "vol_int.json", "vol_int.nii.gz"])
+        ["complete_report.json", "stack.json", "stack.nii.gz", "vol_float.json", "vol_float.nii.gz", "vol_int.json", "vol_int.nii.gz"] + scans)
     _check_good_outputs(src, dst, scan, good["picks"], tiny_dataset)
+    _check_scans(src, dst, scan, tiny_dataset)
+    check_folders(src, dst, overwrite=True)  # what --overwrite does first: every file the report lists is removed, scans' too
+    assert [p for p in dst.rglob("*") if p.is_file()] == []
 
 
 def _main(*args) -> int:

@@ -8,7 +8,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -18,8 +18,20 @@ from ..data.grid import unit_range_and_scale
 from ..inference.uncertainty import MAP_STORED, slice_means
 
 REPORT_NAME = "complete_report.json"
+METHOD_STAGES = {
+    "mrngan": ("mrngan", "flow_generation", "brain_generalization"),
+    "pix2pix_iterative": ("flow_generation",),
+    "prior": ("brain_generalization",),
+    "copy": (),
+    "linear": (),
+    "cubic": (),
+    "registration": (),
+}
+"""The trained stages each method reads (the localizer comes on top where it placed the slices)."""
 MISSING_RULES = ("empty", "zero", "nan")
 """Named rules for a missing axial slice (a number is a rule too: every voxel equals it)."""
+SPACING_TOLERANCE = 0.02
+"""Relative tolerance between a volume's voxel size and the prepared spacing."""
 
 @dataclass
 class Completed:
@@ -31,6 +43,7 @@ class Completed:
     header: Any = None
     image_class: type = nib.Nifti1Image
     uncertainty: np.ndarray | None = None  # expected absolute error (input units, float32, 0 on real slices), like ``data``
+    reconstructed: Any = None  # a scan off the grid: the reconstruction that writes itself as ``reconstruct`` writes (``.save(out)``)
 
 
 
@@ -92,6 +105,12 @@ def model_files(workdir: str | Path) -> dict[str, dict]:
         "mrngan": w / "mrngan" / "models" / "model.pt",
     }
     return {stage: {"file": str(p.resolve()), "sha256": sha256_of(p)} for stage, p in files.items() if p.is_file()}
+
+
+def models_used(method: str, localized: bool, models: Mapping[str, dict] | None) -> dict:
+    """The weight files (:func:`model_files`) a completion with ``method`` read, by stage."""
+    stages = list(METHOD_STAGES.get(method, ())) + (["slice_localization"] if localized else [])
+    return {s: dict((models or {}).get(s, {})) for s in stages}
 
 
 def read_sidecar(path: Path) -> tuple[dict | None, Path]:
@@ -157,6 +176,19 @@ def axial_axis(affine: np.ndarray) -> int:
     return 2 if np.isnan(ornt).any() else int(np.nonzero(ornt[:, 0] == 2)[0][0])
 
 
+def on_grid(shape: Sequence[int], zooms: Sequence[float], reference: Mapping[str, Any]) -> bool:
+    """Whether a RAS volume of ``shape`` and voxel sizes ``zooms`` (mm) lies on the prepared grid (its in-plane size and spacing)."""
+    spacing = float(reference["spacing_mm"])
+    return tuple(int(n) for n in shape[:2]) == tuple(int(n) for n in reference["shape"]) and all(
+        abs(z - spacing) <= SPACING_TOLERANCE * spacing for z in zooms)
+
+
+def thicker_than_grid(affine: np.ndarray, reference: Mapping[str, Any]) -> bool:
+    """Whether the axial slices of a volume with this affine lie further apart than the prepared grid's (a thick-slice scan)."""
+    a = np.asarray(affine, dtype=np.float64)
+    return float(np.linalg.norm(a[:3, axial_axis(a)])) > (1 + SPACING_TOLERANCE) * float(reference["spacing_mm"])
+
+
 def check_real(real: np.ndarray, path: Path, what: str) -> None:
     finite = np.isfinite(real) if np.issubdtype(real.dtype, np.floating) else None
     if finite is not None and not finite.all():
@@ -194,9 +226,9 @@ def check_folders(src: Path, dst: Path, overwrite: bool) -> None:
             except (OSError, json.JSONDecodeError):
                 listed = []
             for rec in listed:
-                for key in ("output", "sidecar", "uncertainty"):
-                    target = (dst / str(rec.get(key, ""))).resolve()
-                    if rec.get(key) and dst_r in target.parents and target.is_file():
+                for name in [rec.get(key) for key in ("output", "sidecar", "uncertainty")] + list(rec.get("files", [])):
+                    target = (dst / str(name or "")).resolve()
+                    if name and dst_r in target.parents and target.is_file():
                         target.unlink()
             old.unlink()
 

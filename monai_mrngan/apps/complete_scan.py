@@ -1,0 +1,71 @@
+"""Completing a scan off the prepared grid (``input_kind`` ``scan``): a thick-slice acquisition, or a volume
+at another in-plane size or voxel size whose missing slices are blanked.
+
+Its real (non-missing) axial slices are read as ``reconstruct --stack`` reads a file
+(:func:`~monai_mrngan.data.inputs.stack_of_volume`: reoriented, scaled, resampled and cropped as ``prepare``
+does; positions relative to each other from the geometry) and reconstructed by the same code
+(:func:`~monai_mrngan.inference.reconstruct.reconstruct_slices`: the input checks, one offset placed, the
+few-slice mode on the prepared grid). The output is what ``reconstruct`` writes: the volume placed in the
+input's world so that it overlays the input in a viewer, the model-grid volume beside it, the provenance and
+uncertainty maps, a montage and a positions JSON. Its voxels are in the models' [0, 1] (as ``prepare``
+writes volumes; the sidecar's ``intensity.scale`` times a voxel is the input's intensity): a resampled
+slice cannot keep the input's voxels bit-exact, unlike a volume on the grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..data.inputs import stack_of_volume
+from ..data.io import InputError
+from ..inference.components import Components
+from ..inference.reconstruct import reconstruct_slices
+from .complete_io import Completed, models_used
+
+__all__ = ["complete_scan"]
+
+
+def complete_scan(
+    path: Path, data: np.ndarray, affine: np.ndarray, real_idx: np.ndarray, ras_positions: np.ndarray | None, components: Components,
+    reference: Mapping[str, Any], method: str, file_index: Any, models: Mapping[str, dict] | None = None,
+) -> Completed:
+    """Complete a scan off the prepared grid from its real axial slices ``real_idx`` (RAS indices).
+
+    ``data`` / ``affine``: the file's voxels (a private copy; NaN in missing slices allowed) and affine;
+    ``ras_positions``: ``p`` per RAS axial slice from the sidecar, or None (placed as ``reconstruct --stack``
+    places a stack); ``file_index``: RAS axial indices -> the file's own, for the sidecar; ``models``: :func:`~.complete_io.model_files`.
+    Raises :class:`InputError` naming the file for anything the reconstruction refuses. Nothing is written.
+    """
+    if np.issubdtype(data.dtype, np.floating):
+        data = np.nan_to_num(data, nan=0.0)  # NaN-filled missing slices would spoil the volume's intensity scale
+    size, spacing = int(reference["shape"][0]), float(reference["spacing_mm"])
+    got = stack_of_volume(data, affine, path, size, spacing, real_idx.tolist())
+    given = None if ras_positions is None else [float(p) for p in ras_positions[real_idx]]
+    try:
+        done = reconstruct_slices(got, components, positions=given, method=method, spacing_mm=spacing,
+                                  reference_affine=np.asarray(reference["affine"]), reference_positions=list(reference["positions"]), stack=True)
+    except ValueError as err:  # e.g. no slice within the grid, two slices on one grid slice, nothing to place by
+        raise InputError(path, str(err)) from err
+    rec = done.rec
+    used = sorted(int(i) for i in done.inputs.indices)
+    placement = rec.extra.get("placement") or {}
+    meta = {
+        "input_kind": "scan",
+        "shape": list(rec.volume.shape),
+        "axial_axis": 2,
+        "generated_slices": [i for i in range(rec.volume.shape[2]) if i not in set(rec.input_indices)],
+        "real_slices": sorted(int(i) for i in rec.input_indices),
+        "input_slices": file_index(np.asarray(used)),
+        "input_slices_outside_grid": file_index(np.asarray(sorted(set(real_idx.tolist()) - set(used)), dtype=int)),
+        "positions": [round(float(p), 6) for p in rec.positions],
+        "positions_from": "sidecar" if given is not None else f"placed ({placement.get('method', 'localized')})",
+        "placement": placement,
+        "intensity": {"scale": round(float(got.scale), 6), "unit_range": False,
+                      "units": "the models' [0, 1], as prepare writes volumes; intensity.scale times a voxel is the input's intensity"},
+        "method": method,
+        "models": models_used(method, given is None and str(placement.get("method", "")).startswith("localized"), models),
+    }
+    return Completed(rec.volume, done.input_affine if done.input_affine is not None else done.grid_affine, meta, reconstructed=done)
