@@ -95,6 +95,32 @@ def test_per_slice_signals_distance_and_gap():
     np.testing.assert_array_equal(uncertainty_signals(rec, None, spacing_mm=2.0)["head_area"], [0, 0, 0, 0.5, 0, 0, 0, 0, 0, 0])
 
 
+def test_only_the_inputs_whose_prior_reaches_a_generated_slice_are_fitted():
+    """A volume with one missing slice: the priors of real slices amid real slices are never read (each was a 0.2 s fit)."""
+    from monai_mrngan.inference.uncertainty import SPREAD_REACH, uncertainty_signals
+
+    read = []
+
+    class _Counting:  # a prior that records where it is read
+        def slice_at(self, positions, reference=None, reference_position=None):
+            read.append(round(float(reference_position), 4))
+            return torch.full((len(positions), 1, 4, 4), 0.5)
+
+        def spread_at(self, positions, reference=None, reference_position=None):
+            return torch.full((len(positions), 1, 4, 4), 0.1)
+
+        def fit_many(self, *a, **k):
+            raise AssertionError("not called here")
+
+    grid = np.linspace(0.9, 0.1, 30)
+    inputs = [i for i in range(30) if i != 15]
+    rec = Reconstruction(np.full((4, 4, 30), 0.3, np.float32), grid, inputs, [float(grid[i]) for i in inputs])
+    sig = uncertainty_signals(rec, _Counting(), spacing_mm=2.0)
+    near = [i for i in inputs if abs(i - 15) <= SPREAD_REACH]
+    assert sorted(read, reverse=True) == [round(float(np.float32(grid[i])), 4) for i in near]
+    assert sig["spread_local"][0, 0, 15] == pytest.approx(0.1) and sig["spread"][0, 0, 15] == pytest.approx(0.1)
+
+
 def test_candidate_spread_is_the_cells_weighted_disagreement_and_reaches_the_volume():
     """``candidate_spread``: per pixel and step sum_i w_i |c_i - output| over the candidates the cell blends; 0 where they
     all agree; runs blended into the volume like the slices, NaN on the given slices (0 in the signals)."""
