@@ -14,7 +14,8 @@ lowest and the highest real one (filling gaps, not extending the scan), in the o
 [0, 1]: the truth divided by the sidecar's ``intensity.scale``), over the head (truth above 0.1): PSNR (data range 1)
 and the mean absolute error, per file and method, beside the overlay check (``--out`` sampled at each real input
 slice, correlated with it over the head: median and lowest; the lowest is an end slice, half sampled from the slice
-generated beyond it) and the seconds of each run.
+generated beyond it), the seconds of each run, and for MRNGAN how its uncertainty map ranks the true absolute error
+(Spearman over voxels and over slices) and the mean true error over the mean predicted one.
 
     python -m scripts.bench.complete_scans --workdir W --dataset_dir D --out OUT [--subjects 3]
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy.stats import spearmanr
 
 from monai_mrngan.data.datalist import load_split
 
@@ -86,19 +88,30 @@ def score(out: Path, side: dict, truth: Path, source: Path) -> dict:
     gen = [k for k in side["generated_slices"] if min(real) < k < max(real)]  # between real slices: filling, not extrapolating
     if side["input_kind"] != "scan":  # on the input's own grid: the input's units, its own slices
         vol = vol / scale
-    got, want = [], []
+    files = side.get("files") or {}
+    unc = nib.load(str(out.with_name(files["uncertainty"]))).get_fdata(dtype=np.float32) if files.get("uncertainty") else None
+    got, want, pred = [], [], []
     for k in gen:
         t = _sample(truth, _world(img.affine, vol.shape[:2], k)).reshape(vol.shape[:2]) / scale
         head = t > 0.1
         got.append(vol[:, :, k][head])
         want.append(t[head])
+        if unc is not None:
+            pred.append(unc[:, :, k][head])
     g, w = np.concatenate(got), np.concatenate(want)
     mse = float(np.mean((g - w) ** 2))
+    trust = {}
+    if pred:  # the uncertainty map against the true absolute error, as evaluate scores it (Spearman over voxels and slices)
+        err = [np.abs(a - b) for a, b in zip(got, want)]
+        pv, ev = np.concatenate(pred), np.concatenate(err)
+        trust = {"spearman_voxel": round(float(spearmanr(pv, ev)[0]), 3),
+                 "spearman_slice": round(float(spearmanr([p.mean() for p in pred], [e.mean() for e in err])[0]), 3),
+                 "true_over_predicted": round(float(ev.mean() / max(pv.mean(), 1e-12)), 3)}
     src = nib.as_closest_canonical(nib.load(str(source)))
     data = np.asanyarray(src.dataobj).astype(np.float32)
     corr = _overlay(out, [(data[:, :, k], src.affine, k) for k in range(data.shape[2])])
     return {"psnr_db": round(10 * np.log10(1.0 / max(mse, 1e-12)), 2), "mae": round(float(np.mean(np.abs(g - w))), 4),
-            "generated_slices": len(gen), "head_voxels": int(g.size),
+            "generated_slices": len(gen), "head_voxels": int(g.size), **trust,
             "overlay_corr_median": round(float(np.median(corr)), 4) if corr else None, "overlay_corr_min": round(min(corr), 4) if corr else None}
 
 
