@@ -328,3 +328,24 @@ def test_orientation_missing_rules_and_positions(scan, tiny_dataset, tmp_path):
         complete_dataset(tmp_path, tmp_path / "never", nothing, ref, method="mrngan")
     with pytest.raises(ValueError, match="--missing"):
         complete_file(tmp_path / "ras.nii.gz", nothing, ref, method="linear", missing="sometimes")
+
+
+def test_a_scan_off_the_grid_takes_its_sidecar_positions_and_says_when_nothing_can_place_it(scan, tiny_dataset, tmp_path):
+    vol, affine, positions = scan
+    ref = reference_grid(tiny_dataset)
+    nothing = Components()  # linear: no model; positions from the sidecar or from the vertex in view
+    aff = affine.copy()
+    aff[:3, 2] *= 3
+    save_nifti(vol[:, :, ::3], aff, tmp_path / "thick.nii.gz")  # every 3rd slice: 25 mm apart, the grid's in-plane size
+    save_json({"first_position": positions[0]}, tmp_path / "thick.json")
+    done = complete_file(tmp_path / "thick.nii.gz", nothing, ref, method="linear")
+    assert done.meta["input_kind"] == "scan" and done.meta["positions_from"] == "sidecar"
+    assert done.meta["real_slices"] == list(range(0, 24, 3)) and done.meta["models"] == {}
+    out = done.reconstructed.rec.volume
+    np.testing.assert_allclose(out[:, :, 1], (2 * vol[:, :, 0] + vol[:, :, 3]) / 3, atol=1e-5)  # linear across each gap
+    np.testing.assert_allclose(done.reconstructed.rec.positions, ref["positions"], atol=1e-6)
+
+    save_nifti(vol[:, :, :15:3], aff, tmp_path / "cut.nii.gz")  # the top of the head cut off, and no sidecar
+    with pytest.raises(InputError, match="no localizer is there to place it") as err:
+        complete_file(tmp_path / "cut.nii.gz", nothing, ref, method="linear")
+    assert "cut.nii.gz" in str(err.value) and "\n" not in str(err.value)
