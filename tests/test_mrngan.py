@@ -200,8 +200,11 @@ def test_volume_grid_covers_the_extent_and_rejects_collisions():
     assert len(grid) == 101 and idx == [50] and grid[0] == pytest.approx(1.0) and grid[-1] == pytest.approx(0.0)
     grid, idx = volume_grid([0.3, 0.5], -0.1)
     assert idx == [7, 5] and grid[idx[0]] == pytest.approx(0.3)
-    with pytest.raises(ValueError, match="same grid slice"):
+    with pytest.raises(ValueError, match=r"input slices 0 and 1 \(of 2\) at positions 0.3000 and 0.3020 fall on the same grid slice"):
         volume_grid([0.3, 0.302], -0.01)
+    with pytest.raises(ValueError, match=r"slices 3 and 90 \(of 91\)") as err:  # the first pair named, not every position
+        volume_grid([0.9 - 0.01 * k for k in range(90)] + [0.9 - 0.01 * 3], -0.01, reference=[1.0 - 0.01 * i for i in range(101)])
+    assert len(str(err.value)) < 150
 
 
 def test_a_stack_thinner_than_the_grid_keeps_the_input_nearest_each_grid_slice():

@@ -71,8 +71,7 @@ def volume_grid(
     if reference is not None:
         grid = np.asarray(reference, dtype=np.float64)
         indices = _snapped(pos, step_p, grid)
-        if len(set(indices)) != len(indices):
-            raise ValueError(f"input slices at positions {pos.round(4).tolist()} fall on the same grid slice (step {step:.4f} in p)")
+        _refuse_collisions(pos, indices, step)
         return grid, indices
     p_a = float(pos[0])
     below = max(0, int(math.floor((extent[1] - p_a) / step + 1e-3)))  # tolerance: positions are rounded
@@ -81,10 +80,19 @@ def volume_grid(
     below = max(below, -min(offs))  # inputs outside the extent still get a place
     above = max(above, max(offs))
     indices = [below + o for o in offs]
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"input slices at positions {pos.round(4).tolist()} fall on the same grid slice (step {step:.4f} in p)")
+    _refuse_collisions(pos, indices, step)
     grid = p_a + (np.arange(below + above + 1) - below) * step_p
     return grid, indices
+
+
+def _refuse_collisions(pos: np.ndarray, indices: Sequence[int], step: float) -> None:
+    """One line naming the first two inputs that land on one grid slice (a list of every position ran to 2,000 characters)."""
+    seen: dict[int, int] = {}
+    for k, i in enumerate(indices):
+        if i in seen:
+            raise ValueError(f"input slices {seen[i]} and {k} (of {len(indices)}) at positions {pos[seen[i]]:.4f} and {pos[k]:.4f} "
+                             f"fall on the same grid slice (step {step:.4f} in p)")
+        seen[i] = k
 
 
 def _snapped(pos: np.ndarray, step_p: float, reference: np.ndarray | None = None) -> list[int]:
