@@ -181,7 +181,7 @@ def _check_scans(src: Path, dst: Path, scan, tiny_dataset) -> None:
     # the top of the head is in view: counted from it, as prepare counts, so no localizer was read
     assert side["input_kind"] == "scan" and side["positions_from"] == "placed (vertex in the field of view)"
     assert "slice_localization" not in side["models"] and "mrngan" in side["models"]
-    assert sorted(side["input_slices"] + side["input_slices_outside_grid"]) == list(range(8))  # above the vertex: left out
+    assert sorted(side["input_slices"] + side["input_slices_left_out"]) == list(range(8))  # above the vertex: left out
     assert len(side["real_slices"]) == len(side["input_slices"]) >= 6 and side["shape"] == [32, 32, 24]
     assert side["files"]["model_grid_volume"] == "thick_model_grid.nii.gz" and side["intensity"]["scale"] > 1
     np.testing.assert_allclose(np.diff(sorted(side["real_slices"])), 3)  # 3 grid steps apart, as acquired
@@ -349,3 +349,30 @@ def test_a_scan_off_the_grid_takes_its_sidecar_positions_and_says_when_nothing_c
     with pytest.raises(InputError, match="no localizer is there to place it") as err:
         complete_file(tmp_path / "cut.nii.gz", nothing, ref, method="linear")
     assert "cut.nii.gz" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_dicom_series_folders_are_completed_as_scans(workdir, scan, tiny_dataset, tmp_path):
+    """A DICOM series folder under SRC is one input: a thick-slice series is completed, a series on the grid's spacing
+    with no file missing is skipped with its reason, and the files of a series are not 'ignored files'."""
+    pytest.importorskip("pydicom")
+    from dicom_series import write_series  # tests/ helper
+
+    vol, affine, positions = scan
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    aff = affine.copy()
+    aff[:3, 2] *= 3
+    write_series(vol[:, :, ::3], aff, src / "sub-1" / "t1_thick", scale=1000.0)  # axial files, 25 mm apart
+    write_series(vol, affine, src / "sub-2" / "t1_full", scale=1000.0)  # every slice: nothing to complete
+    report = complete_dataset(src, dst, Components(), reference_grid(tiny_dataset), method="linear", progress=False)
+    assert [v["output"] for v in report["volumes"]] == ["sub-1/t1_thick.nii.gz"] and report["ignored_files"] == []
+    assert len(report["skipped"]) == 1 and "nothing to complete" in report["skipped"][0]["reason"]
+    assert report["skipped"][0]["source"].endswith("t1_full")
+    side = json.loads((dst / "sub-1" / "t1_thick.json").read_text())
+    assert side["input_kind"] == "scan" and side["positions_from"].startswith("placed")
+    assert len(side["real_slices"]) == len(side["input_slices"]) >= 6
+    np.testing.assert_allclose(np.diff(side["real_slices"]), 3)
+    assert nib.load(str(dst / "sub-1" / "t1_thick.nii.gz")).shape == (32, 32, 24)
+    assert (dst / "sub-1" / "t1_thick_model_grid.nii.gz").is_file()
+    save_nifti(vol[:, :, ::3], aff, tmp_path / "thick_as_nifti.nii.gz")  # the series' voxels in world space
+    for k in (1, 3, 5):  # the series' axial slices lie where they were acquired
+        assert overlay_correlation(dst / "sub-1" / "t1_thick.nii.gz", tmp_path / "thick_as_nifti.nii.gz", k) >= 0.9

@@ -216,7 +216,7 @@ def complete(
     SRC holds 3D NIfTI volumes with missing slices (optional sidecar ``<name>.json`` with ``positions``
     or ``first_position``, else the localizer places them), stacks of a few slices with a sidecar
     ``{"positions": [...]}``, and scans off the prepared grid (thick-slice acquisitions, other sizes and
-    spacings: completed as ``reconstruct --stack`` does and written as it writes). DST gets
+    spacings, DICOM series folders: completed as ``reconstruct --stack`` does and written as it writes). DST gets
     ``<name>.nii.gz``, ``<name>.json`` (generated_slices, real_slices, positions, method, models) per
     file and ``complete_report.json``. Bad files are reported on stderr and skipped.
 

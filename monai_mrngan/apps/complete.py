@@ -1,7 +1,7 @@
 """Dataset completion (the paper's second use): fill the missing axial slices of incomplete scans.
 
-:func:`complete_dataset` reads every ``.nii`` / ``.nii.gz`` file under SRC (recursively; SRC is only
-ever read) and writes, under DST at the same relative path,
+:func:`complete_dataset` reads every ``.nii`` / ``.nii.gz`` file and DICOM series folder under SRC (recursively;
+SRC is only ever read) and writes, under DST at the same relative path,
 
 - ``<name>.nii.gz``: the completed volume, every real slice holding exactly the input's voxel values;
 - ``<name>.json``: a sidecar saying which slices were generated (``generated_slices``), which are
@@ -31,7 +31,7 @@ Three kinds of input (``input_kind`` in the sidecar):
     given slice at its nearest grid slice.
 
 ``scan``: a volume off the prepared grid (another in-plane size or voxel size: a thick-slice acquisition, or a
-    volume of any spacing with missing slices), completed by :mod:`.complete_scan` as ``reconstruct --stack``
+    volume of any spacing with missing slices) or a DICOM series folder, completed by :mod:`.complete_scan` as ``reconstruct --stack``
     reconstructs a file, and written as ``reconstruct`` writes (in the input's world, the models' [0, 1]).
 
 A file is a *stack* when its sidecar says ``"kind": "stack"``, or when it has no missing slice
@@ -95,7 +95,7 @@ from .complete_io import (
     write_image,
     write_uncertainty,
 )
-from .complete_scan import complete_scan
+from .complete_scan import complete_scan, complete_series
 
 __all__ = [
     "REPORT_NAME",
@@ -349,6 +349,8 @@ def complete_file(
     """
     path = Path(path)
     rule = missing if isinstance(missing, tuple) else parse_missing(missing)
+    if path.is_dir():  # a DICOM series folder
+        return complete_series(path, components, reference, method, models)
     data, img = load_image(path)
     sidecar, side = read_sidecar(path)
     kind = (sidecar or {}).get("kind")
@@ -443,7 +445,7 @@ def complete_dataset(
     t0 = time.time()
     for n, path in enumerate(images, 1):
         t1 = time.time()
-        rel = path.relative_to(src)
+        rel = path.relative_to(src) if path != src else Path(src.name)  # SRC itself may be one DICOM series folder
         out_rel = rel.with_name(strip_image_suffix(rel.name) + ".nii.gz")
         side_rel = rel.with_name(strip_image_suffix(rel.name) + ".json")
         status = "skipped"
@@ -474,7 +476,7 @@ def complete_dataset(
     save_json(report, dst / REPORT_NAME)
     if not report["volumes"]:
         raise RuntimeError(
-            f"{src}: nothing usable: {len(images)} NIfTI file(s), none could be completed; see {dst / REPORT_NAME}"
+            f"{src}: nothing usable: {len(images)} NIfTI file(s) or DICOM series, none could be completed; see {dst / REPORT_NAME}"
         )
     return report
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from ..data.dicom import is_dicom
 from ..data.io import InputError, check_destination, is_nifti, read_image, save_nifti, strip_image_suffix
 from ..data.grid import unit_range_and_scale
 from ..inference.uncertainty import MAP_STORED, slice_means
@@ -201,13 +202,16 @@ def check_inplane(shape: Sequence[int], expected: Sequence[int], path: Path) -> 
 
 
 def find_inputs(src: Path) -> tuple[list[Path], list[Path]]:
+    """The inputs under SRC (NIfTI files, and DICOM series folders: a folder holding DICOM files is one input) and the
+    other files, which are ignored (a NIfTI's sidecar is neither)."""
     images, others = [], []
     for p in sorted(src.rglob("*")):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(src).parts):
             continue
         (images if is_nifti(p) else others).append(p)
+    series = sorted({p.parent for p in others if is_dicom(p)})
     sidecars = {p.with_name(strip_image_suffix(p.name) + ".json") for p in images}
-    return images, [p for p in others if p not in sidecars]
+    return sorted(images + series), [p for p in others if p not in sidecars and p.parent not in series]
 
 
 def check_folders(src: Path, dst: Path, overwrite: bool) -> None:

@@ -1,5 +1,6 @@
 """Completing a scan off the prepared grid (``input_kind`` ``scan``): a thick-slice acquisition, or a volume
-at another in-plane size or voxel size whose missing slices are blanked.
+at another in-plane size or voxel size whose missing slices are blanked, or a DICOM series folder (thick slices, or
+an axial series with files missing).
 
 Its real (non-missing) axial slices are read as ``reconstruct --stack`` reads a file
 (:func:`~monai_mrngan.data.inputs.stack_of_volume`: reoriented, scaled, resampled and cropped as ``prepare``
@@ -19,13 +20,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..data.inputs import stack_of_volume
+from ..data.inputs import InputSlices, read_inputs, stack_of_volume
 from ..data.io import InputError
 from ..inference.components import Components
 from ..inference.reconstruct import reconstruct_slices
-from .complete_io import Completed, models_used
+from .complete_io import SPACING_TOLERANCE, Completed, models_used
 
-__all__ = ["complete_scan"]
+__all__ = ["complete_scan", "complete_series"]
 
 
 def complete_scan(
@@ -41,11 +42,30 @@ def complete_scan(
     """
     if np.issubdtype(data.dtype, np.floating):
         data = np.nan_to_num(data, nan=0.0)  # NaN-filled missing slices would spoil the volume's intensity scale
-    size, spacing = int(reference["shape"][0]), float(reference["spacing_mm"])
-    got = stack_of_volume(data, affine, path, size, spacing, real_idx.tolist())
+    got = stack_of_volume(data, affine, path, int(reference["shape"][0]), float(reference["spacing_mm"]), real_idx.tolist())
     given = None if ras_positions is None else [float(p) for p in ras_positions[real_idx]]
+    return _completed(path, got, given, components, reference, method, lambda ras: file_index(np.asarray(ras, dtype=int)), models)
+
+
+def complete_series(path: Path, components: Components, reference: Mapping[str, Any], method: str,
+                    models: Mapping[str, dict] | None = None) -> Completed:
+    """Complete a DICOM series folder: its axial slices (any acquisition orientation, read once as ``reconstruct --stack``
+    reads a series) when they lie further apart than the grid's or files are missing from it (an axial series with
+    gaps); else :class:`InputError` (nothing to complete). Sidecar indices are RAS axial indices of the series."""
+    spacing = float(reference["spacing_mm"])
+    got = read_inputs([path], int(reference["shape"][0]), spacing, stack=True)
+    gaps = len(got.indices) > 1 and bool((np.diff(got.indices) > 1).any())
+    if not gaps and (got.step_mm or 0.0) <= (1 + SPACING_TOLERANCE) * spacing:
+        raise InputError(path, f"a DICOM series of {len(got.indices)} axial slices {got.step_mm or 0:g} mm apart with no file "
+                               f"missing, no further apart than the grid's {spacing:g} mm: nothing to complete")
+    return _completed(path, got, None, components, reference, method, lambda ras: [int(i) for i in ras], models)
+
+
+def _completed(path: Path, got: InputSlices, given: list[float] | None, components: Components, reference: Mapping[str, Any],
+               method: str, file_index: Any, models: Mapping[str, dict] | None) -> Completed:
+    """Reconstruct a scan's slices (``got``, at ``given`` positions or placed) on the prepared grid, as ``reconstruct --stack`` does."""
     try:
-        done = reconstruct_slices(got, components, positions=given, method=method, spacing_mm=spacing,
+        done = reconstruct_slices(got, components, positions=given, method=method, spacing_mm=float(reference["spacing_mm"]),
                                   reference_affine=np.asarray(reference["affine"]), reference_positions=list(reference["positions"]), stack=True)
     except ValueError as err:  # e.g. no slice within the grid, two slices on one grid slice, nothing to place by
         raise InputError(path, str(err)) from err
@@ -58,8 +78,8 @@ def complete_scan(
         "axial_axis": 2,
         "generated_slices": [i for i in range(rec.volume.shape[2]) if i not in set(rec.input_indices)],
         "real_slices": sorted(int(i) for i in rec.input_indices),
-        "input_slices": file_index(np.asarray(used)),
-        "input_slices_outside_grid": file_index(np.asarray(sorted(set(real_idx.tolist()) - set(used)), dtype=int)),
+        "input_slices": file_index(used),
+        "input_slices_left_out": file_index(sorted(set(int(i) for i in got.indices) - set(used))),
         "positions": [round(float(p), 6) for p in rec.positions],
         "positions_from": "sidecar" if given is not None else f"placed ({placement.get('method', 'localized')})",
         "placement": placement,
