@@ -16,7 +16,7 @@ slice cannot keep the input's voxels bit-exact, unlike a volume on the grid.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ __all__ = ["complete_scan", "complete_series"]
 
 def complete_scan(
     path: Path, data: np.ndarray, affine: np.ndarray, real_idx: np.ndarray, ras_positions: np.ndarray | None, components: Components,
-    reference: Mapping[str, Any], method: str, file_index: Any, models: Mapping[str, dict] | None = None,
+    reference: Mapping[str, Any], method: str, file_index: Callable[[np.ndarray], list[int]], models: Mapping[str, dict] | None = None,
 ) -> Completed:
     """Complete a scan off the prepared grid from its real axial slices ``real_idx`` (RAS indices).
 
@@ -62,7 +62,7 @@ def complete_series(path: Path, components: Components, reference: Mapping[str, 
 
 
 def _completed(path: Path, got: InputSlices, given: list[float] | None, components: Components, reference: Mapping[str, Any],
-               method: str, file_index: Any, models: Mapping[str, dict] | None) -> Completed:
+               method: str, file_index: Callable[[Sequence[int]], list[int]], models: Mapping[str, dict] | None) -> Completed:
     """Reconstruct a scan's slices (``got``, at ``given`` positions or placed) on the prepared grid, as ``reconstruct --stack`` does."""
     try:
         done = reconstruct_slices(got, components, positions=given, method=method, spacing_mm=float(reference["spacing_mm"]),

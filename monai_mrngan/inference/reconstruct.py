@@ -29,7 +29,7 @@ from ..networks.recurrent import MRNGAN, NextFn
 from ..transforms.shapes import as_slice_batch
 from .components import Components
 from .localize import localize, place_slices
-from .output import Reconstructed, save_reconstruction
+from .output import Reconstructed
 from .runners import check_method, is_gap_aware, make_runner, one_pass_gaps
 from .uncertainty import track_spread, uncertainty_map
 from .volume import Reconstruction, cubic_fill, fill_volume, one_per_grid_slice, registration_fill, volume_affine, volume_grid
