@@ -16,6 +16,7 @@ from monai_mrngan.inference.runners import copy_runner, is_gap_aware, make_runne
 from monai_mrngan.inference.volume import fill_volume, linear_fill
 from monai_mrngan.networks.recurrent import MRNGAN
 from monai_mrngan.transforms import GapRund
+from monai_mrngan.transforms.slices import slab_mean
 from test_interpolation import _moving_disc  # noqa: E402  (tests/ module: a disc that shifts with depth)
 
 NAN = float("nan")
@@ -299,6 +300,45 @@ def test_gap_sampler_yields_valid_open_runs_and_gaps():
     for bad in (dict(gap_fraction=1.5), dict(min_gap=1), dict(min_gap=5, max_gap=4)):
         with pytest.raises(ValueError):
             GapRund(**bad)
+
+
+def test_slab_mean_is_a_box_profile_over_the_slices_a_slab_covers():
+    vol = torch.arange(10, dtype=torch.float32).pow(2).reshape(1, 1, 10).expand(2, 3, 10)
+    assert torch.equal(slab_mean(vol, 4, 1.0), vol[..., 4])
+    assert torch.allclose(slab_mean(vol, 4, 3.0), vol[..., 3:6].mean(-1))
+    assert torch.allclose(slab_mean(vol, 4, 2.0), 0.25 * vol[..., 3] + 0.5 * vol[..., 4] + 0.25 * vol[..., 5])
+    assert torch.allclose(slab_mean(vol, 0, 3.0), (2 * vol[..., 0] + vol[..., 1]) / 3)  # the end slice repeats
+    with pytest.raises(ValueError):
+        slab_mean(vol, 4, 0.5)
+
+
+def test_slab_runs_thicken_the_given_slices_and_keep_the_targets_sharp():
+    data = _volume()
+    data["image"] = data["image"] ** 2  # not linear in depth, so a slab differs from its centre slice
+    plain = GapRund(run_length=6, num_samples=50, gap_fraction=0.5)
+    plain.set_random_state(3)
+    off = GapRund(run_length=6, num_samples=50, gap_fraction=0.5, slab_prob=0.0)
+    off.set_random_state(3)
+    assert all(torch.equal(a["image"], b["image"]) and a["gap"] == b["gap"] for a, b in zip(plain(data), off(data)))
+    t = GapRund(run_length=6, num_samples=200, gap_fraction=0.5, slab_prob=1.0, slab_slices=(2.0, 3.0))
+    t.set_random_state(0)
+    vol = data["image"][0]
+    for d in t(data):
+        start, step = d["slice_index"], int(d["direction"].item())
+        idx = start + step * torch.arange(6)
+        assert torch.equal(d["image"][1:], vol[..., idx[1:]].permute(2, 0, 1))  # targets sharp
+        assert not torch.equal(d["image"][0], vol[..., start]) or start in (0, 39)
+        centre = float(d["image"][0, 0, 0])
+        assert vol[0, 0, max(start - 1, 0)] <= centre <= vol[0, 0, min(start + 1, 39)] + 1
+        if d["gap"]:
+            far = start + step * d["gap"]
+            assert not torch.equal(d["far_image"][0], vol[..., far]) or far in (0, 39)
+    with pytest.raises(ValueError):
+        GapRund(slab_prob=2.0)
+    with pytest.raises(ValueError):
+        GapRund(slab_slices=(0.5, 2.0))
+    det = GapRund(run_length=6, num_samples=None, slab_prob=1.0)(data)  # deterministic mode never makes slabs
+    assert all(torch.equal(d["image"][0], vol[..., d["slice_index"]]) for d in det)
 
 
 def test_run_batch_passes_the_far_end_and_training_uses_it():

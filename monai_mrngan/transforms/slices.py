@@ -17,7 +17,8 @@ Outputs are plain tensors (no MetaTensor metadata) so collation stays fast:
   fitted-prior cache), and ``carry_keys`` are copied into every run
 - :class:`GapRund`:             a :class:`SliceRund` run plus the far end of the gap it fills:
   ``far_image`` (1, H, W) (zeros for an open run), ``far_position`` (1,) (NaN for an open run),
-  ``gap`` (the far end's distance in slices, 0 for an open run)
+  ``gap`` (the far end's distance in slices, 0 for an open run); with ``slab_prob`` some runs' given slices
+  (``image[0]`` and the far end) are thick slabs (:func:`slab_mean`) while the targets stay sharp
 
 MONAI has crop samplers but none that carries a per-slice position or pairs slices along an
 axis with a direction flag, hence these small transforms.
@@ -33,7 +34,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from monai.transforms.traits import MultiSampleTrait
 
-__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund", "GapRund"]
+__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund", "GapRund", "slab_mean"]
 
 _PASS_THROUGH = ("subject", "session")
 
@@ -55,6 +56,24 @@ def _positions(data: Mapping, key: str, depth: int) -> torch.Tensor:
     if pos.numel() != depth:
         raise ValueError(f"{key!r} has {pos.numel()} entries but the volume has {depth} axial slices")
     return pos
+
+
+def slab_mean(volume: torch.Tensor, index: int, thickness: float) -> torch.Tensor:
+    """The axial slab of ``thickness`` slices centred on slice ``index`` of ``volume`` (..., D): what a thick-slice
+    acquisition records there, the mean of the slices it covers, the two at its faces weighted by the share they
+    cover (a box profile); slices beyond the volume's ends repeat its end slices. ``thickness`` 1 is the slice itself.
+
+    Written here: MONAI's smoothing transforms filter a whole volume with a Gaussian, not one slab with a box profile.
+    """
+    if thickness < 1.0:
+        raise ValueError(f"slab thickness must be >= 1 slice, got {thickness}")
+    half = thickness / 2.0
+    reach = int(np.ceil(half - 0.5))
+    offsets = np.arange(-reach, reach + 1)
+    weights = np.clip(np.minimum(offsets + 0.5, half) - np.maximum(offsets - 0.5, -half), 0.0, None)
+    idx = np.clip(index + offsets, 0, volume.shape[-1] - 1)
+    w = torch.as_tensor(weights / weights.sum(), dtype=volume.dtype)
+    return (volume[..., idx] * w).sum(-1)
 
 
 class _SliceSampler(Randomizable, MapTransform, MultiSampleTrait):
@@ -252,6 +271,12 @@ class GapRund(SliceRund):
     Deterministic mode (``num_samples=None``): every open run of the first direction, then (when
     ``gap_fraction > 0``) every gap run with ``k = max_gap`` in that direction. With ``starts_key``
     (see :class:`SliceRund`) runs start only at the listed slices, in a direction that fits.
+
+    ``slab_prob``: the share of random runs whose given slices (the start ``image[0]`` and the far end) are thick
+    slabs, :func:`slab_mean` over a thickness drawn from ``slab_slices`` (in slices; at most ``k`` for a gap run, as
+    a thick-slice scan's slabs do not overlap), while the slices to generate stay sharp: a cell trained so learns to
+    fill a thick-slice scan with the sharp anatomy between its slabs, not with more slab blur. 0 (the default) draws
+    nothing, so runs are as before; deterministic mode never makes slabs.
     """
 
     def __init__(
@@ -267,13 +292,20 @@ class GapRund(SliceRund):
         allow_missing_keys: bool = False,
         starts_key: str | None = None,
         carry_keys: Sequence[str] = (),
+        slab_prob: float = 0.0,
+        slab_slices: Sequence[float] = (1.5, 3.0),
     ) -> None:
         super().__init__(keys, run_length, positions_key, num_samples, directions, allow_missing_keys, starts_key, carry_keys)
         if not 0.0 <= gap_fraction <= 1.0:
             raise ValueError(f"gap_fraction must be in [0, 1], got {gap_fraction}")
         if not 2 <= min_gap <= max_gap:
             raise ValueError(f"need 2 <= min_gap <= max_gap, got {min_gap}, {max_gap}")
+        if not 0.0 <= slab_prob <= 1.0:
+            raise ValueError(f"slab_prob must be in [0, 1], got {slab_prob}")
+        if len(slab_slices) != 2 or not 1.0 <= slab_slices[0] <= slab_slices[1]:
+            raise ValueError(f"slab_slices must be (low, high) with 1 <= low <= high, got {slab_slices}")
         self.gap_fraction, self.min_gap, self.max_gap = float(gap_fraction), int(min_gap), int(max_gap)
+        self.slab_prob, self.slab_slices = float(slab_prob), (float(slab_slices[0]), float(slab_slices[1]))
 
     def _plan(self, depth: int) -> list[tuple[int, int, int]]:
         """(start index, direction, gap k or 0) per sample."""
@@ -316,10 +348,21 @@ class GapRund(SliceRund):
             plan.append((i, int(self.R.choice(np.asarray(dirs))), k))
         return plan
 
+    def _slab(self, gap: int) -> float:
+        """This run's slab thickness in slices (1: sharp given slices); draws only when ``slab_prob`` > 0."""
+        if self.num_samples is None or self.slab_prob <= 0 or self.R.rand() >= self.slab_prob:
+            return 1.0
+        thickness = float(self.R.uniform(*self.slab_slices))
+        return min(thickness, float(gap)) if gap else thickness
+
     def _far_end(self, d: dict, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
+        key = self.first_key(d)
+        thickness = self._slab(gap)
+        if thickness > 1.0:
+            d[key][0] = slab_mean(vol[0], start, thickness)
         if gap:
             far = start + direction * gap
-            d["far_image"] = vol[0][..., far][None].clone()
+            d["far_image"] = (slab_mean(vol[0], far, thickness) if thickness > 1.0 else vol[0][..., far])[None].clone()
             d["far_position"] = pos[far : far + 1].clone()
         else:
             d["far_image"] = torch.zeros_like(vol[0][..., start][None])
