@@ -266,8 +266,9 @@ def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limi
     report = evaluate_reconstruction(dataset_dir, out, _components(workdir, device), split=split, limit=limit)
     for name, m in report["single_slice"]["methods"].items():
         print(f"{name:<20} SSIM {m['ssim']:.3f}  head-only SSIM {m['ssim_head']:.3f}  PSNR {m['psnr']:.2f} dB")
-    for k, methods in report["few_slices"].items():
-        print(f"few slices {k:<4} " + "  ".join(f"{name} {m['ssim_head']:.3f} / {m['psnr']:.2f} dB" for name, m in methods.items()))
+    for section in ("few_slices", "thick_slices"):
+        for k, methods in report.get(section, {}).items():
+            print(f"{section.replace('_', ' ')} {k:<4} " + "  ".join(f"{name} {m['ssim_head']:.3f} / {m['psnr']:.2f} dB" for name, m in methods.items()))
     print(f"report: {out}/report.json")
 
 

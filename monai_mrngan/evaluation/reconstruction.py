@@ -7,15 +7,18 @@ One run of :func:`evaluate_reconstruction` does both of issue 6's experiments:
   slice is scored, grouped by its distance ``d`` (in slices) from the input;
 - few slices: every k-th true slice is given (default k = 2, 4, 8, 16; indices 0, k, 2k, ...) with
   its true position and the slices strictly between the first and the last given one that were
-  not given are scored; MRNGAN against linear, monotone cubic (PCHIP) and registration-based interpolation.
+  not given are scored; MRNGAN against linear, monotone cubic (PCHIP) and registration-based interpolation;
+- thick slices: as few slices, but each given slice is the mean of the k slices around it (default k = 3: contiguous
+  6 mm slabs on a 2 mm grid, :func:`~monai_mrngan.transforms.slices.slab_mean`), as a thick-slice scan records them,
+  and the missing slices are scored against the sharp truth.
 
 Outputs in ``out_dir``: ``report.json`` (``single_slice.methods.<method>`` with ``by_distance``,
-``few_slices.k<k>.<method>``), ``report_meta.json`` (what was run: subjects, positions,
+``few_slices.k<k>.<method>``, ``thick_slices.k<k>.<method>``), ``report_meta.json`` (what was run: subjects, positions,
 localization error), ``per_distance.csv``, ``distance_<metric>.png`` per metric,
 ``uncertainty_reliability.png`` (with a calibration: ``report.json["uncertainty"]``, see
 :mod:`~monai_mrngan.evaluation.uncertainty`, scored on the MRNGAN reconstructions), and TensorBoard
 scalars (``single_slice/<metric>/<method>`` with step ``d``). ``per_distance.csv`` rows are keyed
-by ``setting`` (``single`` or ``k<k>``), ``method`` and ``d``: the distance in slices from the
+by ``setting`` (``single``, ``k<k>`` or ``thick_k<k>``), ``method`` and ``d``: the distance in slices from the
 input slice (single) or from the nearest given slice (few slices, 1 .. k // 2).
 Metrics come from :func:`monai_mrngan.metrics.slice_metrics` ([0,1] data, data range 1).
 """
@@ -42,15 +45,17 @@ from ..inference.reconstruct import reconstruct_volume, refine_positions
 from ..inference.runners import make_runner, one_pass_gaps
 from ..inference.uncertainty import track_spread
 from ..metrics import METRIC_NAMES, pool_rows, slice_metrics, summarize
+from ..transforms.slices import slab_mean
 from .uncertainty import UncertaintyScores, plot_reliability
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_reconstruction", "SINGLE_METHODS", "FEW_METHODS", "FEW_SLICE_K"]
+__all__ = ["evaluate_reconstruction", "SINGLE_METHODS", "FEW_METHODS", "FEW_SLICE_K", "THICK_SLICE_K"]
 
 SINGLE_METHODS = ("mrngan", "pix2pix_iterative", "prior", "copy")
 FEW_METHODS = ("mrngan", "linear", "cubic", "registration")
 FEW_SLICE_K = (2, 4, 8, 16)
+THICK_SLICE_K = (3,)
 
 
 def _available(methods: Sequence[str], comp: Components) -> list[str]:
@@ -85,6 +90,7 @@ def evaluate_reconstruction(
     limit: int | None = None,
     tensorboard: bool = True,
     calibration: Any = None,
+    thick_slice_k: Sequence[int] = THICK_SLICE_K,
 ) -> dict[str, Any]:
     """Run the single-slice and few-slice evaluations on ``split`` and write the report files.
 
@@ -102,6 +108,8 @@ def evaluate_reconstruction(
         limit: evaluate only the first N subjects of the split.
         calibration: the uncertainty calibration to score (default ``components.calibration``); none:
             ``report.json["uncertainty"]`` is null.
+        thick_slice_k: the thick-slice cases: every k-th slice given as the mean of the k slices around it (a
+            slab as thick as the spacing), the few-slice methods filling the rest; () for none.
     Returns the ``report.json`` dictionary.
     """
     comp = components or Components()
@@ -114,8 +122,9 @@ def evaluate_reconstruction(
     few = _available(few_slice_methods, comp)
     use_loc = localize_inputs and comp.localizer is not None
     by_d: dict[str, dict[int, list[dict[str, torch.Tensor]]]] = {m: {} for m in single}
-    few_rows: dict[int, dict[str, list]] = {k: {m: [] for m in few} for k in few_slice_k}
-    few_by_d: dict[int, dict[str, dict[int, list]]] = {k: {m: {} for m in few} for k in few_slice_k}
+    cases = [f"k{k}" for k in few_slice_k] + [f"thick_k{k}" for k in thick_slice_k]
+    few_rows: dict[str, dict[str, list]] = {c: {m: [] for m in few} for c in cases}
+    few_by_d: dict[str, dict[str, dict[int, list]]] = {c: {m: {} for m in few} for c in cases}
     loc_err, raw_err, spacing = [], [], None
     cal = calibration if calibration is not None else getattr(comp, "calibration", None)
     unc = UncertaintyScores(cal) if cal is not None and "mrngan" in single + few else None
@@ -150,27 +159,30 @@ def evaluate_reconstruction(
                 for dist in torch.unique(d[keep]).tolist():
                     sel = d[keep] == dist
                     by_d[m].setdefault(int(dist), []).append({k: v[sel] for k, v in met.items()})
-        for k in few_slice_k:
+        sharp = torch.from_numpy(vol)
+        for case in cases:
+            k = int(case.rsplit("k", 1)[1])
             given = list(range(0, depth, k))
             if len(given) < 2:
                 continue
+            inputs = target[given] if case.startswith("k") else torch.stack([slab_mean(sharp, i, float(k)) for i in given])[:, None]
             missing = torch.as_tensor([i for i in range(given[0], given[-1]) if i not in given])
             near = torch.as_tensor(np.abs(missing.numpy()[:, None] - np.asarray(given)[None]).min(1))  # to the nearest given slice
             with shared_registrations():  # the cell and the registration baseline fill the same gaps
                 for m in few:
-                    scored = unc is not None and m == "mrngan" and f"k{k}" in unc.vox
+                    scored = unc is not None and m == "mrngan" and case in unc.vox
                     with track_spread(comp.prior, scored):
-                        rec = reconstruct_volume(target[given], pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
+                        rec = reconstruct_volume(inputs, pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
                     if scored:
-                        unc.add(f"k{k}", rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, missing.numpy())
+                        unc.add(case, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, missing.numpy())
                     pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
                     met = slice_metrics(pred[missing], target[missing])
-                    few_rows[k][m].append(met)
+                    few_rows[case][m].append(met)
                     for dist in torch.unique(near).tolist():
-                        few_by_d[k][m].setdefault(int(dist), []).append({key: v[near == dist] for key, v in met.items()})
+                        few_by_d[case][m].setdefault(int(dist), []).append({key: v[near == dist] for key, v in met.items()})
         logger.info("reconstruction eval: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
 
-    report: dict[str, Any] = {"single_slice": {"methods": {}}, "few_slices": {}}
+    report: dict[str, Any] = {"single_slice": {"methods": {}}, "few_slices": {}, "thick_slices": {}}
     csv_rows = []
     for m in single:
         all_rows = [r for rows in by_d[m].values() for r in rows]
@@ -182,12 +194,15 @@ def evaluate_reconstruction(
             entry["by_distance"].append({"d": dist, **s})
             csv_rows.append({"setting": "single", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **s})
         report["single_slice"]["methods"][m] = entry
-    for k in few_slice_k:
-        report["few_slices"][f"k{k}"] = {m: _summary(pool_rows(few_rows[k][m])) for m in few}
+    for case in cases:
+        if few and not few_rows[case][few[0]]:  # no subject had two given slices at this spacing
+            continue
+        section, key = ("thick_slices", case[len("thick_"):]) if case.startswith("thick_") else ("few_slices", case)
+        report[section][key] = {m: _summary(pool_rows(few_rows[case][m])) for m in few}
         for m in few:
-            for dist in sorted(few_by_d[k][m]):
-                pooled = pool_rows(few_by_d[k][m][dist])
-                csv_rows.append({"setting": f"k{k}", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **_summary(pooled)})
+            for dist in sorted(few_by_d[case][m]):
+                pooled = pool_rows(few_by_d[case][m][dist])
+                csv_rows.append({"setting": case, "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **_summary(pooled)})
     report["uncertainty"] = unc.report() if unc is not None else None
     if report["uncertainty"]:
         plot_reliability(report["uncertainty"], out_dir / "uncertainty_reliability.png")
@@ -199,6 +214,7 @@ def evaluate_reconstruction(
             "subjects": [e.get("subject") for e in entries],
             "input_positions": list(input_positions),
             "few_slice_k": list(few_slice_k),
+            "thick_slice_k": list(thick_slice_k),
             "localized_inputs": use_loc,
             "localization_abs_error_mean": float(np.mean(loc_err)) if loc_err else None,
             "localizer_abs_error_mean": float(np.mean(raw_err)) if raw_err else None,
@@ -253,7 +269,8 @@ def _tensorboard(report: dict, out_dir: Path) -> None:
                     writer.add_scalar(f"single_slice/{metric}/{m}", r[metric], r["d"])
             for metric in METRIC_NAMES:
                 writer.add_scalar(f"single_slice_mean/{metric}/{m}", entry[metric], 0)
-        for k, methods in report["few_slices"].items():
-            for m, s in methods.items():
-                for metric in METRIC_NAMES:
-                    writer.add_scalar(f"few_slices_{k}/{metric}/{m}", s[metric], 0)
+        for section in ("few_slices", "thick_slices"):
+            for k, methods in report[section].items():
+                for m, s in methods.items():
+                    for metric in METRIC_NAMES:
+                        writer.add_scalar(f"{section}_{k}/{metric}/{m}", s[metric], 0)

@@ -48,7 +48,8 @@ def shifted_dataset(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
 def _row(report: Mapping[str, Any]) -> dict[str, Any]:
     single = {m: {k: s[k] for k in ("ssim_head", "psnr")} for m, s in report["single_slice"]["methods"].items()}
-    few = {k: {m: {x: s[x] for x in ("ssim_head", "psnr")} for m, s in methods.items()} for k, methods in report["few_slices"].items()}
+    cases = {**report["few_slices"], **{f"thick_{k}": methods for k, methods in report.get("thick_slices", {}).items()}}
+    few = {k: {m: {x: s[x] for x in ("ssim_head", "psnr")} for m, s in methods.items()} for k, methods in cases.items()}
     return {"single_slice": single, "few_slices": few, "uncertainty": report.get("uncertainty")}  # the map's reliability per shift
 
 

@@ -72,6 +72,19 @@ def few_slice_targets(report: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
+def _few_table(cases: dict) -> None:
+    """One markdown row per k: each method's SSIM / head-only SSIM / PSNR, and MRNGAN's PSNR margin over each baseline."""
+    ks = sorted(cases, key=lambda k: int(k[1:]))
+    fm = list(next(iter(cases.values())).keys()) if ks else []
+    bases = [b for b in ("linear", "cubic", "registration") if b in fm]
+    print("| k | " + " | ".join(fm + [f"mrngan - {b}" for b in bases]) + " |\n|---|" + "---|" * (len(fm) + len(bases)))
+    for k in ks:
+        row = cases[k]
+        cells = [f"{row[m]['ssim']:.3f} / {row[m]['ssim_head']:.3f} / {row[m]['psnr']:.2f}" for m in fm]
+        gaps = [f"{row['mrngan']['psnr'] - row[b]['psnr']:+.2f} dB" if "mrngan" in row and b in row else "" for b in bases]
+        print(f"| {k[1:]} | " + " | ".join(cells + gaps) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval_dir", required=True, type=Path)
@@ -97,15 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         row = by_d.get(("single", m), {})
         print(f"| {m} | " + " | ".join(f"{row[d]['ssim_head']:.3f} / {row[d]['psnr']:.2f}" if d in row else "" for d in DISTANCES) + " |")
     print("\nfew slices (every k-th given; missing slices scored): SSIM / head-only SSIM / PSNR dB\n")
-    ks = sorted(report["few_slices"], key=lambda k: int(k[1:]))
-    fm = list(next(iter(report["few_slices"].values())).keys()) if ks else []
-    bases = [b for b in ("linear", "cubic", "registration") if b in fm]
-    print("| k | " + " | ".join(fm + [f"mrngan - {b}" for b in bases]) + " |\n|---|" + "---|" * (len(fm) + len(bases)))
-    for k in ks:
-        row = report["few_slices"][k]
-        cells = [f"{row[m]['ssim']:.3f} / {row[m]['ssim_head']:.3f} / {row[m]['psnr']:.2f}" for m in fm]
-        gaps = [f"{row['mrngan']['psnr'] - row[b]['psnr']:+.2f} dB" if "mrngan" in row and b in row else "" for b in bases]
-        print(f"| {k[1:]} | " + " | ".join(cells + gaps) + " |")
+    _few_table(report["few_slices"])
+    if report.get("thick_slices"):
+        print("\nthick slices (every k-th given as the mean of the k slices around it; missing slices scored against the sharp truth)\n")
+        _few_table(report["thick_slices"])
     unc = report.get("uncertainty")
     if unc:
         print("\nuncertainty: | case | Spearman voxel | Spearman slice | deciles 2-10 within 25 % |\n|---|---:|---:|---|")
