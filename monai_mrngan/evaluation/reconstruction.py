@@ -122,9 +122,10 @@ def evaluate_reconstruction(
     few = _available(few_slice_methods, comp)
     use_loc = localize_inputs and comp.localizer is not None
     by_d: dict[str, dict[int, list[dict[str, torch.Tensor]]]] = {m: {} for m in single}
-    cases = [f"k{k}" for k in few_slice_k] + [f"thick_k{k}" for k in thick_slice_k]
-    few_rows: dict[str, dict[str, list]] = {c: {m: [] for m in few} for c in cases}
-    few_by_d: dict[str, dict[str, dict[int, list]]] = {c: {m: {} for m in few} for c in cases}
+    # (report section, k, per_distance.csv setting and uncertainty case name) of each given-slices case
+    cases = [("few_slices", k, f"k{k}") for k in few_slice_k] + [("thick_slices", k, f"thick_k{k}") for k in thick_slice_k]
+    few_rows: dict[tuple, dict[str, list]] = {c: {m: [] for m in few} for c in cases}
+    few_by_d: dict[tuple, dict[str, dict[int, list]]] = {c: {m: {} for m in few} for c in cases}
     loc_err, raw_err, spacing = [], [], None
     cal = calibration if calibration is not None else getattr(comp, "calibration", None)
     unc = UncertaintyScores(cal) if cal is not None and "mrngan" in single + few else None
@@ -161,20 +162,20 @@ def evaluate_reconstruction(
                     by_d[m].setdefault(int(dist), []).append({k: v[sel] for k, v in met.items()})
         sharp = torch.from_numpy(vol)
         for case in cases:
-            k = int(case.rsplit("k", 1)[1])
+            section, k, setting = case
             given = list(range(0, depth, k))
             if len(given) < 2:
                 continue
-            inputs = target[given] if case.startswith("k") else torch.stack([slab_mean(sharp, i, float(k)) for i in given])[:, None]
+            inputs = target[given] if section == "few_slices" else torch.stack([slab_mean(sharp, i, float(k)) for i in given])[:, None]
             missing = torch.as_tensor([i for i in range(given[0], given[-1]) if i not in given])
             near = torch.as_tensor(np.abs(missing.numpy()[:, None] - np.asarray(given)[None]).min(1))  # to the nearest given slice
             with shared_registrations():  # the cell and the registration baseline fill the same gaps
                 for m in few:
-                    scored = unc is not None and m == "mrngan" and case in unc.vox
+                    scored = unc is not None and m == "mrngan" and setting in unc.vox
                     with track_spread(comp.prior, scored):
                         rec = reconstruct_volume(inputs, pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
                     if scored:
-                        unc.add(case, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, missing.numpy())
+                        unc.add(setting, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, missing.numpy())
                     pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
                     met = slice_metrics(pred[missing], target[missing])
                     few_rows[case][m].append(met)
@@ -195,14 +196,14 @@ def evaluate_reconstruction(
             csv_rows.append({"setting": "single", "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **s})
         report["single_slice"]["methods"][m] = entry
     for case in cases:
+        section, k, setting = case
         if few and not few_rows[case][few[0]]:  # no subject had two given slices at this spacing
             continue
-        section, key = ("thick_slices", case[len("thick_"):]) if case.startswith("thick_") else ("few_slices", case)
-        report[section][key] = {m: _summary(pool_rows(few_rows[case][m])) for m in few}
+        report[section][f"k{k}"] = {m: _summary(pool_rows(few_rows[case][m])) for m in few}
         for m in few:
             for dist in sorted(few_by_d[case][m]):
                 pooled = pool_rows(few_by_d[case][m][dist])
-                csv_rows.append({"setting": case, "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **_summary(pooled)})
+                csv_rows.append({"setting": setting, "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **_summary(pooled)})
     report["uncertainty"] = unc.report() if unc is not None else None
     if report["uncertainty"]:
         plot_reliability(report["uncertainty"], out_dir / "uncertainty_reliability.png")

@@ -234,8 +234,8 @@ class SliceRund(_SliceSampler):
             plan.append((i, int(self.R.choice(np.asarray(self._fits(i, span, depth)))), 0))
         return plan
 
-    def _far_end(self, d: dict, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
-        """Hook for samplers that add the far end of the run's gap (none here)."""
+    def _given_ends(self, d: dict, key: Hashable, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
+        """Hook for samplers that shape the run's given slices: add the far end of its gap, thicken them (none here)."""
 
     def __call__(self, data: Mapping) -> list[dict]:
         key = self.first_key(data)
@@ -254,7 +254,7 @@ class SliceRund(_SliceSampler):
             d["positions"] = pos[idx].clone()
             d["direction"] = torch.tensor([float(direction)])
             d["slice_index"] = int(start)
-            self._far_end(d, vol, pos, start, direction, gap)
+            self._given_ends(d, key, vol, pos, start, direction, gap)
             out.append(d)
         return out
 
@@ -355,8 +355,7 @@ class GapRund(SliceRund):
         thickness = float(self.R.uniform(*self.slab_slices))
         return min(thickness, float(gap)) if gap else thickness
 
-    def _far_end(self, d: dict, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
-        key = self.first_key(d)
+    def _given_ends(self, d: dict, key: Hashable, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
         thickness = self._slab(gap)
         if thickness > 1.0:
             d[key][0] = slab_mean(vol[0], start, thickness)
