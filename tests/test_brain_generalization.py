@@ -454,3 +454,16 @@ def test_the_displacement_upsampling_is_bicubic_interpolation_in_the_grid_layout
     ref = F.interpolate(disp, size=(20, 20), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
     assert got.is_contiguous()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_prior_headroom_carried_miss_counts_what_the_best_gain_removes():
+    """The second oracle of scripts/bench/prior_headroom: an error that is twice the input's miss at one distance is
+    removed there entirely; an error orthogonal to it at another distance keeps all its squared error."""
+    from scripts.bench.prior_headroom import _carried_db
+
+    miss = np.array([1.0, -1.0, 0.0, 0.0])
+    carry = {1: np.array([miss @ (2 * miss), miss @ miss, (2 * miss) @ (2 * miss), 4]),
+             2: np.array([miss @ np.array([0.0, 0.0, 1.0, 1.0]), miss @ miss, 2.0, 4])}
+    assert _carried_db(carry, 2, 3) == pytest.approx(0.0)
+    assert _carried_db(carry, 1, 3) == pytest.approx(-10 * np.log10(2.0 / 10.0))  # 8 of the 10 removed
+    assert np.isnan(_carried_db(carry, 5, 9))
