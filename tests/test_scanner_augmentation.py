@@ -160,3 +160,30 @@ def test_bias_field_has_no_axial_trend(stage):
         profiles.append(out / out[20])  # against the centre slice, where an input would sit
     mean = torch.stack(profiles).mean(0)
     assert float((mean - 1).abs().max()) < 0.02, mean
+
+
+@pytest.mark.parametrize("prob", [0.0, 1.0])
+def test_mrngan_prior_mismatch_moves_only_the_run_prior_and_only_in_training(tiny_dataset, prob):
+    """prior_mismatch_prob: training runs' cached prior is moved in-plane by one draw for all of its slices (MONAI's
+    RandAffined), the run's real slices are not; 0 (the default) adds nothing; validation never has it."""
+    parser = _parser("mrngan", tiny_dataset, use_prior_cache=True, prior_mismatch_prob=prob)
+    chain = parser.get_parsed_content("prior_augmentation")
+    assert "@prior_augmentation" in parser["train"]["preprocessing"]["transforms"]
+    assert "@prior_augmentation" not in parser["validate"]["preprocessing"]["transforms"]
+    if prob == 0:
+        assert chain == []
+        return
+    assert _names(chain) == ["RandAffined", "EnsureTyped"]
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blob = ((yy - 14) ** 2 + (xx - 17) ** 2 < 49).float()
+    data = {"prior": torch.stack([blob, 0.5 * blob, 0.8 * blob]), "image": torch.stack([blob] * 3)}
+    chain[0].set_random_state(3)
+    moved = data
+    for t in chain:
+        moved = t(moved)
+    out = moved["prior"]
+    assert type(out) is torch.Tensor and out.dtype == torch.float32 and out.shape == (3, 32, 32)
+    assert torch.equal(moved["image"], data["image"])
+    assert float((out - data["prior"]).abs().sum()) > 1.0  # moved
+    for t in range(1, 3):  # one draw for the whole run: each slice moved as the first
+        assert torch.allclose(out[t], out[0] * float(data["prior"][t].max()), atol=1e-5)
