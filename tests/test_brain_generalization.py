@@ -462,8 +462,8 @@ def test_prior_headroom_carried_miss_counts_what_the_best_gain_removes():
     from scripts.bench.prior_headroom import _carried_db
 
     miss = np.array([1.0, -1.0, 0.0, 0.0])
-    carry = {1: np.array([miss @ (2 * miss), miss @ miss, (2 * miss) @ (2 * miss), 4]),
-             2: np.array([miss @ np.array([0.0, 0.0, 1.0, 1.0]), miss @ miss, 2.0, 4])}
+    carry = {1: np.array([miss @ (2 * miss), miss @ miss, (2 * miss) @ (2 * miss)]),
+             2: np.array([miss @ np.array([0.0, 0.0, 1.0, 1.0]), miss @ miss, 2.0])}
     assert _carried_db(carry, 2, 3) == pytest.approx(0.0)
     assert _carried_db(carry, 1, 3) == pytest.approx(-10 * np.log10(2.0 / 10.0))  # 8 of the 10 removed
     assert np.isnan(_carried_db(carry, 5, 9))

@@ -41,7 +41,7 @@ def headroom(workdir: str, dataset_dir: str | None, limit: int | None = 8, input
     from scipy.ndimage import gaussian_filter
 
     rows = []  # (distance, mse as fitted, mse after the oracle gain / offset, gain)
-    carry: dict[int, np.ndarray] = {}  # distance -> sums (miss . error, miss . miss, error . error, pixels) for the second oracle
+    carry: dict[int, np.ndarray] = {}  # distance -> sums (miss . error, miss . miss, error . error) for the second oracle
     for entry in load_split(_dataset_of(workdir, dataset_dir), "test", limit):
         vol, _ = load_volume(entry["image"])
         pos = np.asarray(entry["positions"], dtype=np.float64)
@@ -50,13 +50,15 @@ def headroom(workdir: str, dataset_dir: str | None, limit: int | None = 8, input
             i0 = index_for_position(pos, p_in)
             fitted = prior.slice_at(torch.as_tensor(pos), truth[i0 : i0 + 1, None].float(), float(pos[i0])).reshape(truth.shape).double()
             miss = torch.from_numpy(gaussian_filter((truth[i0] - fitted[i0]).numpy(), RESIDUAL_SIGMA_PX)).reshape(-1)
+            miss_sq = float(miss @ miss)
             for i in range(len(pos)):
-                if i != i0:
-                    e = (truth[i] - fitted[i]).reshape(-1)
-                    carry.setdefault(abs(i - i0), np.zeros(4))[:] += (float(miss @ e), float(miss @ miss), float(e @ e), e.numel())
+                if i == i0:
+                    continue
                 x, y = fitted[i].reshape(-1), truth[i].reshape(-1)
+                e = y - x
+                carry.setdefault(abs(i - i0), np.zeros(3))[:] += (float(miss @ e), miss_sq, float(e @ e))
                 head = (x > HEAD_THRESHOLD) | (y > HEAD_THRESHOLD)
-                if i == i0 or int(head.sum()) < 200:
+                if int(head.sum()) < 200:
                     continue
                 xm, ym = x[head] - x[head].mean(), y[head] - y[head].mean()
                 gain = float((xm * ym).sum() / (xm * xm).sum().clamp_min(1e-12))
