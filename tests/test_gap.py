@@ -87,6 +87,26 @@ def test_interp_cell_adds_the_interpolation_between_the_ends_as_a_channel_and_a_
         model.load_state_dict(older.state_dict())
 
 
+def test_miss_cell_sees_how_far_the_prior_misses_the_start_at_every_step():
+    """``miss``: one more channel, last, holding ``|start - prior(p_0)|`` (pooled to the state's size) at every step."""
+    torch.manual_seed(0)
+    model = MRNGAN(hidden_channels=4, features=4, far_end=True, far_next=True, interp=True, miss=True, state_scale=2)
+    assert model.in_channels == 12 and model.step_channels[-1] == "miss" and MRNGAN(miss=True).in_channels == 6
+    seen = []
+    model.encoder.register_forward_hook(lambda mod, args, out: seen.append(args[0][:, -1].clone()))
+    start, far = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
+    pos = torch.tensor([[0.5, 0.49, 0.48]] * 2)
+    prior = lambda p: torch.linspace(0, 1, 64).view(1, 1, 1, 8, 8).expand(p.shape[0], p.shape[1], 1, 8, 8)  # noqa: E731
+    model.unroll(start, pos, torch.ones(2), _identity_next, prior, far, torch.tensor([0.48, NAN]))
+    want = torch.nn.functional.avg_pool2d((start - prior(pos)[:, 0]).abs(), 2)[:, 0]
+    assert len(seen) == 3 and all(torch.allclose(x, want) for x in seen)  # the first state and both steps
+    torch.nn.init.normal_(model.head[-1].weight, std=0.1)  # zero at the start: no gradient reaches the encoder
+    model.unroll(start, pos, torch.ones(2), _identity_next, prior, far, torch.tensor([0.48, NAN])).mean().backward()
+    assert float(model.encoder[0].weight.grad[:, -1].abs().sum()) > 0
+    with pytest.raises(ValueError, match="11-channel step input, this cell reads 12.*miss"):
+        model.load_state_dict(MRNGAN(hidden_channels=4, features=4, far_end=True, far_next=True, interp=True).state_dict())
+
+
 def test_interpolate_between_is_exact_at_the_ends_and_used_when_training_an_interp_cell(monkeypatch):
     from monai_mrngan.atlas import registration
     from monai_mrngan.engines import recurrent

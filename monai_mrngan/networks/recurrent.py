@@ -32,6 +32,10 @@ and moved partway towards each other); it is one more channel and one more blend
 the far slice when there is no far end. Without an ``interp_fn`` the channel holds the linear blend of
 the two ends.
 
+With ``miss=True`` the cell also sees, at every step, how far the run's prior misses its real start
+slice: ``|start - prior(p_0)|``, one map per run (not a blend candidate). The first state already
+sees both, but a constant channel lets every step weigh the prior by how well it fits this head.
+
 With ``state_scale=2`` the encoder, the recurrent state and the head run on the step input
 area-averaged to half the slice size, and only the blend (the head's weights and correction, upsampled
 bilinearly) runs at full size, on the full-size candidates: a step costs about a third (most of it was
@@ -74,10 +78,11 @@ DIST_SCALE = 5.0  # distance map = min(1, 5 |p_t - p_0|): 1 from 40 mm away on
 STEP_CHANNELS = ("previous", "pix2pix", "prior", "p", "distance",  # every cell
                  "far", "far_distance", "far_flag", "far_weight",  # far_end
                  "far_next",  # far_next
-                 "interp")  # interp
+                 "interp",  # interp
+                 "miss")  # miss
 """The step input's channels in order, the one home of that order (:meth:`MRNGAN.forward` describes
 each): a cell reads the first 5, with ``far_end`` the first 9, with ``far_next`` the first 10; ``interp``
-adds its channel after those (``MRNGAN.step_channels``)."""
+and ``miss`` add their channels after those (``MRNGAN.step_channels``)."""
 CH = {name: i for i, name in enumerate(STEP_CHANNELS)}
 """Channel index of each name in :data:`STEP_CHANNELS`."""
 CANDIDATES = ("previous", "pix2pix", "prior", "far", "far_next", "interp")
@@ -141,6 +146,8 @@ class MRNGAN(nn.Module):
             run from the lower end (False). Not a weight: it does not change training.
         interp: with ``far_end``, the registration-based interpolation between the run's start and
             its far end at ``p_t`` is one more input channel and blend candidate (see the module docstring).
+        miss: ``|start - prior(p_0)|`` (how far the prior misses the run's real start slice) is one more
+            input channel at every step (see the module docstring).
     """
 
     def __init__(
@@ -157,13 +164,14 @@ class MRNGAN(nn.Module):
         far_next: bool = False,
         both_ways: bool = True,
         interp: bool = False,
+        miss: bool = False,
     ) -> None:
         super().__init__()
         if far_next and not far_end:
             raise ValueError("far_next needs far_end")
         if interp and not far_end:
             raise ValueError("interp needs far_end")
-        self.interp = bool(interp)
+        self.interp, self.miss = bool(interp), bool(miss)
         self.far_next = bool(far_next)
         if int(state_scale) < 1:
             raise ValueError(f"state_scale must be a positive integer, got {state_scale!r}")
@@ -178,7 +186,7 @@ class MRNGAN(nn.Module):
         self.both_ways = bool(both_ways) and self.far_end
         self.record_spread = False  # inference: unroll keeps last_candidate_spread (on during the mrngan runner's rollouts)
         last = "far_next" if self.far_next else "far_weight" if self.far_end else "distance"
-        self.step_channels = STEP_CHANNELS[: CH[last] + 1] + (("interp",) if self.interp else ())
+        self.step_channels = STEP_CHANNELS[: CH[last] + 1] + (("interp",) if self.interp else ()) + (("miss",) if self.miss else ())
         self.ch = {name: i for i, name in enumerate(self.step_channels)}
         in_ch = len(self.step_channels)
         self.in_channels = in_ch
@@ -210,7 +218,7 @@ class MRNGAN(nn.Module):
         if head is not None and head.shape[1] != self.head[0].weight.shape[1]:  # hidden + step-input channels
             got, want = head.shape[1] - self.head[0].out_channels, self.in_channels
             raise ValueError(f"MRNGAN weights for a {got}-channel step input, this cell reads {want} ({', '.join(self.step_channels)}): "
-                             "set network_def far_end / far_next / interp as they were in training")
+                             "set network_def far_end / far_next / interp / miss as they were in training")
         key = prefix + "trained_state_scale"
         trained = int(state_dict.get(key, 1))
         if trained != self.state_scale:
@@ -310,7 +318,7 @@ class MRNGAN(nn.Module):
         ``min(1, 5 |p_t - p_0|)``; with ``far_end`` also the far slice, the far distance map
         ``min(1, 5 |p_far - p_t|)``, the far flag map and the far end's linear weight map
         ``|p_t - p_{t-1}| / |p_far - p_{t-1}|``; with ``far_next`` pix2pix's step back from the far slice, with
-        ``interp`` the interpolation between the ends at ``p_t``; slices in [0, 1]; C = ``len(self.step_channels)``);
+        ``interp`` the interpolation between the ends at ``p_t``, with ``miss`` ``|start - prior(p_0)|``; slices in [0, 1]; C = ``len(self.step_channels)``);
         ``state`` is ``s_{t-1}`` (B,hidden,H/state_scale,W/state_scale), zeros when
         None. Equals ``self.step(x, state)[0]``; this is the single-tensor entry point MONAI's
         ``verify_net_in_out`` and exporters call. Generating a volume needs :meth:`unroll` (it carries the state).
@@ -319,12 +327,12 @@ class MRNGAN(nn.Module):
             state = self.zero_state(x)
         return self.step(x, state)[0]
 
-    def _step_input(self, images: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _step_input(self, images: torch.Tensor, values: dict[str, torch.Tensor], maps: dict[str, torch.Tensor]) -> torch.Tensor:
         """The step input at the state's size from the candidate slices already at that size
-        (B,K,h,w: the cell's candidates in :data:`CANDIDATES` order) and per-sample ``values`` (B,) of the
-        constant maps, by channel name, in the order of ``step_channels``."""
+        (B,K,h,w: the cell's candidates in :data:`CANDIDATES` order), per-sample ``values`` (B,) of the
+        constant maps and other ``maps`` (B,1,h,w), by channel name, in the order of ``step_channels``."""
         b, _, hh, ww = images.shape
-        parts = {name: images[:, i : i + 1] for i, name in enumerate(n for n in CANDIDATES if n in self.ch)}
+        parts = {name: images[:, i : i + 1] for i, name in enumerate(n for n in CANDIDATES if n in self.ch)} | maps
         parts.update({name: v.reshape(b, 1, 1, 1).to(images).expand(b, 1, hh, ww) for name, v in values.items()})
         return self._layout(torch.cat([parts[name] for name in self.step_channels], 1))
 
@@ -338,12 +346,13 @@ class MRNGAN(nn.Module):
         lin = torch.where(ahead, (pt - p_prev).abs() / (far_p - p_prev).abs().clamp_min(1e-8), torch.zeros_like(pt)).clamp(0.0, 1.0)
         return flag, {"far_distance": dist, "far_flag": flag, "far_weight": lin}
 
-    def _inputs(self, prev, pix, prior, prior_small, ends, far_p, p0, pt, p_prev, between=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _inputs(self, prev, pix, prior, prior_small, ends, far_p, p0, pt, p_prev, between=None, miss=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(step input at the state's size, full-size candidates) at ``p_t``. ``prior_small``: the prior
         slice already at the state's size; ``ends``: the run's far slices ([far, [far_next]] at full size,
         the same at the state's size) or None (no run has a far end: the far channels are zeros and
         there is no far candidate); ``between``: with ``interp``, the interpolation between the ends at
-        ``p_t`` (full size, state's size). Only the previous output and its pix2pix prediction are pooled here."""
+        ``p_t`` (full size, state's size); ``miss``: with ``miss``, the run's miss map at the state's size.
+        Only the previous output and its pix2pix prediction are pooled here."""
         near = self._pool(torch.cat([prev, pix], 1))
         small, candidates = [near, prior_small], [prev, pix, prior]
         values = {"p": pt, "distance": (DIST_SCALE * (pt - p0).abs()).clamp(max=1.0)}
@@ -356,7 +365,7 @@ class MRNGAN(nn.Module):
                 f = flag.to(prev).view(-1, 1, 1, 1)
                 candidates += [x * f for x in ends[0]] + ([between[0] * f] if self.interp else [])
                 small += [x * f for x in ends[1]] + ([between[1] * f] if self.interp else [])
-        return self._step_input(torch.cat(small, 1), values), candidates
+        return self._step_input(torch.cat(small, 1), values, {"miss": miss} if self.miss else {}), candidates
 
     def unroll(
         self,
@@ -410,13 +419,14 @@ class MRNGAN(nn.Module):
                 mid[has] = interp_fn(start[has], far[has], frac).to(start)
             mid_small = self._pool(mid.flatten(0, 1)).unflatten(0, mid.shape[:2])
             between = [(mid[:, t], mid_small[:, t]) for t in range(positions.shape[1])]
-        x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0, between[0])
+        miss = self._pool((start - priors[:, 0]).abs()) if self.miss else None  # the prior's miss at the start, once per run
+        x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0, between[0], miss)
         s = self._first_state(x0, start)
         prev, outs, prior_w, spreads = start, [], [], []
         for t in range(1, positions.shape[1]):
             pix = next_fn(prev, direction).to(start)
             xs, candidates = self._inputs(prev, pix, priors[:, t], priors_small[:, t], ends, far_p, p0, positions[:, t], positions[:, t - 1],
-                                          between[t])
+                                          between[t], miss)
             prev, s = self._advance(xs, s, candidates)
             outs.append(prev)
             if self.output == "blend":
