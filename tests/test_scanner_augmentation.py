@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from monai_mrngan.apps.pipeline import PRESETS
 from monai_mrngan.data.datalist import load_split
@@ -187,3 +188,20 @@ def test_mrngan_prior_mismatch_moves_only_the_run_prior_and_only_in_training(tin
     assert float((out - data["prior"]).abs().sum()) > 1.0  # moved
     for t in range(1, 3):  # one draw for the whole run: each slice moved as the first
         assert torch.allclose(out[t], out[0] * float(data["prior"][t].max()), atol=1e-5)
+
+
+def test_mrngan_prior_mismatch_on_open_runs_only(tiny_dataset):
+    """prior_mismatch_runs 'open': the mismatch reaches one-slice (open) runs only; a gap run's prior passes untouched."""
+    parser = _parser("mrngan", tiny_dataset, use_prior_cache=True, prior_mismatch_prob=1.0, prior_mismatch_runs="open")
+    wrapper, last = parser.get_parsed_content("prior_augmentation")
+    assert _names(wrapper.transforms.transforms) == ["RandAffined", "EnsureTyped"] and _names([last]) == ["EnsureTyped"]
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blob = ((yy - 14) ** 2 + (xx - 17) ** 2 < 49).float()
+    wrapper.set_random_state(3)
+    prior = MetaTensor(torch.stack([blob] * 3))  # as the cached run prior may come
+    gap = last(wrapper({"prior": prior, "far_position": torch.tensor([0.4])}))["prior"]
+    assert type(gap) is torch.Tensor and torch.equal(gap, prior.as_tensor())  # untouched, and collates with the others
+    for far in (torch.tensor([float("nan")]), None):
+        run = {"prior": prior} | ({"far_position": far} if far is not None else {})
+        out = last(wrapper(run))["prior"]
+        assert type(out) is torch.Tensor and float((out - gap).abs().sum()) > 1.0

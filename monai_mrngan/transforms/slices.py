@@ -19,6 +19,7 @@ Outputs are plain tensors (no MetaTensor metadata) so collation stays fast:
   ``far_image`` (1, H, W) (zeros for an open run), ``far_position`` (1,) (NaN for an open run),
   ``gap`` (the far end's distance in slices, 0 for an open run); with ``slab_prob`` some runs' given slices
   (``image[0]`` and the far end) are thick slabs (:func:`slab_mean`) while the targets stay sharp
+- :class:`OpenRunsOnlyd`:       applies other transforms to open runs only (``far_position`` NaN or absent)
 
 MONAI has crop samplers but none that carries a per-slice position or pairs slices along an
 axis with a direction flag, hence these small transforms.
@@ -31,10 +32,10 @@ from typing import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import Compose, MapTransform, Randomizable
 from monai.transforms.traits import MultiSampleTrait
 
-__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund", "GapRund", "slab_mean"]
+__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund", "GapRund", "OpenRunsOnlyd", "slab_mean"]
 
 _PASS_THROUGH = ("subject", "session")
 
@@ -367,3 +368,25 @@ class GapRund(SliceRund):
             d["far_image"] = torch.zeros_like(vol[0][..., start][None])
             d["far_position"] = torch.tensor([float("nan")])
         d["gap"] = gap
+
+
+class OpenRunsOnlyd(Randomizable):
+    """Applies ``transforms`` (a MONAI transform or a list of them) to open runs only: run dictionaries whose
+    ``far_position`` is NaN or absent (one-slice mode); gap runs pass through untouched. MONAI's
+    transforms choose by chance (``prob``), not by what a sample holds, hence this wrapper."""
+
+    def __init__(self, transforms) -> None:  # noqa: ANN001 (a transform or a sequence of them, as Compose takes)
+        self.transforms = Compose(transforms)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> "OpenRunsOnlyd":
+        self.transforms.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: object = None) -> None:  # the wrapped transforms draw for themselves
+        pass
+
+    def __call__(self, data: Mapping) -> Mapping:
+        far = data.get("far_position")
+        if far is None or not bool(torch.isfinite(torch.as_tensor(far, dtype=torch.float32)).any()):
+            return self.transforms(data)
+        return data
