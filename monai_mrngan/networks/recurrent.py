@@ -34,7 +34,8 @@ the two ends.
 
 With ``miss=True`` the cell also sees, at every step, how far the run's prior misses its real start
 slice: ``|start - prior(p_0)|``, one map per run (not a blend candidate). The first state already
-sees both, but a constant channel lets every step weigh the prior by how well it fits this head.
+sees both, but a constant channel lets every step weigh the prior by how well it fits this head
+(measured in retrainings with mismatched priors: no gain, mrngan docs; off in every preset).
 
 With ``state_scale=2`` the encoder, the recurrent state and the head run on the step input
 area-averaged to half the slice size, and only the blend (the head's weights and correction, upsampled
