@@ -97,14 +97,15 @@ def reconstruct_volume(
         num_slices = len(grid)
     run = make_runner(method, model=model, next_fn=next_fn, prior=prior, fit_prior=fit_prior)
 
-    def run_on_device(s, p, d, n, sp, far=None):
+    def run_on_device(s, p, d, n, sp, far=None, **kw):
         far = tuple(t.to(device) for t in far) if far is not None else None
-        out = run(s.to(device), p.to(device), d.to(device), n, sp, far=far)
+        out = run(s.to(device), p.to(device), d.to(device), n, sp, far=far, **{k: v.to(device) for k, v in kw.items()})
         run_on_device.last_signals = getattr(run, "last_signals", None)
         return out
 
     run_on_device.gap_aware = is_gap_aware(run)
     run_on_device.both_ways = getattr(run, "both_ways", False)
+    run_on_device.wants_cubic = getattr(run, "wants_cubic", False)
     signals: dict = {}
     if calibration is not None and method != "mrngan":
         raise ValueError(f"the uncertainty calibration is fitted for mrngan, not {method}")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..atlas.registration import interpolate_between
+from ..transforms.slices import axial_pchip
 from .runners import Runner, copy_runner, is_gap_aware, one_pass_gaps
 
 __all__ = ["Reconstruction", "volume_grid", "fill_volume", "linear_fill", "cubic_fill", "registration_fill", "volume_affine"]
@@ -132,7 +133,8 @@ def fill_volume(run: Runner, slices: torch.Tensor, indices: Sequence[int], num_s
     per-step signal the runner left in ``run.last_signals`` (e.g. MRNGAN's weight on the prior, its
     candidates' spread), blended like the slices, and
     ``run_spread`` (D,H,W): where two runs meet (inside a gap filled from both ends) the absolute
-    difference of their outputs, 0 where one run fills a slice.
+    difference of their outputs, 0 where one run fills a slice. A runner with ``wants_cubic`` is also handed
+    ``cubic``: the PCHIP through all given slices at each of its gap runs' slices (zeros for the others).
     """
     slices = torch.as_tensor(slices, dtype=torch.float32)
     if slices.ndim == 3:
@@ -167,6 +169,8 @@ def fill_volume(run: Runner, slices: torch.Tensor, indices: Sequence[int], num_s
         far_src = torch.as_tensor([r[0] + r[1] if b else r[0] for r, b in zip(runs, bounded)])
         far_pos = torch.where(torch.as_tensor(bounded), grid[torch.as_tensor([idx[i] for i in far_src.tolist()])], torch.tensor(float("nan")))
         kw["far"] = (slices[far_src] * torch.as_tensor(bounded, dtype=torch.float32).view(-1, 1, 1, 1), far_pos)
+        if getattr(run, "wants_cubic", False):
+            kw["cubic"] = _run_cubic(slices[:, 0], idx, runs, bounded, steps)
     gen = run(starts, start_pos, dirs, steps, step_p, **kw)[:, :, 0].float().cpu()  # (N, steps, H, W)
     if gen.shape[:2] != (len(runs), steps):
         raise RuntimeError(f"runner returned {tuple(gen.shape)}, expected ({len(runs)}, {steps}, H, W)")
@@ -203,6 +207,16 @@ def fill_volume(run: Runner, slices: torch.Tensor, indices: Sequence[int], num_s
     return vol.clamp(0.0, 1.0)
 
 
+def _run_cubic(slices: torch.Tensor, idx: list[int], runs: list[tuple[int, int, int]], bounded: list[bool], steps: int) -> torch.Tensor:
+    """(N, steps+1, 1, H, W): for each gap run (``bounded``), :func:`axial_pchip` through all given ``slices`` (K,H,W)
+    at ``idx`` read at the run's start and the slices it fills; zeros elsewhere (open runs, steps past the gap)."""
+    out = torch.zeros(len(runs), steps + 1, 1, *slices.shape[-2:])
+    for n, ((k, d, nsteps), b) in enumerate(zip(runs, bounded)):
+        if b:
+            out[n, : nsteps + 1, 0] = axial_pchip(slices, idx, idx[k] + d * np.arange(nsteps + 1))
+    return out
+
+
 def linear_fill(slices: torch.Tensor | np.ndarray, indices: Sequence[int], num_slices: int) -> torch.Tensor:
     """(D,H,W) volume by linear interpolation between given slices (nearest copy beyond the ends)."""
     grid = -np.arange(num_slices, dtype=np.float64)  # positions are irrelevant to copying
@@ -212,16 +226,13 @@ def linear_fill(slices: torch.Tensor | np.ndarray, indices: Sequence[int], num_s
 def cubic_fill(slices: torch.Tensor | np.ndarray, indices: Sequence[int], num_slices: int) -> torch.Tensor:
     """(D,H,W) volume by monotone cubic (PCHIP) interpolation through the given slices along the axial axis, per pixel.
 
-    scipy's ``PchipInterpolator``: C1, local, and it never overshoots the two neighbouring slices
-    (no ringing at tissue edges); exact on linear data, with two slices the straight line. Chosen
-    over a not-a-knot ``CubicSpline`` (exact on cubic polynomials) because it is the stronger
+    :func:`~monai_mrngan.transforms.slices.axial_pchip` (scipy's ``PchipInterpolator``): C1, local, and it never
+    overshoots the two neighbouring slices (no ringing at tissue edges); exact on linear data, with two slices the
+    straight line. Chosen over a not-a-knot ``CubicSpline`` (exact on cubic polynomials) because it is the stronger
     baseline on brain MRI: on the 15 held-out IXI subjects (2 mm, 128 px) it scored 0.4-0.6 dB
     PSNR and 0.004-0.013 head-only SSIM above the spline at every k = 2..16. Nearest copy beyond
-    the outermost slices, as :func:`linear_fill`. Neither MONAI nor torch interpolates along one
-    axis through irregularly placed samples, hence scipy.
+    the outermost slices, as :func:`linear_fill`.
     """
-    from scipy.interpolate import PchipInterpolator
-
     x = torch.as_tensor(slices, dtype=torch.float32)
     if x.ndim == 4:
         x = x[:, 0]
@@ -232,8 +243,7 @@ def cubic_fill(slices: torch.Tensor | np.ndarray, indices: Sequence[int], num_sl
     if len(idx) < 3:  # PCHIP through two slices is the straight line
         return vol
     inside = np.arange(idx[0], idx[-1] + 1)
-    curve = PchipInterpolator(idx.astype(np.float64), x.numpy().astype(np.float64), axis=0)
-    vol[torch.as_tensor(inside)] = torch.from_numpy(curve(inside.astype(np.float64)).astype(np.float32))
+    vol[torch.as_tensor(inside)] = axial_pchip(x, idx, inside)
     vol[torch.as_tensor(idx)] = x  # exact at the given slices
     return vol.clamp(0.0, 1.0)
 

@@ -32,6 +32,11 @@ and moved partway towards each other); it is one more channel and one more blend
 the far slice when there is no far end. Without an ``interp_fn`` the channel holds the linear blend of
 the two ends.
 
+With ``cubic=True`` (needs ``far_end``) the cell also sees, at each step, the monotone cubic (PCHIP) through the
+given slices around its gap at ``p_t`` (the run's start, its far end and one more given slice beyond each,
+computed by the caller: ``cubic`` of :meth:`MRNGAN.unroll`); one more channel and blend candidate, masked like
+the far slice. On thick slabs the cubic beats the linear blend and every other candidate (mrngan docs).
+
 With ``miss=True`` the cell also sees, at every step, how far the run's prior misses its real start
 slice: ``|start - prior(p_0)|``, one map per run (not a blend candidate). The first state already
 sees both, but a constant channel lets every step weigh the prior by how well it fits this head
@@ -80,13 +85,14 @@ STEP_CHANNELS = ("previous", "pix2pix", "prior", "p", "distance",  # every cell
                  "far", "far_distance", "far_flag", "far_weight",  # far_end
                  "far_next",  # far_next
                  "interp",  # interp
-                 "miss")  # miss
+                 "miss",  # miss
+                 "cubic")  # cubic
 """The step input's channels in order, the one home of that order (:meth:`MRNGAN.forward` describes
-each): a cell reads the first 5, with ``far_end`` the first 9, with ``far_next`` the first 10; ``interp``
-and ``miss`` add their channels after those (``MRNGAN.step_channels``)."""
+each): a cell reads the first 5, with ``far_end`` the first 9, with ``far_next`` the first 10; ``interp``,
+``miss`` and ``cubic`` add their channels after those (``MRNGAN.step_channels``)."""
 CH = {name: i for i, name in enumerate(STEP_CHANNELS)}
 """Channel index of each name in :data:`STEP_CHANNELS`."""
-CANDIDATES = ("previous", "pix2pix", "prior", "far", "far_next", "interp")
+CANDIDATES = ("previous", "pix2pix", "prior", "far", "far_next", "interp", "cubic")
 """The step input's slices that the blend mixes, in the order of the blend's logits."""
 
 
@@ -166,13 +172,16 @@ class MRNGAN(nn.Module):
         both_ways: bool = True,
         interp: bool = False,
         miss: bool = False,
+        cubic: bool = False,
     ) -> None:
         super().__init__()
         if far_next and not far_end:
             raise ValueError("far_next needs far_end")
         if interp and not far_end:
             raise ValueError("interp needs far_end")
-        self.interp, self.miss = bool(interp), bool(miss)
+        if cubic and not far_end:
+            raise ValueError("cubic needs far_end")
+        self.interp, self.miss, self.cubic = bool(interp), bool(miss), bool(cubic)
         self.far_next = bool(far_next)
         if int(state_scale) < 1:
             raise ValueError(f"state_scale must be a positive integer, got {state_scale!r}")
@@ -187,7 +196,7 @@ class MRNGAN(nn.Module):
         self.both_ways = bool(both_ways) and self.far_end
         self.record_spread = False  # inference: unroll keeps last_candidate_spread (on during the mrngan runner's rollouts)
         last = "far_next" if self.far_next else "far_weight" if self.far_end else "distance"
-        self.step_channels = STEP_CHANNELS[: CH[last] + 1] + (("interp",) if self.interp else ()) + (("miss",) if self.miss else ())
+        self.step_channels = STEP_CHANNELS[: CH[last] + 1] + tuple(n for n in ("interp", "miss", "cubic") if getattr(self, n))
         self.ch = {name: i for i, name in enumerate(self.step_channels)}
         in_ch = len(self.step_channels)
         self.in_channels = in_ch
@@ -199,8 +208,8 @@ class MRNGAN(nn.Module):
         else:
             self.encoder, cell_in = nn.Identity(), in_ch
         self.cell = (ConvRNNCell if cell == "rnn" else ConvGRUCell)(cell_in, hidden_channels, kernel_size)
-        # blend: 3 logits, [far logit, [interp logit]], the correction, [far_next's share]
-        head_out = {"blend": 4 + int(self.far_end) + int(self.interp) + int(self.far_next), "residual": 1, "direct": 1}[output]
+        # blend: 3 logits, [far logit, [interp logit], [cubic logit]], the correction, [far_next's share]
+        head_out = {"blend": 4 + int(self.far_end) + int(self.interp) + int(self.cubic) + int(self.far_next), "residual": 1, "direct": 1}[output]
         self.head = nn.Sequential(
             _conv(hidden_channels + in_ch, hidden_channels, kernel_size), nn.LeakyReLU(0.1), _conv(hidden_channels, head_out, 1)
         )
@@ -219,7 +228,7 @@ class MRNGAN(nn.Module):
         if head is not None and head.shape[1] != self.head[0].weight.shape[1]:  # hidden + step-input channels
             got, want = head.shape[1] - self.head[0].out_channels, self.in_channels
             raise ValueError(f"MRNGAN weights for a {got}-channel step input, this cell reads {want} ({', '.join(self.step_channels)}): "
-                             "set network_def far_end / far_next / interp / miss as they were in training")
+                             "set network_def far_end / far_next / interp / miss / cubic as they were in training")
         key = prefix + "trained_state_scale"
         trained = int(state_dict.get(key, 1))
         if trained != self.state_scale:
@@ -281,14 +290,15 @@ class MRNGAN(nn.Module):
         s = self.cell(self.encoder(xs), s)
         h = self.head(torch.cat([s, xs], 1))
         with_far = self.far_end and len(candidates) > 3
-        n = 4 + int(self.interp) if with_far else 3
+        extra = int(self.interp) + int(self.cubic)  # candidates between the ends: their logits follow the far one's
+        n = 4 + extra if with_far else 3
         if self.output == "blend" and with_far:  # logit(linear weight) offset; no far end (flag 0): no weight
             lin = xs[:, CH["far_weight"] : CH["far_weight"] + 1].clamp(1e-4, 1.0 - 1e-4)
             none = 1e4 * (1.0 - xs[:, CH["far_flag"] : CH["far_flag"] + 1])
-            logits = [h[:, :3], h[:, 3:4] + torch.log(lin / (1.0 - lin)) - none] + ([h[:, 4:5] - none] if self.interp else [])
+            logits = [h[:, :3], h[:, 3:4] + torch.log(lin / (1.0 - lin)) - none] + ([h[:, 4 : 4 + extra] - none] if extra else [])
             h = torch.cat(logits + [h[:, n:]], 1)
         elif self.output == "blend" and self.far_end:  # the three logits and the correction only
-            c = 4 + int(self.interp)
+            c = 4 + extra
             h = torch.cat([h[:, :3], h[:, c : c + 1]], 1)
         if self.state_scale > 1:  # the blend logits and the correction, back to the slice size
             h = F.interpolate(h, size=candidates[0].shape[-2:], mode="bilinear", align_corners=False)
@@ -319,7 +329,8 @@ class MRNGAN(nn.Module):
         ``min(1, 5 |p_t - p_0|)``; with ``far_end`` also the far slice, the far distance map
         ``min(1, 5 |p_far - p_t|)``, the far flag map and the far end's linear weight map
         ``|p_t - p_{t-1}| / |p_far - p_{t-1}|``; with ``far_next`` pix2pix's step back from the far slice, with
-        ``interp`` the interpolation between the ends at ``p_t``, with ``miss`` ``|start - prior(p_0)|``; slices in [0, 1]; C = ``len(self.step_channels)``);
+        ``interp`` the interpolation between the ends at ``p_t``, with ``miss`` ``|start - prior(p_0)|``, with ``cubic``
+        the PCHIP through the given slices at ``p_t``; slices in [0, 1]; C = ``len(self.step_channels)``);
         ``state`` is ``s_{t-1}`` (B,hidden,H/state_scale,W/state_scale), zeros when
         None. Equals ``self.step(x, state)[0]``; this is the single-tensor entry point MONAI's
         ``verify_net_in_out`` and exporters call. Generating a volume needs :meth:`unroll` (it carries the state).
@@ -347,12 +358,13 @@ class MRNGAN(nn.Module):
         lin = torch.where(ahead, (pt - p_prev).abs() / (far_p - p_prev).abs().clamp_min(1e-8), torch.zeros_like(pt)).clamp(0.0, 1.0)
         return flag, {"far_distance": dist, "far_flag": flag, "far_weight": lin}
 
-    def _inputs(self, prev, pix, prior, prior_small, ends, far_p, p0, pt, p_prev, between=None, miss=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _inputs(self, prev, pix, prior, prior_small, ends, far_p, p0, pt, p_prev, between=None, miss=None, cubic=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(step input at the state's size, full-size candidates) at ``p_t``. ``prior_small``: the prior
         slice already at the state's size; ``ends``: the run's far slices ([far, [far_next]] at full size,
         the same at the state's size) or None (no run has a far end: the far channels are zeros and
         there is no far candidate); ``between``: with ``interp``, the interpolation between the ends at
-        ``p_t`` (full size, state's size); ``miss``: with ``miss``, the run's miss map at the state's size.
+        ``p_t`` (full size, state's size); ``miss``: with ``miss``, the run's miss map at the state's size; ``cubic``:
+        with ``cubic``, the PCHIP at ``p_t`` (full size, state's size).
         Only the previous output and its pix2pix prediction are pooled here."""
         near = self._pool(torch.cat([prev, pix], 1))
         small, candidates = [near, prior_small], [prev, pix, prior]
@@ -361,11 +373,12 @@ class MRNGAN(nn.Module):
             flag, far_values = self._far_values(far_p, p0, pt, p_prev)
             values.update(far_values)
             if ends is None:
-                small.append(near.new_zeros(near.shape[0], 1 + int(self.far_next) + int(self.interp), *near.shape[-2:]))
+                small.append(near.new_zeros(near.shape[0], 1 + int(self.far_next) + int(self.interp) + int(self.cubic), *near.shape[-2:]))
             else:  # a far end behind a run counts no more (flag 0): its slices are zeros
                 f = flag.to(prev).view(-1, 1, 1, 1)
-                candidates += [x * f for x in ends[0]] + ([between[0] * f] if self.interp else [])
-                small += [x * f for x in ends[1]] + ([between[1] * f] if self.interp else [])
+                inner = ([between] if self.interp else []) + ([cubic] if self.cubic else [])
+                candidates += [x * f for x in ends[0]] + [x[0] * f for x in inner]
+                small += [x * f for x in ends[1]] + [x[1] * f for x in inner]
         return self._step_input(torch.cat(small, 1), values, {"miss": miss} if self.miss else {}), candidates
 
     def unroll(
@@ -378,6 +391,7 @@ class MRNGAN(nn.Module):
         far: torch.Tensor | None = None,
         far_positions: torch.Tensor | None = None,
         interp_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        cubic: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate slices 1..T-1 of a run from ``start`` (B,1,H,W) [0,1].
 
@@ -387,6 +401,8 @@ class MRNGAN(nn.Module):
         the paper cell (``far_end=False``). ``interp_fn(start, far, fractions (B,T)) -> (B,T,1,H,W)``: with
         ``interp``, the slices between each run's ends at those fractions of the way (e.g.
         :func:`~monai_mrngan.atlas.registration.interpolate_between`); None: the linear blend of the ends.
+        ``cubic`` (B,T,1,H,W): with ``cubic``, the PCHIP through each run's given slices at ``positions`` (any values
+        past the far end and for open runs, which are masked); None: the linear blend of the ends.
         Returns (B,T-1,H,W) in [0,1].
         """
         if start.ndim != 4 or start.shape[1] != 1:
@@ -409,25 +425,39 @@ class MRNGAN(nn.Module):
             full = [far] + ([next_fn(far, -direction).to(start)] if self.far_next else [])
             ends = (full, [self._pool(x) for x in full])
         p0 = positions[:, 0]
-        between = [None] * positions.shape[1]  # per step: (full size, state's size) interpolation between the ends
-        if self.interp and ends is not None:
-            has = torch.isfinite(far_p)  # open runs: no far end, the candidate is masked; nothing to register
+        between = cubics = [None] * positions.shape[1]  # per step: (full size, state's size) slices between the ends
+        if (self.interp or self.cubic) and ends is not None:
+            has = torch.isfinite(far_p)  # open runs: no far end, the candidates are masked; nothing to register
             frac = ((positions[has] - p0[has, None]).abs() / (far_p[has] - p0[has]).abs().clamp_min(1e-8)[:, None]).clamp(0, 1)
-            mid = start.new_zeros(b, positions.shape[1], *start.shape[1:])
-            if interp_fn is None:
+
+            def per_step(mid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                mid_small = self._pool(mid.flatten(0, 1)).unflatten(0, mid.shape[:2])
+                return [(mid[:, t], mid_small[:, t]) for t in range(positions.shape[1])]
+
+            def linear() -> torch.Tensor:
+                mid = start.new_zeros(b, positions.shape[1], *start.shape[1:])
                 mid[has] = torch.lerp(start[has, None], far[has, None], frac[..., None, None, None])
-            else:
-                mid[has] = interp_fn(start[has], far[has], frac).to(start)
-            mid_small = self._pool(mid.flatten(0, 1)).unflatten(0, mid.shape[:2])
-            between = [(mid[:, t], mid_small[:, t]) for t in range(positions.shape[1])]
+                return mid
+
+            if self.interp:
+                if interp_fn is None:
+                    mid = linear()
+                else:
+                    mid = start.new_zeros(b, positions.shape[1], *start.shape[1:])
+                    mid[has] = interp_fn(start[has], far[has], frac).to(start)
+                between = per_step(mid)
+            if self.cubic:
+                if cubic is not None and tuple(cubic.shape) != (b, positions.shape[1], *start.shape[1:]):
+                    raise ValueError(f"cubic must be (B,T,1,H,W) = {(b, positions.shape[1], *start.shape[1:])}, got {tuple(cubic.shape)}")
+                cubics = per_step(linear() if cubic is None else torch.nan_to_num(cubic.to(start)))
         miss = self._pool((start - priors[:, 0]).abs()) if self.miss else None  # the prior's miss at the start, once per run
-        x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0, between[0], miss)
+        x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0, between[0], miss, cubics[0])
         s = self._first_state(x0, start)
         prev, outs, prior_w, spreads = start, [], [], []
         for t in range(1, positions.shape[1]):
             pix = next_fn(prev, direction).to(start)
             xs, candidates = self._inputs(prev, pix, priors[:, t], priors_small[:, t], ends, far_p, p0, positions[:, t], positions[:, t - 1],
-                                          between[t], miss)
+                                          between[t], miss, cubics[t])
             prev, s = self._advance(xs, s, candidates)
             outs.append(prev)
             if self.output == "blend":

@@ -18,7 +18,9 @@ Outputs are plain tensors (no MetaTensor metadata) so collation stays fast:
 - :class:`GapRund`:             a :class:`SliceRund` run plus the far end of the gap it fills:
   ``far_image`` (1, H, W) (zeros for an open run), ``far_position`` (1,) (NaN for an open run),
   ``gap`` (the far end's distance in slices, 0 for an open run); with ``slab_prob`` some runs' given slices
-  (``image[0]`` and the far end) are thick slabs (:func:`slab_mean`) while the targets stay sharp
+  (``image[0]`` and the far end) are thick slabs (:func:`slab_mean`) while the targets stay sharp; with
+  ``cubic`` also ``cubic_image`` (T, H, W): :func:`axial_pchip` through the given slices around the gap at each
+  slice of the run (zeros for an open run and past the far end)
 - :class:`OpenRunsOnlyd`:       applies other transforms to open runs only (``far_position`` NaN or absent)
 
 MONAI has crop samplers but none that carries a per-slice position or pairs slices along an
@@ -35,7 +37,7 @@ from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform, Randomizable
 from monai.transforms.traits import MultiSampleTrait
 
-__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund", "GapRund", "OpenRunsOnlyd", "slab_mean"]
+__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund", "GapRund", "OpenRunsOnlyd", "slab_mean", "axial_pchip"]
 
 _PASS_THROUGH = ("subject", "session")
 
@@ -75,6 +77,34 @@ def slab_mean(volume: torch.Tensor, index: int, thickness: float) -> torch.Tenso
     idx = np.clip(index + offsets, 0, volume.shape[-1] - 1)
     w = torch.as_tensor(weights / weights.sum(), dtype=volume.dtype)
     return (volume[..., idx] * w).sum(-1)
+
+
+def axial_pchip(slices: torch.Tensor, at: Sequence[float] | np.ndarray, query: Sequence[float] | np.ndarray) -> torch.Tensor:
+    """(M, ...) monotone cubic (PCHIP) interpolation per pixel through ``slices`` (N, ...) placed at axial
+    coordinates ``at`` (N,), read at ``query`` (M,) inside their range: the one home of the cubic that the
+    few-slice baseline (``inference.volume.cubic_fill``) and the cell's cubic candidate use. Two slices give
+    the straight line. PCHIP is local, so between two slices it depends only on them and on one more on each
+    side: a gap run that holds those four gets the same curve as the whole stack.
+
+    scipy's ``PchipInterpolator``: neither MONAI nor torch interpolates along one axis through irregularly placed
+    samples.
+    """
+    from scipy.interpolate import PchipInterpolator
+
+    x = np.asarray(at, dtype=np.float64)
+    q = np.asarray(query, dtype=np.float64)
+    order = np.argsort(x)
+    y = torch.as_tensor(slices, dtype=torch.float32)[torch.as_tensor(order)]
+    x = x[order]
+    if len(x) < 2:
+        raise ValueError(f"PCHIP needs at least two slices, got {len(x)}")
+    flat = y.reshape(len(x), -1).numpy().astype(np.float64)
+    if len(x) == 2:  # scipy's PCHIP through two points is the line; this skips its setup
+        t = ((q - x[0]) / (x[1] - x[0]))[:, None]
+        out = (1.0 - t) * flat[0] + t * flat[1]
+    else:
+        out = PchipInterpolator(x, flat, axis=0)(q)
+    return torch.from_numpy(out.astype(np.float32)).reshape(len(q), *y.shape[1:])
 
 
 class _SliceSampler(Randomizable, MapTransform, MultiSampleTrait):
@@ -278,6 +308,11 @@ class GapRund(SliceRund):
     a thick-slice scan's slabs do not overlap), while the slices to generate stay sharp: a cell trained so learns to
     fill a thick-slice scan with the sharp anatomy between its slabs, not with more slab blur. 0 (the default) draws
     nothing, so runs are as before; deterministic mode never makes slabs.
+
+    ``cubic``: gap runs also carry ``cubic_image`` (T, H, W), :func:`axial_pchip` at each slice of the run up to
+    its far end through the given slices of the regular ``k`` grid around the gap (the one before the start, the
+    start, the far end and the one after it, where the volume holds them; slabs like the ends), as the whole
+    stack's PCHIP gives it at inference; zeros past the far end and for open runs (the cell's ``cubic`` candidate).
     """
 
     def __init__(
@@ -295,8 +330,10 @@ class GapRund(SliceRund):
         carry_keys: Sequence[str] = (),
         slab_prob: float = 0.0,
         slab_slices: Sequence[float] = (1.5, 3.0),
+        cubic: bool = False,
     ) -> None:
         super().__init__(keys, run_length, positions_key, num_samples, directions, allow_missing_keys, starts_key, carry_keys)
+        self.cubic = bool(cubic)
         if not 0.0 <= gap_fraction <= 1.0:
             raise ValueError(f"gap_fraction must be in [0, 1], got {gap_fraction}")
         if not 2 <= min_gap <= max_gap:
@@ -360,14 +397,30 @@ class GapRund(SliceRund):
         thickness = self._slab(gap)
         if thickness > 1.0:
             d[key][0] = slab_mean(vol[0], start, thickness)
+        given = (lambda i: slab_mean(vol[0], i, thickness)) if thickness > 1.0 else (lambda i: vol[0][..., i])
         if gap:
             far = start + direction * gap
-            d["far_image"] = (slab_mean(vol[0], far, thickness) if thickness > 1.0 else vol[0][..., far])[None].clone()
+            d["far_image"] = given(far)[None].clone()
             d["far_position"] = pos[far : far + 1].clone()
         else:
             d["far_image"] = torch.zeros_like(vol[0][..., start][None])
             d["far_position"] = torch.tensor([float("nan")])
         d["gap"] = gap
+        if self.cubic:
+            d["cubic_image"] = self._cubic(d[key], vol, start, direction, gap, given)
+
+    def _cubic(self, run: torch.Tensor, vol: torch.Tensor, start: int, direction: int, gap: int, given) -> torch.Tensor:  # noqa: ANN001
+        """(T, H, W): the PCHIP through the run's given slices at each of its slices up to the far end, zeros after."""
+        out = torch.zeros_like(run)
+        if not gap:
+            return out
+        depth = vol.shape[-1]
+        nodes = [i for i in (start - direction * gap, start, start + direction * gap, start + direction * 2 * gap) if 0 <= i < depth]
+        steps = min(gap, run.shape[0] - 1)
+        query = start + direction * np.arange(steps + 1)
+        out[: steps + 1] = axial_pchip(torch.stack([given(i) for i in nodes]), nodes, query)
+        out[0] = run[0]  # the start itself, exactly as the run gives it (a slab when the ends are slabs)
+        return out
 
 
 class OpenRunsOnlyd(Randomizable):
