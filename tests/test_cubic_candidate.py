@@ -111,26 +111,3 @@ def test_reconstruction_hands_the_cell_the_stacks_cubic_in_every_gap():
     given = [4, 9, 13, 20, 26]  # irregular gaps: the cubic through the whole stack
     out = fill_volume(_CubicEcho(), vol[given], given, 30, torch.linspace(1.0, 0.0, 30), -1 / 29)
     torch.testing.assert_close(out[4:27], cubic_fill(vol[given], given, 30)[4:27].clamp(0, 1), atol=1e-6, rtol=0)
-
-
-def test_thick_cell_sees_how_thick_the_given_slices_are():
-    torch.manual_seed(0)
-    model = MRNGAN(hidden_channels=4, features=4, far_end=True, cubic=True, thick=True)
-    assert model.step_channels[-2:] == ("cubic", "thickness") and model.in_channels == 11
-    seen = []
-    model.encoder.register_forward_hook(lambda mod, args, out: seen.append(args[0][:, -1].detach().clone()))
-    start, far = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
-    pos = torch.tensor([[0.5, 0.49, 0.48]] * 2)
-    model.unroll(start, pos, torch.ones(2), _same, _prior, far, torch.tensor([0.48, NAN]), thickness=torch.tensor([1.0, 2.5]))
-    assert len(seen) == 3 and all(torch.allclose(x[:, 0, 0], torch.tensor([0.0, 0.5])) for x in seen)
-    seen.clear()
-    model.unroll(start, pos, torch.ones(2), _same, _prior, far, torch.tensor([0.48, NAN]))  # none given: sharp
-    assert all(float(x.abs().max()) == 0 for x in seen)
-    data = _curved_volume()
-    t = GapRund(run_length=6, num_samples=30, gap_fraction=1.0, min_gap=3, max_gap=5, slab_prob=0.5, slab_slices=(2.0, 3.0))
-    t.set_random_state(0)
-    runs = t(data)
-    thick = [float(d["given_thickness"]) for d in runs]
-    assert {1.0} < set(thick) and all(x == 1.0 or 2.0 <= x <= 3.0 for x in thick)
-    batch = {k: torch.stack([torch.as_tensor(d[k]) for d in runs[:3]]) for k in ("image", "positions", "direction", "given_thickness")}
-    torch.testing.assert_close(RunBatch()(batch)[3]["thickness"], torch.tensor(thick[:3]))

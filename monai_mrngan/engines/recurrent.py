@@ -36,8 +36,7 @@ class RunBatch:
     Runs from the fitted-prior cache bring their own offset (``position_offset``, the error the
     cached fit was given) and their prior slices (``prior`` (B,T,H,W) -> (B,T,1,H,W)); the random
     offset is then not drawn. Gap runs sampled with ``cubic`` bring the PCHIP through their given slices at each
-    slice (``cubic_image`` (B,T,H,W) -> ``cubic`` (B,T,1,H,W)) and the thickness of their given slices
-    (``given_thickness`` -> ``thickness`` (B,)).
+    slice (``cubic_image`` (B,T,H,W) -> ``cubic`` (B,T,1,H,W)).
     """
 
     def __init__(self, position_noise: float = 0.0) -> None:
@@ -59,8 +58,6 @@ class RunBatch:
         positions = positions + offset
         if "prior" in batchdata:
             extra["prior"] = torch.as_tensor(batchdata["prior"]).float().reshape(*positions.shape, 1, *runs.shape[-2:]).to(device, non_blocking=non_blocking)
-        if "given_thickness" in batchdata:
-            extra["thickness"] = torch.as_tensor(batchdata["given_thickness"]).float().reshape(-1).to(device)
         if "cubic_image" in batchdata:
             extra["cubic"] = torch.as_tensor(batchdata["cubic_image"]).float().reshape(*positions.shape, 1, *runs.shape[-2:]).to(device, non_blocking=non_blocking)
         if "far_position" in batchdata:
@@ -102,12 +99,10 @@ class RecurrentUnroll(nn.Module):
         return self
 
     def forward(self, start: torch.Tensor, positions: torch.Tensor, direction: torch.Tensor, far: torch.Tensor | None = None,
-                far_position: torch.Tensor | None = None, prior: torch.Tensor | None = None, cubic: torch.Tensor | None = None,
-                thickness: torch.Tensor | None = None) -> torch.Tensor:
+                far_position: torch.Tensor | None = None, prior: torch.Tensor | None = None, cubic: torch.Tensor | None = None) -> torch.Tensor:
         """``far`` / ``far_position``: each run's far end (NaN position: open run); the paper cell ignores them.
         ``prior`` (B,T,1,H,W): the run's prior slices (from the fitted-prior cache); else the plain prior at ``positions``.
-        ``cubic`` (B,T,1,H,W): the PCHIP through each gap run's given slices, for a cell with ``cubic``; ``thickness`` (B,):
-        the slab its given slices average (in slices), for a cell with ``thick``."""
+        ``cubic`` (B,T,1,H,W): the PCHIP through each gap run's given slices, for a cell with ``cubic``."""
         if prior is not None:
             if tuple(prior.shape[:2]) != tuple(positions.shape):
                 raise ValueError(f"prior slices {tuple(prior.shape)} do not match the runs' positions {tuple(positions.shape)}")
@@ -115,7 +110,7 @@ class RecurrentUnroll(nn.Module):
         else:
             prior_fn = prior_fn_for(self.prior)
         interp_fn = interpolate_between if getattr(self.model, "interp", False) else None
-        return self.model.unroll(start, positions, direction, self.next_fn, prior_fn, far, far_position, interp_fn, cubic, thickness)
+        return self.model.unroll(start, positions, direction, self.next_fn, prior_fn, far, far_position, interp_fn, cubic)
 
 
 class WeightedL1L2Loss(nn.Module):

@@ -173,8 +173,7 @@ def evaluate_reconstruction(
                 for m in few:
                     scored = unc is not None and m == "mrngan" and setting in unc.vox
                     with track_spread(comp.prior, scored):
-                        rec = reconstruct_volume(inputs, pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior,
-                                                 given_thickness=1.0 if section == "few_slices" else float(k), **kw)
+                        rec = reconstruct_volume(inputs, pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
                     if scored:
                         unc.add(setting, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, missing.numpy())
                     pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]

@@ -59,7 +59,6 @@ def reconstruct_volume(
     refine_window: float = 0.12,
     device: str | torch.device = "cpu",
     calibration: Any = None,
-    given_thickness: float = 1.0,
 ) -> Reconstruction:
     """One (or a few) [0,1] axial slices -> a whole volume.
 
@@ -77,8 +76,6 @@ def reconstruct_volume(
             against the prior's atlases within this window in ``p`` (:func:`refine_positions`; 0: off).
         calibration: an uncertainty :class:`~monai_mrngan.inference.calibration.Calibration` (MRNGAN only):
             ``extra["uncertainty"]`` is then the expected absolute error map (H, W, D), 0 on the inputs.
-        given_thickness: the slab each input averages, in output slices (1: sharp slices); read by a cell with
-            ``thick`` (``network_def``), ignored otherwise.
     """
     device = torch.device(device)
     x = as_slice_batch(slices)
@@ -102,10 +99,7 @@ def reconstruct_volume(
 
     def run_on_device(s, p, d, n, sp, far=None, **kw):
         far = tuple(t.to(device) for t in far) if far is not None else None
-        kw = {k: v.to(device) for k, v in kw.items()}
-        if getattr(run, "wants_thickness", False):
-            kw["thickness"] = float(given_thickness)
-        out = run(s.to(device), p.to(device), d.to(device), n, sp, far=far, **kw)
+        out = run(s.to(device), p.to(device), d.to(device), n, sp, far=far, **{k: v.to(device) for k, v in kw.items()})
         run_on_device.last_signals = getattr(run, "last_signals", None)
         return out
 

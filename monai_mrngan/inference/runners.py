@@ -69,23 +69,21 @@ def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = 
     """Runner that unrolls the trained MRNGAN cell (eval mode, no grad); gap-aware when the cell has ``far_end``; a cell with
     ``interp`` gets each run's registration-based interpolation between its ends, as in training; a cell with ``cubic`` reads
     the PCHIP through the given slices at its runs' positions (``cubic`` (N,steps+1,1,H,W), from
-    :func:`~monai_mrngan.inference.volume.fill_volume`; ``run.wants_cubic``), a cell with ``thick`` how thick the given
-    slices are (``thickness``, in output slices; None: sharp)."""
+    :func:`~monai_mrngan.inference.volume.fill_volume`; ``run.wants_cubic``)."""
 
     if next(model.parameters()).device.type == "cpu":
         model.use_channels_last()
 
     @torch.no_grad()
     def run(starts: torch.Tensor, start_positions: torch.Tensor, directions: torch.Tensor, steps: int, step_p: float, far: FarEnd = None,
-            cubic: torch.Tensor | None = None, thickness: float | None = None) -> torch.Tensor:
+            cubic: torch.Tensor | None = None) -> torch.Tensor:
         model.eval()
         pos = run_positions(start_positions, directions, steps, step_p)
         prior_fn = prior_fn_for(prior, starts if fit_prior else None, start_positions)
         far_slices, far_pos = far if far is not None else (None, None)
         recording, model.record_spread = model.record_spread, True  # a few elementwise operations per step beside the convolutions
         try:
-            out = model.unroll(starts, pos, directions, next_fn, prior_fn, far_slices, far_pos, interpolate_between if model.interp else None, cubic,
-                               thickness)
+            out = model.unroll(starts, pos, directions, next_fn, prior_fn, far_slices, far_pos, interpolate_between if model.interp else None, cubic)
         finally:  # only this rollout records: the model object may be trained afterwards
             model.record_spread = recording
         # prior weight (N, steps) and candidate spread (N, steps, H, W): fill_volume maps them to slices
@@ -97,7 +95,6 @@ def mrngan_runner(model: MRNGAN, next_fn: NextFn, prior: Any, fit_prior: bool = 
     run.gap_aware = bool(getattr(model, "far_end", False))
     run.both_ways = bool(getattr(model, "both_ways", False))
     run.wants_cubic = bool(getattr(model, "cubic", False))
-    run.wants_thickness = bool(getattr(model, "thick", False))
     return run
 
 

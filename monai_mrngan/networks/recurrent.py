@@ -37,11 +37,6 @@ given slices around its gap at ``p_t`` (the run's start, its far end and one mor
 computed by the caller: ``cubic`` of :meth:`MRNGAN.unroll`); one more channel and blend candidate, masked like
 the far slice. On thick slabs the cubic beats the linear blend and every other candidate (mrngan docs).
 
-With ``thick=True`` the cell also sees how thick the run's given slices are: a constant map
-``min(1, (thickness - 1) / 3)``, ``thickness`` the slab each given slice averages in output slices (1: a sharp
-slice, ``thickness`` of :meth:`MRNGAN.unroll`), so it can tell a thick-slice scan, where the cubic through the
-slabs beats every sharp-slice candidate, from sharp slices.
-
 With ``miss=True`` the cell also sees, at every step, how far the run's prior misses its real start
 slice: ``|start - prior(p_0)|``, one map per run (not a blend candidate). The first state already
 sees both, but a constant channel lets every step weigh the prior by how well it fits this head
@@ -91,11 +86,10 @@ STEP_CHANNELS = ("previous", "pix2pix", "prior", "p", "distance",  # every cell
                  "far_next",  # far_next
                  "interp",  # interp
                  "miss",  # miss
-                 "cubic",  # cubic
-                 "thickness")  # thick
+                 "cubic")  # cubic
 """The step input's channels in order, the one home of that order (:meth:`MRNGAN.forward` describes
 each): a cell reads the first 5, with ``far_end`` the first 9, with ``far_next`` the first 10; ``interp``,
-``miss``, ``cubic`` and ``thick`` add their channels after those (``MRNGAN.step_channels``)."""
+``miss`` and ``cubic`` add their channels after those (``MRNGAN.step_channels``)."""
 CH = {name: i for i, name in enumerate(STEP_CHANNELS)}
 """Channel index of each name in :data:`STEP_CHANNELS`."""
 CANDIDATES = ("previous", "pix2pix", "prior", "far", "far_next", "interp", "cubic")
@@ -179,7 +173,6 @@ class MRNGAN(nn.Module):
         interp: bool = False,
         miss: bool = False,
         cubic: bool = False,
-        thick: bool = False,
     ) -> None:
         super().__init__()
         if far_next and not far_end:
@@ -188,7 +181,7 @@ class MRNGAN(nn.Module):
             raise ValueError("interp needs far_end")
         if cubic and not far_end:
             raise ValueError("cubic needs far_end")
-        self.interp, self.miss, self.cubic, self.thick = bool(interp), bool(miss), bool(cubic), bool(thick)
+        self.interp, self.miss, self.cubic = bool(interp), bool(miss), bool(cubic)
         self.far_next = bool(far_next)
         if int(state_scale) < 1:
             raise ValueError(f"state_scale must be a positive integer, got {state_scale!r}")
@@ -203,7 +196,7 @@ class MRNGAN(nn.Module):
         self.both_ways = bool(both_ways) and self.far_end
         self.record_spread = False  # inference: unroll keeps last_candidate_spread (on during the mrngan runner's rollouts)
         last = "far_next" if self.far_next else "far_weight" if self.far_end else "distance"
-        self.step_channels = STEP_CHANNELS[: CH[last] + 1] + tuple(n for n in ("interp", "miss", "cubic") if getattr(self, n)) + (("thickness",) if self.thick else ())
+        self.step_channels = STEP_CHANNELS[: CH[last] + 1] + tuple(n for n in ("interp", "miss", "cubic") if getattr(self, n))
         self.ch = {name: i for i, name in enumerate(self.step_channels)}
         in_ch = len(self.step_channels)
         self.in_channels = in_ch
@@ -235,7 +228,7 @@ class MRNGAN(nn.Module):
         if head is not None and head.shape[1] != self.head[0].weight.shape[1]:  # hidden + step-input channels
             got, want = head.shape[1] - self.head[0].out_channels, self.in_channels
             raise ValueError(f"MRNGAN weights for a {got}-channel step input, this cell reads {want} ({', '.join(self.step_channels)}): "
-                             "set network_def far_end / far_next / interp / miss / cubic / thick as they were in training")
+                             "set network_def far_end / far_next / interp / miss / cubic as they were in training")
         key = prefix + "trained_state_scale"
         trained = int(state_dict.get(key, 1))
         if trained != self.state_scale:
@@ -365,19 +358,17 @@ class MRNGAN(nn.Module):
         lin = torch.where(ahead, (pt - p_prev).abs() / (far_p - p_prev).abs().clamp_min(1e-8), torch.zeros_like(pt)).clamp(0.0, 1.0)
         return flag, {"far_distance": dist, "far_flag": flag, "far_weight": lin}
 
-    def _inputs(self, prev, pix, prior, prior_small, ends, far_p, p0, pt, p_prev, between=None, miss=None, cubic=None,
-                thickness=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _inputs(self, prev, pix, prior, prior_small, ends, far_p, p0, pt, p_prev, between=None, miss=None, cubic=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(step input at the state's size, full-size candidates) at ``p_t``. ``prior_small``: the prior
         slice already at the state's size; ``ends``: the run's far slices ([far, [far_next]] at full size,
         the same at the state's size) or None (no run has a far end: the far channels are zeros and
         there is no far candidate); ``between``: with ``interp``, the interpolation between the ends at
         ``p_t`` (full size, state's size); ``miss``: with ``miss``, the run's miss map at the state's size; ``cubic``:
-        with ``cubic``, the PCHIP at ``p_t`` (full size, state's size); ``thickness``: with ``thick``, the runs' (B,)
-        thickness map values.
+        with ``cubic``, the PCHIP at ``p_t`` (full size, state's size).
         Only the previous output and its pix2pix prediction are pooled here."""
         near = self._pool(torch.cat([prev, pix], 1))
         small, candidates = [near, prior_small], [prev, pix, prior]
-        values = {"p": pt, "distance": (DIST_SCALE * (pt - p0).abs()).clamp(max=1.0)} | ({"thickness": thickness} if self.thick else {})
+        values = {"p": pt, "distance": (DIST_SCALE * (pt - p0).abs()).clamp(max=1.0)}
         if self.far_end:
             flag, far_values = self._far_values(far_p, p0, pt, p_prev)
             values.update(far_values)
@@ -401,7 +392,6 @@ class MRNGAN(nn.Module):
         far_positions: torch.Tensor | None = None,
         interp_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         cubic: torch.Tensor | None = None,
-        thickness: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """Generate slices 1..T-1 of a run from ``start`` (B,1,H,W) [0,1].
 
@@ -413,8 +403,6 @@ class MRNGAN(nn.Module):
         :func:`~monai_mrngan.atlas.registration.interpolate_between`); None: the linear blend of the ends.
         ``cubic`` (B,T,1,H,W): with ``cubic``, the PCHIP through each run's given slices at ``positions`` (any values
         past the far end and for open runs, which are masked); None: the linear blend of the ends.
-        ``thickness`` (B,) or a number: with ``thick``, the slab each run's given slices average, in output slices
-        (None: 1, sharp slices).
         Returns (B,T-1,H,W) in [0,1].
         """
         if start.ndim != 4 or start.shape[1] != 1:
@@ -462,15 +450,14 @@ class MRNGAN(nn.Module):
                 if cubic is not None and tuple(cubic.shape) != (b, positions.shape[1], *start.shape[1:]):
                     raise ValueError(f"cubic must be (B,T,1,H,W) = {(b, positions.shape[1], *start.shape[1:])}, got {tuple(cubic.shape)}")
                 cubics = per_step(linear() if cubic is None else torch.nan_to_num(cubic.to(start)))
-        thick = (torch.as_tensor(1.0 if thickness is None else thickness, dtype=start.dtype, device=start.device).expand(b) - 1.0).div(3.0).clamp(0.0, 1.0)
         miss = self._pool((start - priors[:, 0]).abs()) if self.miss else None  # the prior's miss at the start, once per run
-        x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0, between[0], miss, cubics[0], thick)
+        x0, _ = self._inputs(start, start, priors[:, 0], priors_small[:, 0], ends, far_p, p0, p0, p0, between[0], miss, cubics[0])
         s = self._first_state(x0, start)
         prev, outs, prior_w, spreads = start, [], [], []
         for t in range(1, positions.shape[1]):
             pix = next_fn(prev, direction).to(start)
             xs, candidates = self._inputs(prev, pix, priors[:, t], priors_small[:, t], ends, far_p, p0, positions[:, t], positions[:, t - 1],
-                                          between[t], miss, cubics[t], thick)
+                                          between[t], miss, cubics[t])
             prev, s = self._advance(xs, s, candidates)
             outs.append(prev)
             if self.output == "blend":

@@ -20,8 +20,7 @@ Outputs are plain tensors (no MetaTensor metadata) so collation stays fast:
   ``gap`` (the far end's distance in slices, 0 for an open run); with ``slab_prob`` some runs' given slices
   (``image[0]`` and the far end) are thick slabs (:func:`slab_mean`) while the targets stay sharp; with
   ``cubic`` also ``cubic_image`` (T, H, W): :func:`axial_pchip` through the given slices around the gap at each
-  slice of the run (zeros for an open run and past the far end); ``given_thickness`` (1,): the slab thickness of the
-  given slices in slices (1: sharp)
+  slice of the run (zeros for an open run and past the far end)
 - :class:`OpenRunsOnlyd`:       applies other transforms to open runs only (``far_position`` NaN or absent)
 
 MONAI has crop samplers but none that carries a per-slice position or pairs slices along an
@@ -407,7 +406,6 @@ class GapRund(SliceRund):
             d["far_image"] = torch.zeros_like(vol[0][..., start][None])
             d["far_position"] = torch.tensor([float("nan")])
         d["gap"] = gap
-        d["given_thickness"] = torch.tensor([thickness])  # the slab the given slices average, in slices (1: sharp)
         if self.cubic:
             d["cubic_image"] = self._cubic(d[key], vol, start, direction, gap, given)
 
