@@ -35,7 +35,8 @@ the two ends.
 With ``cubic=True`` (needs ``far_end``) the cell also sees, at each step, the monotone cubic (PCHIP) through the
 given slices around its gap at ``p_t`` (the run's start, its far end and one more given slice beyond each,
 computed by the caller: ``cubic`` of :meth:`MRNGAN.unroll`); one more channel and blend candidate, masked like
-the far slice. On thick slabs the cubic beats the linear blend and every other candidate (mrngan docs).
+the far slice. On thick slabs the cubic interpolation beats the linear one and the cell; measured in a retraining,
+the candidate did not close that (mrngan docs; off in every preset).
 
 With ``miss=True`` the cell also sees, at every step, how far the run's prior misses its real start
 slice: ``|start - prior(p_0)|``, one map per run (not a blend candidate). The first state already
