@@ -111,3 +111,25 @@ def test_reconstruction_hands_the_cell_the_stacks_cubic_in_every_gap():
     given = [4, 9, 13, 20, 26]  # irregular gaps: the cubic through the whole stack
     out = fill_volume(_CubicEcho(), vol[given], given, 30, torch.linspace(1.0, 0.0, 30), -1 / 29)
     torch.testing.assert_close(out[4:27], cubic_fill(vol[given], given, 30)[4:27].clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_contiguous_slab_runs_are_drawn_like_a_thick_slice_acquisition():
+    data = _curved_volume()
+    vol = data["image"][0]
+    t = GapRund(run_length=6, num_samples=200, gap_fraction=0.5, min_gap=2, max_gap=16, slab_prob=0.4, slab_contiguous=True, slab_gaps=(2, 4))
+    t.set_random_state(0)
+    runs = t(data)
+    slabs = [d for d in runs if not torch.equal(d["image"][0], vol[..., d["slice_index"]])]
+    assert 50 < len(slabs) < 110  # about 40 % of 200
+    for d in slabs:  # contiguous: the slab is as thick as the gap, the gap in slab_gaps, the far end a slab too
+        k, s, dr = d["gap"], d["slice_index"], int(d["direction"])
+        assert 2 <= k <= 4
+        torch.testing.assert_close(d["image"][0], slab_mean(vol, s, float(k)))
+        torch.testing.assert_close(d["far_image"][0], slab_mean(vol, s + dr * k, float(k)))
+    assert any(d["gap"] > 4 for d in runs) and any(d["gap"] == 0 for d in runs)  # the other runs as without slabs
+    plain, again = GapRund(run_length=6, num_samples=50, slab_prob=0.3), GapRund(run_length=6, num_samples=50, slab_prob=0.3, slab_gaps=(2, 6))
+    plain.set_random_state(3)
+    again.set_random_state(3)  # slab_gaps alone changes nothing: draws as before
+    assert [(d["slice_index"], d["gap"]) for d in plain(data)] == [(d["slice_index"], d["gap"]) for d in again(data)]
+    with pytest.raises(ValueError, match="slab_gaps"):
+        GapRund(slab_gaps=(1, 3))

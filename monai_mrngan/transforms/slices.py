@@ -265,8 +265,10 @@ class SliceRund(_SliceSampler):
             plan.append((i, int(self.R.choice(np.asarray(self._fits(i, span, depth)))), 0))
         return plan
 
-    def _given_ends(self, d: dict, key: Hashable, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
-        """Hook for samplers that shape the run's given slices: add the far end of its gap, thicken them (none here)."""
+    def _given_ends(self, d: dict, key: Hashable, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int,
+                    thickness: float | None = None) -> None:
+        """Hook for samplers that shape the run's given slices: add the far end of its gap, thicken them (none here);
+        ``thickness``: a slab thickness the plan fixed for this run (None: the sampler's own draw)."""
 
     def __call__(self, data: Mapping) -> list[dict]:
         key = self.first_key(data)
@@ -277,7 +279,7 @@ class SliceRund(_SliceSampler):
             raise ValueError(f"volume has {depth} slices, fewer than run_length {self.run_length}")
         plan = self._plan(depth) if self.starts_key is None else self._plan_from(self._given_starts(data, depth), depth)
         out = []
-        for start, direction, gap in plan:
+        for start, direction, gap, *planned in plan:  # a sampler's plan may fix a run's slab thickness too
             idx = start + direction * torch.arange(self.run_length)
             d = self._base(data)
             d.update({k: data[k] for k in self.carry_keys})
@@ -285,7 +287,7 @@ class SliceRund(_SliceSampler):
             d["positions"] = pos[idx].clone()
             d["direction"] = torch.tensor([float(direction)])
             d["slice_index"] = int(start)
-            self._given_ends(d, key, vol, pos, start, direction, gap)
+            self._given_ends(d, key, vol, pos, start, direction, gap, *planned)
             out.append(d)
         return out
 
@@ -309,6 +311,10 @@ class GapRund(SliceRund):
     fill a thick-slice scan with the sharp anatomy between its slabs, not with more slab blur. 0 (the default) draws
     nothing, so runs are as before; deterministic mode never makes slabs.
 
+    ``slab_contiguous``: slab runs are drawn like a thick-slice acquisition instead: with probability ``slab_prob`` a
+    random run is a gap run with ``k`` drawn from ``slab_gaps`` and slabs as thick as the gap (contiguous slabs, as
+    5 mm slices on a 2 mm grid); every other run is drawn as without slabs and has sharp given slices.
+
     ``cubic``: gap runs also carry ``cubic_image`` (T, H, W), :func:`axial_pchip` at each slice of the run up to
     its far end through the given slices of the regular ``k`` grid around the gap (the one before the start, the
     start, the far end and the one after it, where the volume holds them; slabs like the ends), as the whole
@@ -331,9 +337,14 @@ class GapRund(SliceRund):
         slab_prob: float = 0.0,
         slab_slices: Sequence[float] = (1.5, 3.0),
         cubic: bool = False,
+        slab_contiguous: bool = False,
+        slab_gaps: Sequence[int] = (2, 5),
     ) -> None:
         super().__init__(keys, run_length, positions_key, num_samples, directions, allow_missing_keys, starts_key, carry_keys)
         self.cubic = bool(cubic)
+        if len(slab_gaps) != 2 or not 2 <= slab_gaps[0] <= slab_gaps[1]:
+            raise ValueError(f"slab_gaps must be (low, high) with 2 <= low <= high, got {slab_gaps}")
+        self.slab_contiguous, self.slab_gaps = bool(slab_contiguous), (int(slab_gaps[0]), int(slab_gaps[1]))
         if not 0.0 <= gap_fraction <= 1.0:
             raise ValueError(f"gap_fraction must be in [0, 1], got {gap_fraction}")
         if not 2 <= min_gap <= max_gap:
@@ -358,13 +369,20 @@ class GapRund(SliceRund):
         plan = []
         for _ in range(self.num_samples):
             d = int(self.R.choice(np.asarray(self.directions)))
-            k = int(self.R.randint(self.min_gap, self.max_gap + 1)) if self.R.rand() < self.gap_fraction else 0
+            k, thickness = self._draw_gap()
             reach = max(span, k)
             if reach >= depth:  # the volume cannot hold this gap: an open run instead
-                k, reach = 0, span
+                k, reach, thickness = 0, span, 1.0
             low = int(self.R.randint(0, depth - reach))
-            plan.append((low if d > 0 else low + reach, d, k))
+            plan.append((low if d > 0 else low + reach, d, k) + ((thickness,) if self.slab_contiguous else ()))
         return plan
+
+    def _draw_gap(self) -> tuple[int, float]:
+        """A random run's gap ``k`` (0: an open run) and, with ``slab_contiguous``, its slab thickness (1: sharp)."""
+        if self.slab_contiguous and self.slab_prob > 0 and self.R.rand() < self.slab_prob:
+            k = int(self.R.randint(self.slab_gaps[0], self.slab_gaps[1] + 1))
+            return k, float(k)
+        return (int(self.R.randint(self.min_gap, self.max_gap + 1)) if self.R.rand() < self.gap_fraction else 0), 1.0
 
     def _plan_from(self, starts: list[int], depth: int) -> list[tuple[int, int, int]]:
         """:meth:`_plan` from the given starts: a random start, gap k (or an open run) as in :meth:`_plan`,
@@ -379,11 +397,11 @@ class GapRund(SliceRund):
         plan = []
         for _ in range(self.num_samples):
             i = int(self.R.choice(np.asarray(starts)))
-            k = int(self.R.randint(self.min_gap, self.max_gap + 1)) if self.R.rand() < self.gap_fraction else 0
+            k, thickness = self._draw_gap()
             dirs = self._fits(i, max(span, k), depth)
             if not dirs:  # this start cannot hold this gap: an open run instead
-                k, dirs = 0, self._fits(i, span, depth)
-            plan.append((i, int(self.R.choice(np.asarray(dirs))), k))
+                k, dirs, thickness = 0, self._fits(i, span, depth), 1.0
+            plan.append((i, int(self.R.choice(np.asarray(dirs))), k) + ((thickness,) if self.slab_contiguous else ()))
         return plan
 
     def _slab(self, gap: int) -> float:
@@ -393,8 +411,9 @@ class GapRund(SliceRund):
         thickness = float(self.R.uniform(*self.slab_slices))
         return min(thickness, float(gap)) if gap else thickness
 
-    def _given_ends(self, d: dict, key: Hashable, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int) -> None:
-        thickness = self._slab(gap)
+    def _given_ends(self, d: dict, key: Hashable, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int,
+                    thickness: float | None = None) -> None:
+        thickness = self._slab(gap) if thickness is None else thickness
         if thickness > 1.0:
             d[key][0] = slab_mean(vol[0], start, thickness)
         given = (lambda i: slab_mean(vol[0], i, thickness)) if thickness > 1.0 else (lambda i: vol[0][..., i])
