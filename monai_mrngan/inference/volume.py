@@ -170,7 +170,7 @@ def fill_volume(run: Runner, slices: torch.Tensor, indices: Sequence[int], num_s
         far_pos = torch.where(torch.as_tensor(bounded), grid[torch.as_tensor([idx[i] for i in far_src.tolist()])], torch.tensor(float("nan")))
         kw["far"] = (slices[far_src] * torch.as_tensor(bounded, dtype=torch.float32).view(-1, 1, 1, 1), far_pos)
         if getattr(run, "wants_cubic", False):
-            kw["cubic"] = _run_cubic(slices[:, 0], idx, runs, bounded, steps)
+            kw["cubic"] = _run_cubic(slices[:, 0], idx, num_slices, runs, bounded, steps)
     gen = run(starts, start_pos, dirs, steps, step_p, **kw)[:, :, 0].float().cpu()  # (N, steps, H, W)
     if gen.shape[:2] != (len(runs), steps):
         raise RuntimeError(f"runner returned {tuple(gen.shape)}, expected ({len(runs)}, {steps}, H, W)")
@@ -207,13 +207,16 @@ def fill_volume(run: Runner, slices: torch.Tensor, indices: Sequence[int], num_s
     return vol.clamp(0.0, 1.0)
 
 
-def _run_cubic(slices: torch.Tensor, idx: list[int], runs: list[tuple[int, int, int]], bounded: list[bool], steps: int) -> torch.Tensor:
-    """(N, steps+1, 1, H, W): for each gap run (``bounded``), :func:`axial_pchip` through all given ``slices`` (K,H,W)
-    at ``idx`` read at the run's start and the slices it fills; zeros elsewhere (open runs, steps past the gap)."""
+def _run_cubic(slices: torch.Tensor, idx: list[int], num_slices: int, runs: list[tuple[int, int, int]], bounded: list[bool],
+               steps: int) -> torch.Tensor:
+    """(N, steps+1, 1, H, W): for each gap run (``bounded``), the :func:`cubic_fill` volume through all given ``slices``
+    (K,H,W) at ``idx``, read at the run's start and the slices it fills; zeros elsewhere (open runs, steps past the gap).
+    The curve is built once for the stack, not once per run."""
+    whole = cubic_fill(slices, idx, num_slices)
     out = torch.zeros(len(runs), steps + 1, 1, *slices.shape[-2:])
     for n, ((k, d, nsteps), b) in enumerate(zip(runs, bounded)):
         if b:
-            out[n, : nsteps + 1, 0] = axial_pchip(slices, idx, idx[k] + d * np.arange(nsteps + 1))
+            out[n, : nsteps + 1, 0] = whole[idx[k] + d * torch.arange(nsteps + 1)]
     return out
 
 
