@@ -356,8 +356,8 @@ class GapRund(SliceRund):
         self.gap_fraction, self.min_gap, self.max_gap = float(gap_fraction), int(min_gap), int(max_gap)
         self.slab_prob, self.slab_slices = float(slab_prob), (float(slab_slices[0]), float(slab_slices[1]))
 
-    def _plan(self, depth: int) -> list[tuple[int, int, int]]:
-        """(start index, direction, gap k or 0) per sample."""
+    def _plan(self, depth: int) -> list[tuple]:
+        """(start index, direction, gap k or 0[, slab thickness with ``slab_contiguous``]) per sample."""
         span = self.run_length - 1
         if self.num_samples is None:
             d = self.directions[0]
@@ -384,7 +384,7 @@ class GapRund(SliceRund):
             return k, float(k)
         return (int(self.R.randint(self.min_gap, self.max_gap + 1)) if self.R.rand() < self.gap_fraction else 0), 1.0
 
-    def _plan_from(self, starts: list[int], depth: int) -> list[tuple[int, int, int]]:
+    def _plan_from(self, starts: list[int], depth: int) -> list[tuple]:
         """:meth:`_plan` from the given starts: a random start, gap k (or an open run) as in :meth:`_plan`,
         then a random direction in which the run and its far end fit (none: an open run from that start)."""
         span = self.run_length - 1
@@ -414,9 +414,9 @@ class GapRund(SliceRund):
     def _given_ends(self, d: dict, key: Hashable, vol: torch.Tensor, pos: torch.Tensor, start: int, direction: int, gap: int,
                     thickness: float | None = None) -> None:
         thickness = self._slab(gap) if thickness is None else thickness
-        if thickness > 1.0:
-            d[key][0] = slab_mean(vol[0], start, thickness)
         given = (lambda i: slab_mean(vol[0], i, thickness)) if thickness > 1.0 else (lambda i: vol[0][..., i])
+        if thickness > 1.0:
+            d[key][0] = given(start)
         if gap:
             far = start + direction * gap
             d["far_image"] = given(far)[None].clone()
