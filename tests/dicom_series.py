@@ -12,8 +12,9 @@ LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def write_series(vol: np.ndarray, affine: np.ndarray, folder: Path, slice_axis: int = 2, series_uid: str | None = None,
-                 scale: float = 1.0) -> list[Path]:
-    """One file per slice of ``vol`` (RAS ``affine``) taken along ``slice_axis``; returns the files."""
+                 scale: float = 1.0, thickness: float | None = None) -> list[Path]:
+    """One file per slice of ``vol`` (RAS ``affine``) taken along ``slice_axis``, each ``thickness`` mm thick (default:
+    the slice step); returns the files."""
     order = [a for a in range(3) if a != slice_axis] + [slice_axis]
     vol = np.transpose(np.asarray(vol), order)
     aff = np.asarray(affine, dtype=np.float64)[:3]
@@ -35,7 +36,7 @@ def write_series(vol: np.ndarray, affine: np.ndarray, folder: Path, slice_axis: 
         ds.ImageOrientationPatient = [float(v) for v in np.r_[a0 / np.linalg.norm(a0), a1 / np.linalg.norm(a1)]]
         ds.ImagePositionPatient = [float(v) for v in LPS @ (origin + k * cols[:, 2])]
         ds.PixelSpacing = [float(np.linalg.norm(a1)), float(np.linalg.norm(a0))]
-        ds.SliceThickness = float(np.linalg.norm(a2))
+        ds.SliceThickness = float(np.linalg.norm(a2)) if thickness is None else float(thickness)
         pix = np.clip(np.rint(vol[:, :, k].T * scale), 0, 65535).astype(np.uint16)
         ds.Rows, ds.Columns = pix.shape
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

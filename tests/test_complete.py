@@ -342,7 +342,16 @@ def test_a_scan_off_the_grid_takes_its_sidecar_positions_and_says_when_nothing_c
     assert done.meta["input_kind"] == "scan" and done.meta["positions_from"] == "sidecar"
     assert done.meta["real_slices"] == list(range(0, 24, 3)) and done.meta["models"] == {}
     out = done.reconstructed.rec.volume
-    np.testing.assert_allclose(out[:, :, 1], (2 * vol[:, :, 0] + vol[:, :, 3]) / 3, atol=1e-5)  # linear across each gap
+    for c in (3, 6, 9):  # each 6 mm slice a slab that the completed volume agrees with (the mean over it)
+        np.testing.assert_allclose(out[:, :, c - 1 : c + 2].mean(2), vol[:, :, c], atol=1.2e-2)
+    assert done.reconstructed.rec.extra["slab_mm"] == pytest.approx(3 * ref["spacing_mm"], rel=1e-4) == done.meta["slab_mm"]
+    save_json({"first_position": positions[0], "slab_mm": 0}, tmp_path / "thick.json")  # thin slices 3 grid slices apart
+    thin = complete_file(tmp_path / "thick.nii.gz", nothing, ref, method="linear")
+    assert thin.meta["slab_mm"] == 0.0 and "slab_mm" not in thin.reconstructed.rec.extra
+    np.testing.assert_allclose(thin.reconstructed.rec.volume[:, :, 1], (2 * vol[:, :, 0] + vol[:, :, 3]) / 3, atol=1e-5)  # linear across each gap
+    save_json({"first_position": positions[0], "slab_mm": "thick"}, tmp_path / "thick.json")
+    with pytest.raises(InputError, match="slab_mm"):
+        complete_file(tmp_path / "thick.nii.gz", nothing, ref, method="linear")
     np.testing.assert_allclose(done.reconstructed.rec.positions, ref["positions"], atol=1e-6)
 
     save_nifti(vol[:, :, :15:3], aff, tmp_path / "cut.nii.gz")  # the top of the head cut off, and no sidecar

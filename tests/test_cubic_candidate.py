@@ -12,7 +12,8 @@ from monai_mrngan.engines.recurrent import RunBatch
 from monai_mrngan.inference.volume import cubic_fill, fill_volume
 from monai_mrngan.networks.recurrent import MRNGAN
 from monai_mrngan.transforms import GapRund
-from monai_mrngan.transforms.slices import axial_pchip, slab_mean
+from monai_mrngan.transforms.slabs import slab_mean
+from monai_mrngan.transforms.slices import axial_pchip
 
 NAN = float("nan")
 

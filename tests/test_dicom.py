@@ -145,3 +145,22 @@ def test_files_without_the_preamble_or_a_suffix_are_read_as_dicom(tmp_path):
     assert present.all()
     one, _ = read_dicom_file(bare / files[3].stem)
     np.testing.assert_array_equal(one[:, :, 0], want[:, :, 3])
+
+
+def test_an_axial_series_says_how_thick_its_slices_are(tmp_path):
+    """A stack's slabs (:func:`~monai_mrngan.inference.stacks.slab_thickness_mm`): an axial series' SliceThickness, so
+    thin slices with gaps between them are not taken for slabs; a sagittal series' thickness is not along the axis."""
+    from monai_mrngan.inference.stacks import slab_thickness_mm
+
+    vol, aff = _volume((12, 10, 6)), np.diag([1.5, 1.5, 5.0, 1.0])
+    write_series(vol, aff, tmp_path / "slabs", slice_axis=2)
+    write_series(vol, aff, tmp_path / "gapped", slice_axis=2, thickness=1.0)
+    write_series(_volume((6, 10, 12)), np.diag([1.0, 1.5, 1.5, 1.0]), tmp_path / "sag", slice_axis=0)
+    slabs = read_inputs([tmp_path / "slabs"], 16, 2.0, stack=True)
+    gapped = read_inputs([tmp_path / "gapped"], 16, 2.0, stack=True)
+    sag = read_inputs([tmp_path / "sag"], 16, 2.0, stack=True)
+    assert slabs.thickness_mm == pytest.approx(5.0) and gapped.thickness_mm == pytest.approx(1.0) and sag.thickness_mm is None
+    assert slab_thickness_mm(slabs, 2.0) == pytest.approx(5.0) and slab_thickness_mm(gapped, 2.0) == 0.0
+    assert slab_thickness_mm(gapped, 2.0, slab_mm=4.0) == 4.0 and slab_thickness_mm(slabs, 2.0, slab_mm=0.0) == 0.0
+    with pytest.raises(ValueError, match=">= 0 mm"):
+        slab_thickness_mm(slabs, 2.0, slab_mm=-1.0)

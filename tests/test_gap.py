@@ -16,7 +16,7 @@ from monai_mrngan.inference.runners import copy_runner, is_gap_aware, make_runne
 from monai_mrngan.inference.volume import fill_volume, linear_fill
 from monai_mrngan.networks.recurrent import MRNGAN
 from monai_mrngan.transforms import GapRund
-from monai_mrngan.transforms.slices import slab_mean
+from monai_mrngan.transforms.slabs import slab_mean
 from test_interpolation import _moving_disc  # noqa: E402  (tests/ module: a disc that shifts with depth)
 
 NAN = float("nan")

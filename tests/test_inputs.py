@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from monai_mrngan.atlas.prior import mean_prior
@@ -15,6 +16,8 @@ from monai_mrngan.data.inputs import read_inputs
 from monai_mrngan.data.io import InputError, load_volume, save_nifti, save_png
 from monai_mrngan.inference.components import Components, reference_grid
 from monai_mrngan.inference.reconstruct import reconstruct_files
+from monai_mrngan.inference.volume import linear_fill
+from monai_mrngan.transforms.slabs import slab_mean
 
 pydicom = pytest.importorskip("pydicom")
 from dicom_series import write_series  # noqa: E402  (tests/ helper)
@@ -217,7 +220,8 @@ def test_output_overlays_the_input_and_says_what_is_real(scan, tiny_dataset, tmp
 def test_thick_slice_stack_uses_every_slice_at_its_place(scan, tiny_dataset, tmp_path):
     path, vol, affine, entry = scan
     ref = reference_grid(tiny_dataset)
-    thick = vol[:, :, ::3]  # every 3rd slice: a thick-slice acquisition
+    sharp = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
+    thick = torch.stack([slab_mean(sharp, i, 3.0) for i in range(0, vol.shape[2], 3)], -1).numpy()  # a thick-slice acquisition
     aff = affine.copy()
     aff[:3, 2] *= 3
     save_nifti(thick, aff, tmp_path / "thick.nii.gz")  # on the model grid in-plane: used as it is
@@ -228,10 +232,15 @@ def test_thick_slice_stack_uses_every_slice_at_its_place(scan, tiny_dataset, tmp
     res = reconstruct_files([str(tmp_path / "thick.nii.gz")], str(tmp_path / "stack.nii.gz"), comp, stack=True,
                             positions=[entry["positions"][0]], method="linear", expected_shape=ref["shape"],
                             spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"], reference_positions=ref["positions"])
-    assert res["input_indices"] == list(range(0, vol.shape[2], 3))
+    assert res["input_indices"] == list(range(0, vol.shape[2], 3))  # real slices where they were acquired
+    assert json.loads((tmp_path / "stack_positions.json").read_text())["slab_mm"] == pytest.approx(3 * ref["spacing_mm"], rel=1e-4)
     out = nib.load(res["volume"]).get_fdata()
-    np.testing.assert_allclose(out[:, :, 3], vol[:, :, 3], atol=2e-3)  # real slices where they were acquired
-    np.testing.assert_allclose(out[:, :, 4], (2 * vol[:, :, 3] + vol[:, :, 6]) / 3, atol=2e-3)
+    for n, c in enumerate(range(3, vol.shape[2] - 1, 3)):  # each slab is the mean of the output over it
+        np.testing.assert_allclose(out[:, :, c - 1 : c + 2].mean(2), thick[:, :, n + 1], atol=1.2e-2)  # 1/255 steps, clipped at 0
+    given = list(range(0, vol.shape[2], 3))
+    lin = linear_fill(np.moveaxis(thick, 2, 0), given, vol.shape[2]).permute(1, 2, 0).numpy()  # through the slabs, as if thin
+    inner = slice(0, given[-1] + 1)
+    assert np.mean((out[:, :, inner] - vol[:, :, inner]) ** 2) < np.mean((lin[:, :, inner] - vol[:, :, inner]) ** 2)
 
 
 def test_a_slice_of_a_volume_is_placed_by_the_whole_volume(scan, tiny_dataset, tmp_path):

@@ -157,6 +157,7 @@ def reconstruct(
     pixel_mm: float | None = None,
     force: bool = False,
     device: str = "auto",
+    slab_mm: float | None = None,
 ) -> None:
     """Reconstruct a whole volume from one 2D slice or a few, with the stages trained in WORKDIR.
 
@@ -177,6 +178,8 @@ def reconstruct(
         pixel_mm: in-plane pixel size of a PNG input that is not at the model size.
         force: reconstruct an input that does not look like an axial T1 head slice (refused otherwise).
         device: auto (a GPU when there is one), cpu or cuda[:N].
+        slab_mm: with --stack, how thick its slices are (default: their spacing, when wider than the grid's: each a
+            slab that the output is made to agree with); 0 for thin slices with gaps between them.
     """
     from ..inference.components import reference_grid
     from ..inference.reconstruct import reconstruct_files
@@ -188,6 +191,7 @@ def reconstruct(
         inputs, out, _components(workdir, device), slice_index=slice_index, positions=pos, method=method,
         expected_shape=ref["shape"], spacing_mm=ref["spacing_mm"], reference_affine=ref["affine"],
         reference_positions=ref["positions"], stack=bool(stack), pixel_mm=pixel_mm, force=bool(force),
+        slab_mm=None if slab_mm is None else float(slab_mm),
     )
     checks = {c["source"]: c for c in result["input_check"]}
     for source, p in zip(result["sources"], result["input_positions"]):

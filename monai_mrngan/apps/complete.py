@@ -32,7 +32,10 @@ Three kinds of input (``input_kind`` in the sidecar):
 
 ``scan``: a volume off the prepared grid (another in-plane size or voxel size: a thick-slice acquisition, or a
     volume of any spacing with missing slices) or a DICOM series folder, completed by :mod:`.complete_scan` as ``reconstruct --stack``
-    reconstructs a file, and written as ``reconstruct`` writes (in the input's world, the models' [0, 1]).
+    reconstructs a file, and written as ``reconstruct`` writes (in the input's world, the models' [0, 1]). Slices
+    further apart than the grid's are read as slabs that thick, and the volume made to agree with them (the mean of
+    the output over each slab is the slab); the sidecar's ``"slab_mm"`` gives another thickness (0: thin slices with
+    gaps between them).
 
 A file is a *stack* when its sidecar says ``"kind": "stack"``, or when it has no missing slice
 and its sidecar lists ``positions``; otherwise a *volume* (``"kind": "volume"`` forces it), which is a
@@ -91,6 +94,7 @@ from .complete_io import (
     models_used,
     parse_missing,
     read_sidecar,
+    slab_mm,
     to_model_range,
     write_image,
     write_uncertainty,
@@ -222,7 +226,8 @@ def _complete_volume(
 
     if not on_grid(ras.shape, ras_zooms, reference):  # another size, spacing or slice thickness: read as --stack reads it
         positions, _ = _volume_positions(sidecar, side, depth, flipped, -ras_zooms[2] / HEAD_HEIGHT_MM)
-        return complete_scan(path, data, affine, real_idx, positions, components, reference, method, file_index, models)
+        return complete_scan(path, data, affine, real_idx, positions, components, reference, method, file_index, models,
+                             slab_mm(sidecar, side))
     step_p = -spacing / HEAD_HEIGHT_MM
     positions, source = _volume_positions(sidecar, side, depth, flipped, step_p)
     scaled, scale, unit = to_model_range(real, path)

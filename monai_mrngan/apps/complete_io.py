@@ -130,6 +130,17 @@ def read_sidecar(path: Path) -> tuple[dict | None, Path]:
     return obj, side
 
 
+def slab_mm(sidecar: Mapping[str, Any] | None, side: Path) -> float | None:
+    """A sidecar's ``"slab_mm"``: how thick a scan's slices are (0: thin slices with gaps between them); None when it
+    does not say (their spacing is taken when wider than the grid's)."""
+    value = (sidecar or {}).get("slab_mm")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise InputError(side, f"\"slab_mm\" must be a number of mm >= 0 (0: thin slices), got {json.dumps(value)[:60]}")
+    return float(value)
+
+
 def float_list(value: Any, side: Path, key: str) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64).reshape(-1)

@@ -32,19 +32,22 @@ __all__ = ["complete_scan", "complete_series"]
 def complete_scan(
     path: Path, data: np.ndarray, affine: np.ndarray, real_idx: np.ndarray, ras_positions: np.ndarray | None, components: Components,
     reference: Mapping[str, Any], method: str, file_index: Callable[[np.ndarray], list[int]], models: Mapping[str, dict] | None = None,
+    slab_mm: float | None = None,
 ) -> Completed:
     """Complete a scan off the prepared grid from its real axial slices ``real_idx`` (RAS indices).
 
     ``data`` / ``affine``: the file's voxels (a private copy; NaN in missing slices allowed) and affine;
     ``ras_positions``: ``p`` per RAS axial slice from the sidecar, or None (placed as ``reconstruct --stack``
-    places a stack); ``file_index``: RAS axial indices -> the file's own, for the sidecar; ``models``: :func:`~.complete_io.model_files`.
+    places a stack); ``file_index``: RAS axial indices -> the file's own, for the sidecar; ``models``: :func:`~.complete_io.model_files`;
+    ``slab_mm``: how thick its slices are (the sidecar's ``slab_mm``; None: their spacing when wider than the grid's,
+    :func:`~monai_mrngan.inference.stacks.slab_thickness_mm`).
     Raises :class:`InputError` naming the file for anything the reconstruction refuses. Nothing is written.
     """
     if np.issubdtype(data.dtype, np.floating):
         data = np.nan_to_num(data, nan=0.0)  # NaN-filled missing slices would spoil the volume's intensity scale
     got = stack_of_volume(data, affine, path, int(reference["shape"][0]), float(reference["spacing_mm"]), real_idx.tolist())
     given = None if ras_positions is None else [float(p) for p in ras_positions[real_idx]]
-    return _completed(path, got, given, components, reference, method, lambda ras: file_index(np.asarray(ras, dtype=int)), models)
+    return _completed(path, got, given, components, reference, method, lambda ras: file_index(np.asarray(ras, dtype=int)), models, slab_mm)
 
 
 def complete_series(path: Path, components: Components, reference: Mapping[str, Any], method: str,
@@ -62,11 +65,13 @@ def complete_series(path: Path, components: Components, reference: Mapping[str, 
 
 
 def _completed(path: Path, got: InputSlices, given: list[float] | None, components: Components, reference: Mapping[str, Any],
-               method: str, file_index: Callable[[Sequence[int]], list[int]], models: Mapping[str, dict] | None) -> Completed:
+               method: str, file_index: Callable[[Sequence[int]], list[int]], models: Mapping[str, dict] | None,
+               slab_mm: float | None = None) -> Completed:
     """Reconstruct a scan's slices (``got``, at ``given`` positions or placed) on the prepared grid, as ``reconstruct --stack`` does."""
     try:
         done = reconstruct_slices(got, components, positions=given, method=method, spacing_mm=float(reference["spacing_mm"]),
-                                  reference_affine=np.asarray(reference["affine"]), reference_positions=list(reference["positions"]), stack=True)
+                                  reference_affine=np.asarray(reference["affine"]), reference_positions=list(reference["positions"]), stack=True,
+                                  slab_mm=slab_mm)
     except ValueError as err:  # e.g. no slice within the grid, two slices on one grid slice, nothing to place by
         raise InputError(path, str(err)) from err
     rec = done.rec
@@ -86,6 +91,7 @@ def _completed(path: Path, got: InputSlices, given: list[float] | None, componen
         "intensity": {"scale": round(float(got.scale), 6), "unit_range": False,
                       "units": "the models' [0, 1], as prepare writes volumes; intensity.scale times a voxel is the input's intensity"},
         "method": method,
+        "slab_mm": rec.extra.get("slab_mm", 0.0),
         "models": models_used(method, given is None and str(placement.get("method", "")).startswith("localized"), models),
     }
     return Completed(rec.volume, done.input_affine if done.input_affine is not None else done.grid_affine, meta, reconstructed=done)

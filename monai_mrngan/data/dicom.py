@@ -27,7 +27,7 @@ import numpy as np
 
 from .io import InputError
 
-__all__ = ["is_dicom", "series_folders", "read_dicom", "read_dicom_file", "read_dicom_series", "read_dicom_series_slots", "slice_normal_angle",
+__all__ = ["is_dicom", "series_folders", "read_dicom", "read_dicom_file", "read_dicom_series", "read_dicom_series_slots", "series_slice_thickness", "slice_normal_angle",
            "MAX_SERIES_SLOTS"]
 
 _GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
@@ -143,6 +143,17 @@ def read_dicom_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     _, _, normal = _orientation(ds)
     thickness = float(getattr(ds, "SliceThickness", 0) or 0) or float(ds.PixelSpacing[0])
     return _pixels(ds, path).T[:, :, None], _affine(ds, normal * thickness)
+
+
+def series_slice_thickness(folder: str | os.PathLike | Sequence[str | os.PathLike]) -> float | None:
+    """The ``SliceThickness`` (mm) of a DICOM series (a folder, or its files): of its first DICOM file, read without
+    its pixels; None when the header has none (thin slices 5 mm apart and 5 mm slabs store the same positions)."""
+    files = sorted(Path(folder).iterdir()) if isinstance(folder, (str, os.PathLike)) else [Path(f) for f in folder]
+    for f in files:
+        if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR" and _looks_dicom(f):
+            value = float(getattr(_dataset(f, pixels=False), "SliceThickness", 0) or 0)
+            return value if value > 0 else None
+    return None
 
 
 MAX_SERIES_SLOTS = 4096

@@ -23,7 +23,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from .dicom import is_dicom, read_dicom_file, read_dicom_series_slots, series_folders, slice_normal_angle
+from .dicom import is_dicom, read_dicom_file, read_dicom_series_slots, series_folders, series_slice_thickness, slice_normal_angle
 from .io import InputError, check_values, is_nifti, is_picture, load_slice, read_image
 from .grid import PreparedSlices, prepare_slices, to_unit_range
 
@@ -46,7 +46,8 @@ class InputSlices:
     axial index in its volume reoriented to RAS (one input with a geometry; else empty);
     ``scaled_alone``: every slice is a one-slice input scaled by its own head (raw intensities, no volume
     to scale by), whose scale differs from its volume's by where it lies in the head (see
-    :func:`~monai_mrngan.atlas.bank.slice_scale_profile`).
+    :func:`~monai_mrngan.atlas.bank.slice_scale_profile`); ``thickness_mm``: how thick each slice is along the
+    axial axis, where the input says (an axial DICOM series' ``SliceThickness``; None: unknown, e.g. a NIfTI).
     """
 
     slices: np.ndarray
@@ -57,6 +58,7 @@ class InputSlices:
     scale: float = 1.0
     indices: list[int] = field(default_factory=list)
     scaled_alone: bool = False
+    thickness_mm: float | None = None
 
     @property
     def has_geometry(self) -> bool:
@@ -155,8 +157,10 @@ def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice
     sources = [label or f"{name}#{i}" for i in prepared.indices]
     if isinstance(path, list):  # the files given: each slice named by its own file
         sources = [str(_file_at(files, i, affine) or s) for i, s in zip(prepared.indices, sources)]
+    series = isinstance(path, list) or (path.is_dir() and is_dicom(path))
+    thickness = series_slice_thickness(path) if series and stack and _axial_flipped(affine) is not None else None  # an axial series
     return InputSlices(prepared.slices, sources, prepared.affine, prepared.step_mm, offsets, prepared.scale, list(prepared.indices),
-                       scaled_alone=depth == 1 and prepared.scale != 1.0)
+                       scaled_alone=depth == 1 and prepared.scale != 1.0, thickness_mm=thickness)
 
 
 def slice_to_grid(img: np.ndarray, size: int | Sequence[int], spacing: float, pixel_mm: float | Sequence[float] | None = None,

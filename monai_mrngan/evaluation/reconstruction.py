@@ -9,8 +9,10 @@ One run of :func:`evaluate_reconstruction` does both of issue 6's experiments:
   its true position and the slices strictly between the first and the last given one that were
   not given are scored; MRNGAN against linear, monotone cubic (PCHIP) and registration-based interpolation;
 - thick slices: as few slices, but each given slice is the mean of the k slices around it (default k = 3: contiguous
-  6 mm slabs on a 2 mm grid, :func:`~monai_mrngan.transforms.slices.slab_mean`), as a thick-slice scan records them,
-  and the missing slices are scored against the sharp truth.
+  6 mm slabs on a 2 mm grid, :func:`~monai_mrngan.transforms.slabs.slab_mean`), as a thick-slice scan records them,
+  and the missing slices are scored against the sharp truth. Every method's volume is made to agree with the slabs, as
+  ``reconstruct --stack`` does (``slab_mm``); ``linear_plain`` and ``cubic_plain`` are the two interpolations without
+  that step, as a user would run them.
 
 Outputs in ``out_dir``: ``report.json`` (``single_slice.methods.<method>`` with ``by_distance``,
 ``few_slices.k<k>.<method>``, ``thick_slices.k<k>.<method>``), ``report_meta.json`` (what was run: subjects, positions,
@@ -45,7 +47,7 @@ from ..inference.reconstruct import reconstruct_volume, refine_positions
 from ..inference.runners import make_runner, one_pass_gaps
 from ..inference.uncertainty import track_spread
 from ..metrics import METRIC_NAMES, pool_rows, slice_metrics, summarize
-from ..transforms.slices import slab_mean
+from ..transforms.slabs import slab_mean
 from .uncertainty import UncertaintyScores, plot_reliability
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ SINGLE_METHODS = ("mrngan", "pix2pix_iterative", "prior", "copy")
 FEW_METHODS = ("mrngan", "linear", "cubic", "registration")
 FEW_SLICE_K = (2, 4, 8, 16)
 THICK_SLICE_K = (3,)
+PLAIN = "_plain"
+"""Suffix of a thick-slice case's interpolation run as a user would run it: through the slabs, not made to agree with them."""
 
 
 def _available(methods: Sequence[str], comp: Components) -> list[str]:
@@ -124,8 +128,8 @@ def evaluate_reconstruction(
     by_d: dict[str, dict[int, list[dict[str, torch.Tensor]]]] = {m: {} for m in single}
     # (report section, k, per_distance.csv setting and uncertainty case name) of each given-slices case
     cases = [("few_slices", k, f"k{k}") for k in few_slice_k] + [("thick_slices", k, f"thick_k{k}") for k in thick_slice_k]
-    few_rows: dict[tuple, dict[str, list]] = {c: {m: [] for m in few} for c in cases}
-    few_by_d: dict[tuple, dict[str, dict[int, list]]] = {c: {m: {} for m in few} for c in cases}
+    few_rows: dict[tuple, dict[str, list]] = {c: {m: [] for m in _case_methods(c[0], few)} for c in cases}
+    few_by_d: dict[tuple, dict[str, dict[int, list]]] = {c: {m: {} for m in _case_methods(c[0], few)} for c in cases}
     loc_err, raw_err, spacing = [], [], None
     cal = calibration if calibration is not None else getattr(comp, "calibration", None)
     unc = UncertaintyScores(cal) if cal is not None and "mrngan" in single + few else None
@@ -170,10 +174,12 @@ def evaluate_reconstruction(
             missing = torch.as_tensor([i for i in range(given[0], given[-1]) if i not in given])
             near = torch.as_tensor(np.abs(missing.numpy()[:, None] - np.asarray(given)[None]).min(1))  # to the nearest given slice
             with shared_registrations():  # the cell and the registration baseline fill the same gaps
-                for m in few:
+                for m in _case_methods(section, few):
                     scored = unc is not None and m == "mrngan" and setting in unc.vox
+                    slab = k * spacing if section == "thick_slices" and not m.endswith(PLAIN) else 0.0  # made to agree with the slabs
                     with track_spread(comp.prior, scored):
-                        rec = reconstruct_volume(inputs, pos[given].tolist(), method=m, input_indices=given, fit_prior=few_slice_fit_prior, **kw)
+                        rec = reconstruct_volume(inputs, pos[given].tolist(), method=m.removesuffix(PLAIN), input_indices=given,
+                                                 fit_prior=few_slice_fit_prior, slab_mm=slab, **kw)
                     if scored:
                         unc.add(setting, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, missing.numpy())
                     pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
@@ -199,8 +205,8 @@ def evaluate_reconstruction(
         section, k, setting = case
         if few and not few_rows[case][few[0]]:  # no subject had two given slices at this spacing
             continue
-        report[section][f"k{k}"] = {m: _summary(pool_rows(few_rows[case][m])) for m in few}
-        for m in few:
+        report[section][f"k{k}"] = {m: _summary(pool_rows(few_rows[case][m])) for m in few_rows[case]}
+        for m in few_rows[case]:
             for dist in sorted(few_by_d[case][m]):
                 pooled = pool_rows(few_by_d[case][m][dist])
                 csv_rows.append({"setting": setting, "method": m, "d": dist, "d_mm": round(dist * (spacing or 0.0), 3), "n": int(pooled["mse"].numel()), **_summary(pooled)})
@@ -232,6 +238,12 @@ def evaluate_reconstruction(
     if tensorboard:
         _tensorboard(report, out_dir)
     return report
+
+
+def _case_methods(section: str, few: Sequence[str]) -> list[str]:
+    """The methods of one given-slices case: the thick-slice cases also score linear and cubic interpolation as a user
+    would run them, through the slabs without making the volume agree with them (``<method>_plain``)."""
+    return list(few) + ([m + PLAIN for m in ("linear", "cubic") if m in few] if section == "thick_slices" else [])
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:

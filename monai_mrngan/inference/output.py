@@ -160,6 +160,7 @@ def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.
             "input_check": rec.extra.get("input_check"),
             "placement": rec.extra.get("placement"),
             **({"intensity": rec.extra["intensity"]} if rec.extra.get("intensity") else {}),
+            **({"slab_mm": rec.extra["slab_mm"]} if rec.extra.get("slab_mm") else {}),  # the volume agrees with slabs this thick
             "input_indices": rec.input_indices,
             "input_positions": rec.input_positions,
             "positions": [round(float(p), 6) for p in rec.positions],

@@ -27,12 +27,14 @@ from ..data.io import InputError, is_nifti
 from ..data.positions import HEAD_HEIGHT_MM
 from ..networks.recurrent import MRNGAN, NextFn
 from ..transforms.shapes import as_slice_batch
+from ..transforms.slabs import slab_consistent
 from .components import Components
 from .localize import localize, place_slices
 from .output import Reconstructed
 from .runners import check_method, is_gap_aware, make_runner, one_pass_gaps
+from .stacks import slab_thickness_mm, stack_inside, stack_positions
 from .uncertainty import track_spread, uncertainty_map
-from .volume import Reconstruction, cubic_fill, fill_volume, one_per_grid_slice, registration_fill, volume_affine, volume_grid
+from .volume import Reconstruction, cubic_fill, fill_volume, registration_fill, volume_affine, volume_grid
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ def reconstruct_volume(
     refine_window: float = 0.12,
     device: str | torch.device = "cpu",
     calibration: Any = None,
+    slab_mm: float = 0.0,
 ) -> Reconstruction:
     """One (or a few) [0,1] axial slices -> a whole volume.
 
@@ -76,6 +79,10 @@ def reconstruct_volume(
             against the prior's atlases within this window in ``p`` (:func:`refine_positions`; 0: off).
         calibration: an uncertainty :class:`~monai_mrngan.inference.calibration.Calibration` (MRNGAN only):
             ``extra["uncertainty"]`` is then the expected absolute error map (H, W, D), 0 on the inputs.
+        slab_mm: the inputs are slabs this thick (a thick-slice scan; thicker than the grid's step to matter): the
+            filled volume is made to agree with them (:func:`~monai_mrngan.transforms.slabs.slab_consistent`), every
+            method alike; ``extra["slab_mm"]`` records it. The uncertainty map is the method's fill's (before that
+            step, which lowers the error: on IXI 6 mm slabs 24.80 -> 25.71 dB for MRNGAN).
     """
     device = torch.device(device)
     x = as_slice_batch(slices)
@@ -124,8 +131,12 @@ def reconstruct_volume(
         method=method,
         extra={name: (v.permute(1, 2, 0) if v.ndim == 3 else v).numpy() for name, v in signals.items()},  # voxel signals as (H, W, D)
     )
-    if calibration is not None:
+    if calibration is not None:  # on the method's own fill, whose real slices are the inputs its prior fits were keyed by
         rec.extra["uncertainty"] = uncertainty_map(rec, prior, calibration, abs(step_p) * HEAD_HEIGHT_MM, fit_prior, one_pass_gaps(run))
+    thickness = float(slab_mm) / (abs(step_p) * HEAD_HEIGHT_MM)  # in grid slices
+    if thickness > 1.0:  # each slab centred where it was taken, between grid slices if so
+        fixed = slab_consistent(vol, x[:, 0], (pos.double().numpy() - float(grid[0])) / step_p, thickness)
+        rec.volume, rec.extra["slab_mm"] = fixed.permute(1, 2, 0).numpy().astype(np.float32), float(slab_mm)
     return rec
 
 
@@ -157,43 +168,6 @@ def refine_positions(prior: Any, slices: torch.Tensor, positions: torch.Tensor |
     for i in range(len(pos)):
         pos[i] = prior.locate(x[i : i + 1], [float(pos[i])] + ([also[i]] if also else []), window=window)
     return pos
-
-
-def _stack_positions(components: Components, got: InputSlices, given: Sequence[float] | None, spacing_mm: float) -> tuple[list[float], dict]:
-    """Positions of a stack's slices from their relative geometry and ONE offset: the given position of
-    the first slice, else found from the stack itself (:func:`~monai_mrngan.inference.localize.place_slices`:
-    counted from the vertex when the stack shows it, else localized with one fitted offset)."""
-    rel = -np.asarray(got.offsets_mm, dtype=np.float64) / HEAD_HEIGHT_MM  # higher slices lie closer to the vertex
-    if given is not None:
-        if len(given) not in (1, len(rel)):
-            raise ValueError(f"a stack of {len(rel)} slices takes one position (its first slice) or {len(rel)}, got {len(given)}")
-        positions = [float(p) for p in given] if len(given) == len(rel) else [float(given[0] + r) for r in rel]
-        return positions, {"method": "given"}
-    localizer, template = components.placer()
-    found, info = place_slices(localizer, got.slices, got.offsets_mm, spacing_mm, template=template)
-    logger.info("stack placed: %s", info)
-    return [float(p) for p in found], info
-
-
-def _inside(got: InputSlices, positions: list[float], lo: float, hi: float, step_p: float,
-            reference_positions: Sequence[float] | None) -> tuple[InputSlices, list[float]]:
-    """The stack's slices that the output grid takes: those whose positions lie on it (``lo <= p <= hi``; air above the
-    head and neck below the grid are dropped), and of slices thinner than the grid, the one nearest each grid slice."""
-    keep = [k for k, p in enumerate(positions) if lo <= p <= hi]
-    if not keep:
-        raise ValueError(f"no slice of the stack lies within the grid's positions {lo:.3f} <= p <= {hi:.3f}")
-    if len(keep) < len(positions):
-        logger.info("stack: %d of %d slices lie outside %.3f <= p <= %.3f and are left out", len(positions) - len(keep), len(positions), lo, hi)
-    inside = len(keep)
-    keep = [keep[k] for k in one_per_grid_slice([positions[k] for k in keep], step_p, reference_positions)]
-    if len(keep) < inside:
-        logger.info("stack: %d of %d slices are thinner than the grid's step; the one nearest each grid slice is used", inside - len(keep), inside)
-    first = keep[0]
-    affine = np.asarray(got.affine, dtype=np.float64).copy()
-    affine[:3, 3] += affine[:3, 2] * (got.offsets_mm[first] / got.step_mm)
-    kept = InputSlices(got.slices[keep], [got.sources[k] for k in keep], affine, got.step_mm,
-                       [got.offsets_mm[k] - got.offsets_mm[first] for k in keep], got.scale, [got.indices[k] for k in keep] if got.indices else [])
-    return kept, [positions[k] for k in keep]
 
 
 def _volume_position(components: Components, whole: InputSlices, path: str, slice_index: int, spacing_mm: float
@@ -368,17 +342,19 @@ def reconstruct_slices(
     refine_window: float = 0.12,
     stack: bool = False,
     force: bool = False,
+    slab_mm: float | None = None,
 ) -> Reconstructed:
     """Input slices already on the model grid (:mod:`~monai_mrngan.data.inputs`) -> a reconstruction, as
     :func:`reconstruct_files` makes it (checked, placed, reconstructed; see there for the arguments); nothing written.
-    ``whole``: the 3D volume one input slice was taken from (places it and judges the head)."""
+    ``whole``: the 3D volume one input slice was taken from (places it and judges the head). ``slab_mm``: a stack's slab
+    thickness (:func:`~monai_mrngan.inference.stacks.slab_thickness_mm`; None: its slice step when thicker than the grid)."""
     checks = check_inputs(components.prior, got, stack, force, spacing_mm, whole)
     placement = None
     if stack:
-        positions, placement = _stack_positions(components, got, positions, spacing_mm)
+        positions, placement = stack_positions(components, got, positions, spacing_mm)
         grid = np.asarray(reference_positions if reference_positions is not None else (0.0, 1.0), dtype=np.float64)
         half = abs(spacing_mm) / HEAD_HEIGHT_MM / 2
-        got, positions = _inside(got, positions, float(grid.min()) - half, float(grid.max()) + half, -2 * half, reference_positions)
+        got, positions = stack_inside(got, positions, float(grid.min()) - half, float(grid.max()) + half, -2 * half, reference_positions)
     elif whole is not None and positions is None:  # one slice of a 3D input: placed by its whole volume
         positions, placement = _volume_position(components, whole, got.sources[0].split("#")[0], got.indices[0], spacing_mm)
     elif positions is not None and len(positions) != len(got.slices):
@@ -408,6 +384,7 @@ def reconstruct_slices(
         refine_window=refine_window,
         device=components.device,
         calibration=cal,
+        slab_mm=slab_thickness_mm(got, spacing_mm, slab_mm) if stack else 0.0,
     )
     unc = rec.extra.pop("uncertainty", None)
     rec.extra["input_check"] = checks
@@ -437,13 +414,15 @@ def reconstruct_files(
     stack: bool = False,
     pixel_mm: float | Sequence[float] | None = None,
     force: bool = False,
+    slab_mm: float | None = None,
 ) -> dict[str, Any]:
     """Files in (DICOM series or file, NIfTI, PNG; see :func:`~monai_mrngan.data.inputs.read_inputs`), volume files out.
 
     ``expected_shape``: the prepared in-plane size the models were trained on (default: the
     prior's); inputs of other sizes and spacings are resampled and cropped to it as ``prepare``
     does (a PNG needs ``pixel_mm``). ``stack``: every axial slice of one volume is an input, at
-    positions relative to each other from its geometry, with one offset localized. With
+    positions relative to each other from its geometry, with one offset localized; a stack further apart than the grid
+    is read as slabs that thick (``slab_mm`` another thickness, 0 thin slices) and the volume made to agree with them. With
     ``reference_affine`` / ``reference_positions`` (one prepared volume's affine and ``p`` per
     index) the model-grid output covers that volume's extent in ``p`` with the prepared data's
     orientation and spacing; otherwise ``0 <= p <= 1`` and a RAS diagonal affine with ``spacing_mm``.
@@ -475,7 +454,7 @@ def reconstruct_files(
         whole = got if slice_index is not None and len(inputs) == 1 else None  # with --stack: every slice already
     done = reconstruct_slices(got, components, whole=whole, positions=positions, method=method, spacing_mm=spacing_mm,
                               reference_affine=reference_affine, reference_positions=reference_positions, refine_window=refine_window,
-                              stack=stack, force=force)
+                              stack=stack, force=force, slab_mm=slab_mm)
     paths = done.save(out)
     rec, got, checks = done.rec, done.inputs, done.checks
     logger.info("wrote %s (%s slices); input positions %s", paths["volume"], rec.volume.shape[2], rec.input_positions)

@@ -37,7 +37,9 @@ from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform, Randomizable
 from monai.transforms.traits import MultiSampleTrait
 
-__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund", "GapRund", "OpenRunsOnlyd", "slab_mean", "axial_pchip"]
+from .slabs import slab_mean
+
+__all__ = ["AxialSliced", "AdjacentSlicePaird", "SliceRund", "GapRund", "OpenRunsOnlyd", "axial_pchip"]
 
 _PASS_THROUGH = ("subject", "session")
 
@@ -59,24 +61,6 @@ def _positions(data: Mapping, key: str, depth: int) -> torch.Tensor:
     if pos.numel() != depth:
         raise ValueError(f"{key!r} has {pos.numel()} entries but the volume has {depth} axial slices")
     return pos
-
-
-def slab_mean(volume: torch.Tensor, index: int, thickness: float) -> torch.Tensor:
-    """The axial slab of ``thickness`` slices centred on slice ``index`` of ``volume`` (..., D): what a thick-slice
-    acquisition records there, the mean of the slices it covers, the two at its faces weighted by the share they
-    cover (a box profile); slices beyond the volume's ends repeat its end slices. ``thickness`` 1 is the slice itself.
-
-    Written here: MONAI's smoothing transforms filter a whole volume with a Gaussian, not one slab with a box profile.
-    """
-    if thickness < 1.0:
-        raise ValueError(f"slab thickness must be >= 1 slice, got {thickness}")
-    half = thickness / 2.0
-    reach = int(np.ceil(half - 0.5))
-    offsets = np.arange(-reach, reach + 1)
-    weights = np.clip(np.minimum(offsets + 0.5, half) - np.maximum(offsets - 0.5, -half), 0.0, None)
-    idx = np.clip(index + offsets, 0, volume.shape[-1] - 1)
-    w = torch.as_tensor(weights / weights.sum(), dtype=volume.dtype)
-    return (volume[..., idx] * w).sum(-1)
 
 
 def axial_pchip(slices: torch.Tensor, at: Sequence[float] | np.ndarray, query: Sequence[float] | np.ndarray) -> torch.Tensor:

@@ -17,7 +17,10 @@ slice, correlated with it over the head: median and lowest; the lowest is an end
 generated beyond it), the seconds of each run, and for MRNGAN how its uncertainty map ranks the true absolute error
 (Spearman over voxels and over slices) and the mean true error over the mean predicted one.
 
-    python -m scripts.bench.complete_scans --workdir W --dataset_dir D --out OUT [--subjects 3]
+    python -m scripts.bench.complete_scans --workdir W --dataset_dir D --out OUT [--subjects 3] [--slab_mm X]
+
+The 5 mm files are read as 5 mm slabs by default (their spacing), the volume made to agree with them; ``--slab_mm 0``
+writes sidecars that say they are thin slices, as before that step.
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset_dir", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--subjects", type=int, default=3)
+    ap.add_argument("--slab_mm", type=float, default=None,
+                    help="write a sidecar {\"slab_mm\": X} beside every file (0: read the 5 mm files as thin slices, not slabs)")
     args = ap.parse_args(argv)
     src = args.out / "incomplete"
     src.mkdir(parents=True, exist_ok=True)
@@ -128,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     for entry in load_split(args.dataset_dir, "test", args.subjects):
         for kind, (path, truth) in write_inputs(entry, src).items():
             cases[path] = (entry["subject"], kind, truth)
+            if args.slab_mm is not None:
+                (src / (path.name.split(".nii")[0] + ".json")).write_text(json.dumps({"slab_mm": args.slab_mm}))
     results: dict = {}
     for method in METHODS:
         dst = args.out / f"completed_{method}"
