@@ -76,7 +76,7 @@ def _few_table(cases: dict) -> None:
     """One markdown row per k: each method's SSIM / head-only SSIM / PSNR, and MRNGAN's PSNR margin over each baseline."""
     ks = sorted(cases, key=lambda k: int(k[1:]))
     fm = list(next(iter(cases.values())).keys()) if ks else []
-    bases = [b for b in ("linear", "cubic", "registration") if b in fm]
+    bases = [b for b in ("linear", "cubic", "registration", "linear_plain", "cubic_plain") if b in fm]  # *_plain: thick slices, no slab step
     print("| k | " + " | ".join(fm + [f"mrngan - {b}" for b in bases]) + " |\n|---|" + "---|" * (len(fm) + len(bases)))
     for k in ks:
         row = cases[k]
