@@ -371,6 +371,9 @@ def reconstruct_slices(
     if localized and not got.has_geometry:  # a PNG carries no orientation
         check_orientation(components, got, checks, force, refine_window, spacing_mm)
     cal, note = calibration_for(components, method)
+    slab = slab_thickness_mm(got, spacing_mm, slab_mm) if stack else 0.0
+    if slab > 0:
+        logger.info("stack read as %.3g mm slabs: the output is made to agree with them (--slab_mm 0: thin slices)", slab)
     rec = reconstruct_volume(
         got.slices,
         positions,
@@ -384,7 +387,7 @@ def reconstruct_slices(
         refine_window=refine_window,
         device=components.device,
         calibration=cal,
-        slab_mm=slab_thickness_mm(got, spacing_mm, slab_mm) if stack else 0.0,
+        slab_mm=slab,
     )
     unc = rec.extra.pop("uncertainty", None)
     rec.extra["input_check"] = checks
