@@ -145,12 +145,18 @@ def read_dicom_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return _pixels(ds, path).T[:, :, None], _affine(ds, normal * thickness)
 
 
+def _series_files(folder: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """A series' files: a folder's, in name order, hidden files and a DICOMDIR index left out; or the files given."""
+    if isinstance(folder, (str, os.PathLike)):
+        return sorted(f for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR")
+    return [Path(f) for f in folder]
+
+
 def series_slice_thickness(folder: str | os.PathLike | Sequence[str | os.PathLike]) -> float | None:
     """The ``SliceThickness`` (mm) of a DICOM series (a folder, or its files): of its first DICOM file, read without
     its pixels; None when the header has none (thin slices 5 mm apart and 5 mm slabs store the same positions)."""
-    files = sorted(Path(folder).iterdir()) if isinstance(folder, (str, os.PathLike)) else [Path(f) for f in folder]
-    for f in files:
-        if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR" and _looks_dicom(f):
+    for f in _series_files(folder):
+        if _looks_dicom(f):
             value = float(getattr(_dataset(f, pixels=False), "SliceThickness", 0) or 0)
             return value if value > 0 else None
     return None
@@ -171,12 +177,10 @@ def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLi
     series with gaps): those places are zeros and ``present`` False. Any other spacing is refused.
     Non-DICOM files (e.g. a DICOMDIR index) are skipped.
     """
+    files = _series_files(folder)
     if isinstance(folder, (str, os.PathLike)):
-        folder = Path(folder)
-        files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR")
-        where = "in one folder"
+        folder, where = Path(folder), "in one folder"
     else:  # the files themselves: errors name the first one
-        files = [Path(f) for f in folder]
         folder, where = files[0], f"among the {len(files)} files given"
     headers = []
     for f in files:

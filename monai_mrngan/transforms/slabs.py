@@ -27,6 +27,8 @@ def _box(centre: float, thickness: float, depth: int) -> np.ndarray:
     """(depth,) weights of a slab ``thickness`` slices thick centred at ``centre`` (in slices, may be fractional): each
     slice's share of the slab (the overlap of ``[j - 0.5, j + 0.5]`` with the slab), slices beyond the ends folded onto
     the end slices; they sum to 1."""
+    if thickness < 1.0:
+        raise ValueError(f"slab thickness must be >= 1 slice, got {thickness}")
     half = thickness / 2.0
     lo, hi = int(np.floor(centre - half + 0.5)), int(np.ceil(centre + half - 0.5))
     js = np.arange(lo, hi + 1)
@@ -41,8 +43,6 @@ def slab_mean(volume: torch.Tensor, index: int, thickness: float) -> torch.Tenso
     acquisition records there, the mean of the slices it covers, the two at its faces weighted by the share they
     cover (a box profile); slices beyond the volume's ends repeat its end slices. ``thickness`` 1 is the slice itself.
     """
-    if thickness < 1.0:
-        raise ValueError(f"slab thickness must be >= 1 slice, got {thickness}")
     w = _box(float(index), float(thickness), volume.shape[-1])
     idx = np.nonzero(w)[0]
     return (volume[..., idx] * torch.as_tensor(w[idx], dtype=volume.dtype)).sum(-1)
@@ -52,8 +52,6 @@ def slab_operator(depth: int, centres: Sequence[float], thickness: float) -> np.
     """(N, depth) matrix whose row ``n`` averages a volume's ``depth`` slices over the slab centred at ``centres[n]``
     (in slices, fractional where a slab lies between grid slices), ``thickness`` slices thick: ``A @ v`` are the slabs
     a thick-slice scan of ``v`` records (row ``n`` is :func:`slab_mean`'s weights at an integer centre)."""
-    if thickness < 1.0:
-        raise ValueError(f"slab thickness must be >= 1 slice, got {thickness}")
     return np.stack([_box(float(c), float(thickness), int(depth)) for c in centres])
 
 
