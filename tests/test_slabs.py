@@ -68,3 +68,24 @@ def test_reconstruct_volume_makes_any_method_agree_with_thick_slabs():
     assert not np.allclose(rec.volume, plain.volume)
     thin = reconstruct_volume(slabs, pos, slab_mm=2.0, **kw)  # no thicker than the grid: nothing to agree with
     np.testing.assert_array_equal(thin.volume, plain.volume)
+
+
+def test_the_fill_is_kept_for_the_uncertainty_signals_with_how_much_the_step_changed():
+    """The map's signals are the fill's (its prior fits keyed by the inputs as given), plus the step's change per voxel."""
+    from monai_mrngan.inference.uncertainty import filled_volume, uncertainty_signals
+
+    truth = _truth(depth=25)
+    given = list(range(0, 25, 3))
+    slabs = torch.stack([slab_mean(truth.permute(1, 2, 0), c, 3.0) for c in given])
+    pos = [0.5 - 0.01 * g for g in given]
+    kw = dict(method="linear", spacing_mm=2.0, num_slices=25, input_indices=given)
+    plain = reconstruct_volume(slabs, pos, **kw)
+    rec = reconstruct_volume(slabs, pos, slab_mm=6.0, **kw)
+    np.testing.assert_array_equal(filled_volume(rec), plain.volume)
+    assert filled_volume(plain) is plain.volume
+    sig = uncertainty_signals(rec, None, 2.0, stride=1)
+    np.testing.assert_allclose(sig["slab_change"], np.abs(rec.volume - plain.volume), atol=1e-7)
+    assert sig["slab_change"].max() > 0 and np.all(sig["slab_mm"] == 6.0)
+    assert np.array_equal(sig["intensity"], plain.volume)  # every other signal as on the fill
+    thin = uncertainty_signals(plain, None, 2.0, stride=1)
+    assert not thin["slab_change"].any() and not thin["slab_mm"].any()

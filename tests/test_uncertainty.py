@@ -54,6 +54,8 @@ def calibration(tiny_dataset, tmp_path_factory):
     cal.save(path)
     assert cal.stride == 2 and load_calibration(path).stride == 2  # the bundle's default: signals on 2 x 2 blocks
     assert cal.info["selection"]["optional"] == ["head_area"] and cal.info["selection"]["kept"] in ([], ["head_area"])
+    # every 3rd slice as 3-slice slabs too (the default): the map learns how much making the volume agree with them lowers the error
+    assert cal.info["thick_slice_k"] == [3] and {"slab_change", "slab_mm"} <= set(cal.features)
     return path
 
 
@@ -281,6 +283,7 @@ def test_the_sharpness_power_scales_a_scans_whole_map_and_needs_its_reference(tm
     rng = np.random.default_rng(0)
     n = 6000
     sig = {name: rng.uniform(0.0, 0.3, n) for name in FEATURES}
+    sig["slab_mm"] = np.zeros(n)  # thin slices: a thick-slice scan's map is never scaled (below)
     sig["sharpness"] = np.concatenate([np.ones(n // 2), np.repeat(rng.uniform(0.3, 1.0, 30), n // 60)])  # originals, then copies
     err = rng.exponential((0.02 + 0.2 * sig["spread"]) * sig["sharpness"] ** 0.5)
     cal = Calibration.fit({k: v[: n // 2] for k, v in sig.items()}, err[: n // 2])
@@ -293,6 +296,8 @@ def test_the_sharpness_power_scales_a_scans_whole_map_and_needs_its_reference(tm
     np.testing.assert_allclose(banded.sharpness_scale(np.array([0.95, 1.0, 1.1, 0.45])),
                                [1.0, 1.0, 1.0, (0.45 / 0.9) ** banded.sharpness_power], rtol=1e-6)
     assert 0.3 < banded.sharpness_power < 0.7 and banded.sharpness_band == [0.9, 1.1]
+    np.testing.assert_allclose(banded.sharpness_scale(np.array([0.45, 0.45]), np.array([0.0, 6.0])),
+                               [(0.45 / 0.9) ** banded.sharpness_power, 1.0], rtol=1e-6)  # slab means: their smoothness is the slab's
     inside = Calibration.fit({k: v[: n // 2] for k, v in sig.items()}, err[: n // 2])
     assert inside.fit_sharpness_power(sig, err, band=(0.2, 2.0)) == 0.0  # no scan outside the band: nothing to fit, no scale
     flipped = Calibration.fit({k: v[: n // 2] for k, v in sig.items()}, err[: n // 2])
@@ -316,7 +321,9 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     truth = (0.02 + 0.5 * sig["spread"] + 0.002 * sig["distance_mm"] + 0.1 * sig["edge_xy"] + 0.2 * sig["run_spread"]
              + 0.3 * sig["misfit_xy"] + 0.2 * sig["candidate_spread"])  # the expected error
     err = rng.exponential(truth)
-    sig["head_area"] = rng.uniform(0.02, 0.35, n)  # a signal the error does not follow
+    sig["head_area"] = rng.uniform(0.02, 0.35, n)  # signals the error does not follow
+    sig["slab_mm"] = rng.choice([0.0, 6.0], n)
+    sig["slab_change"] = rng.uniform(0, 0.1, n) * (sig["slab_mm"] > 0)
     cal = Calibration.fit(sig, err)
     assert all(w >= 0 for w in cal.weights) and np.all(np.diff(cal.iso_y) >= 0) and np.all(np.diff(cal.iso_x) > 0)
     base = {k: np.full(50, float(np.median(v))) for k, v in sig.items()}
@@ -351,6 +358,19 @@ def test_calibration_is_monotone_and_round_trips(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(InputError, match="bad.json"):
         load_calibration(tmp_path / "bad.json")
+
+
+def test_a_signal_constant_over_the_fit_is_left_out():
+    """Fitted without thick-slice cases, the slab signals are 0 everywhere: left out, a thick scan's map stays finite."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    sig = {name: rng.uniform(0.0, 0.3, n) for name in FEATURES}
+    sig["slab_change"], sig["slab_mm"] = np.zeros(n), np.zeros(n)
+    err = rng.exponential(0.02 + 0.2 * sig["spread"])
+    cal = Calibration.fit(sig, err, hidden=(4,), steps=50)
+    assert {"slab_change", "slab_mm"}.isdisjoint(cal.features) and cal.info["constant_signals"] == ["slab_change", "slab_mm"]
+    thick = dict(sig, slab_change=np.full(n, 0.2), slab_mm=np.full(n, 6.0))
+    np.testing.assert_array_equal(cal.predict(thick), cal.predict(sig))
 
 
 def test_the_correction_network_learns_how_signals_interact(tmp_path):
@@ -470,7 +490,7 @@ def test_evaluate_scores_the_map(tiny_dataset, calibration, tmp_path):
     report = evaluate_reconstruction(tiny_dataset, tmp_path, comp, methods=("mrngan",), input_positions=(0.5,), few_slice_k=(4, 8),
                                      few_slice_methods=("mrngan",), localize_inputs=False, tensorboard=False)
     scores = report["uncertainty"]
-    assert set(scores) == {"single_slice", "k4", "k8"}
+    assert set(scores) == {"single_slice", "k4", "k8", "thick_k3"}  # thick_k3: 3-slice slabs, the volume made to agree with them
     for s in scores.values():
         assert {"spearman_voxel", "spearman_slice", "reliability"} <= set(s)
         assert -1 <= s["spearman_voxel"] <= 1

@@ -39,13 +39,16 @@ from ..inference.runners import one_pass_gaps
 from ..inference.uncertainty import broadcast, track_spread, uncertainty_map, uncertainty_signals
 from ..inference.volume import Reconstruction
 from ..transforms.scanners import describe_random, simulate_random
+from ..transforms.slabs import slab_mean
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["UNCERTAINTY_CASES", "OPTIONAL_SIGNALS", "head_samples", "UncertaintyScores", "reconstructions", "select_signals", "calibrate",
            "plot_reliability"]
 
-UNCERTAINTY_CASES = ("single_slice", "k4", "k8")
+UNCERTAINTY_CASES = ("single_slice", "k4", "k8", "thick_k3")
+"""The cases :class:`UncertaintyScores` scores: one slice, every 4th and 8th true slice, and every 3rd slice given as a
+3-slice slab (a thick-slice scan: 6 mm slabs on a 2 mm grid), the volume made to agree with the slabs."""
 DECILES = 10
 OPTIONAL_SIGNALS = ("head_area",)
 """Signals the calibrate step keeps only where they rank held-out validation subjects better (:func:`select_signals`):
@@ -165,15 +168,16 @@ def plot_reliability(scores: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def reconstructions(entries: Sequence[dict], comp: Components, input_positions: Sequence[float], few_slice_k: Sequence[int],
-                    use_loc: bool, refine_window: float, fit_prior: bool, few_slice_fit_prior: bool, t0: float | None = None
-                    ) -> Iterator[tuple[int, str, Reconstruction, np.ndarray, float, bool, np.ndarray | None]]:
+                    use_loc: bool, refine_window: float, fit_prior: bool, few_slice_fit_prior: bool, t0: float | None = None,
+                    thick_slice_k: Sequence[int] = ()) -> Iterator[tuple[int, str, Reconstruction, np.ndarray, float, bool, np.ndarray | None]]:
     """MRNGAN reconstructions of ``entries`` as the evaluation makes them: one slice at each input
-    position (localized and refined with ``use_loc``), then every k-th slice at its true positions.
+    position (localized and refined with ``use_loc``), then every k-th slice at its true positions, then every k-th
+    slice of ``thick_slice_k`` given as the mean of the k slices around it and the volume made to agree with them.
     Yields ``(entry index, case, reconstruction, true volume (H, W, D), spacing mm, prior fitted?, scored slices or None)``
-    (case: ``single_slice`` or ``k<k>``),
+    (case: ``single_slice``, ``k<k>`` or ``thick_k<k>``),
     with the prior's spread kept for the uncertainty signals. An entry with ``"scanner_seed"`` is its volume as a
     scanner drawn by :func:`~monai_mrngan.transforms.scanners.random_scanner` from that seed would have given it
-    (prepared again; the truth is that volume too)."""
+    (prepared again; the truth is that volume too). An entry with ``"thick_slices": false`` skips the thick-slice cases."""
     gap_kw = dict(method="mrngan", model=comp.model, next_fn=comp.next_fn, prior=comp.prior, device=comp.device)
     t0 = time.time() if t0 is None else t0
     for n, entry in enumerate(entries, 1):  # n - 1: the entry's index
@@ -194,12 +198,15 @@ def reconstructions(entries: Sequence[dict], comp: Components, input_positions: 
                 if use_loc:
                     p0 = float(refine_positions(comp.prior, x, localize(comp.localizer, x.to(comp.device)).cpu().reshape(-1)[:1], refine_window)[0])
                 yield n - 1, "single_slice", reconstruct_volume(x, [p0], input_indices=[i0], fit_prior=fit_prior, **kw), vol, spacing, fit_prior, None
-            for k in few_slice_k:
+            thick_k = thick_slice_k if entry.get("thick_slices", True) else ()
+            for k, thick in [(k, False) for k in few_slice_k] + [(k, True) for k in thick_k]:
                 given = list(range(0, depth, k))
                 if len(given) < 2:
                     continue
-                rec = reconstruct_volume(target[given], pos[given].tolist(), input_indices=given, fit_prior=few_slice_fit_prior, **kw)
-                yield n - 1, f"k{k}", rec, vol, spacing, few_slice_fit_prior, np.setdiff1d(np.arange(given[0], given[-1]), given)
+                x = torch.stack([slab_mean(torch.from_numpy(vol), i, float(k)) for i in given])[:, None] if thick else target[given]
+                rec = reconstruct_volume(x, pos[given].tolist(), input_indices=given, fit_prior=few_slice_fit_prior,
+                                         slab_mm=k * spacing if thick else 0.0, **kw)
+                yield n - 1, f"thick_k{k}" if thick else f"k{k}", rec, vol, spacing, few_slice_fit_prior, np.setdiff1d(np.arange(given[0], given[-1]), given)
         logger.info("uncertainty: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
 
 
@@ -274,6 +281,7 @@ def calibrate(
     split: str = "validation",
     input_positions: Sequence[float] = (0.3, 0.5, 0.7),
     few_slice_k: Sequence[int] = (4, 8),
+    thick_slice_k: Sequence[int] = (3,),
     localize_inputs: bool = True,
     refine_window: float = 0.12,
     fit_prior: bool = True,
@@ -286,12 +294,19 @@ def calibrate(
     optional: Sequence[str] = OPTIONAL_SIGNALS,
     folds: int = 2,
     augment: int = 0,
+    thick_subjects: int | None = None,
 ) -> Calibration:
     """Fit the uncertainty calibration on ``split`` (MRNGAN reconstructions as in the evaluation) and write it to ``out_path``.
 
     ``voxels``: head voxels sampled per reconstruction, and a quarter as many outside the head (true
     slice <= ``HEAD_THRESHOLD``), so the map also holds in the air around it. ``hidden``: the widths of
-    the correction network over the log-linear model (empty: log-linear alone). ``stride``: the voxel signals'
+    the correction network over the log-linear model (empty: log-linear alone). ``thick_slice_k``: the thick-slice
+    cases it also sees (every k-th slice given as a k-slice slab, the volume made to agree with the slabs, as
+    ``evaluate`` and ``reconstruct --stack`` make it); the fit learns from them how much that step lowers the error
+    (the ``slab_change`` and ``slab_mm`` signals); () leaves those signals out. ``thick_subjects``: only the first that many of
+    the split's subjects (None: all) get the thick-slice cases, each of which costs about as much as
+    the rest of its subject's reconstructions (a fitted prior per slab); the scanner-augmented copies never do (their
+    power would otherwise be fitted on slab inputs too, smoother than any scanner's slices). ``stride``: the voxel signals'
     in-plane block size (the maps it makes are predicted on that grid). ``optional``: signals kept only where they
     rank held-out subjects better, over ``folds`` folds of the split's subjects (:func:`select_signals`; none: every
     signal). ``augment``: that many of the split's subjects (every other one first, ``augment`` at most) are also
@@ -313,8 +328,10 @@ def calibrate(
     rng = np.random.default_rng(seed)
     originals = len(entries)
     order = list(range(0, originals, 2)) + list(range(1, originals, 2))  # every other subject first
-    copies = [{**entries[i], "scanner_seed": seed + 1000 + i} for i in order[: max(0, int(augment))]]
-    entries = entries + copies
+    # the first ones: both folds of the signal selection (every other subject) hold some
+    thick = set(range(originals if thick_subjects is None else max(0, int(thick_subjects))))
+    copies = [{**entries[i], "scanner_seed": seed + 1000 + i, "thick_slices": False} for i in order[: max(0, int(augment))]]
+    entries = [{**e, "thick_slices": i in thick} for i, e in enumerate(entries)] + copies
     reference = None
     if copies:
         grid = comp.prior.positions.cpu().numpy()
@@ -325,7 +342,8 @@ def calibrate(
     copy_parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []  # the copies' samples: only for the sharpness power
     case_names: list[str] = []
     t0 = time.time()
-    recs = reconstructions(entries, comp, input_positions, few_slice_k, use_loc, refine_window, fit_prior, few_slice_fit_prior, t0)
+    recs = reconstructions(entries, comp, input_positions, few_slice_k, use_loc, refine_window, fit_prior, few_slice_fit_prior, t0,
+                           thick_slice_k)
     for group, (n, case, rec, vol, spacing, fitted, scored) in enumerate(recs):
         sig, err, sid = head_samples(rec, vol, comp.prior, spacing, fitted, one_pass, scored, head_only=False, stride=stride,
                                      sharpness_reference=reference)
@@ -346,15 +364,18 @@ def calibrate(
     features, selection = select_signals(signals, err, subject, group, slice_id, case, case_names, optional, folds=folds, hidden=hidden,
                                          seed=seed)
     info = {"split": split, "subjects": [e.get("subject") for e in entries[:originals]], "input_positions": list(input_positions),
-            "few_slice_k": list(few_slice_k), "localized_inputs": use_loc, "fit_prior": fit_prior, "few_slice_fit_prior": few_slice_fit_prior,
+            "few_slice_k": list(few_slice_k), "thick_slice_k": list(thick_slice_k),
+            "thick_subjects": [e.get("subject") for e in entries[:originals] if e["thick_slices"]] if thick_slice_k else [], "localized_inputs": use_loc, "fit_prior": fit_prior, "few_slice_fit_prior": few_slice_fit_prior,
             "samples": int(err.size), "method": "mrngan", "units": "absolute error in [0, 1] output intensity", "mask": f"head voxels (true > {HEAD_THRESHOLD}) and a quarter as many outside", "hidden": [int(h) for h in hidden], "stride": int(stride),
             "selection": selection}
     cal = Calibration.fit(signals, err, info=info, features=features, hidden=hidden, seed=seed)
     cal.stride = int(stride)
     if copy_parts:
-        both = {k: np.concatenate([signals[k]] + [c[0][k] for c in copy_parts]) for k in [*features, "sharpness"]}
-        # the originals' own range (5th-95th percentile of their samples): inside it a scan's map stays as fitted
-        band = np.percentile(signals["sharpness"], [SHARPNESS_BAND_PERCENT, 100 - SHARPNESS_BAND_PERCENT])
+        both = {k: np.concatenate([signals[k]] + [c[0][k] for c in copy_parts]) for k in {*features, "sharpness", "slab_mm"}}
+        # the originals' own range (5th-95th percentile of their samples, the thick-slice cases left out: their slab means
+        # are smoother than any scanner's slices, and their maps are never scaled): inside it a scan's map stays as fitted
+        thin = signals["sharpness"][signals["slab_mm"] == 0]
+        band = np.percentile(thin, [SHARPNESS_BAND_PERCENT, 100 - SHARPNESS_BAND_PERCENT])
         cal.fit_sharpness_power(both, np.concatenate([err] + [c[1] for c in copy_parts]), band=band)
         cal.sharpness_reference = reference
         cal.info["augmented"] = [{"subject": e.get("subject"), "scanner": describe_random(e["scanner_seed"])} for e in copies]

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FEATURES", "CALIBRATION_NAME", "Calibration", "load_calibration"]
 
 FEATURES = ("spread", "spread_local", "distance_mm", "gap_mm", "disagreement", "prior_weight", "run_spread", "intensity", "edge_xy", "misfit_xy",
-            "candidate_spread", "head_area")
+            "candidate_spread", "head_area", "slab_change", "slab_mm")
 """The signals a calibration can use, by name (:mod:`monai_mrngan.inference.uncertainty` says what each is)."""
 RETIRED = {"edge": "its 'edge' signal held the intensity too"}
 """Signals a calibration may have been fitted on that are no longer computed, and why."""
@@ -63,7 +63,7 @@ def _design(name: str, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if name == "prior_weight":
         return np.nan_to_num(x, nan=0.0)
-    if name in ("distance_mm", "gap_mm"):
+    if name in ("distance_mm", "gap_mm", "slab_mm"):
         return np.log1p(np.fmax(x, 0.0))  # fmax: NaN -> 0 without nan_to_num's extra passes over a volume
     return np.log(np.fmax(x, 0.0) + EPS)
 
@@ -163,23 +163,27 @@ class Calibration:
 
     def predict(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
         """Expected absolute error (float32, shaped like the signals; broadcast per-slice signals first). With a
-        ``sharpness_power``, ``signals["sharpness"]`` (per sample, or per slice) scales it."""
+        ``sharpness_power``, ``signals["sharpness"]`` (per sample, or per slice) scales it, except where
+        ``signals["slab_mm"]`` is above 0 (see :meth:`sharpness_scale`)."""
         out = np.interp(self.score(signals), self.iso_x, self.iso_y).astype(np.float32)
         if self.sharpness_power > 0:
-            out *= self.sharpness_scale(signals["sharpness"]).astype(np.float32)
+            out *= self.sharpness_scale(signals["sharpness"], signals.get("slab_mm")).astype(np.float32)
         return out
 
-    def _outside_band(self, sharpness: np.ndarray) -> np.ndarray:
-        """``log(s / hi)`` above the band, ``log(s / lo)`` below it, 0 inside."""
+    def _outside_band(self, sharpness: np.ndarray, slab_mm: np.ndarray | None = None) -> np.ndarray:
+        """``log(s / hi)`` above the band, ``log(s / lo)`` below it, 0 inside, and 0 where ``slab_mm`` > 0."""
         s = np.fmax(np.asarray(sharpness, np.float64), MIN_SHARPNESS)
         lo, hi = self.sharpness_band
-        return np.log(s / np.clip(s, lo, hi))
+        out = np.log(s / np.clip(s, lo, hi))
+        return out if slab_mm is None else np.where(np.asarray(slab_mm) > 0, 0.0, out)
 
-    def sharpness_scale(self, sharpness: np.ndarray) -> np.ndarray:
+    def sharpness_scale(self, sharpness: np.ndarray, slab_mm: np.ndarray | None = None) -> np.ndarray:
         """The factor on a scan's map: ``(s / hi) ** power`` above the band, ``(s / lo) ** power`` below it, 1 inside
         (within the band the measure varies as much between the fit's own scans as it says, and their maps are as
-        fitted)."""
-        return np.exp(self.sharpness_power * self._outside_band(sharpness))
+        fitted). 1 where ``slab_mm`` (per sample or slice, as ``sharpness``) is above 0: the real slices of a thick-slice
+        scan are slab means, whose fine detail says how thick the slabs are, not how sharp the scanner is (the
+        calibration learns thick slabs from its own thick-slice cases)."""
+        return np.exp(self.sharpness_power * self._outside_band(sharpness, slab_mm))
 
     def fit_sharpness_power(self, signals: Mapping[str, np.ndarray], abs_error: np.ndarray, band: Sequence[float] = (1.0, 1.0)) -> float:
         """Fit ``sharpness_power`` (>= 0) on flat samples that hold ``sharpness`` (scanner-augmented copies beside
@@ -189,7 +193,7 @@ class Calibration:
 
         self.sharpness_power, self.sharpness_band = 0.0, [float(band[0]), float(band[1])]
         base = np.log(np.fmax(self.predict(signals), 1e-6)).astype(np.float64)
-        x = self._outside_band(signals["sharpness"])
+        x = self._outside_band(signals["sharpness"], signals.get("slab_mm"))
         y = np.asarray(abs_error, dtype=np.float64)
 
         def deviance(power: float) -> float:
@@ -208,12 +212,19 @@ class Calibration:
     def fit(cls, signals: Mapping[str, np.ndarray], abs_error: np.ndarray, iters: int = 200, info: dict | None = None,
             features: Sequence[str] = FEATURES, hidden: Sequence[int] = (), steps: int = 3000, seed: int = 0) -> "Calibration":
         """Fit on flat samples (``signals[name]`` (N,), ``abs_error`` (N,)) of generated voxels, using ``features``;
-        ``hidden``: widths of the correction network's layers (none: log-linear alone), trained ``steps`` batches."""
+        ``hidden``: widths of the correction network's layers (none: log-linear alone), trained ``steps`` batches.
+        A signal that is the same in every sample is left out (``info["constant_signals"]``): e.g. the slab signals of
+        a fit without thick-slice cases, which a thick-slice scan would otherwise push far outside what was fitted."""
         features = list(features)
         y = np.asarray(abs_error, dtype=np.float64).reshape(-1)
         if y.size < 100:
             raise ValueError(f"too few samples to calibrate the uncertainty ({y.size})")
-        X = torch.from_numpy(np.stack([_design(n, signals[n]).reshape(-1) for n in features], 1).astype(np.float64))
+        designs = {n: _design(n, signals[n]).reshape(-1) for n in features}
+        constant = [n for n in features if np.ptp(designs[n]) == 0]
+        if constant:  # nothing to learn from, and standardised by a zero spread any other value would swamp the network
+            features = [n for n in features if n not in constant]
+            info = {**(info or {}), "constant_signals": constant}
+        X = torch.from_numpy(np.stack([designs[n] for n in features], 1).astype(np.float64))
         mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
         Z, t = (X - mu) / sd, torch.from_numpy(y)
         raw = torch.zeros(len(features), dtype=torch.float64, requires_grad=True)

@@ -81,8 +81,8 @@ def reconstruct_volume(
             ``extra["uncertainty"]`` is then the expected absolute error map (H, W, D), 0 on the inputs.
         slab_mm: the inputs are slabs this thick (a thick-slice scan; thicker than the grid's step to matter): the
             filled volume is made to agree with them (:func:`~monai_mrngan.transforms.slabs.slab_consistent`), every
-            method alike; ``extra["slab_mm"]`` records it. The uncertainty map is the method's fill's (before that
-            step, which lowers the error: on IXI 6 mm slabs 24.80 -> 25.71 dB for MRNGAN).
+            method alike; ``extra["slab_mm"]`` records it and ``extra["slab_fill"]`` keeps the fill before that step (the
+            uncertainty map's signals are computed on it, with how much the step changed each voxel).
     """
     device = torch.device(device)
     x = as_slice_batch(slices)
@@ -131,12 +131,13 @@ def reconstruct_volume(
         method=method,
         extra={name: (v.permute(1, 2, 0) if v.ndim == 3 else v).numpy() for name, v in signals.items()},  # voxel signals as (H, W, D)
     )
-    if calibration is not None:  # on the method's own fill, whose real slices are the inputs its prior fits were keyed by
-        rec.extra["uncertainty"] = uncertainty_map(rec, prior, calibration, abs(step_p) * HEAD_HEIGHT_MM, fit_prior, one_pass_gaps(run))
     thickness = float(slab_mm) / (abs(step_p) * HEAD_HEIGHT_MM)  # in grid slices
     if thickness > 1.0:  # each slab centred where it was taken, between grid slices if so
         fixed = slab_consistent(vol, x[:, 0], (pos.double().numpy() - float(grid[0])) / step_p, thickness)
-        rec.volume, rec.extra["slab_mm"] = fixed.permute(1, 2, 0).numpy().astype(np.float32), float(slab_mm)
+        rec.extra["slab_fill"], rec.extra["slab_mm"] = rec.volume, float(slab_mm)  # the fill: the uncertainty signals' volume
+        rec.volume = fixed.permute(1, 2, 0).numpy().astype(np.float32)
+    if calibration is not None:
+        rec.extra["uncertainty"] = uncertainty_map(rec, prior, calibration, abs(step_p) * HEAD_HEIGHT_MM, fit_prior, one_pass_gaps(run))
     return rec
 
 

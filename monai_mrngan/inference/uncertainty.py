@@ -35,6 +35,13 @@ Signals per generated voxel (:func:`uncertainty_signals`), all computed from wha
   brought to 2 mm), above 1 on a noisier one. The same anatomy is easier to match on a smooth scan, so the error
   the other signals predict is too high there; outside the range of the scans it was fitted on, the calibration
   scales a scan's whole map by a power of how far it lies out (``Calibration.sharpness_scale``);
+- ``slab_change``, ``slab_mm`` (a thick-slice scan, ``reconstruct_volume(..., slab_mm=X)``): how much the step that made
+  the output agree with the slabs (:func:`~monai_mrngan.transforms.slabs.slab_consistent`) changed each voxel
+  (``|output - fill|``), and the slab thickness in mm per slice (both 0 without that step). Every other signal is
+  computed on the method's fill before that step (``extra["slab_fill"]``), whose real slices are the inputs the prior's
+  fits were keyed by: computed on the consistent volume they missed the cache and cost 12 s. The step lowers the error
+  (on IXI 6 mm slabs by about a fifth), which the fill's signals alone cannot see; a calibration fitted with thick-slice
+  cases learns it from these two;
 - ``edge_xy``: the output's in-plane gradient magnitude (Gaussian, 1 px): errors gather at tissue
   boundaries, where a slightly misplaced edge costs the most. (Its predecessor ``edge`` was scipy's
   ``gaussian_gradient_magnitude`` with sigma 0 along the axial axis, which skips that axis's
@@ -63,7 +70,7 @@ from ..metrics.image import slice_sharpness
 from .calibration import Calibration
 from .volume import Reconstruction
 
-__all__ = ["MAP_STORED", "MISFIT_SIGMA_PX", "uncertainty_signals", "uncertainty_map", "slice_means", "pool_inplane", "upsample_inplane",
+__all__ = ["MAP_STORED", "MISFIT_SIGMA_PX", "filled_volume", "uncertainty_signals", "uncertainty_map", "slice_means", "pool_inplane", "upsample_inplane",
            "neighbourhood", "track_spread", "broadcast", "relative_sharpness"]
 
 MAP_STORED = np.uint8
@@ -105,11 +112,18 @@ def _sources(num_slices: int, inputs: Sequence[int], one_pass: bool) -> np.ndarr
     return idx[np.abs(k[:, None] - idx[None]).argmin(1)]
 
 
+def filled_volume(rec: Reconstruction) -> np.ndarray:
+    """``rec``'s volume as its method filled it: before the step that made it agree with thick slabs, if one ran
+    (``extra["slab_fill"]``), else the volume itself. Its real slices are the inputs as given."""
+    fill = rec.extra.get("slab_fill")
+    return rec.volume if fill is None else fill
+
+
 def relative_sharpness(rec: Reconstruction, reference: Mapping[str, Sequence[float]]) -> float:
     """The ``sharpness`` signal: the median over ``rec``'s real slices of their sharpness over ``reference``'s at their
     positions (``{"p": ascending, "value": ...}``); 1.0 when no input shows enough head to measure."""
     idx = [int(i) for i in rec.input_indices]
-    own = slice_sharpness(torch.from_numpy(np.ascontiguousarray(np.moveaxis(rec.volume[:, :, idx], 2, 0)))).numpy()
+    own = slice_sharpness(torch.from_numpy(np.ascontiguousarray(np.moveaxis(filled_volume(rec)[:, :, idx], 2, 0)))).numpy()
     ref = np.interp(np.asarray(rec.positions, dtype=np.float64)[idx], np.asarray(reference["p"], np.float64), np.asarray(reference["value"], np.float64))
     ratio = own / np.where(ref > 0, ref, np.nan)
     ratio = ratio[np.isfinite(ratio)]
@@ -127,7 +141,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
     The prior's fits are read from its cache when the reconstruction ran inside :class:`track_spread`.
     """
     stride = max(1, int(stride))
-    vol = rec.volume
+    vol = filled_volume(rec)
     h, w, d = vol.shape
     idx = [int(i) for i in rec.input_indices]
     dist = (np.abs(np.arange(d)[:, None] - np.asarray(idx)[None]).min(1) * float(spacing_mm)).astype(np.float32)
@@ -183,6 +197,8 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         "misfit_xy": misfit,
         "candidate_spread": blend,
         "head_area": ((vol > HEAD_THRESHOLD).sum((0, 1)) / np.float32(h * w)).astype(np.float32),
+        "slab_change": np.zeros_like(coarse) if vol is rec.volume else pool_inplane(np.abs(rec.volume - vol), stride),
+        "slab_mm": np.full(d, float(rec.extra.get("slab_mm", 0.0)) if vol is not rec.volume else 0.0, dtype=np.float32),
     }
     if sharpness_reference is not None:
         out["sharpness"] = np.full(d, relative_sharpness(rec, sharpness_reference), dtype=np.float32)
