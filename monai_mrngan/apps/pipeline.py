@@ -126,6 +126,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     # Measured whole with it (2026-12-06, bundle 0.7.2): 71.9 min, peak RSS 4.9 GB, evaluation 708 s with its thick
     # case; against the cell without slab runs +0.11 dB on 6 mm slabs, within the noise of a retraining, and nothing
     # lost on sharp slices (mrngan docs, "Thick-slab scans").
+    # Bundle 0.7.7's calibrate step also reconstructs 8 validation subjects as thick-slice scans: 616 s against 446 s
+    # (run alone on those stages, 2026-12-07), so about 74.7 min for the whole preset; not measured whole again.
     "ixi2mm": {
         "slice_localization": {"epochs": 100, "time_limit_s": 720, "intensity_augmentation": True},
         # the GAN route is not what MRNGAN leans on (the fitted atlas prior is): skipped to save budget
