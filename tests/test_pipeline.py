@@ -67,7 +67,7 @@ def test_every_stage_trains_and_evaluates(trained):
     reports = list((workdir / "mrngan" / "eval").rglob("report.json"))
     assert reports
     scores = json.loads(reports[0].read_text())["uncertainty"]  # the map scored on the test split
-    assert set(scores) <= {"single_slice", "k4", "k8"} and "single_slice" in scores
+    assert set(scores) <= {"single_slice", "k4", "k8", "thick_k3"} and "single_slice" in scores
     for s in scores.values():
         assert -1 <= s["spearman_voxel"] <= 1 and len(s["reliability"]) == 10
     info = read_run_info(workdir)
