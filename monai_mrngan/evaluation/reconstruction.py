@@ -47,7 +47,7 @@ from ..inference.reconstruct import reconstruct_volume, refine_positions
 from ..inference.runners import make_runner, one_pass_gaps
 from ..inference.uncertainty import track_spread
 from ..metrics import METRIC_NAMES, pool_rows, slice_metrics, summarize
-from ..transforms.slabs import slab_mean
+from ..transforms.slabs import slabs_at
 from .uncertainty import UncertaintyScores, plot_reliability
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def evaluate_reconstruction(
             given = list(range(0, depth, k))
             if len(given) < 2:
                 continue
-            inputs = target[given] if section == "few_slices" else torch.stack([slab_mean(sharp, i, float(k)) for i in given])[:, None]
+            inputs = target[given] if section == "few_slices" else slabs_at(sharp, given, k)[:, None]
             missing = torch.as_tensor([i for i in range(given[0], given[-1]) if i not in given])
             near = torch.as_tensor(np.abs(missing.numpy()[:, None] - np.asarray(given)[None]).min(1))  # to the nearest given slice
             with shared_registrations():  # the cell and the registration baseline fill the same gaps

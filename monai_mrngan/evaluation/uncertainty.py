@@ -39,7 +39,7 @@ from ..inference.runners import one_pass_gaps
 from ..inference.uncertainty import broadcast, track_spread, uncertainty_map, uncertainty_signals
 from ..inference.volume import Reconstruction
 from ..transforms.scanners import describe_random, simulate_random
-from ..transforms.slabs import slab_mean
+from ..transforms.slabs import slabs_at
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def reconstructions(entries: Sequence[dict], comp: Components, input_positions: 
                 given = list(range(0, depth, k))
                 if len(given) < 2:
                     continue
-                x = torch.stack([slab_mean(torch.from_numpy(vol), i, float(k)) for i in given])[:, None] if thick else target[given]
+                x = slabs_at(torch.from_numpy(vol), given, k)[:, None] if thick else target[given]
                 rec = reconstruct_volume(x, pos[given].tolist(), input_indices=given, fit_prior=few_slice_fit_prior,
                                          slab_mm=k * spacing if thick else 0.0, **kw)
                 yield n - 1, f"thick_k{k}" if thick else f"k{k}", rec, vol, spacing, few_slice_fit_prior, np.setdiff1d(np.arange(given[0], given[-1]), given)

@@ -198,7 +198,7 @@ def uncertainty_signals(rec: Reconstruction, prior: Any, spacing_mm: float, fit_
         "candidate_spread": blend,
         "head_area": ((vol > HEAD_THRESHOLD).sum((0, 1)) / np.float32(h * w)).astype(np.float32),
         "slab_change": np.zeros_like(coarse) if vol is rec.volume else pool_inplane(np.abs(rec.volume - vol), stride),
-        "slab_mm": np.full(d, float(rec.extra.get("slab_mm", 0.0)) if vol is not rec.volume else 0.0, dtype=np.float32),
+        "slab_mm": np.full(d, float(rec.extra.get("slab_mm", 0.0)), dtype=np.float32),  # set beside the fill, by the step
     }
     if sharpness_reference is not None:
         out["sharpness"] = np.full(d, relative_sharpness(rec, sharpness_reference), dtype=np.float32)

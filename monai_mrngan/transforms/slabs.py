@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["slab_mean", "slab_operator", "slab_consistent"]
+__all__ = ["slab_mean", "slabs_at", "slab_operator", "slab_consistent"]
 
 
 def _box(centre: float, thickness: float, depth: int) -> np.ndarray:
@@ -46,6 +46,11 @@ def slab_mean(volume: torch.Tensor, index: int, thickness: float) -> torch.Tenso
     w = _box(float(index), float(thickness), volume.shape[-1])
     idx = np.nonzero(w)[0]
     return (volume[..., idx] * torch.as_tensor(w[idx], dtype=volume.dtype)).sum(-1)
+
+
+def slabs_at(volume: torch.Tensor, centres: Sequence[int], thickness: float) -> torch.Tensor:
+    """(N, ...) the slabs :func:`slab_mean` makes of ``volume`` (..., D) at each of ``centres``: a thick-slice scan of it."""
+    return torch.stack([slab_mean(volume, int(c), float(thickness)) for c in centres])
 
 
 def slab_operator(depth: int, centres: Sequence[float], thickness: float) -> np.ndarray:
