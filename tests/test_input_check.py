@@ -232,3 +232,13 @@ def test_complete_skips_a_volume_of_another_weighting(tiny_dataset, tmp_path):
     with pytest.raises(InputError, match="does not look T1-weighted") as err:
         complete_file(tmp_path / "t2.nii.gz", Components(prior=prior), ref, method="linear", missing="nan")
     assert "t2.nii.gz" in str(err.value)
+
+
+def test_bad_slab_thickness_is_refused_before_any_input_is_read(tmp_path):
+    """A negative --slab_mm, or one without --stack, is refused at once: the (absent) input is never read or placed."""
+    missing = str(tmp_path / "never_read.nii.gz")
+    with pytest.raises(ValueError, match="slab thickness must be >= 0 mm, got -1"):
+        reconstruct_files([missing], str(tmp_path / "x.nii.gz"), Components(), stack=True, slab_mm=-1.0, expected_shape=(32, 32))
+    with pytest.raises(ValueError, match="applies to a --stack only"):
+        reconstruct_files([missing], str(tmp_path / "x.nii.gz"), Components(), slab_mm=5.0, expected_shape=(32, 32))
+    assert not list(tmp_path.iterdir())

@@ -445,6 +445,8 @@ def reconstruct_files(
     if not is_nifti(out):  # these three refused before any work, not after it
         raise InputError(out, "the output must be a NIfTI file name ending in .nii.gz or .nii (e.g. recon.nii.gz)")
     check_method(method)
+    if slab_mm is not None and (not stack or slab_mm < 0):  # refused before the inputs are read and placed
+        raise ValueError(f"slab thickness must be >= 0 mm, got {slab_mm:g}" if stack else "a slab thickness (--slab_mm) applies to a --stack only")
     outside = [float(p) for p in (positions or []) if not 0.0 <= float(p) <= 1.0]
     if outside:
         raise ValueError(f"position {outside[0]:g} is outside 0..1 (p is 0 at the vertex and 1 at 200 mm below it)")
