@@ -64,3 +64,22 @@ def test_load_state_errors_name_the_file(tmp_path):
             assert str(path) in str(err) and text in str(err)
         else:
             raise AssertionError("expected an error")
+
+
+def test_epoch_time_budget_stops_before_an_epoch_that_cannot_finish():
+    """Epochs of 3 s against a 10 s budget: 3 epochs run (9 s), a 4th would end past 10 s and is never started, and
+    the validation attached before the budget still ran after the 3rd. Ignite's TimeLimit alone would cut the 4th."""
+    import pytest
+    from ignite.engine import Engine
+
+    from monai_mrngan.engines.time_budget import EpochTimeBudget
+
+    now = [0.0]
+    engine = Engine(lambda e, batch: now.__setitem__(0, now[0] + 1.0))  # each iteration: 1 s
+    validated = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: validated.append(e.state.epoch))
+    EpochTimeBudget(10.0, clock=lambda: now[0]).attach(engine)
+    engine.run(range(3), max_epochs=20)
+    assert engine.state.epoch == 3 and validated == [1, 2, 3] and now[0] == 9.0
+    with pytest.raises(ValueError, match="time budget"):
+        EpochTimeBudget(0)
