@@ -535,3 +535,27 @@ def test_complete_writes_the_map_in_the_inputs_units_and_layout(tiny_dataset, ca
     assert not u[:, :, real].any() and u[:, :, gone].max() > 1.0  # input units (x 800), not [0, 1]
     meta = json.loads((tmp_path / "dst" / "scan.json").read_text())["uncertainty"]
     assert len(meta["slice_means"]) == raw.shape[2] and all(meta["slice_means"][i] == 0 for i in real)
+
+
+def test_a_thick_slice_scans_slabs_are_predicted_not_zeroed(tiny_dataset, calibration):
+    """Thin real slices are the output itself (0 in the map); a slab only constrains the thin slice the output holds
+    there, so the map predicts its error too, and the calibration is fitted and scored on those slices."""
+    from monai_mrngan.evaluation.uncertainty import scored_slices
+    from monai_mrngan.inference.reconstruct import reconstruct_volume
+    from monai_mrngan.transforms.slabs import slabs_at
+
+    assert scored_slices([2, 5, 8], slabs=False).tolist() == [3, 4, 6, 7]
+    assert scored_slices([2, 5, 8], slabs=True).tolist() == [2, 3, 4, 5, 6, 7, 8]
+    comp = _components(tiny_dataset, load_calibration(calibration))
+    entry = load_split(tiny_dataset, "test")[0]
+    vol = load_volume(entry["image"])[0]
+    pos = np.asarray(entry["positions"])
+    given = list(range(0, vol.shape[2], 3))
+    kw = dict(method="mrngan", model=comp.model, next_fn=comp.next_fn, prior=comp.prior, step_p=float(pos[1] - pos[0]),
+              num_slices=vol.shape[2], input_indices=given, calibration=comp.calibration)
+    thin = reconstruct_volume(torch.from_numpy(np.moveaxis(vol[:, :, given], 2, 0)), pos[given].tolist(), **kw)
+    slabs = slabs_at(torch.from_numpy(vol), given, 3)
+    thick = reconstruct_volume(slabs, pos[given].tolist(), slab_mm=3 * abs(float(pos[1] - pos[0])) * 200.0, **kw)  # 3 slices thick
+    assert not thin.extra["uncertainty"][:, :, given].any() and thin.extra["uncertainty"].max() > 0
+    head = thick.volume[:, :, given] > 0.1
+    assert (thick.extra["uncertainty"][:, :, given][head] > 0).all()

@@ -7,8 +7,9 @@ SRC is only ever read) and writes, under DST at the same relative path,
 - ``<name>.json``: a sidecar saying which slices were generated (``generated_slices``), which are
   the input's (``real_slices``), the position ``p`` of every axial slice, the method and the models;
 - ``<name>_uncertainty.nii.gz`` (MRNGAN with the mrngan stage's uncertainty calibration): the expected
-  absolute error of every voxel in the input's intensity units, 0 on real slices, same array layout and
-  affine as the output; the sidecar's ``uncertainty`` gives its per-slice means (none without a calibration);
+  absolute error of every voxel in the input's intensity units, 0 on real thin slices (a thick-slice scan's slabs are
+  predicted), same array layout and affine as the output; the sidecar's ``uncertainty`` gives its per-slice means
+  (none without a calibration);
 
 and ``DST/complete_report.json`` (every completed volume, every skipped file with its reason).
 
@@ -389,7 +390,7 @@ def _write(done: Completed, out: Path) -> dict:
         write_image(done, out)
         return write_uncertainty(done, out)
     paths = {key: Path(p).name for key, p in done.reconstructed.save(str(out)).items()}
-    unc = {"file": paths["uncertainty"], "units": "expected absolute error, the models' [0, 1] like the volume; 0 on real slices; "
+    unc = {"file": paths["uncertainty"], "units": "expected absolute error, the models' [0, 1] like the volume; 0 on real thin slices, predicted on slabs; "
            f"per-slice means in {paths['positions']}"} if "uncertainty" in paths else None
     return {"files": paths, "uncertainty": unc}
 

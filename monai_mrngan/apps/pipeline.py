@@ -127,7 +127,13 @@ PRESETS: dict[str, dict[str, dict]] = {
     # case; against the cell without slab runs +0.11 dB on 6 mm slabs, within the noise of a retraining, and nothing
     # lost on sharp slices (mrngan docs, "Thick-slab scans").
     # Bundle 0.7.7's calibrate step also reconstructs 8 validation subjects as thick-slice scans: 616 s against 446 s
-    # (run alone on those stages, 2026-12-07), so about 74.7 min for the whole preset; not measured whole again.
+    # (run alone on those stages, 2026-12-07), so about 74.7 min for the whole preset. Measured whole at dc67f36
+    # (2026-12-07) on a slower machine (MRNGAN 86 epochs in its 900 s, not 143; the untimed steps 10-20 % slower):
+    # 80.9 min, peak RSS 5.3 GB: localization 12.3 + 1.3 min, mean brain 1.5 min, pix2pix 20.2 + 1.6 min, cache 1.3 min,
+    # training 15.2 min, calibration 11.7 min, evaluation 15.7 min. The localizer's epoch with its validation took 7.5
+    # min, and its 12-min limit spent 4.5 more on an epoch no validation saw: since bundle 0.7.8 every train.json stops
+    # at the last epoch that fits (engines.time_budget; the same models), and the calibrate step gives 6 validation
+    # subjects thick-slice cases, not 8. By the step times of that run, about 75.7 min on that machine (not measured whole).
     "ixi2mm": {
         "slice_localization": {"epochs": 100, "time_limit_s": 720, "intensity_augmentation": True},
         # the GAN route is not what MRNGAN leans on (the fitted atlas prior is): skipped to save budget

@@ -48,7 +48,7 @@ from ..inference.runners import make_runner, one_pass_gaps
 from ..inference.uncertainty import track_spread
 from ..metrics import METRIC_NAMES, pool_rows, slice_metrics, summarize
 from ..transforms.slabs import slabs_at
-from .uncertainty import UncertaintyScores, plot_reliability
+from .uncertainty import UncertaintyScores, plot_reliability, scored_slices
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def evaluate_reconstruction(
                         rec = reconstruct_volume(inputs, pos[given].tolist(), method=m.removesuffix(PLAIN), input_indices=given,
                                                  fit_prior=few_slice_fit_prior, slab_mm=slab, **kw)
                     if scored:
-                        unc.add(setting, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, missing.numpy())
+                        unc.add(setting, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, scored_slices(given, section == "thick_slices"))
                     pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
                     met = slice_metrics(pred[missing], target[missing])
                     few_rows[case][m].append(met)

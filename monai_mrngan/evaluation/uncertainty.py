@@ -43,12 +43,13 @@ from ..transforms.slabs import slabs_at
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UNCERTAINTY_CASES", "OPTIONAL_SIGNALS", "head_samples", "UncertaintyScores", "reconstructions", "select_signals", "calibrate",
+__all__ = ["UNCERTAINTY_CASES", "OPTIONAL_SIGNALS", "scored_slices", "head_samples", "UncertaintyScores", "reconstructions", "select_signals", "calibrate",
            "plot_reliability"]
 
 UNCERTAINTY_CASES = ("single_slice", "k4", "k8", "thick_k3")
 """The cases :class:`UncertaintyScores` scores: one slice, every 4th and 8th true slice, and every 3rd slice given as a
-3-slice slab (a thick-slice scan: 6 mm slabs on a 2 mm grid), the volume made to agree with the slabs."""
+3-slice slab (a thick-slice scan: 6 mm slabs on a 2 mm grid), the volume made to agree with the slabs; that case is
+scored on the slabs' own slices too (:func:`scored_slices`)."""
 DECILES = 10
 OPTIONAL_SIGNALS = ("head_area",)
 """Signals the calibrate step keeps only where they rank held-out validation subjects better (:func:`select_signals`):
@@ -167,6 +168,13 @@ def plot_reliability(scores: dict[str, Any], path: str | os.PathLike) -> None:
     save_figure(fig, path, dpi=100)
 
 
+def scored_slices(given: Sequence[int], slabs: bool) -> np.ndarray:
+    """The slices whose map is fitted and scored between the first and the last given slice: the generated ones, and
+    with thick-slice inputs (``slabs``) the given ones too, whose output is a thin slice the slabs only constrain."""
+    span = np.arange(given[0], given[-1] + 1)
+    return span if slabs else np.setdiff1d(span, given)
+
+
 def reconstructions(entries: Sequence[dict], comp: Components, input_positions: Sequence[float], few_slice_k: Sequence[int],
                     use_loc: bool, refine_window: float, fit_prior: bool, few_slice_fit_prior: bool, t0: float | None = None,
                     thick_slice_k: Sequence[int] = ()) -> Iterator[tuple[int, str, Reconstruction, np.ndarray, float, bool, np.ndarray | None]]:
@@ -206,7 +214,7 @@ def reconstructions(entries: Sequence[dict], comp: Components, input_positions: 
                 x = slabs_at(torch.from_numpy(vol), given, k)[:, None] if thick else target[given]
                 rec = reconstruct_volume(x, pos[given].tolist(), input_indices=given, fit_prior=few_slice_fit_prior,
                                          slab_mm=k * spacing if thick else 0.0, **kw)
-                yield n - 1, f"thick_k{k}" if thick else f"k{k}", rec, vol, spacing, few_slice_fit_prior, np.setdiff1d(np.arange(given[0], given[-1]), given)
+                yield n - 1, f"thick_k{k}" if thick else f"k{k}", rec, vol, spacing, few_slice_fit_prior, scored_slices(given, thick)
         logger.info("uncertainty: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
 
 

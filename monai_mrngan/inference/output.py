@@ -92,7 +92,7 @@ def _uncertainty_rows(gray: np.ndarray, unc: np.ndarray, picks: Sequence[int], z
     img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
     draw.text((10, y0 + 22), "0", fill=(255, 255, 255))
-    label = f"{vmax:.3g} expected |error| (intensity units, 1 = full range); 0 on real slices"
+    label = f"{vmax:.3g} expected |error| (intensity units, 1 = full range); 0 on real thin slices"
     draw.text((max(10, width - 10 - int(draw.textlength(label))), y0 + 22), label, fill=(255, 255, 255))
     return np.asarray(img)
 
@@ -118,7 +118,8 @@ def save_reconstruction(rec: Reconstruction, out: str | os.PathLike, affine: np.
     grid. ``OUT_provenance.nii.gz`` (same grid and affine as ``OUT``): 0 on real slices, else the
     distance in mm to the nearest real slice. With ``uncertainty`` (H, W, D, like the volume)
     ``OUT_uncertainty.nii.gz`` (same grid and affine as ``OUT``): the expected absolute error per voxel
-    in the output's intensity units, 0 on real slices; the positions JSON gives each slice's mean over
+    in the output's intensity units, 0 on real thin slices (a thick-slice scan's slabs are predicted: the output there is
+    not the slab); the positions JSON gives each slice's mean over
     its head voxels, and ``uncertainty_note`` says why there is no map when there is none.
     """
     out = Path(out)

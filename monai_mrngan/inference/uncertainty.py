@@ -271,14 +271,16 @@ def broadcast(signals: Mapping[str, np.ndarray], shape: Sequence[int]) -> dict[s
 def uncertainty_map(rec: Reconstruction, prior: Any, calibration: Calibration, spacing_mm: float, fit_prior: bool = True,
                     one_pass: bool = False) -> np.ndarray:
     """Expected absolute error (H, W, D) float32 in the output's [0, 1] units; 0 on the real slices. Predicted on the
-    calibration's grid (its ``stride``) and brought to the volume's."""
+    calibration's grid (its ``stride``) and brought to the volume's. A thick-slice scan's slices are slabs, not the
+    thin slices the output holds there (the step that made it agree with the slabs set them): they are predicted too."""
     reference = calibration.sharpness_reference if calibration.sharpness_power > 0 else None
     sig = uncertainty_signals(rec, prior, spacing_mm, fit_prior, one_pass, calibration.stride, reference)
     pred = calibration.predict(sig)  # per-slice signals transformed per slice
     unc = upsample_inplane(np.broadcast_to(pred, sig["intensity"].shape), rec.volume.shape)
     if not unc.flags.writeable:  # stride 1: the broadcast prediction itself
         unc = np.array(unc)
-    unc[:, :, [int(i) for i in rec.input_indices]] = 0.0
+    if rec.extra.get("slab_fill") is None:  # thin real slices: the output is the input there
+        unc[:, :, [int(i) for i in rec.input_indices]] = 0.0
     return unc
 
 
