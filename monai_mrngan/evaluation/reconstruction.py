@@ -171,7 +171,7 @@ def evaluate_reconstruction(
             if len(given) < 2:
                 continue
             inputs = target[given] if section == "few_slices" else slabs_at(sharp, given, k)[:, None]
-            missing = torch.as_tensor([i for i in range(given[0], given[-1]) if i not in given])
+            missing = torch.as_tensor(scored_slices(given, slabs=False))
             near = torch.as_tensor(np.abs(missing.numpy()[:, None] - np.asarray(given)[None]).min(1))  # to the nearest given slice
             with shared_registrations():  # the cell and the registration baseline fill the same gaps
                 for m in _case_methods(section, few):
@@ -181,7 +181,7 @@ def evaluate_reconstruction(
                         rec = reconstruct_volume(inputs, pos[given].tolist(), method=m.removesuffix(PLAIN), input_indices=given,
                                                  fit_prior=few_slice_fit_prior, slab_mm=slab, **kw)
                     if scored:
-                        unc.add(setting, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, scored_slices(given, section == "thick_slices"))
+                        unc.add(setting, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, scored_slices(given, slabs=section == "thick_slices"))
                     pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
                     met = slice_metrics(pred[missing], target[missing])
                     few_rows[case][m].append(met)

@@ -32,7 +32,7 @@ from .components import Components
 from .localize import localize, place_slices
 from .output import Reconstructed
 from .runners import check_method, is_gap_aware, make_runner, one_pass_gaps
-from .stacks import slab_thickness_mm, stack_inside, stack_positions
+from .stacks import check_slab_mm, slab_thickness_mm, stack_inside, stack_positions
 from .uncertainty import track_spread, uncertainty_map
 from .volume import Reconstruction, cubic_fill, fill_volume, registration_fill, volume_affine, volume_grid
 
@@ -445,8 +445,7 @@ def reconstruct_files(
     if not is_nifti(out):  # these three refused before any work, not after it
         raise InputError(out, "the output must be a NIfTI file name ending in .nii.gz or .nii (e.g. recon.nii.gz)")
     check_method(method)
-    if slab_mm is not None and (not stack or slab_mm < 0):  # refused before the inputs are read and placed
-        raise ValueError(f"slab thickness must be >= 0 mm, got {slab_mm:g}" if stack else "a slab thickness (--slab_mm) applies to a --stack only")
+    check_slab_mm(slab_mm, stack)  # refused before the inputs are read and placed
     outside = [float(p) for p in (positions or []) if not 0.0 <= float(p) <= 1.0]
     if outside:
         raise ValueError(f"position {outside[0]:g} is outside 0..1 (p is 0 at the vertex and 1 at 200 mm below it)")

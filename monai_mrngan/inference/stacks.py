@@ -16,7 +16,7 @@ from .volume import one_per_grid_slice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["stack_positions", "stack_inside", "slab_thickness_mm"]
+__all__ = ["stack_positions", "stack_inside", "check_slab_mm", "slab_thickness_mm"]
 
 
 def stack_positions(components: Components, got: InputSlices, given: Sequence[float] | None, spacing_mm: float) -> tuple[list[float], dict]:
@@ -57,13 +57,22 @@ def stack_inside(got: InputSlices, positions: list[float], lo: float, hi: float,
     return kept, [positions[k] for k in keep]
 
 
+def check_slab_mm(slab_mm: float | None, stack: bool = True) -> None:
+    """Refuse a given slab thickness that is negative, or given for anything but a stack (``--slab_mm``)."""
+    if slab_mm is None:
+        return
+    if not stack:
+        raise ValueError("a slab thickness (--slab_mm) applies to a --stack only")
+    if slab_mm < 0:
+        raise ValueError(f"slab thickness must be >= 0 mm, got {slab_mm:g}")
+
+
 def slab_thickness_mm(got: InputSlices, spacing_mm: float, slab_mm: float | None = None) -> float:
     """How thick the slabs are that a stack's slices record, for
     :func:`~monai_mrngan.inference.reconstruct.reconstruct_volume`'s ``slab_mm`` (0: thin slices, nothing to agree
     with): ``slab_mm`` when given (0, e.g. for a protocol with a slice gap), else the input's own slice thickness
     (an axial DICOM series' ``SliceThickness``), else the stack's slice step (a thick-slice scan's slices cover their
     step; a NIfTI stores no thickness); 0 unless thicker than the grid's step."""
-    if slab_mm is not None and slab_mm < 0:
-        raise ValueError(f"slab thickness must be >= 0 mm, got {slab_mm}")
+    check_slab_mm(slab_mm)
     thickness = slab_mm if slab_mm is not None else (got.thickness_mm or got.step_mm or 0.0)
     return float(thickness) if thickness > spacing_mm else 0.0

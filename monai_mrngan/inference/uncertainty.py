@@ -279,7 +279,7 @@ def uncertainty_map(rec: Reconstruction, prior: Any, calibration: Calibration, s
     unc = upsample_inplane(np.broadcast_to(pred, sig["intensity"].shape), rec.volume.shape)
     if not unc.flags.writeable:  # stride 1: the broadcast prediction itself
         unc = np.array(unc)
-    if rec.extra.get("slab_fill") is None:  # thin real slices: the output is the input there
+    if filled_volume(rec) is rec.volume:  # no slab step: thin real slices, where the output is the input
         unc[:, :, [int(i) for i in rec.input_indices]] = 0.0
     return unc
 
