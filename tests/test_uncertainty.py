@@ -499,6 +499,37 @@ def test_evaluate_scores_the_map(tiny_dataset, calibration, tmp_path):
         assert [r["predicted"] for r in rows] == sorted(r["predicted"] for r in rows)  # deciles in order
     assert json.loads((tmp_path / "report.json").read_text())["uncertainty"] == json.loads(json.dumps(scores))
     assert (tmp_path / "uncertainty_reliability.png").is_file()
+    # two subjects at a time, each in its own process: the same report (each subject samples its voxels by its own seed)
+    both = evaluate_reconstruction(tiny_dataset, tmp_path / "workers", comp, methods=("mrngan",), input_positions=(0.5,), few_slice_k=(4, 8),
+                                   few_slice_methods=("mrngan",), localize_inputs=False, tensorboard=False, workers=2)
+    _assert_close(json.loads(json.dumps(both)), json.loads(json.dumps(report)))
+
+
+def _assert_close(a, b, path="report"):
+    """Nested JSON values equal, numbers to 1e-4 (single-threaded workers may round differently from two threads)."""
+    if isinstance(b, dict):
+        assert set(a) == set(b), path
+        for k in b:
+            _assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(b, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6, nan_ok=True), path
+    else:
+        assert a == b, path
+
+
+def test_calibration_is_the_same_from_worker_processes(tiny_dataset, tmp_path):
+    from monai_mrngan.evaluation.uncertainty import calibrate
+
+    kw = dict(input_positions=(0.5,), few_slice_k=(4,), thick_slice_k=(), localize_inputs=False, voxels=2000, hidden=(), augment=1, optional=())
+    alone = calibrate(tiny_dataset, _components(tiny_dataset), tmp_path / "one.json", **kw)
+    both = calibrate(tiny_dataset, _components(tiny_dataset), tmp_path / "two.json", workers=2, **kw)
+    assert both.info["samples"] == alone.info["samples"] and both.info["augmented_samples"] == alone.info["augmented_samples"]
+    assert both.weights == pytest.approx(alone.weights, rel=1e-3, abs=1e-5)
+    assert both.sharpness_power == pytest.approx(alone.sharpness_power, rel=1e-3, abs=1e-5)
 
 
 def test_montage_with_uncertainty_has_a_colour_row_per_slice_row():

@@ -248,14 +248,15 @@ def complete(
 
 
 def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limit: int | None = None, shift: str | None = None,
-             device: str = "auto") -> None:
+             device: str = "auto", workers: int = 2) -> None:
     """Evaluate MRNGAN against copy, prior, pix2pix_iterative, linear, cubic and registration on held-out subjects.
 
     Writes OUT/report.json, OUT/per_distance.csv and PNG plots of each metric against distance.
     ``--shift all`` (or a comma-separated list of names of ``monai_mrngan.evaluation.shift.SHIFTS``)
     runs the same evaluation on the original subjects and under each simulated scanner, and writes
     the tables side by side (OUT/shift_report.md, OUT/shift_report.json). ``--device``: auto (a GPU
-    when there is one), cpu or cuda[:N].
+    when there is one), cpu or cuda[:N]. ``--workers``: subjects evaluated at once on the CPU, one process each
+    (capped by the cores; the report is the same for any number).
     """
     from ..evaluation.reconstruction import evaluate_reconstruction
 
@@ -263,11 +264,11 @@ def evaluate(workdir: str, dataset_dir: str, out: str, split: str = "test", limi
         from ..evaluation.shift import evaluate_shifted
 
         names = None if shift == "all" else _names(shift)
-        evaluate_shifted(dataset_dir, out, _components(workdir, device), shifts=names, split=split, limit=limit)
+        evaluate_shifted(dataset_dir, out, _components(workdir, device), shifts=names, split=split, limit=limit, workers=workers)
         print((Path(out) / "shift_report.md").read_text())
         print(f"report: {out}/shift_report.json")
         return
-    report = evaluate_reconstruction(dataset_dir, out, _components(workdir, device), split=split, limit=limit)
+    report = evaluate_reconstruction(dataset_dir, out, _components(workdir, device), split=split, limit=limit, workers=workers)
     for name, m in report["single_slice"]["methods"].items():
         print(f"{name:<20} SSIM {m['ssim']:.3f}  head-only SSIM {m['ssim_head']:.3f}  PSNR {m['psnr']:.2f} dB")
     for section in ("few_slices", "thick_slices"):

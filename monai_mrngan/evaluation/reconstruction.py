@@ -48,6 +48,7 @@ from ..inference.runners import make_runner, one_pass_gaps
 from ..inference.uncertainty import track_spread
 from ..metrics import METRIC_NAMES, pool_rows, slice_metrics, summarize
 from ..transforms.slabs import slabs_at
+from .subjects import map_subjects, subject_rng
 from .uncertainty import UncertaintyScores, plot_reliability, scored_slices
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def evaluate_reconstruction(
     tensorboard: bool = True,
     calibration: Any = None,
     thick_slice_k: Sequence[int] = THICK_SLICE_K,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run the single-slice and few-slice evaluations on ``split`` and write the report files.
 
@@ -114,6 +116,8 @@ def evaluate_reconstruction(
             ``report.json["uncertainty"]`` is null.
         thick_slice_k: the thick-slice cases: every k-th slice given as the mean of the k slices around it (a
             slab as thick as the spacing), the few-slice methods filling the rest; () for none.
+        workers: subjects evaluated at once, one forked single-threaded process each
+            (:func:`~monai_mrngan.evaluation.subjects.map_subjects`; CPU only); the report is the same for any number.
     Returns the ``report.json`` dictionary.
     """
     comp = components or Components()
@@ -134,13 +138,16 @@ def evaluate_reconstruction(
     cal = calibration if calibration is not None else getattr(comp, "calibration", None)
     unc = UncertaintyScores(cal) if cal is not None and "mrngan" in single + few else None
     one_pass = one_pass_gaps(comp.model)
-    t0 = time.time()
-    for n, entry in enumerate(entries, 1):
+
+    def subject(index: int, entry: dict) -> dict[str, Any]:
+        """One subject's metrics (and uncertainty samples): what the loop below pools, small enough to come back from a worker."""
         vol, _ = load_volume(entry["image"])
         pos = np.asarray(entry["positions"], dtype=np.float64)
         step_p = position_step(pos)
-        spacing = spacing or abs(step_p) * HEAD_HEIGHT_MM
         depth = vol.shape[2]
+        out: dict[str, Any] = {"spacing": abs(step_p) * HEAD_HEIGHT_MM, "single": [], "few": [], "loc_err": [], "raw_err": [],
+                               "unc": UncertaintyScores(cal, rng=subject_rng(0, index)) if unc is not None else None}
+        spacing = out["spacing"]
         target = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, 2, 0)))[:, None]  # (D,1,H,W)
         kw = dict(model=comp.model, next_fn=comp.next_fn, prior=comp.prior, step_p=step_p, num_slices=depth, device=comp.device)
         for p_in in input_positions:
@@ -149,21 +156,18 @@ def evaluate_reconstruction(
             p0 = float(pos[i0])
             if use_loc:
                 p0 = float(localize(comp.localizer, x.to(comp.device)).reshape(-1)[0])
-                raw_err.append(abs(p0 - float(pos[i0])))
+                out["raw_err"].append(abs(p0 - float(pos[i0])))
                 p0 = float(refine_positions(comp.prior, x, [p0], refine_window)[0])
-                loc_err.append(abs(p0 - float(pos[i0])))
+                out["loc_err"].append(abs(p0 - float(pos[i0])))
             d = torch.as_tensor(np.abs(np.arange(depth) - i0))
             keep = d > 0
             for m in single:
-                with track_spread(comp.prior, unc is not None and m == "mrngan"):
+                with track_spread(comp.prior, out["unc"] is not None and m == "mrngan"):
                     rec = reconstruct_volume(x, [p0], method=m, input_indices=[i0], fit_prior=fit_prior, **kw)
-                if unc is not None and m == "mrngan":
-                    unc.add("single_slice", rec, vol, comp.prior, spacing, fit_prior, one_pass)
+                if out["unc"] is not None and m == "mrngan":
+                    out["unc"].add("single_slice", rec, vol, comp.prior, spacing, fit_prior, one_pass)
                 pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
-                met = slice_metrics(pred[keep], target[keep])
-                for dist in torch.unique(d[keep]).tolist():
-                    sel = d[keep] == dist
-                    by_d[m].setdefault(int(dist), []).append({k: v[sel] for k, v in met.items()})
+                out["single"].append((m, d[keep], slice_metrics(pred[keep], target[keep])))
         sharp = torch.from_numpy(vol)
         for case in cases:
             section, k, setting = case
@@ -175,19 +179,33 @@ def evaluate_reconstruction(
             near = torch.as_tensor(np.abs(missing.numpy()[:, None] - np.asarray(given)[None]).min(1))  # to the nearest given slice
             with shared_registrations():  # the cell and the registration baseline fill the same gaps
                 for m in _case_methods(section, few):
-                    scored = unc is not None and m == "mrngan" and setting in unc.vox
+                    scored = out["unc"] is not None and m == "mrngan" and setting in out["unc"].vox
                     slab = k * spacing if section == "thick_slices" and not m.endswith(PLAIN) else 0.0  # made to agree with the slabs
                     with track_spread(comp.prior, scored):
                         rec = reconstruct_volume(inputs, pos[given].tolist(), method=m.removesuffix(PLAIN), input_indices=given,
                                                  fit_prior=few_slice_fit_prior, slab_mm=slab, **kw)
                     if scored:
-                        unc.add(setting, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, scored_slices(given, slabs=section == "thick_slices"))
+                        out["unc"].add(setting, rec, vol, comp.prior, spacing, few_slice_fit_prior, one_pass, scored_slices(given, slabs=section == "thick_slices"))
                     pred = torch.from_numpy(np.moveaxis(rec.volume, 2, 0))[:, None]
-                    met = slice_metrics(pred[missing], target[missing])
-                    few_rows[case][m].append(met)
-                    for dist in torch.unique(near).tolist():
-                        few_by_d[case][m].setdefault(int(dist), []).append({key: v[near == dist] for key, v in met.items()})
-        logger.info("reconstruction eval: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
+                    out["few"].append((case, m, near, slice_metrics(pred[missing], target[missing])))
+        return out
+
+    t0 = time.time()
+    for n, res in enumerate(map_subjects(subject, entries, workers, comp.device), 1):
+        spacing = spacing or res["spacing"]
+        loc_err += res["loc_err"]
+        raw_err += res["raw_err"]
+        if unc is not None:
+            unc.merge(res["unc"])
+        for m, d, met in res["single"]:
+            for dist in torch.unique(d).tolist():
+                sel = d == dist
+                by_d[m].setdefault(int(dist), []).append({k: v[sel] for k, v in met.items()})
+        for case, m, near, met in res["few"]:
+            few_rows[case][m].append(met)
+            for dist in torch.unique(near).tolist():
+                few_by_d[case][m].setdefault(int(dist), []).append({key: v[near == dist] for key, v in met.items()})
+        logger.info("reconstruction eval: %d/%d subjects (%s), %.0f s", n, len(entries), entries[n - 1].get("subject", ""), time.time() - t0)
 
     report: dict[str, Any] = {"single_slice": {"methods": {}}, "few_slices": {}, "thick_slices": {}}
     csv_rows = []

@@ -40,6 +40,7 @@ from ..inference.uncertainty import broadcast, track_spread, uncertainty_map, un
 from ..inference.volume import Reconstruction
 from ..transforms.scanners import describe_random, simulate_random
 from ..transforms.slabs import slabs_at
+from .subjects import map_subjects, subject_rng
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +107,17 @@ class UncertaintyScores:
     (memory); slice means use every head voxel.
     """
 
-    def __init__(self, calibration: Calibration, voxels: int = 20000, seed: int = 0):
+    def __init__(self, calibration: Calibration, voxels: int = 20000, rng: np.random.Generator | None = None):
         self.cal, self.voxels = calibration, int(voxels)
-        self.rng = np.random.default_rng(seed)
+        self.rng = rng if rng is not None else np.random.default_rng(0)
         self.vox: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {c: [] for c in UNCERTAINTY_CASES}
         self.slices: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {c: [] for c in UNCERTAINTY_CASES}
+
+    def merge(self, other: UncertaintyScores) -> None:
+        """Append ``other``'s samples (one subject's, collected in a worker) after this one's."""
+        for case in UNCERTAINTY_CASES:
+            self.vox[case] += other.vox[case]
+            self.slices[case] += other.slices[case]
 
     def add(self, case: str, rec: Reconstruction, target: np.ndarray, prior: Any, spacing_mm: float, fit_prior: bool, one_pass: bool,
             scored: np.ndarray | None = None) -> None:
@@ -177,7 +184,7 @@ def scored_slices(given: Sequence[int], slabs: bool) -> np.ndarray:
 
 def reconstructions(entries: Sequence[dict], comp: Components, input_positions: Sequence[float], few_slice_k: Sequence[int],
                     use_loc: bool, refine_window: float, fit_prior: bool, few_slice_fit_prior: bool, t0: float | None = None,
-                    thick_slice_k: Sequence[int] = ()) -> Iterator[tuple[int, str, Reconstruction, np.ndarray, float, bool, np.ndarray | None]]:
+                    thick_slice_k: Sequence[int] = (), progress: bool = True) -> Iterator[tuple[int, str, Reconstruction, np.ndarray, float, bool, np.ndarray | None]]:
     """MRNGAN reconstructions of ``entries`` as the evaluation makes them: one slice at each input
     position (localized and refined with ``use_loc``), then every k-th slice at its true positions, then every k-th
     slice of ``thick_slice_k`` given as the mean of the k slices around it and the volume made to agree with them.
@@ -185,7 +192,8 @@ def reconstructions(entries: Sequence[dict], comp: Components, input_positions: 
     (case: ``single_slice``, ``k<k>`` or ``thick_k<k>``),
     with the prior's spread kept for the uncertainty signals. An entry with ``"scanner_seed"`` is its volume as a
     scanner drawn by :func:`~monai_mrngan.transforms.scanners.random_scanner` from that seed would have given it
-    (prepared again; the truth is that volume too). An entry with ``"thick_slices": false`` skips the thick-slice cases."""
+    (prepared again; the truth is that volume too). An entry with ``"thick_slices": false`` skips the thick-slice cases.
+    ``progress``: log each finished entry."""
     gap_kw = dict(method="mrngan", model=comp.model, next_fn=comp.next_fn, prior=comp.prior, device=comp.device)
     t0 = time.time() if t0 is None else t0
     for n, entry in enumerate(entries, 1):  # n - 1: the entry's index
@@ -215,7 +223,8 @@ def reconstructions(entries: Sequence[dict], comp: Components, input_positions: 
                 rec = reconstruct_volume(x, pos[given].tolist(), input_indices=given, fit_prior=few_slice_fit_prior,
                                          slab_mm=k * spacing if thick else 0.0, **kw)
                 yield n - 1, f"thick_k{k}" if thick else f"k{k}", rec, vol, spacing, few_slice_fit_prior, scored_slices(given, thick)
-        logger.info("uncertainty: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
+        if progress:
+            logger.info("uncertainty: %d/%d subjects (%s), %.0f s", n, len(entries), entry.get("subject", ""), time.time() - t0)
 
 
 def _held_out_score(cal: Calibration, signals: dict[str, np.ndarray], err: np.ndarray, group: np.ndarray, slice_id: np.ndarray,
@@ -303,6 +312,7 @@ def calibrate(
     folds: int = 2,
     augment: int = 0,
     thick_subjects: int | None = None,
+    workers: int = 1,
 ) -> Calibration:
     """Fit the uncertainty calibration on ``split`` (MRNGAN reconstructions as in the evaluation) and write it to ``out_path``.
 
@@ -324,7 +334,10 @@ def calibrate(
     originals' range (:data:`SHARPNESS_BAND_PERCENT`), the power fitted on the copies and the originals
     (:meth:`~monai_mrngan.inference.calibration.Calibration.fit_sharpness_power`): fitted on
     one scanner alone, the map over-predicted a smoother scan's error by up to 40 % (mrngan docs). 0: no copies, no
-    scaling. Returns the calibration (its ``info`` holds the fit's settings, the augmented copies, the selection's
+    scaling. ``workers``: subjects reconstructed at once, one forked single-threaded process each
+    (:func:`~monai_mrngan.evaluation.subjects.map_subjects`; CPU only); each subject's voxel samples are drawn by its
+    own generator (:func:`~monai_mrngan.evaluation.subjects.subject_rng`), so the fit is the same for any number.
+    Returns the calibration (its ``info`` holds the fit's settings, the augmented copies, the selection's
     scores and its Spearman correlation on the samples it was fitted on).
     """
     comp = components
@@ -333,7 +346,6 @@ def calibrate(
     entries = load_split(dataset_dir, split, limit)
     if not entries:
         raise ValueError(f"{dataset_dir}: split {split!r} is empty; the calibration is fitted on it")
-    rng = np.random.default_rng(seed)
     originals = len(entries)
     order = list(range(0, originals, 2)) + list(range(1, originals, 2))  # every other subject first
     # the first ones: both folds of the signal selection (every other subject) hold some
@@ -349,23 +361,35 @@ def calibrate(
     sig_parts, err_parts, id_parts = [], [], []  # id_parts: (subject, reconstruction, slice id, case) per sample
     copy_parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []  # the copies' samples: only for the sharpness power
     case_names: list[str] = []
+
+    def subject(index: int, entry: dict) -> list[tuple[str, dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+        """(case, signals, true error, slice id) of the voxels sampled from each of one subject's reconstructions."""
+        rng = subject_rng(seed, index)
+        out = []
+        for _, case, rec, vol, spacing, fitted, scored in reconstructions([entry], comp, input_positions, few_slice_k, use_loc, refine_window,
+                                                                          fit_prior, few_slice_fit_prior, thick_slice_k=thick_slice_k, progress=False):
+            sig, err, sid = head_samples(rec, vol, comp.prior, spacing, fitted, one_pass, scored, head_only=False, stride=stride,
+                                         sharpness_reference=reference)
+            head, air = np.nonzero(sid >= 0)[0], np.nonzero(sid < 0)[0]
+            pick = np.concatenate([rng.choice(head, min(voxels, head.size), replace=False),
+                                   rng.choice(air, min(voxels // 4, air.size), replace=False)])
+            out.append((case, {k: v[pick] for k, v in sig.items()}, err[pick], sid[pick]))
+        return out
+
     t0 = time.time()
-    recs = reconstructions(entries, comp, input_positions, few_slice_k, use_loc, refine_window, fit_prior, few_slice_fit_prior, t0,
-                           thick_slice_k)
-    for group, (n, case, rec, vol, spacing, fitted, scored) in enumerate(recs):
-        sig, err, sid = head_samples(rec, vol, comp.prior, spacing, fitted, one_pass, scored, head_only=False, stride=stride,
-                                     sharpness_reference=reference)
-        head, air = np.nonzero(sid >= 0)[0], np.nonzero(sid < 0)[0]
-        pick = np.concatenate([rng.choice(head, min(voxels, head.size), replace=False),
-                               rng.choice(air, min(voxels // 4, air.size), replace=False)])
-        if n >= originals:
-            copy_parts.append(({k: v[pick] for k, v in sig.items()}, err[pick]))
-            continue
-        sig_parts.append({k: v[pick] for k, v in sig.items()})
-        err_parts.append(err[pick])
-        if case not in case_names:
-            case_names.append(case)
-        id_parts.append(np.stack(np.broadcast_arrays(n, group, sid[pick], case_names.index(case))))
+    group = 0  # each reconstruction's index over the whole split
+    for n, samples in enumerate(map_subjects(subject, entries, workers, comp.device)):
+        for case, sig, err, sid in samples:
+            if n >= originals:
+                copy_parts.append((sig, err))
+            else:
+                sig_parts.append(sig)
+                err_parts.append(err)
+                if case not in case_names:
+                    case_names.append(case)
+                id_parts.append(np.stack(np.broadcast_arrays(n, group, sid, case_names.index(case))))
+            group += 1
+        logger.info("uncertainty: %d/%d subjects (%s), %.0f s", n + 1, len(entries), entries[n].get("subject", ""), time.time() - t0)
     signals = {k: np.concatenate([s[k] for s in sig_parts]) for k in sig_parts[0]}  # FEATURES, and sharpness with copies
     err = np.concatenate(err_parts)
     subject, group, slice_id, case = np.concatenate(id_parts, 1)
