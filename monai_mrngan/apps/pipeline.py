@@ -133,7 +133,10 @@ PRESETS: dict[str, dict[str, dict]] = {
     # training 15.2 min, calibration 11.7 min, evaluation 15.7 min. The localizer's epoch with its validation took 7.5
     # min, and its 12-min limit spent 4.5 more on an epoch no validation saw: since bundle 0.7.8 every train.json stops
     # at the last epoch that fits (engines.time_budget; the same models), and the calibrate step gives 6 validation
-    # subjects thick-slice cases, not 8. By the step times of that run, about 75.7 min on that machine (not measured whole).
+    # subjects thick-slice cases, not 8. Since bundle 0.7.9 calibrate and evaluate reconstruct two subjects at a time
+    # (evaluation.subjects; one process kept 1.25 cores busy): measured whole at 03fd4bf on that same machine, 64.4 min,
+    # largest process 4.0 GB (localization 7.0 + 1.3, mean brain 1.8, pix2pix 19.8 + 1.3, cache 1.2, training 15.1,
+    # calibration 7.4, evaluation 9.4 min); the same models and evaluation figures as 0.7.8.
     "ixi2mm": {
         "slice_localization": {"epochs": 100, "time_limit_s": 720, "intensity_augmentation": True},
         # the GAN route is not what MRNGAN leans on (the fitted atlas prior is): skipped to save budget
