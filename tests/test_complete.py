@@ -233,6 +233,33 @@ def test_complete_cli_end_to_end(workdir, scan, tiny_dataset, tmp_path):
     assert [p for p in dst.rglob("*") if p.is_file()] == []
 
 
+def test_files_completed_side_by_side_give_the_same_outputs(scan, tiny_dataset, tmp_path):
+    """Two files at a time (forked workers): the same report, in the same order, and the same files, byte for byte."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _good_inputs(src, scan)
+    _bad_inputs(src, scan)
+    reports = {}
+    for n in (1, 2):
+        reports[n] = complete_dataset(src, tmp_path / f"dst{n}", Components(), reference_grid(tiny_dataset), method="linear", progress=False,
+                                      workers=n)
+        for entry in reports[n]["volumes"]:
+            entry.pop("seconds")
+        reports[n].pop("seconds")
+        reports[n]["dst"] = None
+    assert reports[1] == reports[2] and len(reports[1]["volumes"]) >= 3 and reports[1]["skipped"]
+    files = sorted(p.relative_to(tmp_path / "dst1") for p in (tmp_path / "dst1").rglob("*") if p.is_file() and p.name != REPORT_NAME)
+    assert files == sorted(p.relative_to(tmp_path / "dst2") for p in (tmp_path / "dst2").rglob("*") if p.is_file() and p.name != REPORT_NAME)
+    for f in files:
+        if f.suffix == ".json":
+            other = (tmp_path / "dst2" / f).read_text().replace(str(tmp_path / "dst2"), str(tmp_path / "dst1"))  # paths name their folder
+            assert json.loads((tmp_path / "dst1" / f).read_text()) == json.loads(other), f
+        elif f.name.endswith(".nii.gz"):
+            assert np.array_equal(_loaded(tmp_path / "dst1" / f), _loaded(tmp_path / "dst2" / f)), f
+        else:
+            assert (tmp_path / "dst1" / f).read_bytes() == (tmp_path / "dst2" / f).read_bytes(), f
+
+
 def _main(*args) -> int:
     try:
         cli.main([str(a) for a in args])

@@ -214,6 +214,7 @@ def complete(
     dataset_dir: str | None = None,
     overwrite: bool = False,
     device: str = "auto",
+    workers: int = 2,
 ) -> None:
     """Complete a folder of incomplete scans: fill missing axial slices, keep real ones bit-exact.
 
@@ -233,6 +234,7 @@ def complete(
         dataset_dir: prepared dataset that fixes the grid (default: the pipeline's).
         overwrite: write into a non-empty DST, replacing a previous completion.
         device: auto (a GPU when there is one), cpu or cuda[:N].
+        workers: files completed at once on the CPU, one process each (capped by the cores; the same outputs).
     """
     from .complete import complete_dataset, model_files
     from ..inference.components import reference_grid
@@ -240,7 +242,7 @@ def complete(
     data = _dataset_of(workdir, dataset_dir)
     report = complete_dataset(
         src, dst, _components(workdir, device), reference_grid(data), method=method, missing=missing, overwrite=overwrite,
-        models=model_files(workdir), options={"workdir": str(workdir), "dataset_dir": str(data)},
+        models=model_files(workdir), options={"workdir": str(workdir), "dataset_dir": str(data)}, workers=workers,
     )
     generated = sum(v["generated"] for v in report["volumes"])
     print(f"completed {len(report['volumes'])} of {len(report['volumes']) + len(report['skipped'])} files into {dst} "

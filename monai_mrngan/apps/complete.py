@@ -97,9 +97,9 @@ from .complete_io import (
     read_sidecar,
     slab_mm,
     to_model_range,
-    write_image,
-    write_uncertainty,
+    write_completed,
 )
+from ..evaluation.subjects import map_subjects
 from .complete_scan import complete_scan, complete_series
 
 __all__ = [
@@ -384,17 +384,6 @@ def complete_file(
 
 
 # ---------------------------------------------------------------- the dataset
-def _write(done: Completed, out: Path) -> dict:
-    """Write one completed file (a scan off the grid as ``reconstruct`` writes its output); return the sidecar's entries for it."""
-    if done.reconstructed is None:
-        write_image(done, out)
-        return write_uncertainty(done, out)
-    paths = {key: Path(p).name for key, p in done.reconstructed.save(str(out)).items()}
-    unc = {"file": paths["uncertainty"], "units": "expected absolute error, the models' [0, 1] like the volume; 0 on real thin slices, predicted on slabs; "
-           f"per-slice means in {paths['positions']}"} if "uncertainty" in paths else None
-    return {"files": paths, "uncertainty": unc}
-
-
 def complete_dataset(
     src: str | Path,
     dst: str | Path,
@@ -406,6 +395,7 @@ def complete_dataset(
     models: Mapping[str, dict] | None = None,
     options: Mapping[str, Any] | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
     """Complete every NIfTI file under SRC into DST (see the module docstring); return the report.
 
@@ -419,6 +409,8 @@ def complete_dataset(
         overwrite: write into a non-empty DST (a previous run's files are removed first).
         models: ``{stage: {"file", "sha256"}}`` recorded in each sidecar (:func:`model_files`).
         options: extra settings recorded in the report (e.g. the work folder).
+        workers: files completed at once, one forked single-threaded process each
+            (:func:`~monai_mrngan.evaluation.subjects.map_subjects`; CPU only); the outputs and the report are the same.
 
     Bad files are skipped (one line on stderr and the reason in the report). Raises
     ``RuntimeError`` when no file could be completed.
@@ -447,37 +439,45 @@ def complete_dataset(
         "skipped": [],
         "ignored_files": [str(p) for p in ignored],
     }
-    outputs: dict[Path, Path] = {}
-    t0 = time.time()
-    for n, path in enumerate(images, 1):
-        t1 = time.time()
+    jobs, outputs = [], {}  # outputs: which input claimed each output name (the first in order takes it)
+    for path in images:
         rel = path.relative_to(src) if path != src else Path(src.name)  # SRC itself may be one DICOM series folder
         out_rel = rel.with_name(strip_image_suffix(rel.name) + ".nii.gz")
+        jobs.append((path, rel, out_rel, outputs.setdefault(out_rel, path)))
+
+    def one(index: int, job: tuple) -> dict:
+        """Complete and write one file; its report entry (or why it was skipped), small enough to come back from a worker."""
+        path, rel, out_rel, owner = job
+        t1 = time.time()
         side_rel = rel.with_name(strip_image_suffix(rel.name) + ".json")
-        status = "skipped"
         try:
-            if out_rel in outputs:
-                raise InputError(path, f"its output name {out_rel} is already taken by {outputs[out_rel]}")
+            if owner != path:
+                raise InputError(path, f"its output name {out_rel} is already taken by {owner}")
             done = complete_file(path, components, reference, method, rule, models)
         except InputError as err:
-            report["skipped"].append({"source": str(path), "reason": str(err)})
-            print(f"complete: skipped {err}", file=sys.stderr)
+            return {"skipped": {"source": str(path), "reason": str(err)}, "seconds": time.time() - t1}
+        meta = {"source": str(path.resolve()), "output": str(out_rel), **done.meta, **write_completed(done, dst / out_rel)}
+        save_json(meta, dst / side_rel)
+        return {"volume": {
+            "source": str(path), "output": str(out_rel), "sidecar": str(side_rel), "input_kind": meta["input_kind"],
+            **({"uncertainty": str(out_rel.with_name(meta["uncertainty"]["file"]))} if meta["uncertainty"] else {}),
+            **({"files": [str(out_rel.with_name(f)) for f in meta["files"].values()]} if "files" in meta else {}),
+            "generated": len(meta["generated_slices"]), "real": len(meta["real_slices"]),
+            "positions_from": meta["positions_from"], "seconds": round(time.time() - t1, 2),
+        }, "seconds": time.time() - t1}
+
+    t0 = time.time()
+    for n, ((_, rel, _, _), res) in enumerate(zip(jobs, map_subjects(one, jobs, workers, components.device)), 1):
+        if "skipped" in res:
+            report["skipped"].append(res["skipped"])
+            print(f"complete: skipped {res['skipped']['reason']}", file=sys.stderr)
+            status = "skipped"
         else:
-            outputs[out_rel] = path
-            written = _write(done, dst / out_rel)
-            meta = {"source": str(path.resolve()), "output": str(out_rel), **done.meta, **written}
-            save_json(meta, dst / side_rel)
-            report["volumes"].append({
-                "source": str(path), "output": str(out_rel), "sidecar": str(side_rel), "input_kind": meta["input_kind"],
-                **({"uncertainty": str(out_rel.with_name(meta["uncertainty"]["file"]))} if meta["uncertainty"] else {}),
-                **({"files": [str(out_rel.with_name(f)) for f in meta["files"].values()]} if "files" in meta else {}),
-                "generated": len(meta["generated_slices"]), "real": len(meta["real_slices"]),
-                "positions_from": meta["positions_from"], "seconds": round(time.time() - t1, 2),
-            })
-            status = f"ok: {len(meta['generated_slices'])} of {len(meta['generated_slices']) + len(meta['real_slices'])} slices generated"
+            report["volumes"].append(res["volume"])
+            status = f"ok: {res['volume']['generated']} of {res['volume']['generated'] + res['volume']['real']} slices generated"
         if progress:
             eta = (time.time() - t0) / n * (len(images) - n)
-            print(f"complete: {n}/{len(images)} {rel} {status} ({time.time() - t1:.1f}s, eta {eta:.0f}s)", file=sys.stderr)
+            print(f"complete: {n}/{len(images)} {rel} {status} ({res['seconds']:.1f}s, eta {eta:.0f}s)", file=sys.stderr)
     report["seconds"] = round(time.time() - t0, 2)
     save_json(report, dst / REPORT_NAME)
     if not report["volumes"]:

@@ -268,3 +268,14 @@ def write_uncertainty(done: Completed, path: Path) -> dict:
     means = slice_means(np.moveaxis(unc, axis, -1) / scale, np.moveaxis(data, axis, -1) / scale) * scale
     return {"uncertainty": {"file": unc_path.name, "units": "expected absolute error, the input's intensity units; 0 on real slices",
                             "slice_means": [round(float(m), 6) for m in means]}}
+
+
+def write_completed(done: Completed, out: Path) -> dict:
+    """Write one completed file (a scan off the grid as ``reconstruct`` writes its output); return the sidecar's entries for it."""
+    if done.reconstructed is None:
+        write_image(done, out)
+        return write_uncertainty(done, out)
+    paths = {key: Path(p).name for key, p in done.reconstructed.save(str(out)).items()}
+    unc = {"file": paths["uncertainty"], "units": "expected absolute error, the models' [0, 1] like the volume; 0 on real thin slices, predicted on slabs; "
+           f"per-slice means in {paths['positions']}"} if "uncertainty" in paths else None
+    return {"files": paths, "uncertainty": unc}
