@@ -458,13 +458,14 @@ def complete_dataset(
             return {"skipped": {"source": str(path), "reason": str(err)}, "seconds": time.time() - t1}
         meta = {"source": str(path.resolve()), "output": str(out_rel), **done.meta, **write_completed(done, dst / out_rel)}
         save_json(meta, dst / side_rel)
+        seconds = time.time() - t1
         return {"volume": {
             "source": str(path), "output": str(out_rel), "sidecar": str(side_rel), "input_kind": meta["input_kind"],
             **({"uncertainty": str(out_rel.with_name(meta["uncertainty"]["file"]))} if meta["uncertainty"] else {}),
             **({"files": [str(out_rel.with_name(f)) for f in meta["files"].values()]} if "files" in meta else {}),
             "generated": len(meta["generated_slices"]), "real": len(meta["real_slices"]),
-            "positions_from": meta["positions_from"], "seconds": round(time.time() - t1, 2),
-        }, "seconds": time.time() - t1}
+            "positions_from": meta["positions_from"], "seconds": round(seconds, 2),
+        }, "seconds": seconds}
 
     t0 = time.time()
     for n, ((_, rel, _, _), res) in enumerate(zip(jobs, map_subjects(one, jobs, workers, components.device)), 1):

@@ -145,9 +145,9 @@ def evaluate_reconstruction(
         pos = np.asarray(entry["positions"], dtype=np.float64)
         step_p = position_step(pos)
         depth = vol.shape[2]
-        out: dict[str, Any] = {"spacing": abs(step_p) * HEAD_HEIGHT_MM, "single": [], "few": [], "loc_err": [], "raw_err": [],
+        spacing = abs(step_p) * HEAD_HEIGHT_MM
+        out: dict[str, Any] = {"spacing": spacing, "single": [], "few": [], "loc_err": [], "raw_err": [],
                                "unc": UncertaintyScores(cal, rng=subject_rng(0, index)) if unc is not None else None}
-        spacing = out["spacing"]
         target = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, 2, 0)))[:, None]  # (D,1,H,W)
         kw = dict(model=comp.model, next_fn=comp.next_fn, prior=comp.prior, step_p=step_p, num_slices=depth, device=comp.device)
         for p_in in input_positions:
