@@ -98,7 +98,8 @@ def test_a_series_with_missing_files_keeps_each_slice_at_its_place(tmp_path):
     files = write_series(vol, aff, tmp_path / "gaps")
     for k in (1, 2, 6):
         files[k].unlink()
-    data, affine, present, placed = read_dicom_series_slots(tmp_path / "gaps")
+    data, affine, present, placed, thickness = read_dicom_series_slots(tmp_path / "gaps")
+    assert thickness == pytest.approx(2.0)  # the test writer's SliceThickness: the slice step
     assert present.tolist() == [k not in (1, 2, 6) for k in range(9)]
     assert [p.name if p else None for p in placed] == [None if k in (1, 2, 6) else files[k].name for k in range(9)]
     np.testing.assert_allclose(affine, aff, atol=1e-4)  # the step is the series' own, not the widest gap
@@ -138,8 +139,8 @@ def test_files_without_the_preamble_or_a_suffix_are_read_as_dicom(tmp_path):
         (bare / f.stem).write_bytes(f.read_bytes()[132:])
     (bare / "notes.txt").write_text("not DICOM")  # other files beside them are still skipped
     assert is_dicom(bare) and is_dicom(bare / files[0].stem) and not is_dicom(bare / "notes.txt")
-    want, want_aff, _, _ = read_dicom_series_slots(tmp_path / "with")
-    got, got_aff, present, _ = read_dicom_series_slots(bare)
+    want, want_aff, *_ = read_dicom_series_slots(tmp_path / "with")
+    got, got_aff, present, *_ = read_dicom_series_slots(bare)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got_aff, want_aff)
     assert present.all()
@@ -164,3 +165,20 @@ def test_an_axial_series_says_how_thick_its_slices_are(tmp_path):
     assert slab_thickness_mm(gapped, 2.0, slab_mm=4.0) == 4.0 and slab_thickness_mm(slabs, 2.0, slab_mm=0.0) == 0.0
     with pytest.raises(ValueError, match=">= 0 mm"):
         slab_thickness_mm(slabs, 2.0, slab_mm=-1.0)
+
+
+def test_a_series_is_read_once_file_by_file(tmp_path, monkeypatch):
+    """``--stack`` on a series folder reads each file once (its header and pixels together), thickness included."""
+    vol, aff = _volume((12, 10, 6)), _affine()
+    files = write_series(vol, aff, tmp_path / "series", slice_axis=2, thickness=5.0)
+    reads: list[str] = []
+    real = pydicom.dcmread
+
+    def counting(path, *args, **kwargs):
+        reads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    got = read_inputs([tmp_path / "series"], 8, 2.0, stack=True)
+    assert sorted(reads) == sorted(str(f) for f in files)
+    assert got.thickness_mm == pytest.approx(5.0)

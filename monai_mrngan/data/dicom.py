@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from .io import InputError
 
-__all__ = ["is_dicom", "series_folders", "read_dicom", "read_dicom_file", "read_dicom_series", "read_dicom_series_slots", "series_slice_thickness", "slice_normal_angle",
-           "MAX_SERIES_SLOTS"]
+__all__ = ["is_dicom", "series_folders", "read_dicom", "read_dicom_file", "read_dicom_series", "read_dicom_series_slots", "slice_normal_angle",
+           "DicomSeries", "MAX_SERIES_SLOTS"]
 
 _GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -152,25 +152,23 @@ def _series_files(folder: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return [Path(f) for f in folder]
 
 
-def series_slice_thickness(folder: str | os.PathLike | Sequence[str | os.PathLike]) -> float | None:
-    """The ``SliceThickness`` (mm) of a DICOM series (a folder, or its files): of its first DICOM file, read without
-    its pixels; None when the header has none (thin slices 5 mm apart and 5 mm slabs store the same positions)."""
-    for f in _series_files(folder):
-        if _looks_dicom(f):
-            value = float(getattr(_dataset(f, pixels=False), "SliceThickness", 0) or 0)
-            return value if value > 0 else None
-    return None
-
-
 MAX_SERIES_SLOTS = 4096
 """Most slice places a series may span (its slices and the missing ones between them)."""
 
 
-def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLike]
-                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Path | None]]:
-    """Every DICOM file of ``folder`` (one series; or a list of its files) as a volume ``(X, Y, Z)``, its RAS
-    affine, which of its ``Z`` evenly spaced slice places hold a file (``present``, bool) and that file (None
-    where none).
+class DicomSeries(NamedTuple):
+    """A DICOM series read by :func:`read_dicom_series_slots`."""
+
+    volume: np.ndarray  # (X, Y, Z) float32, zeros at the places without a file
+    affine: np.ndarray  # RAS
+    present: np.ndarray  # (Z,) bool: which evenly spaced slice places hold a file
+    files: list[Path | None]  # the file at each place (None where none)
+    thickness_mm: float | None  # the first file's SliceThickness (None when the header has none)
+
+
+def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLike]) -> DicomSeries:
+    """Every DICOM file of ``folder`` (one series; or a list of its files) as a volume, its geometry, which of its
+    evenly spaced slice places hold a file and its slice thickness (:class:`DicomSeries`), each file read once.
 
     Slices are sorted along the slice normal by ImagePositionPatient. The step is the series' single
     step; a gap of a whole number of steps (within 10 % of a step) is a run of missing files (an axial
@@ -182,11 +180,8 @@ def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLi
         folder, where = Path(folder), "in one folder"
     else:  # the files themselves: errors name the first one
         folder, where = files[0], f"among the {len(files)} files given"
-    headers = []
-    for f in files:
-        if not _looks_dicom(f):
-            continue
-        headers.append((f, _dataset(f, pixels=False)))
+    # each file read once, its pixel data kept as stored (pydicom decodes it on first access, below, after every check)
+    headers = [(f, _dataset(f)) for f in files if _looks_dicom(f)]
     if not headers:
         raise InputError(folder, "no DICOM files in this folder")
     series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
@@ -220,7 +215,7 @@ def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLi
                                      f"{MAX_SERIES_SLOTS} are read")
     else:
         step = float(getattr(headers[0][1], "SliceThickness", 0) or 0) or float(headers[0][1].PixelSpacing[0])
-    planes = [_pixels(_dataset(headers[i][0]), headers[i][0]).T for i in order]
+    planes = [_pixels(headers[i][1], headers[i][0]).T for i in order]
     vol = np.zeros((*planes[0].shape, int(slots[-1]) + 1), dtype=np.float32)
     vol[:, :, slots] = np.stack(planes, axis=2)
     present = np.zeros(vol.shape[2], dtype=bool)
@@ -228,13 +223,14 @@ def read_dicom_series_slots(folder: str | os.PathLike | Sequence[str | os.PathLi
     placed: list[Path | None] = [None] * vol.shape[2]
     for slot, i in zip(slots, order):
         placed[int(slot)] = headers[i][0]
-    return vol, _affine(headers[order[0]][1], normal * step), present, placed  # the lowest slice's header holds the geometry
+    thickness = float(getattr(headers[0][1], "SliceThickness", 0) or 0) or None  # thin slices 5 mm apart and 5 mm slabs store the same positions
+    return DicomSeries(vol, _affine(headers[order[0]][1], normal * step), present, placed, thickness)  # the lowest slice's header holds the geometry
 
 
 def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Every DICOM file of ``folder`` (one series, evenly spaced, none missing) as a volume ``(X, Y, Z)`` and
     its RAS affine (:func:`read_dicom_series_slots`, which also takes a series with missing slices)."""
-    vol, affine, present, _ = read_dicom_series_slots(folder)
+    vol, affine, present, _, _ = read_dicom_series_slots(folder)
     if not present.all():
         raise InputError(folder, f"{int((~present).sum())} of the series' {present.size} evenly spaced slices are missing")
     return vol, affine

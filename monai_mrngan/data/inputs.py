@@ -18,12 +18,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from .dicom import is_dicom, read_dicom_file, read_dicom_series_slots, series_folders, series_slice_thickness, slice_normal_angle
+from .dicom import is_dicom, read_dicom_file, read_dicom_series_slots, series_folders, slice_normal_angle
 from .io import InputError, check_values, is_nifti, is_picture, load_slice, read_image
 from .grid import PreparedSlices, prepare_slices, to_unit_range
 
@@ -65,14 +65,24 @@ class InputSlices:
         return self.affine is not None
 
 
-def _volume(path: Path | list[Path], name: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[Path | None] | None]:
-    """Voxels and RAS affine of a DICOM series (a folder, or a list of its files) / file or a NIfTI (2D images
-    become one-slice volumes), for a DICOM series with missing files which of its slice places hold one
-    (None: every place), and for a DICOM series the file at each place (None for other inputs). ``name``: what
-    errors name."""
-    present = files = None
+class _Loaded(NamedTuple):
+    """An input file read once: voxels, RAS affine, for a DICOM series with missing files which of its slice places
+    hold one (None: every place), for a DICOM series the file at each place and its ``SliceThickness`` (None for
+    other inputs)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    present: np.ndarray | None = None
+    files: list[Path | None] | None = None
+    thickness_mm: float | None = None
+
+
+def _volume(path: Path | list[Path], name: Path) -> _Loaded:
+    """A DICOM series (a folder, or a list of its files) / file or a NIfTI (2D images become one-slice volumes),
+    read once. ``name``: what errors name."""
+    present = files = thickness = None
     if isinstance(path, list) or (path.is_dir() and is_dicom(path)):
-        data, affine, present, files = read_dicom_series_slots(path)
+        data, affine, present, files, thickness = read_dicom_series_slots(path)
         present = None if present.all() else present
     elif is_dicom(path):
         data, affine = read_dicom_file(path)
@@ -84,7 +94,7 @@ def _volume(path: Path | list[Path], name: Path) -> tuple[np.ndarray, np.ndarray
         data = data[:, :, None]
     elif data.ndim == 3 and data.shape[2] > 1 and 1 in data.shape[:2]:
         raise InputError(name, f"a slice stored along another axis (shape {tuple(data.shape)}); expected an axial slice or a volume")
-    return data, affine, present, files
+    return _Loaded(data, affine, present, files, thickness)
 
 
 def _axial_flipped(affine: np.ndarray) -> bool | None:
@@ -128,11 +138,11 @@ def _already_prepared(data: np.ndarray, affine: np.ndarray, spacing: float, size
 
 
 def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice_index: int | None, stack: bool,
-                       loaded: tuple | None = None, keep: Sequence[int] | None = None) -> InputSlices:
+                       loaded: _Loaded | None = None, keep: Sequence[int] | None = None) -> InputSlices:
     """``loaded``: what :func:`_volume` returned for ``path`` (read once for two calls); ``keep``: a stack's RAS axial
     indices to use (default: every slice the input has)."""
     name = path[0].parent if isinstance(path, list) else path  # a list of one series' files is named by their folder
-    data, affine, present, files = loaded if loaded is not None else _volume(path, name)
+    data, affine, present, files, series_thickness = loaded if loaded is not None else _volume(path, name)
     depth = data.shape[2]
     real = None if present is None else _present_ras(present, affine, name)
     if depth == 1:
@@ -157,8 +167,7 @@ def _one_with_geometry(path: Path | list[Path], size: int, spacing: float, slice
     sources = [label or f"{name}#{i}" for i in prepared.indices]
     if isinstance(path, list):  # the files given: each slice named by its own file
         sources = [str(_file_at(files, i, affine) or s) for i, s in zip(prepared.indices, sources)]
-    series = isinstance(path, list) or (path.is_dir() and is_dicom(path))
-    thickness = series_slice_thickness(path) if series and stack and _axial_flipped(affine) is not None else None  # an axial series
+    thickness = series_thickness if stack and _axial_flipped(affine) is not None else None  # an axial series
     return InputSlices(prepared.slices, sources, prepared.affine, prepared.step_mm, offsets, prepared.scale, list(prepared.indices),
                        scaled_alone=depth == 1 and prepared.scale != 1.0, thickness_mm=thickness)
 
@@ -203,7 +212,7 @@ def stack_of_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLik
                     keep: Sequence[int]) -> InputSlices:
     """The axial slices ``keep`` (RAS indices) of a volume already loaded from ``path`` (voxels and affine as nibabel gives them),
     read as ``--stack`` reads a file: ``complete``'s scans off the prepared grid, whose missing slices are left out."""
-    return _one_with_geometry(Path(path), size, spacing, None, True, (np.asarray(data), affine, None, None), keep)
+    return _one_with_geometry(Path(path), size, spacing, None, True, _Loaded(np.asarray(data), affine), keep)
 
 
 def read_inputs(inputs: Sequence[str | os.PathLike], size: int, spacing: float, slice_index: int | None = None,
