@@ -429,6 +429,8 @@ def test_calibrate_keeps_an_optional_signal_only_where_it_ranks_held_out_subject
         assert set(record["per_fold"]["all"][0]) == {"single_slice_voxel", "single_slice_slice", "k4_voxel", "k4_slice", "score"}
         # every fold's fit finite (without head_area, the first data's fold-0 fit once overflowed into NaN weights)
         assert all(np.isfinite(row["score"]) for rows in record["per_fold"].values() for row in rows), record["per_fold"]
+        # the fold fits side by side in forked processes: the same record
+        assert select_signals(sig, err, subject, group, slice_id, case, ["single_slice", "k4"], ["head_area"], hidden=(), workers=2)[1] == record
     one = select_signals(sig, err, np.zeros(n, int), group, slice_id, case, ["single_slice", "k4"], ["head_area"], hidden=())
     assert one[0] == list(FEATURES) and "two subjects" in one[1]["reason"]  # nothing held out: nothing dropped
 

@@ -4,7 +4,8 @@ A subject's reconstructions (atlas fits, registration, the cell's unrolling) are
 CPU cores one evaluation process kept only about 1.25 of them busy, and two single-threaded processes, each on its own
 subject, finished two IXI subjects in 83 s against 126 s one after the other. Torch's thread pool cannot share that
 work out (the operations are too small) and a ``DataLoader`` only loads, so the evaluation, the calibration and
-``complete`` (a dataset's files) map their per-subject work over a process pool here.
+``complete`` (a dataset's files) map their per-subject work over a process pool here; the calibration's signal
+selection maps its fold fits (small single-threaded networks) the same way.
 
 The workers are forked, so they start with the caller's trained components (networks, atlas bank, calibration) without
 pickling or loading them again; each gets one thread (several forked OpenMP pools could oversubscribe or hang). Only

@@ -253,7 +253,7 @@ def _held_out_score(cal: Calibration, signals: dict[str, np.ndarray], err: np.nd
 def select_signals(signals: dict[str, np.ndarray], err: np.ndarray, subject: np.ndarray, group: np.ndarray, slice_id: np.ndarray,
                    case: np.ndarray, case_names: Sequence[str], optional: Sequence[str] = OPTIONAL_SIGNALS,
                    features: Sequence[str] = FEATURES, folds: int = 2, hidden: Sequence[int] = (16, 16), seed: int = 0,
-                   max_samples: int = SELECT_SAMPLES) -> tuple[list[str], dict[str, Any]]:
+                   max_samples: int = SELECT_SAMPLES, workers: int = 1) -> tuple[list[str], dict[str, Any]]:
     """``features`` less each ``optional`` signal that does not rank held-out subjects better.
 
     Per sample: ``subject`` (index), ``group`` (its reconstruction), ``slice_id`` (negative outside the head, as
@@ -262,7 +262,9 @@ def select_signals(signals: dict[str, np.ndarray], err: np.ndarray, subject: np.
     of each case) by calibrations fitted on the other folds (at most ``max_samples`` samples) with every feature and
     with each optional signal left out. A signal whose absence scores
     higher, averaged over the folds, is dropped. Returns the kept features and the record of the scores (the
-    calibration's ``info["selection"]``); with fewer than two subjects nothing is dropped.
+    calibration's ``info["selection"]``); with fewer than two subjects nothing is dropped. ``workers``: fits run at
+    once, one forked single-threaded process each (:func:`~monai_mrngan.evaluation.subjects.map_subjects`; each fit is
+    seeded and single-threaded, so the record is the same for any number).
     """
     features = list(features)
     optional = [o for o in optional if o in features]
@@ -273,15 +275,21 @@ def select_signals(signals: dict[str, np.ndarray], err: np.ndarray, subject: np.
     fold = rank.reshape(-1) % folds
     rng = np.random.default_rng(seed)
     variants = {"all": features, **{f"without {o}": [f for f in features if f != o] for o in optional}}
-    scores: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    jobs = []  # (variant, train samples, test samples): every fold's subsample drawn here, in fold order
     for f in range(folds):
         train, test = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
         if train.size > max_samples:
             train = np.sort(rng.choice(train, max_samples, replace=False))
-        sig_train, sig_test = ({k: v[ix] for k, v in signals.items()} for ix in (train, test))
-        for name, feats in variants.items():
-            cal = Calibration.fit(sig_train, err[train], features=feats, hidden=hidden, seed=seed)
-            scores[name].append(_held_out_score(cal, sig_test, err[test], group[test], slice_id[test], case[test], case_names))
+        jobs += [(name, train, test) for name in variants]
+
+    def fit_and_score(_: int, job: tuple[str, np.ndarray, np.ndarray]) -> dict[str, float]:
+        name, train, test = job
+        cal = Calibration.fit({k: v[train] for k, v in signals.items()}, err[train], features=variants[name], hidden=hidden, seed=seed)
+        return _held_out_score(cal, {k: v[test] for k, v in signals.items()}, err[test], group[test], slice_id[test], case[test], case_names)
+
+    scores: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for (name, _, _), score in zip(jobs, map_subjects(fit_and_score, jobs, workers)):
+        scores[name].append(score)
     mean = {name: float(np.mean([s["score"] for s in rows])) for name, rows in scores.items()}
     kept = [o for o in optional if mean["all"] >= mean[f"without {o}"]]
     logger.info("uncertainty: held-out score with every signal %.4f; %s", mean["all"],
@@ -394,7 +402,7 @@ def calibrate(
     err = np.concatenate(err_parts)
     subject, group, slice_id, case = np.concatenate(id_parts, 1)
     features, selection = select_signals(signals, err, subject, group, slice_id, case, case_names, optional, folds=folds, hidden=hidden,
-                                         seed=seed)
+                                         seed=seed, workers=workers if str(comp.device) == "cpu" else 1)
     info = {"split": split, "subjects": [e.get("subject") for e in entries[:originals]], "input_positions": list(input_positions),
             "few_slice_k": list(few_slice_k), "thick_slice_k": list(thick_slice_k),
             "thick_subjects": [e.get("subject") for e in entries[:originals] if e["thick_slices"]] if thick_slice_k else [], "localized_inputs": use_loc, "fit_prior": fit_prior, "few_slice_fit_prior": few_slice_fit_prior,
