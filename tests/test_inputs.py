@@ -95,7 +95,9 @@ def test_dicom_series_any_orientation_and_single_files(scan, tiny_dataset, tmp_p
 
 def test_a_slice_and_its_volume_are_read_from_one_read_of_the_file(scan, tiny_dataset, tmp_path, monkeypatch):
     """--slice-index needs the slice and the whole volume that places it: one read of the file gives both, each equal to
-    what read_inputs gives on its own; anything else gets read_inputs' one-line error."""
+    what read_inputs gives on its own, the volume's intensity scale found once; anything else gets read_inputs' one-line
+    error."""
+    import monai_mrngan.data.grid as grid_module
     import monai_mrngan.data.inputs as inputs_module
     from monai_mrngan.data.inputs import read_slice_and_volume
 
@@ -105,12 +107,14 @@ def test_a_slice_and_its_volume_are_read_from_one_read_of_the_file(scan, tiny_da
     write_series(np.asanyarray(img.dataobj), img.affine, tmp_path / "sag", slice_axis=0)
     for source in (path, tmp_path / "sag"):
         alone, whole = read_inputs([source], 32, spacing, slice_index=10), read_inputs([source], 32, spacing, stack=True)
-        reads = []
-        real = inputs_module._volume
+        reads, scales = [], []
+        real, real_scale = inputs_module._volume, grid_module.scale_intensity
         monkeypatch.setattr(inputs_module, "_volume", lambda *a: reads.append(a) or real(*a))
+        monkeypatch.setattr(grid_module, "scale_intensity", lambda *a: scales.append(a) or real_scale(*a))
         got, got_whole = read_slice_and_volume(source, 32, spacing, 10)
         monkeypatch.setattr(inputs_module, "_volume", real)
-        assert len(reads) == 1
+        monkeypatch.setattr(grid_module, "scale_intensity", real_scale)
+        assert len(reads) == 1 and len(scales) == 1
         for a, b in ((got, alone), (got_whole, whole)):
             np.testing.assert_array_equal(a.slices, b.slices)
             np.testing.assert_array_equal(a.affine, b.affine)

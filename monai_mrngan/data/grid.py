@@ -126,7 +126,7 @@ class PreparedSlices:
 
 
 def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: int | Sequence[int], indices: Sequence[int] | None = None,
-                   source: str | Path = "<array>") -> PreparedSlices:
+                   source: str | Path = "<array>", top: float | None = None) -> PreparedSlices:
     """Axial slices of any volume (or a one-slice volume) prepared as :func:`prepare_volume` prepares scans.
 
     Reoriented to RAS (``indices`` count along that axis 2, negative from the top; default: all),
@@ -134,7 +134,8 @@ def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: i
     have; a lone slice by its own head, see ``InputSlices.scaled_alone``), resampled in-plane to ``spacing`` mm (each slice
     stays where it was acquired: thick-slice stacks keep their gaps), and cropped / padded to
     ``size`` around the selected slices' intensity centre of mass. Raises :class:`InputError` for
-    an index outside the volume or an input with nothing positive.
+    an index outside the volume or an input with nothing positive. ``top``: the scale :func:`scale_intensity` found for
+    this same volume before (a ``PreparedSlices.scale``), so other slices of it skip its percentiles.
     """
     img = to_ras(np.asarray(data, dtype=np.float32), affine)
     depth = img.shape[3]
@@ -147,7 +148,10 @@ def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: i
     # maximum would otherwise reach the models 2.5x too dark, a lone 2D slice so normalised 2.1x (0.47 of its level;
     # normalised by the slice's own maximum 0.69). Slices already on the prepared grid never come here
     # (data.inputs._already_prepared, slice_to_grid at the model size)
-    scaled, top = scale_intensity(img[0].numpy())
+    if top is None or top <= 0:
+        scaled, top = scale_intensity(img[0].numpy())
+    else:
+        scaled = np.clip(img[0].numpy() / top, 0.0, 1.0).astype(np.float32)
     if top <= 0:
         raise InputError(source, "no positive intensities; nothing to scale for the models")
     scaled_img = MetaTensor(torch.from_numpy(scaled)[None], affine=img.affine)
