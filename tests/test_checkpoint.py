@@ -83,3 +83,22 @@ def test_epoch_time_budget_stops_before_an_epoch_that_cannot_finish():
     assert engine.state.epoch == 3 and validated == [1, 2, 3] and now[0] == 9.0
     with pytest.raises(ValueError, match="time budget"):
         EpochTimeBudget(0)
+
+
+def test_epoch_time_budget_ranks_agree(monkeypatch):
+    """Under DDP the ranks stop after the same epoch: a rank whose own clock would go on stops when another rank's
+    verdict (the all-reduce MAX) says stop, and goes on when every rank does."""
+    import ignite.distributed as idist
+    from ignite.engine import Engine
+
+    from monai_mrngan.engines.time_budget import EpochTimeBudget
+
+    for others_stop, epochs in ((1.0, 1), (0.0, 3)):
+        verdicts = []
+        monkeypatch.setattr(idist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(idist, "all_reduce", lambda x, op: verdicts.append((x, op)) or max(x, others_stop))
+        now = [0.0]
+        engine = Engine(lambda e, batch: now.__setitem__(0, now[0] + 1.0))
+        EpochTimeBudget(10.0, clock=lambda: now[0]).attach(engine)
+        engine.run(range(3), max_epochs=20)
+        assert engine.state.epoch == epochs and verdicts[0] == (0.0, "MAX")  # this rank's own verdict: go on

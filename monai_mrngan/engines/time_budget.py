@@ -7,6 +7,10 @@ spent the last 4.5 of them on a second epoch that never reached a validation (20
 stops at an epoch boundary by a time estimate, so :class:`EpochTimeBudget` does: attached after the validation, it
 ends the run when the time left is shorter than the epoch just finished took. ``TimeLimit`` stays as the hard cap (a
 first epoch longer than the whole budget).
+
+In a multi-process (DDP) run every rank must stop after the same epoch, or the others wait for it in their next
+collective: the ranks agree (the stop of any rank stops all, as the overlays' ``TimeLimit`` replacement agrees on
+iterations), so the handler must be attached on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import time
 from typing import Callable
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 logger = logging.getLogger(__name__)
@@ -45,7 +50,10 @@ class EpochTimeBudget:
         now = self.clock()
         took, self.last = now - self.last, now
         left = self.limit_s - (now - self.start)
-        if left < took:
+        stop = left < took
+        if idist.get_world_size() > 1:  # one verdict for all ranks (their epochs and validations differ in length)
+            stop = idist.all_reduce(float(stop), op="MAX") > 0
+        if stop:
             logger.info("epoch %d took %.0f s and %.0f s of the %.0f s budget are left: training stops here, not inside an "
                         "epoch that no validation would see", engine.state.epoch, took, max(left, 0.0), self.limit_s)
             engine.terminate()
