@@ -155,12 +155,15 @@ def prepare_slices(data: np.ndarray, affine: np.ndarray, spacing: float, size: i
     if top <= 0:
         raise InputError(source, "no positive intensities; nothing to scale for the models")
     scaled_img = MetaTensor(torch.from_numpy(scaled)[None], affine=img.affine)
-    resample = Spacing(pixdim=(spacing, spacing, -1), mode="bilinear", padding_mode="zeros")  # in-plane only
-    planes = [resample(SpatialCrop(roi_start=[0, 0, i], roi_end=[img.shape[1], img.shape[2], i + 1])(scaled_img)) for i in picked]
-    weights = sum(pl[0, :, :, 0].numpy() for pl in planes)
+    first = SpatialCrop(roi_start=[0, 0, picked[0]], roi_end=[img.shape[1], img.shape[2], picked[0] + 1])(scaled_img)
+    # the picked slices as the channels of one one-slice image at the first one's place: every slice shares the in-plane
+    # geometry, so one resampling grid serves all (one MONAI call, not one per slice: 256 calls took 1.1 s)
+    stack = MetaTensor(torch.from_numpy(np.ascontiguousarray(np.moveaxis(scaled[:, :, picked], 2, 0)))[..., None], affine=first.affine)
+    planes = Spacing(pixdim=(spacing, spacing, -1), mode="bilinear", padding_mode="zeros")(stack)  # in-plane only
+    weights = sum(planes[i, :, :, 0].numpy() for i in range(planes.shape[0]))
     centre = ndimage.center_of_mass(weights) if weights.sum() > 0 else ((weights.shape[0] - 1) / 2, (weights.shape[1] - 1) / 2)
     size2 = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
-    cropped = [crop_inplane(pl, centre, size2)[0] for pl in planes]
-    slices = np.stack([np.clip(c[0, :, :, 0].numpy(), 0.0, 1.0) for c in cropped]).astype(np.float32)
-    out_affine = np.asarray(cropped[0].affine, dtype=np.float64)
+    cropped = crop_inplane(planes, centre, size2)[0]
+    slices = np.clip(cropped[:, :, :, 0].numpy(), 0.0, 1.0).astype(np.float32)
+    out_affine = np.asarray(cropped.affine, dtype=np.float64)
     return PreparedSlices(slices, out_affine, float(np.linalg.norm(out_affine[:3, 2])), picked, float(top))
