@@ -253,7 +253,7 @@ def _held_out_score(cal: Calibration, signals: dict[str, np.ndarray], err: np.nd
 def select_signals(signals: dict[str, np.ndarray], err: np.ndarray, subject: np.ndarray, group: np.ndarray, slice_id: np.ndarray,
                    case: np.ndarray, case_names: Sequence[str], optional: Sequence[str] = OPTIONAL_SIGNALS,
                    features: Sequence[str] = FEATURES, folds: int = 2, hidden: Sequence[int] = (16, 16), seed: int = 0,
-                   max_samples: int = SELECT_SAMPLES, workers: int = 1) -> tuple[list[str], dict[str, Any]]:
+                   max_samples: int = SELECT_SAMPLES, workers: int = 1, device: str | torch.device = "cpu") -> tuple[list[str], dict[str, Any]]:
     """``features`` less each ``optional`` signal that does not rank held-out subjects better.
 
     Per sample: ``subject`` (index), ``group`` (its reconstruction), ``slice_id`` (negative outside the head, as
@@ -264,7 +264,7 @@ def select_signals(signals: dict[str, np.ndarray], err: np.ndarray, subject: np.
     higher, averaged over the folds, is dropped. Returns the kept features and the record of the scores (the
     calibration's ``info["selection"]``); with fewer than two subjects nothing is dropped. ``workers``: fits run at
     once, one forked single-threaded process each (:func:`~monai_mrngan.evaluation.subjects.map_subjects`; each fit is
-    seeded and single-threaded, so the record is the same for any number).
+    seeded and single-threaded, so the record is the same for any number; one process when ``device`` is not the CPU).
     """
     features = list(features)
     optional = [o for o in optional if o in features]
@@ -288,7 +288,7 @@ def select_signals(signals: dict[str, np.ndarray], err: np.ndarray, subject: np.
         return _held_out_score(cal, {k: v[test] for k, v in signals.items()}, err[test], group[test], slice_id[test], case[test], case_names)
 
     scores: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-    for (name, _, _), score in zip(jobs, map_subjects(fit_and_score, jobs, workers)):
+    for (name, _, _), score in zip(jobs, map_subjects(fit_and_score, jobs, workers, device)):
         scores[name].append(score)
     mean = {name: float(np.mean([s["score"] for s in rows])) for name, rows in scores.items()}
     kept = [o for o in optional if mean["all"] >= mean[f"without {o}"]]
@@ -402,7 +402,7 @@ def calibrate(
     err = np.concatenate(err_parts)
     subject, group, slice_id, case = np.concatenate(id_parts, 1)
     features, selection = select_signals(signals, err, subject, group, slice_id, case, case_names, optional, folds=folds, hidden=hidden,
-                                         seed=seed, workers=workers if str(comp.device) == "cpu" else 1)
+                                         seed=seed, workers=workers, device=comp.device)
     info = {"split": split, "subjects": [e.get("subject") for e in entries[:originals]], "input_positions": list(input_positions),
             "few_slice_k": list(few_slice_k), "thick_slice_k": list(thick_slice_k),
             "thick_subjects": [e.get("subject") for e in entries[:originals] if e["thick_slices"]] if thick_slice_k else [], "localized_inputs": use_loc, "fit_prior": fit_prior, "few_slice_fit_prior": few_slice_fit_prior,
